@@ -1,0 +1,257 @@
+//! The safety properties of INVARIANTS.md as pure functions: the one home of each
+//! predicate. Property tests, fuzz targets, the model checker and the simulator all
+//! call these; none re-states them.
+//!
+//! What only the provider knows (which tokens it accepts, whether it ended the grant
+//! itself) comes through [`ProviderTruth`], implemented by each harness's provider
+//! model from its ghost state.
+
+use crate::machine::Config;
+use crate::profile::{InDoubtRecovery, ProviderProfile};
+use crate::record::{ConnectionRecord, Generation, ReauthReason, Status};
+use crate::reply::TokenGrant;
+use crate::secret::RefreshToken;
+use crate::time::Timestamp;
+use core::time::Duration;
+
+/// What the provider model knows and the client does not (ghost state).
+pub trait ProviderTruth {
+    /// Whether the provider would accept `token` in a refresh now.
+    fn accepts(&self, token: &RefreshToken) -> bool;
+    /// Whether the provider itself ended the grant: the user disconnected the app
+    /// at the provider, or the idle or hard deadline passed.
+    fn ended_by_provider(&self) -> bool;
+    /// Whether a client presented a rotated-away token outside its grace window
+    /// (a replay that a reuse-detecting provider punishes).
+    fn replayed_outside_grace(&self) -> bool;
+    /// Whether the provider issued a successor of `token` in a reply that no live
+    /// worker received (lost on the wire, or its receiver crashed).
+    fn successor_lost(&self, token: &RefreshToken) -> bool;
+}
+
+/// A broken invariant, named after INVARIANTS.md.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Violation {
+    /// S1: a commit landed on a generation other than the one it was derived from.
+    #[error("S1 stale overwrite: commit derived from {base:?} landed on stored {stored:?}")]
+    StaleOverwrite {
+        /// Generation the write was derived from.
+        base: Option<Generation>,
+        /// Generation stored when it landed.
+        stored: Option<Generation>,
+    },
+    /// S1: the stored generation went down.
+    #[error("S1 generation decreased from {before} to {after}")]
+    GenerationDecreased {
+        /// Before.
+        before: Generation,
+        /// After.
+        after: Generation,
+    },
+    /// S2: the stored refresh token is dead and nobody holds its live successor.
+    #[error("S2 self-inflicted loss: the stored refresh token is rejected and no worker holds a live one")]
+    SelfInflictedLoss,
+    /// S3: we replayed a rotated-away token outside its grace window.
+    #[error("S3 self-inflicted replay of a rotated-away refresh token")]
+    SelfInflictedReplay,
+    /// S4: re-auth flagged while the provider accepts the stored token.
+    #[error(
+        "S4 unsound re-auth ({reason:?}): the provider still accepts the stored refresh token"
+    )]
+    UnsoundReauth {
+        /// The reason given.
+        reason: ReauthReason,
+    },
+    /// S5: an access token served too close to (or past) its expiry, or older than
+    /// one already seen.
+    #[error("S5 stale serve: token of {served} (expires {expires_at}) served at {now} after seeing {newest}")]
+    StaleServe {
+        /// Generation of the served token.
+        served: Generation,
+        /// Its expiry.
+        expires_at: Timestamp,
+        /// When it was served.
+        now: Timestamp,
+        /// Newest generation the worker had seen.
+        newest: Generation,
+    },
+    /// S6: a refresh token dropped although the provider did not replace it.
+    #[error("S6 the stored refresh token was dropped by a reply that did not replace it")]
+    DroppedRefreshToken,
+    /// S6: an access token without a lifetime was kept longer than the default.
+    #[error("S6 an access token without expires_in was given more than the profile default")]
+    UnboundedAccessLifetime,
+    /// S7: a request with credentials of another identity.
+    #[error("S7 refresh sent with credentials of another identity")]
+    WrongCredentials,
+    /// S8: two refreshes in flight for one connection while leases were honoured.
+    #[error("S8 {outstanding} refresh requests in flight while leases were honoured")]
+    DuplicateRefresh {
+        /// Requests in flight.
+        outstanding: usize,
+    },
+    /// S9: bad input changed the stored record.
+    #[error("S9 a rejected input changed the record")]
+    BadInputChangedRecord,
+}
+
+/// S1: a commit derived from `base` may land only where `stored` is that generation.
+pub fn commit_on_current(
+    base: Option<Generation>,
+    stored: Option<Generation>,
+) -> Result<(), Violation> {
+    if base == stored {
+        Ok(())
+    } else {
+        Err(Violation::StaleOverwrite { base, stored })
+    }
+}
+
+/// S1: the stored generation never decreases.
+pub fn generation_monotonic(before: Generation, after: Generation) -> Result<(), Violation> {
+    if after >= before {
+        Ok(())
+    } else {
+        Err(Violation::GenerationDecreased { before, after })
+    }
+}
+
+/// S2: unless the provider ended the grant, the stored refresh token is accepted, or
+/// a worker is resolving a refresh (`resolving`: a request outstanding or fresh tokens
+/// not yet committed, with `pending` the refresh tokens those workers hold), or the
+/// rotation was lost under a profile that cannot recover it and says so.
+pub fn no_self_inflicted_loss<'a>(
+    stored: &ConnectionRecord,
+    resolving: bool,
+    pending: impl IntoIterator<Item = &'a RefreshToken>,
+    profile: &ProviderProfile,
+    truth: &impl ProviderTruth,
+) -> Result<(), Violation> {
+    let explicit = matches!(
+        stored.status,
+        Status::Disconnected { .. }
+            | Status::ReauthRequired {
+                reason: ReauthReason::LostRotation,
+                ..
+            }
+    );
+    let unrecoverable_loss =
+        truth.successor_lost(&stored.refresh) && profile.rotation.grace.is_zero();
+    if truth.ended_by_provider()
+        || explicit
+        || resolving
+        || unrecoverable_loss
+        || truth.accepts(&stored.refresh)
+        || pending.into_iter().any(|t| truth.accepts(t))
+    {
+        Ok(())
+    } else {
+        Err(Violation::SelfInflictedLoss)
+    }
+}
+
+/// S3: no rotated-away token presented outside its grace window.
+pub fn no_self_inflicted_replay(truth: &impl ProviderTruth) -> Result<(), Violation> {
+    if truth.replayed_outside_grace() {
+        Err(Violation::SelfInflictedReplay)
+    } else {
+        Ok(())
+    }
+}
+
+/// S4: `ReauthRequired` only when the provider rejects the stored token, or for a
+/// lost rotation the profile cannot safely retry.
+pub fn sound_reauth(
+    stored: &ConnectionRecord,
+    profile: &ProviderProfile,
+    truth: &impl ProviderTruth,
+) -> Result<(), Violation> {
+    let Status::ReauthRequired { reason, since } = stored.status else {
+        return Ok(());
+    };
+    let declined_to_present = reason == ReauthReason::LostRotation
+        && stored.in_doubt_since.is_some_and(|t| {
+            profile.rotation.in_doubt_recovery(t, since, Duration::ZERO)
+                == InDoubtRecovery::DeclareLost
+        });
+    if truth.ended_by_provider() || declined_to_present || !truth.accepts(&stored.refresh) {
+        Ok(())
+    } else {
+        Err(Violation::UnsoundReauth { reason })
+    }
+}
+
+/// S5: a token of generation `served` expiring at `expires_at` may be handed out at
+/// `now` only before its expiry minus `margin`, and only if no newer generation
+/// (`newest`) has been seen by the worker.
+pub fn fresh_serve(
+    served: Generation,
+    expires_at: Timestamp,
+    now: Timestamp,
+    margin: Duration,
+    newest: Generation,
+) -> Result<(), Violation> {
+    if expires_at > now.saturating_add(margin) && served >= newest {
+        Ok(())
+    } else {
+        Err(Violation::StaleServe {
+            served,
+            expires_at,
+            now,
+            newest,
+        })
+    }
+}
+
+/// S6: after applying `grant` (sent at `sent_at`) to `before`, `after` keeps the
+/// refresh token unless replaced, and bounds an unstated access lifetime by the
+/// profile default.
+pub fn keeps_what_was_not_replaced(
+    before: &ConnectionRecord,
+    grant: &TokenGrant,
+    after: &ConnectionRecord,
+    profile: &ProviderProfile,
+    sent_at: Timestamp,
+) -> Result<(), Violation> {
+    if grant.refresh.is_none() && after.refresh != before.refresh {
+        return Err(Violation::DroppedRefreshToken);
+    }
+    let bound = sent_at.saturating_add(profile.default_access_ttl);
+    match &after.access {
+        Some(a) if grant.expires_in.is_none() && a.expires_at > bound => {
+            Err(Violation::UnboundedAccessLifetime)
+        }
+        None => Err(Violation::UnboundedAccessLifetime),
+        Some(_) => Ok(()),
+    }
+}
+
+/// S7: `config` may send a refresh for `record` only if the identities match.
+pub fn right_credentials(config: &Config, record: &ConnectionRecord) -> Result<(), Violation> {
+    match config.identity_mismatch(&record.identity) {
+        None => Ok(()),
+        Some(_) => Err(Violation::WrongCredentials),
+    }
+}
+
+/// S8: while leases are honoured, at most one refresh request per connection is
+/// in flight.
+pub fn single_flight(outstanding: usize, leases_honoured: bool) -> Result<(), Violation> {
+    if outstanding <= 1 || !leases_honoured {
+        Ok(())
+    } else {
+        Err(Violation::DuplicateRefresh { outstanding })
+    }
+}
+
+/// S9: a rejected input leaves the record as it was.
+pub fn unchanged_by_bad_input(
+    before: Option<&ConnectionRecord>,
+    after: Option<&ConnectionRecord>,
+) -> Result<(), Violation> {
+    if before == after {
+        Ok(())
+    } else {
+        Err(Violation::BadInputChangedRecord)
+    }
+}

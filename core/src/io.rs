@@ -1,0 +1,264 @@
+//! The machine's vocabulary: what drivers feed in, what they drain out, and the
+//! errors and events callers see.
+
+use crate::record::{ConnectionRecord, FailureKind, Generation, Lease, ReauthReason, WorkerId};
+use crate::reply::{HttpResponse, TokenGrant};
+use crate::request::HttpRequest;
+use crate::secret::AccessToken;
+use crate::time::Timestamp;
+use alloc::boxed::Box;
+use alloc::string::String;
+use core::time::Duration;
+
+/// The driver's handle for one caller waiting for an access token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// What happened, fed to [`Connection::handle_input`](crate::Connection::handle_input).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Input {
+    /// A caller wants an access token. Answered by one [`Output::Deliver`].
+    AccessRequested(RequestId),
+    /// The store answered an [`Output::Load`] (`None`: no such connection).
+    Loaded(Option<Box<ConnectionRecord>>),
+    /// The store granted an [`Output::AcquireLease`], and read the record under it.
+    LeaseGranted {
+        /// The lease now held.
+        lease: Lease,
+        /// The record as stored at the moment of the grant.
+        record: Option<Box<ConnectionRecord>>,
+        /// An expired lease of another worker that this grant replaced: that worker
+        /// never released it, so its refresh may be in flight.
+        took_over: Option<Lease>,
+    },
+    /// Another worker holds the lease.
+    LeaseHeld {
+        /// The holder's lease.
+        holder: Lease,
+    },
+    /// The provider answered an [`Output::Send`].
+    Replied(HttpResponse),
+    /// The request was certainly not sent (connect error, send deadline passed).
+    NotSent,
+    /// The request may have been sent but no complete reply came back (timeout
+    /// after sending, connection reset mid-reply, process restarted).
+    OutcomeUnknown,
+    /// The store applied an [`Output::CompareAndSwap`].
+    Committed {
+        /// The generation now stored.
+        generation: Generation,
+    },
+    /// The compare-and-swap found another generation stored.
+    Conflict {
+        /// The record stored now.
+        current: Option<Box<ConnectionRecord>>,
+    },
+    /// The store could not carry out the last store command.
+    StoreFailed,
+    /// Someone committed a change to this connection (a hint, e.g. from an
+    /// in-process broadcast or PostgreSQL `NOTIFY`): stop waiting and re-read.
+    StoreChanged,
+    /// The instant given by [`Connection::poll_timeout`](crate::Connection::poll_timeout) has come.
+    Timeout,
+    /// Tokens from an authorization-code exchange: store them as this connection.
+    Authorized {
+        /// The checked token response.
+        grant: TokenGrant,
+        /// Intuit realm id (company) or tenant id.
+        realm_id: Option<String>,
+    },
+    /// The user wants to disconnect: revoke at the provider, then mark the record.
+    Disconnect,
+}
+
+impl Input {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Input::AccessRequested(_) => "AccessRequested",
+            Input::Loaded(_) => "Loaded",
+            Input::LeaseGranted { .. } => "LeaseGranted",
+            Input::LeaseHeld { .. } => "LeaseHeld",
+            Input::Replied(_) => "Replied",
+            Input::NotSent => "NotSent",
+            Input::OutcomeUnknown => "OutcomeUnknown",
+            Input::Committed { .. } => "Committed",
+            Input::Conflict { .. } => "Conflict",
+            Input::StoreFailed => "StoreFailed",
+            Input::StoreChanged => "StoreChanged",
+            Input::Timeout => "Timeout",
+            Input::Authorized { .. } => "Authorized",
+            Input::Disconnect => "Disconnect",
+        }
+    }
+}
+
+/// What the machine wants done, drained with
+/// [`Connection::poll_output`](crate::Connection::poll_output).
+///
+/// At most one store command (`Load`, `AcquireLease`, `CompareAndSwap`) or one
+/// `Send` is outstanding at a time; its answer is the next non-caller input the
+/// machine expects.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[must_use]
+pub enum Output {
+    /// Read the record; answer with [`Input::Loaded`] or [`Input::StoreFailed`].
+    Load,
+    /// Take the lease for `ttl` if it is free, expired, or already this owner's;
+    /// answer with [`Input::LeaseGranted`], [`Input::LeaseHeld`] or
+    /// [`Input::StoreFailed`].
+    AcquireLease {
+        /// Lease owner.
+        owner: WorkerId,
+        /// Lease duration from the driver's now.
+        ttl: Duration,
+    },
+    /// Release the lease if `owner` still holds it. No answer expected.
+    ReleaseLease {
+        /// Lease owner.
+        owner: WorkerId,
+    },
+    /// Send this request; answer with [`Input::Replied`], [`Input::NotSent`] or
+    /// [`Input::OutcomeUnknown`].
+    Send(HttpRequest),
+    /// Store `record` only if the stored generation is `expected` (`None`: only if
+    /// there is no record). Answer with [`Input::Committed`], [`Input::Conflict`] or
+    /// [`Input::StoreFailed`].
+    CompareAndSwap {
+        /// Generation the record was derived from.
+        expected: Option<Generation>,
+        /// The new record (its generation is `expected + 1`).
+        record: Box<ConnectionRecord>,
+    },
+    /// Answer a caller.
+    Deliver {
+        /// Which caller.
+        request: RequestId,
+        /// The token or why there is none.
+        result: Result<AccessToken, AccessError>,
+    },
+    /// A lifecycle event for subscribers.
+    Event(Event),
+}
+
+/// Lifecycle events.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// Tokens from an authorization were stored.
+    Connected {
+        /// Stored generation.
+        generation: Generation,
+    },
+    /// A refresh committed.
+    Refreshed {
+        /// Stored generation.
+        generation: Generation,
+        /// Whether the provider issued a new refresh token.
+        rotated: bool,
+    },
+    /// Refreshing started failing for a transient reason.
+    Degraded {
+        /// What failed.
+        kind: FailureKind,
+        /// When the next attempt is allowed.
+        retry_at: Timestamp,
+    },
+    /// A degraded or re-auth-flagged connection works again.
+    Recovered {
+        /// Stored generation.
+        generation: Generation,
+    },
+    /// The grant is gone: a human must reconnect.
+    ReauthRequired {
+        /// Why.
+        reason: ReauthReason,
+    },
+    /// The refresh token's hard deadline is near: ask the user to reconnect.
+    ReconnectSoon {
+        /// The hard deadline.
+        deadline: Timestamp,
+    },
+    /// The connection was disconnected through tokenfence.
+    Disconnected {
+        /// Whether the provider confirmed the revocation.
+        revoked: bool,
+    },
+}
+
+/// Which part of a grant identity differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IdentityField {
+    /// Provider profile name.
+    Provider,
+    /// Production vs sandbox.
+    Environment,
+    /// Client id.
+    ClientId,
+}
+
+/// A configuration problem: no refresh can fix it, a person must change settings.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// S7: the stored connection was authorized under another provider, environment
+    /// or client id than the configured credentials. Nothing was sent.
+    #[error("connection was authorized with {field:?} `{stored}` but the configured client has `{configured}`; refusing to send its refresh token")]
+    IdentityMismatch {
+        /// What differs.
+        field: IdentityField,
+        /// Stored value.
+        stored: String,
+        /// Configured value.
+        configured: String,
+    },
+    /// The provider rejected the client credentials (`invalid_client`).
+    #[error("the provider rejected the client credentials; check the client id and secret for this environment")]
+    ClientRejected,
+    /// The provider rejected the request itself (`invalid_request`, `invalid_scope`...).
+    #[error(
+        "the provider rejected the refresh request as malformed or unauthorized for this client"
+    )]
+    RequestRejected,
+}
+
+/// Why a caller got no access token. Carries no secret.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccessError {
+    /// The grant is gone; a human must reconnect.
+    #[error("reconnect required: {0}")]
+    ReauthRequired(ReauthReason),
+    /// Disconnected through tokenfence.
+    #[error("connection was disconnected")]
+    Disconnected,
+    /// The store has no such connection.
+    #[error("no such connection in the store")]
+    NotConnected,
+    /// Configuration must change.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Temporary trouble; the connection is fine and will be retried.
+    #[error("temporarily unavailable ({kind}); next attempt at {retry_at}")]
+    Transient {
+        /// What failed.
+        kind: FailureKind,
+        /// No attempt before this instant.
+        retry_at: Timestamp,
+    },
+}
+
+/// The driver fed an input the machine was not waiting for. Nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum InputError {
+    /// An answer to a command that is not outstanding.
+    #[error("input {input} is not expected while the machine is {phase}")]
+    Unexpected {
+        /// The input's name.
+        input: &'static str,
+        /// The machine's phase.
+        phase: &'static str,
+    },
+    /// An authorization without a refresh token cannot be managed.
+    #[error("the authorization carried no refresh token")]
+    NoRefreshToken,
+}

@@ -1,0 +1,927 @@
+//! The per-connection state machine. See the crate docs for the run-loop contract.
+
+use crate::io::{
+    AccessError, ConfigError, Event, IdentityField, Input, InputError, Output, RequestId,
+};
+use crate::profile::{ClientCredentials, InDoubtRecovery, ProviderProfile};
+use crate::record::{
+    ConnectionId, ConnectionRecord, FailureKind, GrantIdentity, Lease, ReauthReason, Status,
+    WorkerId,
+};
+use crate::reply::{parse_revoke_reply, parse_token_reply, OAuthErrorCode, ReplyError};
+use crate::request::{refresh_request, revoke_request};
+use crate::secret::AccessToken;
+use crate::settings::Settings;
+use crate::time::Timestamp;
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::ToString;
+use alloc::sync::Arc;
+use core::time::Duration;
+
+/// What a machine is configured with: shared by all connections of one client.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// The provider.
+    pub profile: ProviderProfile,
+    /// The client identity used to refresh.
+    pub client: ClientCredentials,
+    /// This worker's name in leases.
+    pub worker: WorkerId,
+    /// Margins, lease and retry settings.
+    pub settings: Settings,
+}
+
+impl Config {
+    /// The identity a connection authorized through this config gets.
+    pub fn identity(&self) -> GrantIdentity {
+        GrantIdentity {
+            provider: self.profile.name.clone(),
+            environment: self.client.environment,
+            client_id: self.client.client_id.clone(),
+        }
+    }
+
+    /// S7: why this config may not refresh a connection of `identity`, if it may not.
+    pub fn identity_mismatch(&self, identity: &GrantIdentity) -> Option<ConfigError> {
+        let mismatch = |field, stored: &dyn ToString, configured: &dyn ToString| {
+            Some(ConfigError::IdentityMismatch {
+                field,
+                stored: stored.to_string(),
+                configured: configured.to_string(),
+            })
+        };
+        if identity.provider != self.profile.name {
+            mismatch(
+                IdentityField::Provider,
+                &identity.provider,
+                &self.profile.name,
+            )
+        } else if identity.environment != self.client.environment {
+            mismatch(
+                IdentityField::Environment,
+                &identity.environment,
+                &self.client.environment,
+            )
+        } else if identity.client_id != self.client.client_id {
+            mismatch(
+                IdentityField::ClientId,
+                &identity.client_id,
+                &self.client.client_id,
+            )
+        } else {
+            None
+        }
+    }
+}
+
+/// One refresh attempt: the record it was derived from and when it was sent.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Attempt {
+    base: ConnectionRecord,
+    sent_at: Timestamp,
+    /// Since when a refresh from `base` may have been processed unseen.
+    in_doubt_since: Option<Timestamp>,
+}
+
+/// Why a compare-and-swap is being made.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Intent {
+    Refreshed { attempt: Attempt, rotated: bool },
+    Failed { first: bool },
+    Reauth { reason: ReauthReason },
+    Authorized,
+    Disconnected { revoked: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Phase {
+    Idle,
+    Loading,
+    Leasing,
+    /// Another worker holds the lease, or a retry is due later.
+    Waiting {
+        until: Timestamp,
+    },
+    Sending(Attempt),
+    Revoking,
+    /// The provider said invalid_grant; re-reading the store before believing it.
+    Rereading(Attempt),
+    Committing {
+        proposal: Box<ConnectionRecord>,
+        intent: Intent,
+    },
+    /// The store failed while committing fresh tokens: keep them and try again.
+    RetryingCommit {
+        proposal: Box<ConnectionRecord>,
+        intent: Intent,
+        until: Timestamp,
+    },
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Loading => "loading the record",
+            Phase::Leasing => "acquiring the lease",
+            Phase::Waiting { .. } => "waiting",
+            Phase::Sending(_) => "waiting for the provider",
+            Phase::Revoking => "waiting for the revocation",
+            Phase::Rereading(_) => "re-reading after invalid_grant",
+            Phase::Committing { .. } => "committing",
+            Phase::RetryingCommit { .. } => "waiting to retry a commit",
+        }
+    }
+}
+
+/// The lifecycle of one connection as seen by one worker.
+///
+/// Feed inputs with [`handle_input`](Self::handle_input), then drain
+/// [`poll_output`](Self::poll_output) until it returns `None`, then sleep until
+/// [`poll_timeout`](Self::poll_timeout) or the next input.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Connection {
+    id: ConnectionId,
+    config: Arc<Config>,
+    entropy: u64,
+    record: Option<ConnectionRecord>,
+    identity_ok: bool,
+    /// The record was read from the store during the current piece of work.
+    fresh: bool,
+    holding_lease: bool,
+    took_over: Option<Lease>,
+    phase: Phase,
+    waiting: VecDeque<RequestId>,
+    keepalive: bool,
+    attempts: u32,
+    not_before: Option<(Timestamp, FailureKind)>,
+    authorized: Option<Box<ConnectionRecord>>,
+    disconnect: bool,
+    warned_deadline: Option<Timestamp>,
+    outputs: VecDeque<Output>,
+}
+
+impl Connection {
+    /// A machine for connection `id`. `entropy` seeds the retry jitter: give each
+    /// machine a different random value (the simulator derives it from its seed).
+    pub fn new(id: ConnectionId, config: Arc<Config>, entropy: u64) -> Self {
+        Connection {
+            id,
+            config,
+            entropy,
+            record: None,
+            identity_ok: false,
+            fresh: false,
+            holding_lease: false,
+            took_over: None,
+            phase: Phase::Idle,
+            waiting: VecDeque::new(),
+            keepalive: false,
+            attempts: 0,
+            not_before: None,
+            authorized: None,
+            disconnect: false,
+            warned_deadline: None,
+            outputs: VecDeque::new(),
+        }
+    }
+
+    /// The hot path: the cached access token if it is valid beyond the margin.
+    /// Touches nothing, allocates nothing.
+    #[inline]
+    pub fn cached_access(&self, now: Timestamp) -> Option<&AccessToken> {
+        if !self.identity_ok {
+            return None;
+        }
+        self.record
+            .as_ref()?
+            .usable_access(now, self.config.settings.access_margin)
+    }
+
+    /// The newest record this machine has seen.
+    pub fn record(&self) -> Option<&ConnectionRecord> {
+        self.record.as_ref()
+    }
+
+    /// The connection id.
+    pub fn id(&self) -> &ConnectionId {
+        &self.id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Whether a store command or request is outstanding or a retry is pending.
+    pub fn is_busy(&self) -> bool {
+        !matches!(self.phase, Phase::Idle)
+    }
+
+    /// Callers waiting for a token.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The record this machine is sending a refresh from, while a refresh request
+    /// is outstanding (for harnesses checking S3/S8).
+    pub fn in_flight(&self) -> Option<&ConnectionRecord> {
+        match &self.phase {
+            Phase::Sending(a) => Some(&a.base),
+            _ => None,
+        }
+    }
+
+    /// A record with fresh tokens this machine holds but has not committed yet.
+    pub fn uncommitted(&self) -> Option<&ConnectionRecord> {
+        match &self.phase {
+            Phase::Committing {
+                proposal,
+                intent: Intent::Refreshed { .. },
+            }
+            | Phase::RetryingCommit {
+                proposal,
+                intent: Intent::Refreshed { .. },
+                ..
+            } => Some(proposal),
+            _ => None,
+        }
+    }
+
+    /// The next output, if any. Drain until `None` after every input.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When to call `handle_input(now, Input::Timeout)` if nothing else happens.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        match &self.phase {
+            Phase::Waiting { until } | Phase::RetryingCommit { until, .. } => return Some(*until),
+            Phase::Idle => {}
+            _ => return None,
+        }
+        let rec = self
+            .record
+            .as_ref()
+            .filter(|r| r.is_live() && self.identity_ok)?;
+        let s = &self.config.settings;
+        let mut gate = self.not_before.map(|(t, _)| t).unwrap_or_default();
+        if let Status::Degraded { retry_at, .. } = rec.status {
+            gate = gate.max(retry_at);
+        }
+        let keepalive = rec.keepalive_due_at(s.keepalive_lead).map(|t| t.max(gate));
+        let warn = rec
+            .hard_deadline
+            .filter(|d| self.warned_deadline != Some(*d))
+            .map(|d| d.saturating_sub(s.reconnect_notice));
+        match (keepalive, warn) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Feed one input stamped with the current time.
+    ///
+    /// An input the machine is not waiting for (the answer to a command it did not
+    /// issue) is refused with [`InputError`] and changes nothing.
+    pub fn handle_input(&mut self, now: Timestamp, input: Input) -> Result<(), InputError> {
+        let phase = core::mem::replace(&mut self.phase, Phase::Idle);
+        match (input, phase) {
+            (Input::AccessRequested(request), phase) => {
+                self.phase = phase;
+                match self.cached_access(now) {
+                    Some(t) => {
+                        let result = Ok(t.clone());
+                        self.outputs.push_back(Output::Deliver { request, result });
+                    }
+                    None => self.waiting.push_back(request),
+                }
+            }
+            (Input::Timeout, phase) => self.on_timeout(now, phase),
+            (Input::StoreChanged, Phase::Waiting { .. } | Phase::Idle) => self.fresh = false,
+            (Input::StoreChanged, phase) => self.phase = phase,
+            (Input::Authorized { grant, realm_id }, phase) => {
+                self.phase = phase;
+                let record = ConnectionRecord::from_authorization(
+                    self.id.clone(),
+                    self.config.identity(),
+                    realm_id,
+                    grant,
+                    &self.config.profile,
+                    now,
+                )
+                .ok_or(InputError::NoRefreshToken)?;
+                self.authorized = Some(Box::new(record));
+            }
+            (Input::Disconnect, phase) => {
+                self.phase = phase;
+                self.disconnect = true;
+            }
+            (Input::Loaded(record), Phase::Loading) => {
+                self.adopt(record.map(|r| *r));
+                self.fresh = true;
+            }
+            (Input::Loaded(record), Phase::Rereading(attempt)) => {
+                self.on_reread(now, attempt, record.map(|r| *r))
+            }
+            (
+                Input::LeaseGranted {
+                    lease: _,
+                    record,
+                    took_over,
+                },
+                Phase::Leasing,
+            ) => {
+                self.holding_lease = true;
+                self.took_over = took_over.filter(|l| l.owner != self.config.worker);
+                self.adopt(record.map(|r| *r));
+                self.fresh = true;
+            }
+            (Input::LeaseHeld { holder }, Phase::Leasing) => {
+                let poll = now.saturating_add(self.config.settings.lease_poll);
+                let until = holder.expires_at.min(poll).max(now);
+                self.phase = Phase::Waiting { until };
+            }
+            (Input::Replied(reply), Phase::Sending(attempt)) => self.on_reply(now, attempt, reply),
+            (Input::NotSent, Phase::Sending(attempt)) => {
+                self.fail(now, attempt, FailureKind::NotSent, None)
+            }
+            (Input::OutcomeUnknown, Phase::Sending(attempt)) => self.in_doubt(now, attempt),
+            (Input::Replied(reply), Phase::Revoking) => {
+                let revoked = parse_revoke_reply(&self.config.profile, &reply).unwrap_or(false);
+                self.commit_disconnect(now, revoked);
+            }
+            (Input::NotSent | Input::OutcomeUnknown, Phase::Revoking) => {
+                self.commit_disconnect(now, false)
+            }
+            (
+                Input::Committed { generation },
+                Phase::Committing {
+                    mut proposal,
+                    intent,
+                },
+            ) => {
+                proposal.generation = generation;
+                self.on_committed(*proposal, intent);
+            }
+            (Input::Conflict { current }, Phase::Committing { proposal, intent }) => {
+                self.on_conflict(now, proposal, intent, current.map(|r| *r))
+            }
+            (Input::StoreFailed, phase) if Self::awaits_store(&phase) => {
+                self.on_store_failed(now, phase)
+            }
+            (input, phase) => {
+                let err = InputError::Unexpected {
+                    input: input.name(),
+                    phase: phase.name(),
+                };
+                self.phase = phase;
+                return Err(err);
+            }
+        }
+        self.advance(now);
+        Ok(())
+    }
+
+    fn awaits_store(phase: &Phase) -> bool {
+        matches!(
+            phase,
+            Phase::Loading | Phase::Leasing | Phase::Rereading(_) | Phase::Committing { .. }
+        )
+    }
+
+    /// Takes `record` as the newest, unless it is older than one already seen (S5).
+    fn adopt(&mut self, record: Option<ConnectionRecord>) {
+        if let (Some(new), Some(old)) = (&record, &self.record) {
+            if new.generation < old.generation && new.identity == old.identity {
+                return;
+            }
+        }
+        self.identity_ok = record
+            .as_ref()
+            .is_some_and(|r| self.config.identity_mismatch(&r.identity).is_none());
+        self.record = record;
+    }
+
+    fn next_entropy(&mut self) -> u64 {
+        // SplitMix64: the state is the caller-supplied seed, advanced per draw.
+        self.entropy = self.entropy.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.entropy;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn backoff(&mut self, failures: u32) -> Duration {
+        let roll = self.next_entropy();
+        self.config.settings.backoff(failures, roll)
+    }
+
+    fn release_lease(&mut self) {
+        if self.holding_lease {
+            self.holding_lease = false;
+            let owner = self.config.worker.clone();
+            self.outputs.push_back(Output::ReleaseLease { owner });
+        }
+    }
+
+    fn deliver_all(&mut self, result: &Result<AccessToken, AccessError>) {
+        while let Some(request) = self.waiting.pop_front() {
+            let result = result.clone();
+            self.outputs.push_back(Output::Deliver { request, result });
+        }
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.outputs.push_back(Output::Event(event));
+    }
+
+    fn commit(&mut self, proposal: ConnectionRecord, intent: Intent) {
+        let expected = self.record.as_ref().map(|r| r.generation);
+        self.commit_on(expected, proposal, intent);
+    }
+
+    fn commit_on(
+        &mut self,
+        expected: Option<crate::Generation>,
+        mut proposal: ConnectionRecord,
+        intent: Intent,
+    ) {
+        proposal.generation = expected.map(|g| g.next()).unwrap_or_default();
+        let record = Box::new(proposal.clone());
+        self.outputs
+            .push_back(Output::CompareAndSwap { expected, record });
+        self.phase = Phase::Committing {
+            proposal: Box::new(proposal),
+            intent,
+        };
+    }
+
+    fn on_timeout(&mut self, now: Timestamp, phase: Phase) {
+        match phase {
+            Phase::Waiting { until } if now >= until => self.fresh = false,
+            Phase::RetryingCommit {
+                proposal,
+                intent,
+                until,
+            } if now >= until => {
+                let expected = self.record.as_ref().map(|r| r.generation);
+                self.commit_on(expected, *proposal, intent);
+            }
+            Phase::Idle => {
+                let lead = self.config.settings.keepalive_lead;
+                let due = self.record.as_ref().and_then(|r| r.keepalive_due_at(lead));
+                if due.is_some_and(|d| d <= now) {
+                    self.keepalive = true;
+                }
+            }
+            phase => self.phase = phase,
+        }
+    }
+
+    /// The decision loop: runs whenever the machine is idle after an input.
+    fn advance(&mut self, now: Timestamp) {
+        if !matches!(self.phase, Phase::Idle) {
+            return;
+        }
+        self.warn_hard_deadline(now);
+        if self.authorized.is_some() || self.disconnect {
+            return self.advance_user_action(now);
+        }
+        if self.waiting.is_empty() && !self.keepalive {
+            self.fresh = false;
+            self.attempts = 0;
+            return self.release_lease();
+        }
+        let Some(rec) = self.record.as_ref() else {
+            if self.fresh {
+                self.keepalive = false;
+                self.deliver_all(&Err(AccessError::NotConnected));
+                return self.release_lease();
+            }
+            return self.load();
+        };
+        if let Some(err) = self.config.identity_mismatch(&rec.identity) {
+            self.keepalive = false;
+            self.deliver_all(&Err(err.into()));
+            return self.release_lease();
+        }
+        let dead = match rec.status {
+            Status::ReauthRequired { reason, .. } => Some(AccessError::ReauthRequired(reason)),
+            Status::Disconnected { .. } => Some(AccessError::Disconnected),
+            _ => None,
+        };
+        if let Some(err) = dead {
+            self.keepalive = false;
+            self.deliver_all(&Err(err));
+            return self.release_lease();
+        }
+        let s = &self.config.settings;
+        let usable = rec.usable_access(now, s.access_margin).cloned();
+        let keepalive_due = rec
+            .keepalive_due_at(s.keepalive_lead)
+            .is_some_and(|d| d <= now);
+        if let Some(token) = usable {
+            self.deliver_all(&Ok(token));
+        }
+        self.keepalive &= keepalive_due;
+        if self.waiting.is_empty() && !self.keepalive {
+            return self.advance(now);
+        }
+        if let Some((retry_at, kind)) = self.retry_gate(now) {
+            return self.hold_off(now, retry_at, kind);
+        }
+        if self.holding_lease {
+            self.start_refresh(now);
+        } else if self.fresh {
+            self.phase = Phase::Leasing;
+            let owner = self.config.worker.clone();
+            let ttl = self.config.settings.lease_ttl;
+            self.outputs.push_back(Output::AcquireLease { owner, ttl });
+        } else {
+            self.load();
+        }
+    }
+
+    fn load(&mut self) {
+        self.phase = Phase::Loading;
+        self.outputs.push_back(Output::Load);
+    }
+
+    /// The earliest instant a refresh may be tried, if that is in the future.
+    fn retry_gate(&self, now: Timestamp) -> Option<(Timestamp, FailureKind)> {
+        let mut gate = self.not_before.filter(|(t, _)| *t > now);
+        if let Some(Status::Degraded { retry_at, last, .. }) =
+            self.record.as_ref().map(|r| r.status)
+        {
+            if retry_at > now && gate.is_none_or(|(t, _)| retry_at > t) {
+                gate = Some((retry_at, last));
+            }
+        }
+        gate
+    }
+
+    /// No refresh before `retry_at`: wait for it if that is soon and attempts remain,
+    /// else answer callers now (no storm, and every request resolves: L1, L5).
+    fn hold_off(&mut self, now: Timestamp, retry_at: Timestamp, kind: FailureKind) {
+        let s = &self.config.settings;
+        let config_error = match kind {
+            FailureKind::ClientRejected => Some(ConfigError::ClientRejected),
+            FailureKind::RequestRejected => Some(ConfigError::RequestRejected),
+            _ => None,
+        };
+        let soon = retry_at.saturating_since(now) <= s.max_inline_delay;
+        if config_error.is_none()
+            && soon
+            && self.attempts < s.max_attempts
+            && !self.waiting.is_empty()
+        {
+            self.release_lease();
+            self.phase = Phase::Waiting { until: retry_at };
+            return;
+        }
+        let err = match config_error {
+            Some(c) => AccessError::Config(c),
+            None => AccessError::Transient { kind, retry_at },
+        };
+        self.deliver_all(&Err(err));
+        self.keepalive = false;
+        self.release_lease();
+    }
+
+    fn start_refresh(&mut self, now: Timestamp) {
+        let Some(base) = self.record.clone() else {
+            return self.release_lease();
+        };
+        let mut in_doubt_since = base.in_doubt_since;
+        if let Some(prev) = self.took_over.take() {
+            if prev.generation == Some(base.generation) {
+                // The previous holder never released its lease and nothing was
+                // committed since it was granted: its refresh may be in flight.
+                in_doubt_since =
+                    Some(in_doubt_since.map_or(prev.acquired_at, |t| t.min(prev.acquired_at)));
+            }
+        }
+        let s = &self.config.settings;
+        if let Some(since) = in_doubt_since {
+            let recovery =
+                self.config
+                    .profile
+                    .rotation
+                    .in_doubt_recovery(since, now, s.in_doubt_safety);
+            if recovery == InDoubtRecovery::DeclareLost {
+                return self.commit_reauth(now, &base, ReauthReason::LostRotation);
+            }
+        }
+        let send_deadline = now.saturating_add(s.lease_ttl.saturating_sub(s.send_safety));
+        let request = refresh_request(
+            &self.config.profile,
+            &self.config.client,
+            &base.refresh,
+            send_deadline,
+        );
+        self.outputs.push_back(Output::Send(request));
+        self.phase = Phase::Sending(Attempt {
+            base,
+            sent_at: now,
+            in_doubt_since,
+        });
+    }
+
+    fn on_reply(&mut self, now: Timestamp, attempt: Attempt, reply: crate::HttpResponse) {
+        match parse_token_reply(&self.config.profile, &reply) {
+            Ok(grant) => {
+                let rotated = grant
+                    .refresh
+                    .as_ref()
+                    .is_some_and(|r| *r != attempt.base.refresh);
+                let proposal =
+                    attempt
+                        .base
+                        .with_grant(&grant, &self.config.profile, attempt.sent_at);
+                self.commit(proposal, Intent::Refreshed { attempt, rotated });
+            }
+            Err(ReplyError::OAuth {
+                kind: OAuthErrorCode::InvalidGrant,
+                ..
+            }) => {
+                // B3 is the bug of believing this without re-reading the store.
+                self.phase = Phase::Rereading(attempt);
+                self.outputs.push_back(Output::Load);
+            }
+            Err(ReplyError::MalformedSuccess { .. }) => self.in_doubt(now, attempt),
+            Err(err @ ReplyError::RateLimited { retry_after }) => {
+                self.fail(now, attempt, err.failure_kind(), retry_after)
+            }
+            Err(err) => self.fail(now, attempt, err.failure_kind(), None),
+        }
+    }
+
+    /// The request may have rotated the token without us seeing the reply.
+    fn in_doubt(&mut self, now: Timestamp, mut attempt: Attempt) {
+        let since = attempt
+            .in_doubt_since
+            .map_or(attempt.sent_at, |t| t.min(attempt.sent_at));
+        attempt.in_doubt_since = Some(since);
+        let recovery = self.config.profile.rotation.in_doubt_recovery(
+            since,
+            now,
+            self.config.settings.in_doubt_safety,
+        );
+        if recovery == InDoubtRecovery::DeclareLost {
+            let base = attempt.base.clone();
+            return self.commit_reauth(now, &base, ReauthReason::LostRotation);
+        }
+        self.fail(now, attempt, FailureKind::OutcomeUnknown, None)
+    }
+
+    /// A transient or configuration failure: record it (so other processes back
+    /// off too) and schedule the next attempt.
+    fn fail(
+        &mut self,
+        now: Timestamp,
+        attempt: Attempt,
+        kind: FailureKind,
+        retry_after: Option<Duration>,
+    ) {
+        let failures = attempt.base.failures().saturating_add(1);
+        let delay = match kind {
+            FailureKind::ClientRejected | FailureKind::RequestRejected => {
+                self.config.settings.config_backoff
+            }
+            _ => self.backoff(failures).max(retry_after.unwrap_or_default()),
+        };
+        let retry_at = now.saturating_add(delay);
+        let first = attempt.base.status == Status::Active;
+        let proposal = ConnectionRecord {
+            status: Status::Degraded {
+                failures,
+                retry_at,
+                last: kind,
+            },
+            in_doubt_since: attempt.in_doubt_since,
+            updated_at: now,
+            ..attempt.base
+        };
+        self.attempts = self.attempts.saturating_add(1);
+        self.commit(proposal, Intent::Failed { first });
+    }
+
+    fn commit_reauth(&mut self, now: Timestamp, base: &ConnectionRecord, reason: ReauthReason) {
+        let proposal = ConnectionRecord {
+            status: Status::ReauthRequired { reason, since: now },
+            updated_at: now,
+            ..base.clone()
+        };
+        self.commit(proposal, Intent::Reauth { reason });
+    }
+
+    /// After invalid_grant: believe it only if the store still holds the token
+    /// that was rejected (S4).
+    fn on_reread(&mut self, now: Timestamp, attempt: Attempt, stored: Option<ConnectionRecord>) {
+        self.adopt(stored);
+        self.fresh = true;
+        let Some(current) = self.record.clone() else {
+            return;
+        };
+        if current.generation != attempt.base.generation || current.refresh != attempt.base.refresh
+        {
+            // Someone else committed meanwhile: their token is the live one.
+            return self.release_lease();
+        }
+        let lost = attempt.in_doubt_since.is_some_and(|since| {
+            self.config.profile.rotation.in_doubt_recovery(
+                since,
+                now,
+                self.config.settings.in_doubt_safety,
+            ) != InDoubtRecovery::PresentAgain
+        });
+        let reason = if lost {
+            ReauthReason::LostRotation
+        } else if current.hard_deadline.is_some_and(|d| now >= d) {
+            ReauthReason::HardExpired
+        } else if current.idle_deadline.is_some_and(|d| now >= d) {
+            ReauthReason::IdleExpired
+        } else {
+            ReauthReason::InvalidGrant
+        };
+        self.commit_reauth(now, &current, reason);
+    }
+
+    fn on_committed(&mut self, record: ConnectionRecord, intent: Intent) {
+        let generation = record.generation;
+        let was = self.record.as_ref().map(|r| r.status);
+        self.adopt(Some(record));
+        self.fresh = true;
+        self.release_lease();
+        match intent {
+            Intent::Refreshed { attempt, rotated } => {
+                self.attempts = 0;
+                self.not_before = None;
+                self.emit(Event::Refreshed {
+                    generation,
+                    rotated,
+                });
+                let degraded = |s: Option<Status>| !matches!(s, None | Some(Status::Active));
+                if degraded(Some(attempt.base.status)) || degraded(was) {
+                    self.emit(Event::Recovered { generation });
+                }
+            }
+            Intent::Failed { first } => {
+                if let Some(Status::Degraded { retry_at, last, .. }) =
+                    self.record.as_ref().map(|r| r.status)
+                {
+                    if first {
+                        self.emit(Event::Degraded {
+                            kind: last,
+                            retry_at,
+                        });
+                    }
+                }
+            }
+            Intent::Reauth { reason } => self.emit(Event::ReauthRequired { reason }),
+            Intent::Authorized => {
+                self.authorized = None;
+                self.attempts = 0;
+                self.not_before = None;
+                self.emit(Event::Connected { generation });
+            }
+            Intent::Disconnected { revoked } => {
+                self.disconnect = false;
+                self.emit(Event::Disconnected { revoked });
+            }
+        }
+    }
+
+    fn on_conflict(
+        &mut self,
+        now: Timestamp,
+        proposal: Box<ConnectionRecord>,
+        intent: Intent,
+        current: Option<ConnectionRecord>,
+    ) {
+        self.adopt(current);
+        self.fresh = true;
+        let Some(stored) = self.record.as_ref() else {
+            return self.release_lease();
+        };
+        let rebase = match &intent {
+            // Our tokens descend from the token still stored: nobody replaced it,
+            // so they are the newest of the family and must not be dropped, even
+            // if someone marked the record dead meanwhile (the S4 trap).
+            Intent::Refreshed { attempt, .. } => {
+                stored.refresh == attempt.base.refresh
+                    && stored.identity == attempt.base.identity
+                    && !matches!(stored.status, Status::Disconnected { .. })
+            }
+            Intent::Authorized | Intent::Disconnected { .. } => true,
+            Intent::Failed { .. } | Intent::Reauth { .. } => false,
+        };
+        if !rebase {
+            // Someone else's newer write stands; decide again from it.
+            return self.release_lease();
+        }
+        let proposal = match intent {
+            Intent::Disconnected { .. } => ConnectionRecord {
+                status: Status::Disconnected { at: now },
+                updated_at: now,
+                ..stored.clone()
+            },
+            _ => *proposal,
+        };
+        let expected = Some(stored.generation);
+        self.commit_on(expected, proposal, intent);
+    }
+
+    fn on_store_failed(&mut self, now: Timestamp, phase: Phase) {
+        let failures = self.attempts.saturating_add(1);
+        let retry_at = now.saturating_add(self.backoff(failures));
+        self.attempts = failures;
+        self.fresh = false;
+        match phase {
+            Phase::Committing {
+                proposal,
+                intent: intent @ Intent::Refreshed { .. },
+            } => {
+                // Fresh, possibly rotated tokens: never drop them (USERS.md #2).
+                // Serve them locally and keep trying to store them.
+                if let Some(access) =
+                    proposal.usable_access(now, self.config.settings.access_margin)
+                {
+                    let result = Ok(access.clone());
+                    self.deliver_all(&result);
+                }
+                self.phase = Phase::RetryingCommit {
+                    proposal,
+                    intent,
+                    until: retry_at,
+                };
+            }
+            _ => {
+                self.not_before = Some((retry_at, FailureKind::StoreUnavailable));
+            }
+        }
+    }
+
+    /// Authorization and disconnection come before access requests.
+    fn advance_user_action(&mut self, now: Timestamp) {
+        if !self.fresh {
+            return self.load();
+        }
+        if let Some(record) = self.authorized.take() {
+            return self.commit(*record, Intent::Authorized);
+        }
+        let live = self.record.as_ref().filter(|r| r.is_live()).cloned();
+        let request = live.as_ref().and_then(|r| {
+            let deadline = now.saturating_add(self.config.settings.lease_ttl);
+            revoke_request(
+                &self.config.profile,
+                &self.config.client,
+                &r.refresh,
+                deadline,
+            )
+        });
+        match (live, request) {
+            (Some(_), Some(request)) if self.identity_ok => {
+                self.outputs.push_back(Output::Send(request));
+                self.phase = Phase::Revoking;
+            }
+            _ => self.commit_disconnect(now, false),
+        }
+    }
+
+    fn commit_disconnect(&mut self, now: Timestamp, revoked: bool) {
+        self.deliver_all(&Err(AccessError::Disconnected));
+        match self.record.clone() {
+            Some(r) => {
+                let proposal = ConnectionRecord {
+                    status: Status::Disconnected { at: now },
+                    updated_at: now,
+                    ..r
+                };
+                self.commit(proposal, Intent::Disconnected { revoked });
+            }
+            None => {
+                self.disconnect = false;
+                self.emit(Event::Disconnected { revoked });
+            }
+        }
+    }
+
+    fn warn_hard_deadline(&mut self, now: Timestamp) {
+        let notice = self.config.settings.reconnect_notice;
+        let due = self
+            .record
+            .as_ref()
+            .filter(|r| r.is_live())
+            .and_then(|r| r.hard_deadline)
+            .filter(|d| self.warned_deadline != Some(*d) && now >= d.saturating_sub(notice));
+        if let Some(deadline) = due {
+            self.warned_deadline = Some(deadline);
+            self.emit(Event::ReconnectSoon { deadline });
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The connection record: what the store keeps for one connection, and the lease.
+
+use crate::profile::{Environment, ProviderProfile};
+use crate::reply::TokenGrant;
+use crate::secret::{AccessToken, RefreshToken};
+use crate::time::Timestamp;
+use alloc::string::String;
+use core::time::Duration;
+use serde::{Deserialize, Serialize};
+
+/// A monotonic counter stored with the record, +1 on every committed change. Every
+/// write is a compare-and-swap naming the generation it was derived from.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Generation(pub u64);
+
+impl Generation {
+    /// The generation a commit derived from `self` produces.
+    #[must_use]
+    pub fn next(self) -> Generation {
+        Generation(self.0.saturating_add(1))
+    }
+}
+
+impl core::fmt::Display for Generation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "g{}", self.0)
+    }
+}
+
+/// The caller's name for a connection (for Intuit, one per QuickBooks company).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConnectionId(pub String);
+
+impl core::fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A worker's name in leases: unique per process and task that refreshes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkerId(pub String);
+
+/// Who authorized a connection: provider, environment and client id. A connection is
+/// only ever refreshed with credentials of the same identity (S7).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GrantIdentity {
+    /// Provider profile name.
+    pub provider: String,
+    /// Environment of the client that authorized the grant.
+    pub environment: Environment,
+    /// Client id that authorized the grant.
+    pub client_id: String,
+}
+
+/// An access token with the instant it stops being valid.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AccessGrant {
+    /// The bearer token.
+    pub token: AccessToken,
+    /// When the provider stops accepting it.
+    pub expires_at: Timestamp,
+}
+
+/// Why a human must reconnect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ReauthReason {
+    /// The provider rejected the stored refresh token (user disconnected the app,
+    /// token revoked) — confirmed by re-reading the store.
+    InvalidGrant,
+    /// Rejected after the provider's idle deadline passed.
+    IdleExpired,
+    /// Rejected after the provider's hard deadline passed.
+    HardExpired,
+    /// A rotation's reply was lost and the profile cannot recover it (no grace
+    /// window, or presenting the old token could revoke the family).
+    LostRotation,
+}
+
+impl core::fmt::Display for ReauthReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ReauthReason::InvalidGrant => "the provider rejected the stored refresh token",
+            ReauthReason::IdleExpired => "the refresh token expired after its idle window",
+            ReauthReason::HardExpired => "the refresh token reached its hard lifetime",
+            ReauthReason::LostRotation => {
+                "a rotated refresh token was lost and the provider cannot replay it"
+            }
+        })
+    }
+}
+
+/// What went wrong last, for status and metrics. Carries no secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// 5xx from the token endpoint.
+    ServerError(u16),
+    /// 429 (Retry-After honoured).
+    RateLimited,
+    /// A reply that is not a readable OAuth response (HTML from a proxy, truncated).
+    UnreadableReply,
+    /// The request was never sent (connect error, DNS, refused before sending).
+    NotSent,
+    /// The request may have reached the provider, but no reply came back.
+    OutcomeUnknown,
+    /// The client credentials were rejected (`invalid_client`).
+    ClientRejected,
+    /// The provider refused the request itself (`invalid_request`, `invalid_scope`, ...).
+    RequestRejected,
+    /// The store could not be read or written.
+    StoreUnavailable,
+}
+
+impl core::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FailureKind::ServerError(s) => write!(f, "provider server error {s}"),
+            FailureKind::RateLimited => f.write_str("rate limited by the provider"),
+            FailureKind::UnreadableReply => f.write_str("unreadable reply from the provider"),
+            FailureKind::NotSent => f.write_str("request could not be sent"),
+            FailureKind::OutcomeUnknown => f.write_str("no reply to a sent request"),
+            FailureKind::ClientRejected => f.write_str("client credentials rejected"),
+            FailureKind::RequestRejected => f.write_str("request rejected by the provider"),
+            FailureKind::StoreUnavailable => f.write_str("token store unavailable"),
+        }
+    }
+}
+
+/// Lifecycle status stored with the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Status {
+    /// Working.
+    Active,
+    /// Refreshing fails for a transient reason; the next attempt waits for `retry_at`.
+    Degraded {
+        /// Consecutive failures.
+        failures: u32,
+        /// No attempt before this instant (no storm across processes).
+        retry_at: Timestamp,
+        /// The last failure.
+        last: FailureKind,
+    },
+    /// The grant is gone; only a new authorization helps.
+    ReauthRequired {
+        /// Why.
+        reason: ReauthReason,
+        /// Since when.
+        since: Timestamp,
+    },
+    /// Disconnected by the user through tokenfence.
+    Disconnected {
+        /// When.
+        at: Timestamp,
+    },
+}
+
+/// Everything stored for one connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    /// The caller's name for the connection.
+    pub id: ConnectionId,
+    /// +1 on every committed change.
+    pub generation: Generation,
+    /// Who authorized it.
+    pub identity: GrantIdentity,
+    /// Intuit realm (company) id, or the provider's tenant id.
+    pub realm_id: Option<String>,
+    /// Current access token, if any.
+    pub access: Option<AccessGrant>,
+    /// Current refresh token.
+    pub refresh: RefreshToken,
+    /// When this refresh-token value was first received.
+    pub refresh_issued_at: Timestamp,
+    /// The provider forgets the refresh token if unused past this instant.
+    pub idle_deadline: Option<Timestamp>,
+    /// The refresh token dies at this instant whatever happens.
+    pub hard_deadline: Option<Timestamp>,
+    /// A refresh from this record may have been processed by the provider without
+    /// the reply being seen (lost reply, dead lease holder) since this instant.
+    pub in_doubt_since: Option<Timestamp>,
+    /// Lifecycle status.
+    pub status: Status,
+    /// Last successful refresh.
+    pub last_refreshed_at: Option<Timestamp>,
+    /// Last committed change.
+    pub updated_at: Timestamp,
+}
+
+impl ConnectionRecord {
+    /// A record for a freshly authorized grant (authorization-code exchange).
+    pub fn from_authorization(
+        id: ConnectionId,
+        identity: GrantIdentity,
+        realm_id: Option<String>,
+        grant: TokenGrant,
+        profile: &ProviderProfile,
+        issued_at: Timestamp,
+    ) -> Option<ConnectionRecord> {
+        let refresh = grant.refresh.clone()?;
+        let base = ConnectionRecord {
+            id,
+            generation: Generation(0),
+            identity,
+            realm_id,
+            access: None,
+            refresh,
+            refresh_issued_at: issued_at,
+            idle_deadline: None,
+            hard_deadline: profile.hard_lifetime.map(|d| issued_at.saturating_add(d)),
+            in_doubt_since: None,
+            status: Status::Active,
+            last_refreshed_at: None,
+            updated_at: issued_at,
+        };
+        Some(base.with_grant(&grant, profile, issued_at))
+    }
+
+    /// The record after a successful refresh whose request was sent at `sent_at`.
+    ///
+    /// S6: a grant without `refresh_token` keeps the stored one (RFC 6749 §6); one
+    /// without `expires_in` gets the profile's default. Lifetimes count from
+    /// `sent_at`, the earliest instant the provider could have issued the tokens.
+    /// The generation is left as is: the commit sets it.
+    pub fn with_grant(
+        &self,
+        grant: &TokenGrant,
+        profile: &ProviderProfile,
+        sent_at: Timestamp,
+    ) -> ConnectionRecord {
+        let rotated = grant.refresh.as_ref().is_some_and(|r| *r != self.refresh);
+        let ttl = grant.expires_in.unwrap_or(profile.default_access_ttl);
+        ConnectionRecord {
+            access: Some(AccessGrant {
+                token: grant.access.clone(),
+                expires_at: sent_at.saturating_add(ttl),
+            }),
+            refresh: grant
+                .refresh
+                .clone()
+                .unwrap_or_else(|| self.refresh.clone()),
+            refresh_issued_at: if rotated {
+                sent_at
+            } else {
+                self.refresh_issued_at
+            },
+            idle_deadline: grant
+                .refresh_expires_in
+                .or(profile.idle_window)
+                .map(|d| sent_at.saturating_add(d)),
+            hard_deadline: grant
+                .hard_expires_in
+                .map(|d| sent_at.saturating_add(d))
+                .or(self.hard_deadline),
+            in_doubt_since: None,
+            status: Status::Active,
+            last_refreshed_at: Some(sent_at),
+            updated_at: sent_at,
+            ..self.clone()
+        }
+    }
+
+    /// The access token, if it stays valid for more than `margin` after `now` and
+    /// the connection is usable (S5).
+    pub fn usable_access(&self, now: Timestamp, margin: Duration) -> Option<&AccessToken> {
+        match self.status {
+            Status::Active | Status::Degraded { .. } => {}
+            Status::ReauthRequired { .. } | Status::Disconnected { .. } => return None,
+        }
+        self.access
+            .as_ref()
+            .filter(|a| a.expires_at > now.saturating_add(margin))
+            .map(|a| &a.token)
+    }
+
+    /// When a keep-alive refresh is due: `lead` before the idle deadline.
+    pub fn keepalive_due_at(&self, lead: Duration) -> Option<Timestamp> {
+        if !self.is_live() {
+            return None;
+        }
+        self.idle_deadline.map(|d| d.saturating_sub(lead))
+    }
+
+    /// Whether the grant may still be refreshed (not dead, not disconnected).
+    pub fn is_live(&self) -> bool {
+        matches!(self.status, Status::Active | Status::Degraded { .. })
+    }
+
+    /// The number of consecutive failures recorded.
+    pub fn failures(&self) -> u32 {
+        match self.status {
+            Status::Degraded { failures, .. } => failures,
+            _ => 0,
+        }
+    }
+}
+
+/// A time-limited claim "I am refreshing this connection". Kept by the store until
+/// its owner releases it or another worker takes it over after expiry.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease {
+    /// Who holds it.
+    pub owner: WorkerId,
+    /// When it was granted.
+    pub acquired_at: Timestamp,
+    /// When it stops excluding others.
+    pub expires_at: Timestamp,
+    /// The record generation at the moment it was granted (`None`: no record).
+    pub generation: Option<Generation>,
+}

@@ -1,0 +1,378 @@
+//! Reading what the provider answered: token responses, RFC 6749 §5.2 error bodies,
+//! provider dialects, and everything else a proxy or a broken server may send.
+//!
+//! Parsing never panics and never trusts a value it has not checked: bodies are
+//! capped, tokens must be RFC 6749 `VSCHAR`s (so they are safe in a header), and
+//! lifetimes must be positive and plausible.
+
+use crate::profile::ProviderProfile;
+use crate::record::FailureKind;
+use crate::secret::{AccessToken, RefreshToken};
+use crate::time::days;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::time::Duration;
+use serde_json::Value;
+
+/// Replies larger than this are rejected unread; transports should stop reading here.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024;
+/// Longest token accepted.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Longest access-token lifetime accepted.
+pub const MAX_ACCESS_TTL: Duration = days(366);
+/// Longest refresh-token lifetime accepted.
+pub const MAX_REFRESH_TTL: Duration = days(20 * 366);
+/// Longest Retry-After honoured.
+pub const MAX_RETRY_AFTER: Duration = days(1);
+const MAX_TEXT: usize = 200;
+
+/// An HTTP response as the transport received it.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers as received (names compared case-insensitively).
+    pub headers: Vec<(String, String)>,
+    /// Body bytes (may contain tokens; redacted in `Debug`).
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The provider's transaction id (Intuit's `intuit_tid`), sanitized for logs.
+    pub fn transaction_id(&self, profile: &ProviderProfile) -> Option<String> {
+        let name = profile.transaction_id_header.as_deref()?;
+        self.header(name).map(sanitize)
+    }
+}
+
+impl core::fmt::Debug for HttpResponse {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "HttpResponse {{ status: {}, headers: {}, body: <redacted {} bytes> }}",
+            self.status,
+            self.headers.len(),
+            self.body.len()
+        )
+    }
+}
+
+/// A successful token response, checked.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TokenGrant {
+    /// New access token.
+    pub access: AccessToken,
+    /// New refresh token; `None` means "keep the one you have" (RFC 6749 §6).
+    pub refresh: Option<RefreshToken>,
+    /// Access-token lifetime; `None` means "use the profile default".
+    pub expires_in: Option<Duration>,
+    /// Time until the refresh token's idle deadline (Intuit `x_refresh_token_expires_in`).
+    pub refresh_expires_in: Option<Duration>,
+    /// Time until the refresh token's hard deadline (Intuit
+    /// `x_refresh_token_hard_expires_in`).
+    pub hard_expires_in: Option<Duration>,
+}
+
+/// The standard OAuth error codes, and the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OAuthErrorCode {
+    /// The grant is expired, revoked or not this client's (or a dialect alias).
+    InvalidGrant,
+    /// Client authentication failed.
+    InvalidClient,
+    /// The client may not use this grant type.
+    UnauthorizedClient,
+    /// The request is malformed.
+    InvalidRequest,
+    /// The grant type is unsupported.
+    UnsupportedGrantType,
+    /// The scope is invalid.
+    InvalidScope,
+    /// Any other code.
+    Other,
+}
+
+/// What exactly is wrong with a reply body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Malformation {
+    /// No body at all.
+    #[error("empty body")]
+    Empty,
+    /// Larger than [`MAX_REPLY_BYTES`].
+    #[error("body of {0} bytes exceeds the cap")]
+    TooLarge(usize),
+    /// Not JSON (an HTML page from a proxy, a truncated body).
+    #[error("body is not JSON")]
+    NotJson,
+    /// JSON, but not an object.
+    #[error("body is not a JSON object")]
+    NotAnObject,
+    /// A required field is absent.
+    #[error("field `{0}` is missing")]
+    Missing(&'static str),
+    /// A field has the wrong JSON type.
+    #[error("field `{0}` has the wrong type")]
+    WrongType(&'static str),
+    /// A token field is empty, too long or has characters a token may not have.
+    #[error("field `{0}` is not a valid token")]
+    BadToken(&'static str),
+    /// A lifetime is zero, negative, fractional or implausibly long.
+    #[error("field `{0}` is not a plausible lifetime")]
+    BadLifetime(&'static str),
+    /// `token_type` is not `bearer`.
+    #[error("token_type is not bearer")]
+    NotBearer,
+}
+
+/// Why a reply is not a usable token grant. Carries no secret.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum ReplyError {
+    /// An RFC 6749 §5.2 error response.
+    #[error("provider refused with `{code}` (HTTP {status}){}", description.as_deref().map(|d| alloc::format!(": {d}")).unwrap_or_default())]
+    OAuth {
+        /// HTTP status.
+        status: u16,
+        /// Classified code.
+        kind: OAuthErrorCode,
+        /// The code as sent, sanitized and truncated.
+        code: String,
+        /// `error_description`, sanitized and truncated.
+        description: Option<String>,
+    },
+    /// HTTP 429.
+    #[error("rate limited (HTTP 429)")]
+    RateLimited {
+        /// The Retry-After delay, if given in seconds and plausible.
+        retry_after: Option<Duration>,
+    },
+    /// HTTP 5xx or 408: the provider is in trouble.
+    #[error("provider server error (HTTP {status})")]
+    ServerError {
+        /// HTTP status.
+        status: u16,
+    },
+    /// A non-success reply that is not an OAuth error (proxy page, redirect,
+    /// garbage): not grounds for believing anything about the grant.
+    #[error("unreadable reply (HTTP {status}): {problem}")]
+    Unreadable {
+        /// HTTP status.
+        status: u16,
+        /// What is wrong with it.
+        problem: Malformation,
+    },
+    /// A success status with a body that is not a usable grant. The provider may
+    /// have rotated the refresh token anyway, so the outcome is in doubt.
+    #[error("unusable success reply (HTTP {status}): {problem}")]
+    MalformedSuccess {
+        /// HTTP status.
+        status: u16,
+        /// What is wrong with it.
+        problem: Malformation,
+    },
+}
+
+impl ReplyError {
+    /// The failure kind for status and metrics.
+    pub fn failure_kind(&self) -> FailureKind {
+        match self {
+            ReplyError::OAuth {
+                kind: OAuthErrorCode::InvalidClient | OAuthErrorCode::UnauthorizedClient,
+                ..
+            } => FailureKind::ClientRejected,
+            ReplyError::OAuth { .. } => FailureKind::RequestRejected,
+            ReplyError::RateLimited { .. } => FailureKind::RateLimited,
+            ReplyError::ServerError { status } => FailureKind::ServerError(*status),
+            ReplyError::Unreadable { .. } => FailureKind::UnreadableReply,
+            ReplyError::MalformedSuccess { .. } => FailureKind::OutcomeUnknown,
+        }
+    }
+}
+
+/// Reads a token-endpoint reply.
+pub fn parse_token_reply(
+    profile: &ProviderProfile,
+    reply: &HttpResponse,
+) -> Result<TokenGrant, ReplyError> {
+    let status = reply.status;
+    match status {
+        429 => {
+            return Err(ReplyError::RateLimited {
+                retry_after: reply.header("retry-after").and_then(parse_retry_after),
+            })
+        }
+        408 | 500..=599 => return Err(ReplyError::ServerError { status }),
+        _ => {}
+    }
+    let success = (200..300).contains(&status);
+    let fail = |problem| {
+        if success {
+            ReplyError::MalformedSuccess { status, problem }
+        } else {
+            ReplyError::Unreadable { status, problem }
+        }
+    };
+    let object = json_object(&reply.body).map_err(fail)?;
+    if success {
+        grant_from(&object).map_err(fail)
+    } else if (400..500).contains(&status) {
+        Err(oauth_error(profile, status, &object).map_err(fail)?)
+    } else {
+        Err(fail(Malformation::Missing("error")))
+    }
+}
+
+/// Reads a revocation reply (RFC 7009): `Ok(true)` when revoked (200), `Ok(false)`
+/// when the provider says the token is unknown or already invalid.
+pub fn parse_revoke_reply(
+    profile: &ProviderProfile,
+    reply: &HttpResponse,
+) -> Result<bool, ReplyError> {
+    match reply.status {
+        200..=299 => Ok(true),
+        _ => match parse_token_reply(profile, reply) {
+            Err(ReplyError::OAuth {
+                kind: OAuthErrorCode::InvalidGrant,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+            Ok(_) => Err(ReplyError::Unreadable {
+                status: reply.status,
+                problem: Malformation::NotAnObject,
+            }),
+        },
+    }
+}
+
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Malformation> {
+    if body.len() > MAX_REPLY_BYTES {
+        return Err(Malformation::TooLarge(body.len()));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Malformation::Empty);
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Malformation::NotAnObject),
+        Err(_) => Err(Malformation::NotJson),
+    }
+}
+
+fn grant_from(o: &serde_json::Map<String, Value>) -> Result<TokenGrant, Malformation> {
+    let access = token(o, "access_token")?.ok_or(Malformation::Missing("access_token"))?;
+    match o.get("token_type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(Value::String(_)) => return Err(Malformation::NotBearer),
+        Some(_) => return Err(Malformation::WrongType("token_type")),
+    }
+    Ok(TokenGrant {
+        access: AccessToken::new(access),
+        refresh: token(o, "refresh_token")?
+            .filter(|t| !t.is_empty())
+            .map(RefreshToken::new),
+        expires_in: lifetime(o, "expires_in", MAX_ACCESS_TTL)?,
+        refresh_expires_in: match lifetime(o, "x_refresh_token_expires_in", MAX_REFRESH_TTL)? {
+            Some(d) => Some(d),
+            None => lifetime(o, "refresh_token_expires_in", MAX_REFRESH_TTL)?,
+        },
+        hard_expires_in: lifetime(o, "x_refresh_token_hard_expires_in", MAX_REFRESH_TTL)?,
+    })
+}
+
+/// A token field: absent/null is `None`; `""` is `Some("")` for the caller to judge.
+fn token<'a>(
+    o: &'a serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, Malformation> {
+    match o.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            let ok = s.len() <= MAX_TOKEN_BYTES && s.bytes().all(|b| (0x20..0x7f).contains(&b));
+            if !ok || (field == "access_token" && s.is_empty()) {
+                Err(Malformation::BadToken(field))
+            } else {
+                Ok(Some(s))
+            }
+        }
+        Some(_) => Err(Malformation::WrongType(field)),
+    }
+}
+
+/// A lifetime in seconds: a positive integer (or a string of digits, which some
+/// providers send), at most `max`.
+fn lifetime(
+    o: &serde_json::Map<String, Value>,
+    field: &'static str,
+    max: Duration,
+) -> Result<Option<Duration>, Malformation> {
+    let secs = match o.get(field) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<u64>().ok()
+        }
+        Some(Value::String(_)) => None,
+        Some(_) => return Err(Malformation::WrongType(field)),
+    };
+    match secs {
+        Some(s) if s > 0 && Duration::from_secs(s) <= max => Ok(Some(Duration::from_secs(s))),
+        _ => Err(Malformation::BadLifetime(field)),
+    }
+}
+
+fn oauth_error(
+    profile: &ProviderProfile,
+    status: u16,
+    o: &serde_json::Map<String, Value>,
+) -> Result<ReplyError, Malformation> {
+    let code = match o.get("error") {
+        Some(Value::String(c)) if !c.is_empty() => c.as_str(),
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            return Err(Malformation::Missing("error"))
+        }
+        Some(_) => return Err(Malformation::WrongType("error")),
+    };
+    let kind = if profile.means_invalid_grant(code) {
+        OAuthErrorCode::InvalidGrant
+    } else {
+        match code {
+            "invalid_client" => OAuthErrorCode::InvalidClient,
+            "unauthorized_client" => OAuthErrorCode::UnauthorizedClient,
+            "invalid_request" => OAuthErrorCode::InvalidRequest,
+            "unsupported_grant_type" => OAuthErrorCode::UnsupportedGrantType,
+            "invalid_scope" => OAuthErrorCode::InvalidScope,
+            _ => OAuthErrorCode::Other,
+        }
+    };
+    let description = match o.get("error_description") {
+        Some(Value::String(d)) => Some(sanitize(d)),
+        _ => None,
+    };
+    Ok(ReplyError::OAuth {
+        status,
+        kind,
+        code: sanitize(code),
+        description,
+    })
+}
+
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let secs: u64 = v.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+/// Printable ASCII only, at most [`MAX_TEXT`] characters: safe for any log line.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(MAX_TEXT)
+        .collect()
+}
