@@ -1,0 +1,578 @@
+//! Scenario tests named after the stories in INVARIANTS.md and USERS.md, each
+//! driving real `Connection`s through the in-memory harness.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+use tokenfence_core::*;
+
+fn events(world: &World, w: usize) -> &[Event] {
+    &world.workers[w].events
+}
+
+#[test]
+fn rotation_persisted() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, r), "AT-2");
+    let stored = world.stored();
+    assert_eq!(
+        stored.refresh.expose(),
+        "RT-2",
+        "the rotated token is what is stored"
+    );
+    assert_eq!(stored.generation, Generation(2));
+    assert_eq!(
+        stored.idle_deadline,
+        Some(T0.saturating_add(Duration::from_secs(8_726_400))),
+        "x_refresh_token_expires_in sets the rolling idle deadline"
+    );
+    assert!(events(&world, 0).contains(&Event::Refreshed {
+        generation: Generation(2),
+        rotated: true
+    }));
+    assert!(world.store.lease.is_none(), "lease released after commit");
+}
+
+#[test]
+fn response_without_refresh_token_keeps_the_stored_one() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(
+        0,
+        json_reply(200, r#"{"access_token":"AT-2","token_type":"bearer"}"#),
+    );
+    assert_eq!(world.token(0, r), "AT-2");
+    let stored = world.stored();
+    assert_eq!(
+        stored.refresh.expose(),
+        "RT-1",
+        "RFC 6749 §6: keep the old one"
+    );
+    let expires = stored.access.as_ref().map(|a| a.expires_at);
+    assert_eq!(
+        expires,
+        Some(T0.saturating_add(hours(1))),
+        "profile default, never forever"
+    );
+}
+
+#[test]
+fn valid_token_is_served_from_cache_without_the_store() {
+    let mut world = World::intuit(1);
+    let first = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    let commits = world.store.commits;
+    world.advance(minutes(30));
+    let second = world.request(0);
+    assert_eq!(world.token(0, first), world.token(0, second));
+    assert_eq!(world.store.commits, commits);
+    assert_eq!(world.workers[0].sent.len(), 1);
+    // Within the margin (5 min before expiry) it refreshes instead.
+    world.advance(minutes(26));
+    let third = world.request(0);
+    assert!(world.result(0, third).is_none());
+    assert_eq!(world.workers[0].sent.len(), 2);
+}
+
+#[test]
+fn invalid_grant_after_another_worker_already_committed() {
+    // Non-grace strict rotation makes the race visible: w0 refreshes and commits,
+    // w1 (which read the old record) presents the old token after its lease expired.
+    let profile = ProviderProfile {
+        rotation: ProviderProfile::grace_policy(Duration::ZERO, false),
+        ..ProviderProfile::intuit()
+    };
+    let mut world = World::new(profile, 2, |c| record(c, "RT-1", T0));
+    let r0 = world.request(0);
+    // w1 is paused with w0's lease seen as expired: simulate by granting w1 its own
+    // attempt after w0's lease times out.
+    world.advance(Duration::from_secs(61));
+    let r1 = world.request(1);
+    assert_eq!(
+        world.workers[1].sent.len(),
+        1,
+        "w1 took over the expired lease"
+    );
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, r0), "AT-2");
+    // The provider rotated RT-1 away at once: w1 gets invalid_grant.
+    world.reply(1, invalid_grant());
+    assert_eq!(
+        world.token(1, r1),
+        "AT-2",
+        "w1 re-reads the store and uses the winner's token"
+    );
+    assert_eq!(world.stored().status, Status::Active, "no false re-auth");
+    assert!(!events(&world, 1)
+        .iter()
+        .any(|e| matches!(e, Event::ReauthRequired { .. })));
+}
+
+#[test]
+fn lease_holder_died_within_grace_recovers_the_rotation() {
+    let mut world = World::intuit(2);
+    let _lost = world.request(0);
+    assert_eq!(world.workers[0].sent.len(), 1);
+    // w0 crashes after sending: the provider rotated RT-1 -> RT-2 but nobody saw it.
+    world.crash(0);
+    world.advance(Duration::from_secs(5));
+    let r1 = world.request(1);
+    assert!(
+        world.workers[1].sent.is_empty(),
+        "lease still held: w1 waits, does not send"
+    );
+    assert!(world.workers[1].conn.poll_timeout().is_some());
+    world.advance(Duration::from_secs(60));
+    world.tick(1);
+    assert_eq!(
+        world.workers[1].sent.len(),
+        1,
+        "lease expired: w1 takes over"
+    );
+    // Intuit's grace: presenting RT-1 again returns the same successor.
+    world.reply(1, granted("AT-3", Some("RT-2")));
+    assert_eq!(world.token(1, r1), "AT-3");
+    assert_eq!(world.stored().refresh.expose(), "RT-2");
+}
+
+#[test]
+fn lease_holder_died_under_reuse_detection_declares_lost_rotation_without_replaying() {
+    let profile = ProviderProfile::strict_reuse_detecting("strict", "https://auth.example/token");
+    let mut world = World::new(profile, 2, |c| record(c, "RT-1", T0));
+    world.request(0);
+    world.crash(0);
+    world.advance(Duration::from_secs(61));
+    let r1 = world.request(1);
+    assert!(
+        world.workers[1].sent.is_empty(),
+        "never replay a possibly rotated token"
+    );
+    assert_eq!(
+        world.result(1, r1),
+        Some(&Err(AccessError::ReauthRequired(
+            ReauthReason::LostRotation
+        )))
+    );
+    assert!(matches!(
+        world.stored().status,
+        Status::ReauthRequired {
+            reason: ReauthReason::LostRotation,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn paused_worker_lease_expiry_commit_is_not_blocked_by_a_dead_mark() {
+    // The S4 trap: w0 refreshes (strict rotation), pauses past its lease; w1 presents
+    // the old token, gets invalid_grant, re-reads, sees no newer generation and marks
+    // the record dead. w0 then commits: its tokens descend from the stored token, so
+    // the commit must land over the dead mark and the connection recover.
+    let profile = ProviderProfile {
+        rotation: ProviderProfile::grace_policy(Duration::ZERO, false),
+        ..ProviderProfile::intuit()
+    };
+    let mut world = World::new(profile, 2, |c| record(c, "RT-1", T0));
+    let r0 = world.request(0);
+    world.advance(Duration::from_secs(61));
+    let r1 = world.request(1);
+    // The provider processes w0's request first (RT-1 -> RT-2) but w0 pauses.
+    world.reply(1, invalid_grant());
+    assert!(matches!(
+        world.stored().status,
+        Status::ReauthRequired { .. }
+    ));
+    assert!(matches!(
+        world.result(1, r1),
+        Some(Err(AccessError::ReauthRequired(_)))
+    ));
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, r0), "AT-2");
+    let stored = world.stored();
+    assert_eq!(stored.refresh.expose(), "RT-2");
+    assert_eq!(stored.status, Status::Active);
+    assert!(events(&world, 0)
+        .iter()
+        .any(|e| matches!(e, Event::Recovered { .. })));
+    assert!(
+        world.store.conflicts >= 1,
+        "the first commit conflicted and was rebased"
+    );
+}
+
+#[test]
+fn rate_limited_429_honours_retry_after() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    let mut reply = json_reply(429, "");
+    reply.headers.push(("Retry-After".into(), "120".into()));
+    world.reply(0, reply);
+    let Some(Err(AccessError::Transient { kind, retry_at })) = world.result(0, r).cloned() else {
+        panic!("expected a transient error, got {:?}", world.result(0, r));
+    };
+    assert_eq!(kind, FailureKind::RateLimited);
+    assert!(retry_at >= T0.saturating_add(Duration::from_secs(120)));
+    // A request before retry_at does not call the provider again (no storm).
+    world.advance(Duration::from_secs(60));
+    let again = world.request(0);
+    assert!(matches!(
+        world.result(0, again),
+        Some(Err(AccessError::Transient { .. }))
+    ));
+    assert_eq!(world.workers[0].sent.len(), 1);
+    // After it, the next request refreshes and recovers.
+    world.now = retry_at;
+    let later = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-1")));
+    assert_eq!(world.token(0, later), "AT-2");
+    assert!(events(&world, 0)
+        .iter()
+        .any(|e| matches!(e, Event::Recovered { .. })));
+    assert_eq!(world.stored().status, Status::Active);
+}
+
+#[test]
+fn html_502_page_is_transient_and_retried_inline() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(
+        0,
+        HttpResponse {
+            status: 502,
+            headers: vec![("content-type".into(), "text/html".into())],
+            body: b"<html><body><h1>502 Bad Gateway</h1></body></html>".to_vec(),
+        },
+    );
+    assert!(
+        world.result(0, r).is_none(),
+        "caller keeps waiting for a quick retry"
+    );
+    assert!(matches!(
+        world.stored().status,
+        Status::Degraded {
+            failures: 1,
+            last: FailureKind::ServerError(502),
+            ..
+        }
+    ));
+    assert!(events(&world, 0)
+        .iter()
+        .any(|e| matches!(e, Event::Degraded { .. })));
+    world.wake(0);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, r), "AT-2");
+    assert!(events(&world, 0)
+        .iter()
+        .any(|e| matches!(e, Event::Recovered { .. })));
+}
+
+#[test]
+fn transient_failures_end_in_a_transient_error_after_bounded_attempts() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    let mut sends = 0;
+    while world.result(0, r).is_none() {
+        sends += 1;
+        assert!(sends <= 3, "bounded attempts");
+        world.reply(0, json_reply(503, "Service Unavailable"));
+        if world.result(0, r).is_none() {
+            world.wake(0);
+        }
+    }
+    assert!(matches!(
+        world.result(0, r),
+        Some(Err(AccessError::Transient { .. }))
+    ));
+    assert!(world.stored().is_live(), "a 5xx never flags re-auth");
+}
+
+#[test]
+fn sandbox_production_mismatch_refused_before_sending() {
+    let sandbox = std::sync::Arc::new(Config {
+        client: client(Environment::Sandbox),
+        ..(*config(ProviderProfile::intuit(), "w0")).clone()
+    });
+    let production = config(ProviderProfile::intuit(), "w-prod");
+    // The record was authorized with production credentials.
+    let mut world = World::with_configs(vec![sandbox], |_| record(&production, "RT-1", T0));
+    let r = world.request(0);
+    assert!(world.workers[0].sent.is_empty(), "nothing sent");
+    let Some(Err(AccessError::Config(ConfigError::IdentityMismatch { field, .. }))) =
+        world.result(0, r)
+    else {
+        panic!(
+            "expected an identity mismatch, got {:?}",
+            world.result(0, r)
+        );
+    };
+    assert_eq!(*field, IdentityField::Environment);
+    let message = world
+        .result(0, r)
+        .cloned()
+        .map(|r| r.err().map(|e| e.to_string()));
+    let message = message.flatten().unwrap_or_default();
+    assert!(
+        message.contains("production") && message.contains("sandbox"),
+        "{message}"
+    );
+    assert!(!message.contains(CLIENT_SECRET));
+    assert_eq!(
+        world.stored().status,
+        Status::Active,
+        "the record is untouched"
+    );
+}
+
+#[test]
+fn idle_keep_alive_refreshes_before_the_idle_deadline() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-1")));
+    world.token(0, r);
+    let deadline = world.stored().idle_deadline.expect("idle deadline");
+    // Nobody asks for a token for months; the timer wakes the machine.
+    let woke = world.wake(0);
+    assert!(woke < deadline, "keep-alive before the idle deadline");
+    assert!(deadline.saturating_since(woke) >= days(29));
+    assert_eq!(world.workers[0].sent.len(), 2, "keep-alive sent a refresh");
+    world.reply(0, granted("AT-3", Some("RT-1")));
+    assert!(
+        world.stored().idle_deadline.expect("deadline") > deadline,
+        "rolled forward"
+    );
+    let next = world.workers[0]
+        .conn
+        .poll_timeout()
+        .expect("next keep-alive");
+    assert!(next > world.now.saturating_add(days(30)));
+}
+
+#[test]
+fn hard_expiry_warning_before_the_cap() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    let mut reply = granted("AT-2", Some("RT-2"));
+    // Intuit reports 50 days left until the 5-year cap.
+    reply.body = br#"{"access_token":"AT-2","refresh_token":"RT-2","expires_in":3600,
+        "x_refresh_token_expires_in":8726400,"x_refresh_token_hard_expires_in":4320000}"#
+        .to_vec();
+    world.reply(0, reply);
+    world.token(0, r);
+    let deadline = T0.saturating_add(days(50));
+    assert_eq!(world.stored().hard_deadline, Some(deadline));
+    // 60-day notice: already inside it, so the warning comes with the next step.
+    world.request(0);
+    let warnings: Vec<_> = events(&world, 0)
+        .iter()
+        .filter(|e| matches!(e, Event::ReconnectSoon { .. }))
+        .collect();
+    assert_eq!(
+        warnings,
+        vec![&Event::ReconnectSoon { deadline }],
+        "exactly once"
+    );
+}
+
+#[test]
+fn dead_connection_is_not_retried_on_every_request() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(0, invalid_grant());
+    assert_eq!(
+        world.result(0, r),
+        Some(&Err(AccessError::ReauthRequired(
+            ReauthReason::InvalidGrant
+        )))
+    );
+    for _ in 0..100 {
+        let again = world.request(0);
+        assert!(matches!(
+            world.result(0, again),
+            Some(Err(AccessError::ReauthRequired(_)))
+        ));
+    }
+    assert_eq!(world.workers[0].sent.len(), 1, "one provider call, not 101");
+    let reauth = events(&world, 0)
+        .iter()
+        .filter(|e| matches!(e, Event::ReauthRequired { .. }))
+        .count();
+    assert_eq!(reauth, 1);
+    // A new authorization revives it.
+    let grant = parse_token_reply(&ProviderProfile::intuit(), &granted("AT-9", Some("RT-9")))
+        .expect("grant");
+    world
+        .input(
+            0,
+            Input::Authorized {
+                grant,
+                realm_id: Some("4620816365".into()),
+            },
+        )
+        .expect("accepted");
+    let r = world.request(0);
+    assert_eq!(world.token(0, r), "AT-9");
+}
+
+#[test]
+fn lost_reply_within_grace_is_recovered() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.lose(0, Input::OutcomeUnknown);
+    assert!(
+        world.stored().in_doubt_since.is_some(),
+        "the doubt is stored for others"
+    );
+    world.wake(0);
+    assert_eq!(
+        world.workers[0].sent.len(),
+        2,
+        "presents the same token again"
+    );
+    assert_eq!(world.workers[0].sent[0].body, world.workers[0].sent[1].body);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, r), "AT-2");
+    assert_eq!(world.stored().in_doubt_since, None);
+}
+
+#[test]
+fn lost_reply_under_reuse_detection_is_explicit_lost_rotation() {
+    let profile = ProviderProfile::strict_reuse_detecting("strict", "https://auth.example/token");
+    let mut world = World::new(profile, 1, |c| record(c, "RT-1", T0));
+    let r = world.request(0);
+    world.lose(0, Input::OutcomeUnknown);
+    assert_eq!(
+        world.result(0, r),
+        Some(&Err(AccessError::ReauthRequired(
+            ReauthReason::LostRotation
+        )))
+    );
+    assert_eq!(world.workers[0].sent.len(), 1, "no replay");
+}
+
+#[test]
+fn store_outage_during_commit_keeps_the_rotated_tokens() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.store.fail_next = 1;
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(
+        world.token(0, r),
+        "AT-2",
+        "callers are served from the uncommitted tokens"
+    );
+    assert_eq!(world.stored().refresh.expose(), "RT-1", "not stored yet");
+    world.wake(0);
+    assert_eq!(world.stored().refresh.expose(), "RT-2", "stored on retry");
+}
+
+#[test]
+fn user_disconnected_revokes_then_marks() {
+    let mut world = World::intuit(1);
+    world.input(0, Input::Disconnect).expect("accepted");
+    let revoke = world.workers[0]
+        .outstanding
+        .clone()
+        .expect("revocation sent");
+    assert_eq!(
+        revoke.url,
+        "https://developer.api.intuit.com/v2/oauth2/tokens/revoke"
+    );
+    world.reply(0, json_reply(200, ""));
+    assert!(matches!(world.stored().status, Status::Disconnected { .. }));
+    assert!(events(&world, 0).contains(&Event::Disconnected { revoked: true }));
+    let r = world.request(0);
+    assert_eq!(world.result(0, r), Some(&Err(AccessError::Disconnected)));
+}
+
+#[test]
+fn user_revoked_at_the_provider_gives_reauth_once_across_workers() {
+    let mut world = World::intuit(2);
+    let r0 = world.request(0);
+    world.reply(0, invalid_grant());
+    let r1 = world.request(1);
+    assert!(
+        world.workers[1].sent.is_empty(),
+        "w1 reads the dead record, sends nothing"
+    );
+    assert_eq!(world.result(0, r0), world.result(1, r1));
+}
+
+#[test]
+fn concurrent_requests_in_one_worker_make_one_call() {
+    let mut world = World::intuit(1);
+    let ids: Vec<_> = (0..50).map(|_| world.request(0)).collect();
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    for id in ids {
+        assert_eq!(world.token(0, id), "AT-2");
+    }
+    assert_eq!(world.workers[0].sent.len(), 1);
+}
+
+#[test]
+fn second_worker_waits_for_the_lease_then_uses_the_committed_token() {
+    let mut world = World::intuit(2);
+    let r0 = world.request(0);
+    let r1 = world.request(1);
+    assert!(world.workers[1].sent.is_empty());
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    world.input(1, Input::StoreChanged).expect("hint accepted");
+    assert_eq!(world.token(0, r0), "AT-2");
+    assert_eq!(world.token(1, r1), "AT-2");
+    assert_eq!(
+        world.workers[0].sent.len() + world.workers[1].sent.len(),
+        1,
+        "S8"
+    );
+}
+
+#[test]
+fn invalid_client_is_a_configuration_error_not_reauth() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(0, json_reply(401, r#"{"error":"invalid_client"}"#));
+    assert_eq!(
+        world.result(0, r),
+        Some(&Err(AccessError::Config(ConfigError::ClientRejected)))
+    );
+    assert!(world.stored().is_live());
+    let again = world.request(0);
+    assert!(matches!(
+        world.result(0, again),
+        Some(Err(AccessError::Config(_)))
+    ));
+    assert_eq!(
+        world.workers[0].sent.len(),
+        1,
+        "no storm on a bad client secret"
+    );
+}
+
+#[test]
+fn unexpected_driver_input_is_refused_and_changes_nothing() {
+    let mut world = World::intuit(1);
+    let before = world.workers[0].conn.clone();
+    let err = world.input(
+        0,
+        Input::Committed {
+            generation: Generation(9),
+        },
+    );
+    assert!(matches!(err, Err(InputError::Unexpected { .. })));
+    assert_eq!(world.workers[0].conn, before);
+}
+
+#[test]
+fn secrets_never_appear_in_debug_output() {
+    let mut world = World::intuit(1);
+    world.request(0);
+    let dump = format!(
+        "{:?} {:?} {:?}",
+        world.workers[0].conn, world.workers[0].sent, world.store.record
+    );
+    for secret in ["RT-1", "AT-expired", CLIENT_SECRET] {
+        assert!(!dump.contains(secret), "{secret} leaked");
+    }
+}

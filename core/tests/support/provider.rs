@@ -1,0 +1,1 @@
+//! The small provider model used by the property tests.
