@@ -119,12 +119,11 @@ pub fn generation_monotonic(before: Generation, after: Generation) -> Result<(),
 /// S2: unless the provider ended the grant, the stored refresh token is accepted, or
 /// a worker is resolving a refresh (`resolving`: a request outstanding or fresh tokens
 /// not yet committed, with `pending` the refresh tokens those workers hold), or the
-/// rotation was lost under a profile that cannot recover it and says so.
+/// record says explicitly that the rotation was lost, or a fault took the successor.
 pub fn no_self_inflicted_loss<'a>(
     stored: &ConnectionRecord,
     resolving: bool,
     pending: impl IntoIterator<Item = &'a RefreshToken>,
-    profile: &ProviderProfile,
     truth: &impl ProviderTruth,
 ) -> Result<(), Violation> {
     let explicit = matches!(
@@ -135,12 +134,14 @@ pub fn no_self_inflicted_loss<'a>(
                 ..
             }
     );
-    let unrecoverable_loss =
-        truth.successor_lost(&stored.refresh) && profile.rotation.grace.is_zero();
+    // A fault (lost reply, crashed receiver) took the successor, and the stored
+    // token is no longer accepted: no grace, or every worker was paused past it.
+    // The machine must then end in an explicit LostRotation when it next tries.
+    let lost_to_fault = truth.successor_lost(&stored.refresh);
     if truth.ended_by_provider()
         || explicit
         || resolving
-        || unrecoverable_loss
+        || lost_to_fault
         || truth.accepts(&stored.refresh)
         || pending.into_iter().any(|t| truth.accepts(t))
     {

@@ -27,8 +27,10 @@ pub enum Input {
         lease: Lease,
         /// The record as stored at the moment of the grant.
         record: Option<Box<ConnectionRecord>>,
-        /// An expired lease of another worker that this grant replaced: that worker
-        /// never released it, so its refresh may be in flight.
+        /// The unreleased lease row this grant replaced, whoever owned it (an
+        /// expired lease of another worker, or one of an earlier incarnation of
+        /// this owner): its holder never released it, so its refresh may be in
+        /// flight. The store must report it even when the owner is the same.
         took_over: Option<Lease>,
     },
     /// Another worker holds the lease.

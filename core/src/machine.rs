@@ -80,6 +80,8 @@ impl Config {
 struct Attempt {
     base: ConnectionRecord,
     sent_at: Timestamp,
+    /// When our lease for this attempt was granted.
+    lease_at: Timestamp,
     /// Since when a refresh from `base` may have been processed unseen.
     in_doubt_since: Option<Timestamp>,
 }
@@ -87,11 +89,26 @@ struct Attempt {
 /// Why a compare-and-swap is being made.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Intent {
-    Refreshed { attempt: Attempt, rotated: bool },
-    Failed { first: bool },
-    Reauth { reason: ReauthReason },
+    Refreshed {
+        attempt: Box<Attempt>,
+        rotated: bool,
+    },
+    Failed {
+        first: bool,
+        /// Set when the provider certainly did not rotate (not sent, or a definite
+        /// error answer): the attempt's lease grant time and the token presented.
+        unsent: Option<(Timestamp, crate::RefreshToken)>,
+    },
+    Reauth {
+        reason: ReauthReason,
+    },
+    /// Persist a doubt learnt from a taken-over lease before presenting the token.
+    /// Keeps the lease.
+    Doubt,
     Authorized,
-    Disconnected { revoked: bool },
+    Disconnected {
+        revoked: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -149,7 +166,10 @@ pub struct Connection {
     identity_ok: bool,
     /// The record was read from the store during the current piece of work.
     fresh: bool,
+    /// When the record was last read from (or written to) the store.
+    read_at: Option<Timestamp>,
     holding_lease: bool,
+    lease_at: Timestamp,
     took_over: Option<Lease>,
     phase: Phase,
     waiting: VecDeque<RequestId>,
@@ -173,7 +193,9 @@ impl Connection {
             record: None,
             identity_ok: false,
             fresh: false,
+            read_at: None,
             holding_lease: false,
+            lease_at: Timestamp::EPOCH,
             took_over: None,
             phase: Phase::Idle,
             waiting: VecDeque::new(),
@@ -322,23 +344,27 @@ impl Connection {
             }
             (Input::Loaded(record), Phase::Loading) => {
                 self.adopt(record.map(|r| *r));
-                self.fresh = true;
+                self.mark_fresh(now);
             }
             (Input::Loaded(record), Phase::Rereading(attempt)) => {
                 self.on_reread(now, attempt, record.map(|r| *r))
             }
             (
                 Input::LeaseGranted {
-                    lease: _,
+                    lease,
                     record,
                     took_over,
                 },
                 Phase::Leasing,
             ) => {
                 self.holding_lease = true;
-                self.took_over = took_over.filter(|l| l.owner != self.config.worker);
+                self.lease_at = lease.acquired_at;
+                // Any unreleased lease row counts, even one with our own name: a
+                // restarted worker may reuse its id while its previous
+                // incarnation's refresh is still in flight (found by proptest).
+                self.took_over = took_over;
                 self.adopt(record.map(|r| *r));
-                self.fresh = true;
+                self.mark_fresh(now);
             }
             (Input::LeaseHeld { holder }, Phase::Leasing) => {
                 let poll = now.saturating_add(self.config.settings.lease_poll);
@@ -365,7 +391,7 @@ impl Connection {
                 },
             ) => {
                 proposal.generation = generation;
-                self.on_committed(*proposal, intent);
+                self.on_committed(now, *proposal, intent);
             }
             (Input::Conflict { current }, Phase::Committing { proposal, intent }) => {
                 self.on_conflict(now, proposal, intent, current.map(|r| *r))
@@ -404,6 +430,11 @@ impl Connection {
             .as_ref()
             .is_some_and(|r| self.config.identity_mismatch(&r.identity).is_none());
         self.record = record;
+    }
+
+    fn mark_fresh(&mut self, now: Timestamp) {
+        self.fresh = true;
+        self.read_at = Some(now);
     }
 
     fn next_entropy(&mut self) -> u64 {
@@ -498,16 +529,12 @@ impl Connection {
         }
         let Some(rec) = self.record.as_ref() else {
             if self.fresh {
-                self.keepalive = false;
-                self.deliver_all(&Err(AccessError::NotConnected));
-                return self.release_lease();
+                return self.conclude(&Err(AccessError::NotConnected));
             }
             return self.load();
         };
         if let Some(err) = self.config.identity_mismatch(&rec.identity) {
-            self.keepalive = false;
-            self.deliver_all(&Err(err.into()));
-            return self.release_lease();
+            return self.conclude(&Err(err.into()));
         }
         let dead = match rec.status {
             Status::ReauthRequired { reason, .. } => Some(AccessError::ReauthRequired(reason)),
@@ -515,9 +542,14 @@ impl Connection {
             _ => None,
         };
         if let Some(err) = dead {
-            self.keepalive = false;
-            self.deliver_all(&Err(err));
-            return self.release_lease();
+            let recheck = self.config.settings.dead_recheck;
+            let stale = self
+                .read_at
+                .is_none_or(|t| now.saturating_since(t) >= recheck);
+            if !self.fresh && stale {
+                return self.load();
+            }
+            return self.conclude(&Err(err));
         }
         let s = &self.config.settings;
         let usable = rec.usable_access(now, s.access_margin).cloned();
@@ -544,6 +576,15 @@ impl Connection {
         } else {
             self.load();
         }
+    }
+
+    /// Answers every waiting caller with `result` and ends the piece of work.
+    fn conclude(&mut self, result: &Result<AccessToken, AccessError>) {
+        self.keepalive = false;
+        self.deliver_all(result);
+        self.release_lease();
+        self.fresh = false;
+        self.attempts = 0;
     }
 
     fn load(&mut self) {
@@ -607,16 +648,36 @@ impl Connection {
         }
         let s = &self.config.settings;
         if let Some(since) = in_doubt_since {
-            let recovery =
-                self.config
-                    .profile
-                    .rotation
-                    .in_doubt_recovery(since, now, s.in_doubt_safety);
-            if recovery == InDoubtRecovery::DeclareLost {
+            let rotation = &self.config.profile.rotation;
+            if rotation.in_doubt_recovery(since, now, s.in_doubt_safety)
+                == InDoubtRecovery::DeclareLost
+            {
+                let base = ConnectionRecord {
+                    in_doubt_since,
+                    ..base
+                };
                 return self.commit_reauth(now, &base, ReauthReason::LostRotation);
             }
         }
-        let send_deadline = now.saturating_add(s.lease_ttl.saturating_sub(s.send_safety));
+        if in_doubt_since != base.in_doubt_since {
+            // Store the doubt before presenting the token, so that it survives
+            // this worker's crash too (found by proptest).
+            let proposal = ConnectionRecord {
+                in_doubt_since,
+                updated_at: now,
+                ..base
+            };
+            return self.commit(proposal, Intent::Doubt);
+        }
+        let send_deadline = self
+            .lease_at
+            .saturating_add(s.lease_ttl.saturating_sub(s.send_safety));
+        if send_deadline <= now {
+            // Too little of the lease is left to send safely: take it anew.
+            self.release_lease();
+            self.fresh = false;
+            return self.load();
+        }
         let request = refresh_request(
             &self.config.profile,
             &self.config.client,
@@ -627,6 +688,7 @@ impl Connection {
         self.phase = Phase::Sending(Attempt {
             base,
             sent_at: now,
+            lease_at: self.lease_at,
             in_doubt_since,
         });
     }
@@ -642,6 +704,7 @@ impl Connection {
                     attempt
                         .base
                         .with_grant(&grant, &self.config.profile, attempt.sent_at);
+                let attempt = Box::new(attempt);
                 self.commit(proposal, Intent::Refreshed { attempt, rotated });
             }
             Err(ReplyError::OAuth {
@@ -652,7 +715,10 @@ impl Connection {
                 self.phase = Phase::Rereading(attempt);
                 self.outputs.push_back(Output::Load);
             }
-            Err(ReplyError::MalformedSuccess { .. }) => self.in_doubt(now, attempt),
+            // A gateway timeout: the provider behind it may have processed it.
+            Err(ReplyError::MalformedSuccess { .. } | ReplyError::ServerError { status: 504 }) => {
+                self.in_doubt(now, attempt)
+            }
             Err(err @ ReplyError::RateLimited { retry_after }) => {
                 self.fail(now, attempt, err.failure_kind(), retry_after)
             }
@@ -672,7 +738,10 @@ impl Connection {
             self.config.settings.in_doubt_safety,
         );
         if recovery == InDoubtRecovery::DeclareLost {
-            let base = attempt.base.clone();
+            let base = ConnectionRecord {
+                in_doubt_since: Some(since),
+                ..attempt.base
+            };
             return self.commit_reauth(now, &base, ReauthReason::LostRotation);
         }
         self.fail(now, attempt, FailureKind::OutcomeUnknown, None)
@@ -696,6 +765,9 @@ impl Connection {
         };
         let retry_at = now.saturating_add(delay);
         let first = attempt.base.status == Status::Active;
+        // Any definite answer (or none sent) proves the token was not rotated.
+        let unsent = (kind != FailureKind::OutcomeUnknown)
+            .then(|| (attempt.lease_at, attempt.base.refresh.clone()));
         let proposal = ConnectionRecord {
             status: Status::Degraded {
                 failures,
@@ -707,7 +779,7 @@ impl Connection {
             ..attempt.base
         };
         self.attempts = self.attempts.saturating_add(1);
-        self.commit(proposal, Intent::Failed { first });
+        self.commit(proposal, Intent::Failed { first, unsent });
     }
 
     fn commit_reauth(&mut self, now: Timestamp, base: &ConnectionRecord, reason: ReauthReason) {
@@ -723,7 +795,7 @@ impl Connection {
     /// that was rejected (S4).
     fn on_reread(&mut self, now: Timestamp, attempt: Attempt, stored: Option<ConnectionRecord>) {
         self.adopt(stored);
-        self.fresh = true;
+        self.mark_fresh(now);
         let Some(current) = self.record.clone() else {
             return;
         };
@@ -751,13 +823,16 @@ impl Connection {
         self.commit_reauth(now, &current, reason);
     }
 
-    fn on_committed(&mut self, record: ConnectionRecord, intent: Intent) {
+    fn on_committed(&mut self, now: Timestamp, record: ConnectionRecord, intent: Intent) {
         let generation = record.generation;
         let was = self.record.as_ref().map(|r| r.status);
         self.adopt(Some(record));
-        self.fresh = true;
-        self.release_lease();
+        self.mark_fresh(now);
+        if intent != Intent::Doubt {
+            self.release_lease();
+        }
         match intent {
+            Intent::Doubt => {}
             Intent::Refreshed { attempt, rotated } => {
                 self.attempts = 0;
                 self.not_before = None;
@@ -770,7 +845,7 @@ impl Connection {
                     self.emit(Event::Recovered { generation });
                 }
             }
-            Intent::Failed { first } => {
+            Intent::Failed { first, .. } => {
                 if let Some(Status::Degraded { retry_at, last, .. }) =
                     self.record.as_ref().map(|r| r.status)
                 {
@@ -804,7 +879,7 @@ impl Connection {
         current: Option<ConnectionRecord>,
     ) {
         self.adopt(current);
-        self.fresh = true;
+        self.mark_fresh(now);
         let Some(stored) = self.record.as_ref() else {
             return self.release_lease();
         };
@@ -818,17 +893,40 @@ impl Connection {
                     && !matches!(stored.status, Status::Disconnected { .. })
             }
             Intent::Authorized | Intent::Disconnected { .. } => true,
-            Intent::Failed { .. } | Intent::Reauth { .. } => false,
+            // Another worker declared the rotation lost because of our expired
+            // lease; we know our request never left, so the doubt is void.
+            Intent::Failed {
+                unsent: Some((lease_at, presented)),
+                ..
+            } => {
+                stored.refresh == *presented
+                    && stored.in_doubt_since == Some(*lease_at)
+                    && matches!(
+                        stored.status,
+                        Status::ReauthRequired {
+                            reason: ReauthReason::LostRotation,
+                            ..
+                        }
+                    )
+            }
+            Intent::Failed { .. } | Intent::Reauth { .. } | Intent::Doubt => false,
         };
         if !rebase {
             // Someone else's newer write stands; decide again from it.
             return self.release_lease();
         }
-        let proposal = match intent {
+        let proposal = match &intent {
             Intent::Disconnected { .. } => ConnectionRecord {
                 status: Status::Disconnected { at: now },
                 updated_at: now,
                 ..stored.clone()
+            },
+            // Our reply did not rotate, but a worker that took over meanwhile may
+            // have presented the same token and rotated it: keep its doubt
+            // (found by proptest under Intuit's periodic rotation).
+            Intent::Refreshed { rotated: false, .. } => ConnectionRecord {
+                in_doubt_since: stored.in_doubt_since,
+                ..*proposal
             },
             _ => *proposal,
         };
@@ -842,27 +940,29 @@ impl Connection {
         self.attempts = failures;
         self.fresh = false;
         match phase {
-            Phase::Committing {
-                proposal,
-                intent: intent @ Intent::Refreshed { .. },
-            } => {
-                // Fresh, possibly rotated tokens: never drop them (USERS.md #2).
-                // Serve them locally and keep trying to store them.
-                if let Some(access) =
-                    proposal.usable_access(now, self.config.settings.access_margin)
-                {
-                    let result = Ok(access.clone());
-                    self.deliver_all(&result);
-                }
+            Phase::Committing { proposal, intent } => {
+                // A commit carries knowledge (fresh, possibly rotated tokens; a
+                // doubt; a request known unsent; a user's action): never drop it
+                // (USERS.md #2). Keep the lease, retry the commit, and answer
+                // callers meanwhile: with the new token if there is one.
+                let margin = self.config.settings.access_margin;
+                let result = match proposal.usable_access(now, margin) {
+                    Some(access) if matches!(intent, Intent::Refreshed { .. }) => {
+                        Ok(access.clone())
+                    }
+                    _ => Err(AccessError::Transient {
+                        kind: FailureKind::StoreUnavailable,
+                        retry_at,
+                    }),
+                };
+                self.deliver_all(&result);
                 self.phase = Phase::RetryingCommit {
                     proposal,
                     intent,
                     until: retry_at,
                 };
             }
-            _ => {
-                self.not_before = Some((retry_at, FailureKind::StoreUnavailable));
-            }
+            _ => self.not_before = Some((retry_at, FailureKind::StoreUnavailable)),
         }
     }
 

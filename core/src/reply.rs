@@ -220,7 +220,10 @@ pub fn parse_token_reply(
         }
     };
     let object = json_object(&reply.body).map_err(fail)?;
-    if success {
+    if success && !object.contains_key("access_token") && object.contains_key("error") {
+        // GitHub answers token-endpoint errors with HTTP 200 and an RFC 6749 body.
+        Err(oauth_error(profile, status, &object).map_err(fail)?)
+    } else if success {
         grant_from(&object).map_err(fail)
     } else if (400..500).contains(&status) {
         Err(oauth_error(profile, status, &object).map_err(fail)?)

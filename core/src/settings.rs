@@ -33,6 +33,10 @@ pub struct Settings {
     pub max_attempts: u32,
     /// Callers wait for a retry only if it is due within this delay.
     pub max_inline_delay: Duration,
+    /// A cached "re-auth required" or "disconnected" verdict is re-read from the
+    /// store when older than this: another worker may have revived the record
+    /// (a late commit, a new authorization). Never causes a provider call.
+    pub dead_recheck: Duration,
 }
 
 impl Default for Settings {
@@ -50,6 +54,7 @@ impl Default for Settings {
             config_backoff: minutes(15),
             max_attempts: 3,
             max_inline_delay: Duration::from_secs(10),
+            dead_recheck: Duration::from_secs(1),
         }
     }
 }

@@ -388,6 +388,7 @@ fn dead_connection_is_not_retried_on_every_request() {
         )))
     );
     for _ in 0..100 {
+        world.advance(Duration::from_millis(100));
         let again = world.request(0);
         assert!(matches!(
             world.result(0, again),
@@ -575,4 +576,32 @@ fn secrets_never_appear_in_debug_output() {
     for secret in ["RT-1", "AT-expired", CLIENT_SECRET] {
         assert!(!dump.contains(secret), "{secret} leaked");
     }
+}
+
+#[test]
+fn paused_worker_commit_revives_a_connection_declared_lost() {
+    // Reuse detection: w1's lease expires while its refresh is in flight, w0 takes
+    // over and declares LostRotation without replaying. When w1's reply finally
+    // arrives, its tokens descend from the stored token and must win.
+    let profile = ProviderProfile::strict_reuse_detecting("strict", "https://auth.example/token");
+    let mut world = World::new(profile, 2, |c| record(c, "RT-1", T0));
+    let r1 = world.request(1);
+    world.advance(Duration::from_secs(61));
+    let r0 = world.request(0);
+    assert_eq!(
+        world.result(0, r0),
+        Some(&Err(AccessError::ReauthRequired(
+            ReauthReason::LostRotation
+        )))
+    );
+    world.reply(1, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(1, r1), "AT-2");
+    assert_eq!(world.stored().status, Status::Active);
+    world.advance(Duration::from_secs(1));
+    let again = world.request(0);
+    assert_eq!(
+        world.token(0, again),
+        "AT-2",
+        "w0 re-reads instead of trusting its dead mark"
+    );
 }

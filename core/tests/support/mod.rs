@@ -116,7 +116,7 @@ impl Store {
                         Some(Input::LeaseHeld { holder: l.clone() })
                     }
                     previous => {
-                        let took_over = previous.clone().filter(|l| l.owner != *owner);
+                        let took_over = previous.clone();
                         let lease = Lease {
                             owner: owner.clone(),
                             acquired_at: now,
@@ -167,6 +167,38 @@ pub struct Worker {
     pub sent: Vec<HttpRequest>,
     /// A request sent and not yet answered.
     pub outstanding: Option<HttpRequest>,
+    /// Newest generation the store has shown this worker.
+    pub newest: Generation,
+}
+
+impl Worker {
+    fn new(conn: Connection) -> Worker {
+        Worker {
+            conn,
+            delivered: vec![],
+            events: vec![],
+            sent: vec![],
+            outstanding: None,
+            newest: Generation(0),
+        }
+    }
+
+    /// S5 for a token just delivered: find its expiry and generation in the machine.
+    fn check_serve(&self, now: Timestamp, token: &AccessToken) {
+        let candidates = [self.conn.record(), self.conn.uncommitted()];
+        let (generation, expires_at) = candidates
+            .into_iter()
+            .flatten()
+            .find_map(|r| {
+                r.access
+                    .as_ref()
+                    .filter(|a| a.token == *token)
+                    .map(|a| (r.generation, a.expires_at))
+            })
+            .expect("a served token comes from the machine's record");
+        let margin = self.conn.config().settings.access_margin;
+        invariants::fresh_serve(generation, expires_at, now, margin, self.newest).expect("S5");
+    }
 }
 
 pub struct World {
@@ -202,13 +234,7 @@ impl World {
             workers: configs
                 .into_iter()
                 .enumerate()
-                .map(|(i, c)| Worker {
-                    conn: Connection::new(conn_id(), c, i as u64 + 1),
-                    delivered: vec![],
-                    events: vec![],
-                    sent: vec![],
-                    outstanding: None,
-                })
+                .map(|(i, c)| Worker::new(Connection::new(conn_id(), c, i as u64 + 1)))
                 .collect(),
             next_request: 0,
         }
@@ -238,7 +264,12 @@ impl World {
         while let Some(out) = self.workers[w].conn.poll_output() {
             let worker = &mut self.workers[w];
             match out {
-                Output::Deliver { request, result } => worker.delivered.push((request, result)),
+                Output::Deliver { request, result } => {
+                    if let Ok(token) = &result {
+                        worker.check_serve(now, token);
+                    }
+                    worker.delivered.push((request, result));
+                }
                 Output::Event(e) => worker.events.push(e),
                 Output::Send(req) => {
                     invariants::right_credentials(
@@ -252,6 +283,16 @@ impl World {
                 }
                 other => {
                     if let Some(answer) = self.store.apply(now, &other) {
+                        let shown = match &answer {
+                            Input::Loaded(r) | Input::LeaseGranted { record: r, .. } => {
+                                r.as_ref().map(|r| r.generation)
+                            }
+                            Input::Conflict { current } => current.as_ref().map(|r| r.generation),
+                            Input::Committed { generation } => Some(*generation),
+                            _ => None,
+                        };
+                        let worker = &mut self.workers[w];
+                        worker.newest = worker.newest.max(shown.unwrap_or_default());
                         self.workers[w]
                             .conn
                             .handle_input(now, answer)
@@ -328,12 +369,6 @@ impl World {
 
     pub fn crash(&mut self, w: usize) {
         let config = Arc::new(self.workers[w].conn.config().clone());
-        self.workers[w] = Worker {
-            conn: Connection::new(conn_id(), config, 99 + w as u64),
-            delivered: vec![],
-            events: vec![],
-            sent: vec![],
-            outstanding: None,
-        };
+        self.workers[w] = Worker::new(Connection::new(conn_id(), config, 99 + w as u64));
     }
 }

@@ -1,0 +1,367 @@
+//! proptest-state-machine: random interleavings of callers, provider answers,
+//! faults, crashes, store outages and time against real `Connection`s, checked
+//! after every step with the invariant predicates, and at the end against a
+//! reference model that predicts whether the connection must still be alive.
+
+mod support;
+
+use proptest::prelude::*;
+use proptest_state_machine::{prop_state_machine, ReferenceStateMachine, StateMachineTest};
+use std::time::Duration;
+use support::provider::MiniProvider;
+use support::*;
+use tokenfence_core::*;
+
+#[derive(Clone, Copy, Debug)]
+enum Class {
+    Intuit,
+    Grace30Min,
+    StrictReuseDetecting,
+    StrictNoGrace,
+    NonRotating,
+}
+
+impl Class {
+    fn profile(self) -> ProviderProfile {
+        let url = "https://auth.example/token";
+        match self {
+            Class::Intuit => ProviderProfile::intuit(),
+            Class::Grace30Min => ProviderProfile::xero(),
+            Class::StrictReuseDetecting => ProviderProfile::strict_reuse_detecting("strict", url),
+            Class::StrictNoGrace => ProviderProfile::github_app(),
+            Class::NonRotating => ProviderProfile::google(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    ServerError,
+    RateLimited,
+    HtmlPage,
+    LostAfterProcessing,
+    NotSent,
+    GarbageSuccessAfterProcessing,
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Request(usize),
+    Answer(usize),
+    Fail(usize, Fault),
+    Advance(Duration),
+    Tick(usize),
+    Crash(usize),
+    StoreOutage,
+    UserRevokes,
+}
+
+/// The reference model: what must be true of the connection at the end.
+#[derive(Clone, Debug)]
+struct Reference {
+    class: Class,
+    workers: usize,
+    user_revoked: bool,
+}
+
+impl ReferenceStateMachine for Reference {
+    type State = Reference;
+    type Transition = Step;
+
+    fn init_state() -> BoxedStrategy<Reference> {
+        let class = prop_oneof![
+            Just(Class::Intuit),
+            Just(Class::Grace30Min),
+            Just(Class::StrictReuseDetecting),
+            Just(Class::StrictNoGrace),
+            Just(Class::NonRotating),
+        ];
+        (class, 1usize..=3)
+            .prop_map(|(class, workers)| Reference {
+                class,
+                workers,
+                user_revoked: false,
+            })
+            .boxed()
+    }
+
+    fn transitions(state: &Reference) -> BoxedStrategy<Step> {
+        let w = 0..state.workers;
+        let fault = prop_oneof![
+            Just(Fault::ServerError),
+            Just(Fault::RateLimited),
+            Just(Fault::HtmlPage),
+            Just(Fault::LostAfterProcessing),
+            Just(Fault::NotSent),
+            Just(Fault::GarbageSuccessAfterProcessing),
+        ];
+        let advance = prop_oneof![
+            Just(Duration::from_secs(1)),
+            Just(Duration::from_secs(20)),
+            Just(Duration::from_secs(61)),
+            Just(hours(1)),
+            Just(hours(25)),
+        ];
+        prop_oneof![
+            6 => w.clone().prop_map(Step::Request),
+            8 => w.clone().prop_map(Step::Answer),
+            3 => (w.clone(), fault).prop_map(|(w, f)| Step::Fail(w, f)),
+            4 => advance.prop_map(Step::Advance),
+            4 => w.clone().prop_map(Step::Tick),
+            1 => w.prop_map(Step::Crash),
+            1 => Just(Step::StoreOutage),
+            1 => Just(Step::UserRevokes),
+        ]
+        .boxed()
+    }
+
+    fn preconditions(state: &Reference, step: &Step) -> bool {
+        match step {
+            Step::Request(w)
+            | Step::Answer(w)
+            | Step::Fail(w, _)
+            | Step::Tick(w)
+            | Step::Crash(w) => *w < state.workers,
+            _ => true,
+        }
+    }
+
+    fn apply(mut state: Reference, step: &Step) -> Reference {
+        if let Step::UserRevokes = step {
+            state.user_revoked = true;
+        }
+        state
+    }
+}
+
+struct Sut {
+    world: World,
+    provider: MiniProvider,
+    profile: ProviderProfile,
+    requests: Vec<(usize, RequestId)>,
+    last_generation: Generation,
+    leases_broken: bool,
+    /// A worker crashed in the middle of a refresh. Under reuse detection nobody
+    /// can know whether it sent the token, so LostRotation is the honest outcome.
+    crashed_mid_refresh: bool,
+}
+
+impl Sut {
+    fn any_outstanding(&self) -> bool {
+        self.world.workers.iter().any(|w| w.outstanding.is_some())
+    }
+
+    fn answer(&mut self, w: usize) {
+        if let Some(req) = self.world.workers[w].outstanding.clone() {
+            self.provider.set_now(self.world.now);
+            let reply = self.provider.answer(&req);
+            self.world.reply(w, reply);
+        }
+    }
+
+    fn fail(&mut self, w: usize, fault: Fault) {
+        let Some(req) = self.world.workers[w].outstanding.clone() else {
+            return;
+        };
+        self.provider.set_now(self.world.now);
+        match fault {
+            Fault::ServerError => self.world.reply(w, json_reply(503, "")),
+            Fault::RateLimited => {
+                let mut r = json_reply(429, "");
+                r.headers.push(("retry-after".into(), "2".into()));
+                self.world.reply(w, r)
+            }
+            Fault::HtmlPage => self
+                .world
+                .reply(w, json_reply(502, "<html>Bad Gateway</html>")),
+            Fault::NotSent => self.world.lose(w, Input::NotSent),
+            Fault::LostAfterProcessing => {
+                let _ = self.provider.answer(&req);
+                self.provider.lost_reply(&req);
+                self.world.lose(w, Input::OutcomeUnknown);
+            }
+            Fault::GarbageSuccessAfterProcessing => {
+                let _ = self.provider.answer(&req);
+                self.provider.lost_reply(&req);
+                self.world.reply(w, json_reply(200, "<html>login</html>"));
+            }
+        }
+    }
+
+    /// Heal: no more faults; answer everything and fire timers until every caller
+    /// has been answered (L1).
+    fn heal(&mut self) {
+        self.world.store.fail_next = 0;
+        for _ in 0..500 {
+            for _ in 0..100 {
+                if !self.any_outstanding() {
+                    break;
+                }
+                for w in 0..self.world.workers.len() {
+                    self.answer(w);
+                }
+            }
+            let busy = self.world.workers.iter().any(|w| w.conn.is_busy());
+            if self.all_resolved() && !self.any_outstanding() && !busy {
+                return;
+            }
+            let next = (0..self.world.workers.len())
+                .filter_map(|w| self.world.workers[w].conn.poll_timeout().map(|t| (t, w)))
+                .min();
+            match next {
+                Some((t, w)) => {
+                    self.world.now = self.world.now.max(t);
+                    self.world.tick(w);
+                }
+                None if self.any_outstanding() => {}
+                None => break,
+            }
+        }
+        let phases: Vec<_> = self
+            .world
+            .workers
+            .iter()
+            .map(|w| {
+                (
+                    w.conn.is_busy(),
+                    w.conn.poll_timeout(),
+                    w.outstanding.is_some(),
+                )
+            })
+            .collect();
+        panic!("L1: heal did not settle at {}: {phases:?}", self.world.now);
+    }
+
+    fn all_resolved(&self) -> bool {
+        self.requests
+            .iter()
+            .all(|(w, id)| self.world.result(*w, *id).is_some())
+    }
+}
+
+struct CoreAgainstReference;
+
+impl StateMachineTest for CoreAgainstReference {
+    type SystemUnderTest = Sut;
+    type Reference = Reference;
+
+    fn init_test(reference: &Reference) -> Sut {
+        let profile = reference.class.profile();
+        let world = World::new(profile.clone(), reference.workers, |c| {
+            record(c, "RT-1", T0)
+        });
+        Sut {
+            provider: MiniProvider::new(profile.rotation, "RT-1", T0),
+            world,
+            profile,
+            requests: vec![],
+            last_generation: Generation(1),
+            leases_broken: false,
+            crashed_mid_refresh: false,
+        }
+    }
+
+    fn apply(mut sut: Sut, _reference: &Reference, step: Step) -> Sut {
+        match step {
+            Step::Request(w) => {
+                let id = sut.world.request(w);
+                sut.requests.push((w, id));
+            }
+            Step::Answer(w) => sut.answer(w),
+            Step::Fail(w, fault) => sut.fail(w, fault),
+            Step::Advance(d) => {
+                sut.world.advance(d);
+                // A worker whose request outlives its lease is a paused worker: from
+                // then on S8 no longer applies (S1-S4 still must).
+                let now = sut.world.now;
+                let expired = sut.world.workers.iter().any(|w| {
+                    let safety = w.conn.config().settings.send_safety;
+                    w.outstanding
+                        .as_ref()
+                        .is_some_and(|r| r.send_deadline.saturating_add(safety) <= now)
+                });
+                sut.leases_broken |= expired;
+            }
+            Step::Tick(w) => sut.world.tick(w),
+            Step::Crash(w) => {
+                sut.crashed_mid_refresh |= sut.world.workers[w].conn.is_busy();
+                if let Some(req) = sut.world.workers[w].outstanding.clone() {
+                    sut.provider.set_now(sut.world.now);
+                    let _ = sut.provider.answer(&req);
+                    sut.provider.lost_reply(&req);
+                }
+                if sut.world.workers[w].conn.uncommitted().is_some() {
+                    let stored = sut.world.stored().refresh.expose().to_string();
+                    sut.provider.lost_successor(&stored);
+                }
+                sut.requests.retain(|(rw, _)| *rw != w);
+                sut.world.crash(w);
+            }
+            Step::StoreOutage => sut.world.store.fail_next = 1,
+            Step::UserRevokes => sut.provider.revoked_by_user = true,
+        }
+        sut
+    }
+
+    fn check_invariants(sut: &Sut, _reference: &Reference) {
+        let stored = sut.world.stored();
+        invariants::generation_monotonic(sut.last_generation, stored.generation).expect("S1");
+        let workers = &sut.world.workers;
+        let resolving = workers
+            .iter()
+            .any(|w| w.outstanding.is_some() || w.conn.uncommitted().is_some());
+        let pending = workers
+            .iter()
+            .filter_map(|w| w.conn.uncommitted().map(|r| &r.refresh));
+        invariants::no_self_inflicted_loss(stored, resolving, pending, &sut.provider).expect("S2");
+        invariants::no_self_inflicted_replay(&sut.provider).expect("S3");
+        if let Err(v) = invariants::sound_reauth(stored, &sut.profile, &sut.provider) {
+            panic!("{v}: stored {stored:?}");
+        }
+        let in_flight = workers.iter().filter(|w| w.outstanding.is_some()).count();
+        invariants::single_flight(in_flight, !sut.leases_broken).expect("S8");
+    }
+
+    fn teardown(mut sut: Sut, reference: Reference) {
+        sut.heal();
+        // Past every retry gate and cached verdict, one more caller.
+        let settings = sut.world.workers[0].conn.config().settings.clone();
+        sut.world
+            .advance(settings.backoff_max + settings.dead_recheck);
+        let id = sut.world.request(0);
+        sut.requests.push((0, id));
+        sut.heal();
+        let result = sut.world.result(0, id).cloned();
+        // The reference model: unless the user revoked or a fault lost a rotation,
+        // the connection is alive and serves a token after healing; otherwise the
+        // answer is a token or an explicit re-auth, never a transient shrug.
+        let lost = sut.provider.lost_any() || sut.crashed_mid_refresh;
+        match result {
+            Some(Ok(_)) => {}
+            Some(Err(AccessError::ReauthRequired(reason))) if reference.user_revoked || lost => {
+                if !reference.user_revoked {
+                    assert_eq!(
+                        reason,
+                        ReauthReason::LostRotation,
+                        "a lost rotation says so"
+                    );
+                }
+            }
+            other => panic!(
+                "after healing (user revoked: {}, rotation lost: {lost}) got {other:?}",
+                reference.user_revoked
+            ),
+        }
+    }
+}
+
+prop_state_machine! {
+    #![proptest_config(ProptestConfig {
+        // TOKENFENCE_CASES=100000 for a long run.
+        cases: std::env::var("TOKENFENCE_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000),
+        max_shrink_iters: 20_000,
+        .. ProptestConfig::default()
+    })]
+    #[test]
+    fn core_against_reference_model(sequential 1..60 => CoreAgainstReference);
+}
