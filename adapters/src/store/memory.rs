@@ -1,0 +1,132 @@
+//! An in-memory store: for tests and single-process use.
+
+use super::{CasOutcome, LeaseOutcome, Store, StoreError};
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+
+#[derive(Default)]
+struct Row {
+    record: Option<ConnectionRecord>,
+    lease: Option<Lease>,
+}
+
+/// Records and leases in a mutex-guarded map.
+#[derive(Default)]
+pub struct MemoryStore {
+    rows: Mutex<BTreeMap<ConnectionId, Row>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<ConnectionId, Row>) -> T,
+    ) -> Result<T, StoreError> {
+        let mut rows = self
+            .rows
+            .lock()
+            .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))?;
+        Ok(f(&mut rows))
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
+        self.with(|rows| rows.get(id).and_then(|r| r.record.clone()))
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        record: &ConnectionRecord,
+    ) -> Result<CasOutcome, StoreError> {
+        self.with(|rows| {
+            let row = rows.entry(record.id.clone()).or_default();
+            if row.record.as_ref().map(|r| r.generation) == expected {
+                row.record = Some(record.clone());
+                CasOutcome::Committed
+            } else {
+                CasOutcome::Conflict(row.record.clone())
+            }
+        })
+    }
+
+    async fn acquire_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> Result<LeaseOutcome, StoreError> {
+        self.with(|rows| {
+            let row = rows.entry(id.clone()).or_default();
+            match &row.lease {
+                Some(l) if l.owner != *owner && l.expires_at > now => LeaseOutcome::Held(l.clone()),
+                _ => {
+                    let lease = Lease {
+                        owner: owner.clone(),
+                        acquired_at: now,
+                        expires_at: now.saturating_add(ttl),
+                        generation: row.record.as_ref().map(|r| r.generation),
+                    };
+                    let took_over = row.lease.replace(lease.clone());
+                    LeaseOutcome::Granted {
+                        lease,
+                        record: row.record.clone(),
+                        took_over,
+                    }
+                }
+            }
+        })
+    }
+
+    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
+        self.with(|rows| {
+            if let Some(row) = rows.get_mut(id) {
+                if row.lease.as_ref().is_some_and(|l| l.owner == *owner) {
+                    row.lease = None;
+                }
+            }
+        })
+    }
+
+    async fn due_for_work(
+        &self,
+        now: Timestamp,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        self.with(|rows| {
+            rows.iter()
+                .filter(|(_, row)| {
+                    let keepalive = row
+                        .record
+                        .as_ref()
+                        .and_then(|r| r.keepalive_due_at(lead))
+                        .is_some_and(|t| t <= now);
+                    let abandoned = row.lease.as_ref().is_some_and(|l| l.expires_at <= now);
+                    keepalive || abandoned
+                })
+                .map(|(id, _)| id.clone())
+                .take(limit)
+                .collect()
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
+        self.with(|rows| {
+            rows.iter()
+                .filter(|(_, r)| r.record.is_some())
+                .map(|(id, _)| id.clone())
+                .collect()
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! Where connection records and leases live. One trait, several backends: in-memory
+//! (tests, single process), SQLite (the embedded default) and PostgreSQL (shared by
+//! many processes on many machines).
+//!
+//! Every backend must give the same guarantees, checked by the same conformance
+//! tests: a compare-and-swap on `generation` is atomic; a lease row names its owner
+//! and expiry, is released only by its owner, and is kept until released or taken
+//! over after expiry; acquiring a lease reads the record in the same atomic step and
+//! reports the unreleased row it replaced (whoever owned it).
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use async_trait::async_trait;
+use std::time::Duration;
+use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+
+/// The result of a compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The record was stored.
+    Committed,
+    /// Another generation was stored; here is the record stored now.
+    Conflict(Option<ConnectionRecord>),
+}
+
+/// The result of a lease acquisition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// The lease is ours.
+    Granted {
+        /// The lease now held.
+        lease: Lease,
+        /// The record, read atomically with the grant.
+        record: Option<ConnectionRecord>,
+        /// The unreleased lease row this grant replaced, whoever owned it.
+        took_over: Option<Lease>,
+    },
+    /// Someone else holds it.
+    Held(Lease),
+}
+
+/// Why a store operation failed. Never carries a secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be reached or the operation failed transiently.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored row could not be read back (corrupt, truncated, foreign ciphertext,
+    /// wrong key). The row is left as it is.
+    #[error("stored record for connection {id} is unreadable: {reason}")]
+    Corrupt {
+        /// The connection.
+        id: ConnectionId,
+        /// What is wrong (no secret).
+        reason: String,
+    },
+    /// The store's schema or configuration is wrong.
+    #[error("store misconfigured: {0}")]
+    Config(String),
+}
+
+/// A place to keep connection records and leases.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads a record.
+    async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError>;
+
+    /// Stores `record` only if the stored generation is `expected` (`None`: only if
+    /// there is no record).
+    async fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        record: &ConnectionRecord,
+    ) -> Result<CasOutcome, StoreError>;
+
+    /// Takes the refresh lease of `id` for `ttl` from `now` if it is free, expired or
+    /// already `owner`'s, reading the record in the same atomic step.
+    async fn acquire_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> Result<LeaseOutcome, StoreError>;
+
+    /// Releases the lease of `id` if `owner` holds it; does nothing otherwise (an
+    /// expired holder can never release someone else's lease).
+    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError>;
+
+    /// Connections that need work without anyone asking: a keep-alive refresh is due
+    /// (`lead` before the idle deadline), or an expired lease was never released
+    /// (a refresh may be in doubt). At most `limit`, in id order.
+    async fn due_for_work(
+        &self,
+        now: Timestamp,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError>;
+
+    /// Every connection id, in order.
+    async fn list(&self) -> Result<Vec<ConnectionId>, StoreError>;
+}
