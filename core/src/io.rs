@@ -71,6 +71,10 @@ pub enum Input {
     },
     /// The user wants to disconnect: revoke at the provider, then mark the record.
     Disconnect,
+    /// A scheduler scanning the store found this connection due for work without a
+    /// caller: a keep-alive refresh is due, or a lease was abandoned (a refresh may
+    /// be in doubt). Refresh now for liveness, whatever the cached record says.
+    Maintain,
 }
 
 impl Input {
@@ -90,6 +94,7 @@ impl Input {
             Input::Timeout => "Timeout",
             Input::Authorized { .. } => "Authorized",
             Input::Disconnect => "Disconnect",
+            Input::Maintain => "Maintain",
         }
     }
 }

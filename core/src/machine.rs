@@ -174,6 +174,8 @@ pub struct Connection {
     phase: Phase,
     waiting: VecDeque<RequestId>,
     keepalive: bool,
+    /// The keep-alive was asked for by a scheduler: refresh even if not due.
+    maintain: bool,
     attempts: u32,
     not_before: Option<(Timestamp, FailureKind)>,
     authorized: Option<Box<ConnectionRecord>>,
@@ -200,6 +202,7 @@ impl Connection {
             phase: Phase::Idle,
             waiting: VecDeque::new(),
             keepalive: false,
+            maintain: false,
             attempts: 0,
             not_before: None,
             authorized: None,
@@ -341,6 +344,14 @@ impl Connection {
             (Input::Disconnect, phase) => {
                 self.phase = phase;
                 self.disconnect = true;
+            }
+            (Input::Maintain, phase) => {
+                self.phase = phase;
+                self.keepalive = true;
+                self.maintain = true;
+                if matches!(self.phase, Phase::Idle) {
+                    self.fresh = false;
+                }
             }
             (Input::Loaded(record), Phase::Loading) => {
                 self.adopt(record.map(|r| *r));
@@ -524,6 +535,7 @@ impl Connection {
         }
         if self.waiting.is_empty() && !self.keepalive {
             self.fresh = false;
+            self.maintain = false;
             self.attempts = 0;
             return self.release_lease();
         }
@@ -559,7 +571,7 @@ impl Connection {
         if let Some(token) = usable {
             self.deliver_all(&Ok(token));
         }
-        self.keepalive &= keepalive_due;
+        self.keepalive &= keepalive_due || self.maintain;
         if self.waiting.is_empty() && !self.keepalive {
             return self.advance(now);
         }
@@ -581,6 +593,7 @@ impl Connection {
     /// Answers every waiting caller with `result` and ends the piece of work.
     fn conclude(&mut self, result: &Result<AccessToken, AccessError>) {
         self.keepalive = false;
+        self.maintain = false;
         self.deliver_all(result);
         self.release_lease();
         self.fresh = false;
@@ -630,6 +643,7 @@ impl Connection {
         };
         self.deliver_all(&Err(err));
         self.keepalive = false;
+        self.maintain = false;
         self.release_lease();
     }
 
@@ -835,6 +849,8 @@ impl Connection {
             Intent::Doubt => {}
             Intent::Refreshed { attempt, rotated } => {
                 self.attempts = 0;
+                self.keepalive = false;
+                self.maintain = false;
                 self.not_before = None;
                 self.emit(Event::Refreshed {
                     generation,

@@ -605,3 +605,26 @@ fn paused_worker_commit_revives_a_connection_declared_lost() {
         "w0 re-reads instead of trusting its dead mark"
     );
 }
+
+#[test]
+fn maintain_from_a_scheduler_refreshes_once_and_recovers_an_abandoned_lease() {
+    let mut world = World::intuit(2);
+    world.request(0);
+    world.crash(0); // its refresh of RT-1 may be in flight; the lease is abandoned
+    world.advance(Duration::from_secs(61));
+    world.input(1, Input::Maintain).expect("accepted");
+    assert_eq!(
+        world.workers[1].sent.len(),
+        1,
+        "w1 refreshes without any caller"
+    );
+    assert!(
+        world.stored().in_doubt_since.is_some(),
+        "the doubt was stored first"
+    );
+    world.reply(1, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.stored().refresh.expose(), "RT-2");
+    assert_eq!(world.stored().in_doubt_since, None);
+    assert!(!world.workers[1].conn.is_busy(), "one refresh, then idle");
+    assert_eq!(world.workers[1].sent.len(), 1);
+}
