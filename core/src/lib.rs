@@ -136,7 +136,9 @@ pub use reply::{
     parse_revoke_reply, parse_token_reply, HttpResponse, Malformation, OAuthErrorCode, ReplyError,
     TokenGrant, MAX_ACCESS_TTL, MAX_REFRESH_TTL, MAX_REPLY_BYTES, MAX_TOKEN_BYTES,
 };
-pub use request::{refresh_request, revoke_request, Header, HttpRequest};
+pub use request::{
+    authorization_code_request, refresh_request, revoke_request, Header, HttpRequest,
+};
 pub use secret::{AccessToken, ClientSecret, RefreshToken, SecretString};
 pub use settings::Settings;
 pub use time::{days, hours, minutes, Timestamp};

@@ -94,11 +94,41 @@ pub fn refresh_request(
     refresh: &RefreshToken,
     send_deadline: Timestamp,
 ) -> HttpRequest {
-    let mut headers = Vec::with_capacity(4);
-    let mut pairs = alloc::vec![
+    let grant = [
         ("grant_type", "refresh_token"),
-        ("refresh_token", refresh.expose())
+        ("refresh_token", refresh.expose()),
     ];
+    token_request(profile, client, &grant, profile.ask_hard_expiry, send_deadline)
+}
+
+/// The authorization-code exchange of RFC 6749 §4.1.3: its reply is read with
+/// [`parse_token_reply`](crate::parse_token_reply) and stored with
+/// [`Input::Authorized`](crate::Input::Authorized).
+pub fn authorization_code_request(
+    profile: &ProviderProfile,
+    client: &ClientCredentials,
+    code: &SecretString,
+    redirect_uri: &str,
+    send_deadline: Timestamp,
+) -> HttpRequest {
+    let grant = [
+        ("grant_type", "authorization_code"),
+        ("code", code.expose()),
+        ("redirect_uri", redirect_uri),
+    ];
+    token_request(profile, client, &grant, false, send_deadline)
+}
+
+/// A POST to the token endpoint with `grant` and the client's authentication.
+fn token_request(
+    profile: &ProviderProfile,
+    client: &ClientCredentials,
+    grant: &[(&str, &str)],
+    ask_hard_expiry: bool,
+    send_deadline: Timestamp,
+) -> HttpRequest {
+    let mut headers = Vec::with_capacity(4);
+    let mut pairs = grant.to_vec();
     match profile.client_auth {
         ClientAuth::BasicHeader => headers.push(basic_auth(client)),
         ClientAuth::FormBody => {
@@ -108,7 +138,7 @@ pub fn refresh_request(
     }
     headers.push(header("accept", "application/json"));
     headers.push(header("content-type", "application/x-www-form-urlencoded"));
-    if profile.ask_hard_expiry {
+    if ask_hard_expiry {
         headers.push(header("x-include-refresh-token-hard-expires-in", "true"));
     }
     HttpRequest {

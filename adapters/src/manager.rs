@@ -1,0 +1,727 @@
+//! `TokenManager`: the tokio driver. One actor task per connection owns that
+//! connection's `tokenfence_core::Connection` machine and carries out its commands
+//! one at a time; callers share it (single-flight per connection in one process).
+//! A valid cached token is served from a lock-free per-connection slot, without the
+//! actor, the store or any process-wide lock.
+
+use crate::clock::{Clock, SystemClock};
+use crate::store::{CasOutcome, LeaseOutcome, Store};
+use crate::transport::{check_url, Delivery, InsecureUrl, ReqwestTransport, Transport};
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokenfence_core::{
+    authorization_code_request, parse_token_reply, AccessError, AccessToken, ClientCredentials,
+    ClientSecret, Config, Connection, ConnectionId, ConnectionRecord, Environment, Event,
+    Generation, Input, InputError, Output, ProviderProfile, ReplyError, RequestId, SecretString,
+    Settings, Status, Timestamp, WorkerId,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// A provider profile with the client credentials to use with it.
+#[derive(Clone, Debug)]
+pub struct Provider {
+    /// The provider's behaviour and endpoints.
+    pub profile: ProviderProfile,
+    /// The client identity.
+    pub client: ClientCredentials,
+}
+
+impl Provider {
+    /// Intuit QuickBooks Online with production credentials.
+    pub fn intuit_production(client_id: impl Into<String>, secret: ClientSecret) -> Self {
+        Self::intuit(client_id, secret, Environment::Production)
+    }
+
+    /// Intuit QuickBooks Online with development (sandbox) credentials.
+    pub fn intuit_sandbox(client_id: impl Into<String>, secret: ClientSecret) -> Self {
+        Self::intuit(client_id, secret, Environment::Sandbox)
+    }
+
+    fn intuit(client_id: impl Into<String>, secret: ClientSecret, environment: Environment) -> Self {
+        Provider {
+            profile: ProviderProfile::intuit(),
+            client: ClientCredentials {
+                client_id: client_id.into(),
+                client_secret: secret,
+                environment,
+            },
+        }
+    }
+}
+
+/// A lifecycle event of one connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LifecycleEvent {
+    /// Which connection.
+    pub connection: ConnectionId,
+    /// What happened.
+    pub event: Event,
+}
+
+/// What `status` reports: no secrets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionStatus {
+    /// Lifecycle status.
+    pub status: Status,
+    /// Stored generation.
+    pub generation: Generation,
+    /// When the current access token expires.
+    pub access_expires_at: Option<Timestamp>,
+    /// The refresh token's idle deadline.
+    pub idle_deadline: Option<Timestamp>,
+    /// The refresh token's hard deadline.
+    pub hard_deadline: Option<Timestamp>,
+    /// Last successful refresh.
+    pub last_refreshed_at: Option<Timestamp>,
+    /// Provider realm (Intuit company id).
+    pub realm_id: Option<String>,
+}
+
+impl From<&ConnectionRecord> for ConnectionStatus {
+    fn from(r: &ConnectionRecord) -> Self {
+        ConnectionStatus {
+            status: r.status,
+            generation: r.generation,
+            access_expires_at: r.access.as_ref().map(|a| a.expires_at),
+            idle_deadline: r.idle_deadline,
+            hard_deadline: r.hard_deadline,
+            last_refreshed_at: r.last_refreshed_at,
+            realm_id: r.realm_id.clone(),
+        }
+    }
+}
+
+/// Why a `TokenManager` call failed. Never carries a secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManagerError {
+    /// The connection's lifecycle answered with an error.
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    /// The input was refused (e.g. an authorization without a refresh token).
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// The provider's reply to an authorization-code exchange was not a grant.
+    #[error("authorization code exchange failed: {0}")]
+    Exchange(#[from] ReplyError),
+    /// The authorization-code exchange got no reply.
+    #[error("authorization code exchange got no reply")]
+    ExchangeUnanswered,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The manager is shutting down.
+    #[error("the token manager is shut down")]
+    ShutDown,
+}
+
+/// Why a `TokenManager` could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A required part is missing.
+    #[error("token manager needs a {0}")]
+    Missing(&'static str),
+    /// An endpoint is not https (or loopback http).
+    #[error(transparent)]
+    InsecureUrl(#[from] InsecureUrl),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+type PendingInput = Pin<Box<dyn Future<Output = Input> + Send>>;
+
+enum Command {
+    Access(oneshot::Sender<Result<AccessToken, AccessError>>),
+    Input(Input),
+    Notify(Input, oneshot::Sender<Event>),
+}
+
+struct Cached {
+    token: AccessToken,
+    usable_until: Timestamp,
+    generation: Generation,
+}
+
+struct Slot {
+    cache: ArcSwapOption<Cached>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    clock: Arc<dyn Clock>,
+    slots: DashMap<ConnectionId, Arc<Slot>>,
+    events: broadcast::Sender<LifecycleEvent>,
+    shutdown: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    entropy: AtomicU64,
+}
+
+/// Keeps OAuth connections alive and hands out access tokens.
+///
+/// Cloning is cheap; all clones share one set of connections.
+#[derive(Clone)]
+pub struct TokenManager {
+    inner: Arc<Inner>,
+}
+
+/// Builds a [`TokenManager`].
+pub struct TokenManagerBuilder {
+    provider: Option<Provider>,
+    store: Option<Arc<dyn Store>>,
+    transport: Option<Arc<dyn Transport>>,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+    worker: Option<WorkerId>,
+    keepalive_scan: Option<Duration>,
+}
+
+impl TokenManager {
+    /// Starts building a manager.
+    pub fn builder() -> TokenManagerBuilder {
+        TokenManagerBuilder {
+            provider: None,
+            store: None,
+            transport: None,
+            clock: Arc::new(SystemClock),
+            settings: Settings::default(),
+            worker: None,
+            keepalive_scan: Some(Duration::from_secs(60)),
+        }
+    }
+
+    /// An access token for `id`: the cached one while it is valid beyond the margin
+    /// (no store, no lock, no waiting), otherwise one refresh shared by every caller
+    /// of this process.
+    pub async fn access_token(&self, id: &ConnectionId) -> Result<AccessToken, ManagerError> {
+        if let Some(token) = self.cached(id) {
+            return Ok(token);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.slot(id)
+            .commands
+            .send(Command::Access(tx))
+            .map_err(|_| ManagerError::ShutDown)?;
+        Ok(rx.await.map_err(|_| ManagerError::ShutDown)??)
+    }
+
+    /// The hot path alone: the cached token if valid beyond the margin.
+    pub fn cached(&self, id: &ConnectionId) -> Option<AccessToken> {
+        let slot = self.inner.slots.get(id)?;
+        let cached = slot.cache.load();
+        let cached = cached.as_ref()?;
+        (cached.usable_until > self.inner.clock.now()).then(|| cached.token.clone())
+    }
+
+    /// Stores the tokens of an authorization (the reply of an authorization-code
+    /// exchange) as connection `id`, replacing whatever was stored.
+    pub async fn connect(
+        &self,
+        id: &ConnectionId,
+        grant: tokenfence_core::TokenGrant,
+        realm_id: Option<String>,
+    ) -> Result<Generation, ManagerError> {
+        match self.notify(id, Input::Authorized { grant, realm_id }).await? {
+            Event::Connected { generation } => Ok(generation),
+            _ => Err(ManagerError::ShutDown),
+        }
+    }
+
+    /// Exchanges an authorization code (from the consent redirect) and stores the
+    /// tokens as connection `id`.
+    pub async fn connect_with_code(
+        &self,
+        id: &ConnectionId,
+        code: SecretString,
+        redirect_uri: &str,
+        realm_id: Option<String>,
+    ) -> Result<Generation, ManagerError> {
+        let c = &self.inner.config;
+        let deadline = self.inner.clock.now().saturating_add(c.settings.lease_ttl);
+        let request =
+            authorization_code_request(&c.profile, &c.client, &code, redirect_uri, deadline);
+        let grant = match self.inner.transport.send(&request).await {
+            Delivery::Replied(reply) => parse_token_reply(&c.profile, &reply)?,
+            Delivery::NotSent | Delivery::OutcomeUnknown => {
+                return Err(ManagerError::ExchangeUnanswered)
+            }
+        };
+        self.connect(id, grant, realm_id).await
+    }
+
+    /// Revokes the connection at the provider, then marks it disconnected. Returns
+    /// whether the provider confirmed the revocation.
+    pub async fn disconnect(&self, id: &ConnectionId) -> Result<bool, ManagerError> {
+        match self.notify(id, Input::Disconnect).await? {
+            Event::Disconnected { revoked } => Ok(revoked),
+            _ => Err(ManagerError::ShutDown),
+        }
+    }
+
+    /// What the store says about `id` (no secrets).
+    pub async fn status(&self, id: &ConnectionId) -> Result<Option<ConnectionStatus>, ManagerError> {
+        let record = self.inner.store.load(id).await?;
+        Ok(record.as_ref().map(ConnectionStatus::from))
+    }
+
+    /// Lifecycle events of every connection of this manager.
+    pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Calls `callback` for every lifecycle event until shutdown.
+    pub fn on_event(&self, callback: impl Fn(&LifecycleEvent) + Send + 'static) {
+        let mut events = self.subscribe();
+        let shutdown = self.inner.shutdown.clone();
+        self.track(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    event = events.recv() => match event {
+                        Ok(e) => callback(&e),
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "event callback lagged");
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Asks the connection to refresh now for liveness (what the keep-alive task
+    /// does for connections the store reports as due).
+    pub fn maintain(&self, id: &ConnectionId) {
+        let _ = self.slot(id).commands.send(Command::Input(Input::Maintain));
+    }
+
+    /// Stops every task and waits for them. Outstanding callers get
+    /// [`ManagerError::ShutDown`].
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let tasks = match self.inner.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(_) => Vec::new(),
+        };
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.inner.slots.clear();
+    }
+
+    /// This manager's worker id (unique per process incarnation).
+    pub fn worker(&self) -> &WorkerId {
+        &self.inner.config.worker
+    }
+
+    async fn notify(&self, id: &ConnectionId, input: Input) -> Result<Event, ManagerError> {
+        let (tx, rx) = oneshot::channel();
+        self.slot(id)
+            .commands
+            .send(Command::Notify(input, tx))
+            .map_err(|_| ManagerError::ShutDown)?;
+        rx.await.map_err(|_| ManagerError::ShutDown)
+    }
+
+    fn track(&self, task: JoinHandle<()>) {
+        if let Ok(mut tasks) = self.inner.tasks.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task);
+        }
+    }
+
+    fn slot(&self, id: &ConnectionId) -> Arc<Slot> {
+        if let Some(slot) = self.inner.slots.get(id) {
+            return slot.clone();
+        }
+        let mut spawned = None;
+        let slot = self
+            .inner
+            .slots
+            .entry(id.clone())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let slot = Arc::new(Slot {
+                    cache: ArcSwapOption::empty(),
+                    commands: tx,
+                });
+                spawned = Some((slot.clone(), rx));
+                slot
+            })
+            .clone();
+        if let Some((slot, rx)) = spawned {
+            let entropy = self.inner.entropy.fetch_add(0x9E37_79B9, Ordering::Relaxed);
+            let machine = Connection::new(id.clone(), self.inner.config.clone(), entropy);
+            let actor = Actor {
+                inner: self.inner.clone(),
+                slot,
+                machine,
+                waiters: HashMap::new(),
+                notify: Vec::new(),
+                next_request: 0,
+            };
+            let span = tracing::info_span!("connection", id = %id);
+            self.track(tokio::spawn(actor.run(rx).instrument(span)));
+        }
+        slot
+    }
+}
+
+impl TokenManagerBuilder {
+    /// The provider and client credentials (required).
+    pub fn provider(mut self, provider: Provider) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// The store (required).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// A store shared with other code.
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The transport (default: reqwest with rustls).
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// The clock (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Margins, lease and retry settings.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// The worker id (default: process id plus a random suffix, unique per
+    /// incarnation, as leases require).
+    pub fn worker(mut self, worker: WorkerId) -> Self {
+        self.worker = Some(worker);
+        self
+    }
+
+    /// How often the keep-alive task scans the store (`None`: no keep-alive task).
+    pub fn keepalive_scan(mut self, every: Option<Duration>) -> Self {
+        self.keepalive_scan = every;
+        self
+    }
+
+    /// Checks the configuration and starts the keep-alive task.
+    pub async fn build(self) -> Result<TokenManager, BuildError> {
+        let provider = self.provider.ok_or(BuildError::Missing("provider"))?;
+        let store = self.store.ok_or(BuildError::Missing("store"))?;
+        check_url(&provider.profile.token_url)?;
+        if let Some(url) = &provider.profile.revoke_url {
+            check_url(url)?;
+        }
+        let transport: Arc<dyn Transport> = match self.transport {
+            Some(t) => t,
+            None => Arc::new(ReqwestTransport::new(self.clock.clone())?),
+        };
+        let seed = getrandom::u64().unwrap_or(0x5EED) ^ u64::from(std::process::id());
+        let worker = self.worker.unwrap_or_else(|| {
+            WorkerId(format!("pid{}-{:016x}", std::process::id(), seed))
+        });
+        let config = Arc::new(Config {
+            profile: provider.profile,
+            client: provider.client,
+            worker,
+            settings: self.settings,
+        });
+        let manager = TokenManager {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                transport,
+                clock: self.clock,
+                slots: DashMap::new(),
+                events: broadcast::channel(1024).0,
+                shutdown: CancellationToken::new(),
+                tasks: Mutex::new(Vec::new()),
+                entropy: AtomicU64::new(seed),
+            }),
+        };
+        if let Some(every) = self.keepalive_scan {
+            let m = manager.clone();
+            manager.track(tokio::spawn(async move { m.keepalive_loop(every).await }));
+        }
+        Ok(manager)
+    }
+}
+
+impl TokenManager {
+    async fn keepalive_loop(self, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = self.inner.clock.now();
+            let lead = self.inner.config.settings.keepalive_lead;
+            match self.inner.store.due_for_work(now, lead, 1000).await {
+                Ok(due) => {
+                    for id in due {
+                        tracing::debug!(connection = %id, "keep-alive due");
+                        self.maintain(&id);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "keep-alive scan failed"),
+            }
+        }
+    }
+}
+
+/// The task that owns one connection's machine.
+struct Actor {
+    inner: Arc<Inner>,
+    slot: Arc<Slot>,
+    machine: Connection,
+    waiters: HashMap<RequestId, oneshot::Sender<Result<AccessToken, AccessError>>>,
+    notify: Vec<oneshot::Sender<Event>>,
+    next_request: u64,
+}
+
+async fn next_pending(pending: &mut Option<PendingInput>) -> Input {
+    match pending.as_mut() {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Actor {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut pending: Option<PendingInput> = None;
+        loop {
+            self.drain(&mut pending).await;
+            let sleep = self.machine.poll_timeout().map(|t| {
+                let wait = t.saturating_since(self.inner.clock.now());
+                tokio::time::Instant::now() + wait
+            });
+            let input = tokio::select! {
+                _ = self.inner.shutdown.cancelled() => break,
+                command = commands.recv() => match command {
+                    None => break,
+                    Some(Command::Access(tx)) => {
+                        self.next_request += 1;
+                        let id = RequestId(self.next_request);
+                        self.waiters.insert(id, tx);
+                        Input::AccessRequested(id)
+                    }
+                    Some(Command::Input(input)) => input,
+                    Some(Command::Notify(input, tx)) => {
+                        self.notify.push(tx);
+                        input
+                    }
+                },
+                input = next_pending(&mut pending), if pending.is_some() => {
+                    pending = None;
+                    input
+                }
+                _ = sleep_until(sleep), if sleep.is_some() => Input::Timeout,
+            };
+            let now = self.inner.clock.now();
+            if let Err(e) = self.machine.handle_input(now, input) {
+                // A refused user input (e.g. an authorization without a refresh
+                // token): tell whoever asked.
+                tracing::warn!(error = %e, "input refused");
+                self.notify.clear();
+            }
+        }
+    }
+
+    /// Carries out every output; a store command or a request becomes `pending`.
+    async fn drain(&mut self, pending: &mut Option<PendingInput>) {
+        while let Some(output) = self.machine.poll_output() {
+            match output {
+                Output::Deliver { request, result } => {
+                    if let Some(tx) = self.waiters.remove(&request) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Output::Event(event) => self.publish(event),
+                Output::ReleaseLease { owner } => {
+                    // Awaited inline so that it cannot overtake our next acquisition.
+                    if let Err(e) = self.inner.store.release_lease(self.machine.id(), &owner).await {
+                        tracing::warn!(error = %e, "lease release failed; it will expire");
+                    }
+                }
+                command => *pending = Some(self.execute(command)),
+            }
+        }
+        self.refresh_cache();
+    }
+
+    fn execute(&self, output: Output) -> PendingInput {
+        let store = self.inner.store.clone();
+        let transport = self.inner.transport.clone();
+        let id = self.machine.id().clone();
+        let now = self.inner.clock.now();
+        let provider = self.inner.config.profile.name.clone();
+        let profile_tid = self.inner.config.profile.clone();
+        Box::pin(async move {
+            match output {
+                Output::Load => match store.load(&id).await {
+                    Ok(r) => Input::Loaded(r.map(Box::new)),
+                    Err(e) => store_failed(e),
+                },
+                Output::AcquireLease { owner, ttl } => {
+                    match store.acquire_lease(&id, &owner, now, ttl).await {
+                        Ok(LeaseOutcome::Granted { lease, record, took_over }) => {
+                            Input::LeaseGranted {
+                                lease,
+                                record: record.map(Box::new),
+                                took_over,
+                            }
+                        }
+                        Ok(LeaseOutcome::Held(holder)) => Input::LeaseHeld { holder },
+                        Err(e) => store_failed(e),
+                    }
+                }
+                Output::CompareAndSwap { expected, record } => {
+                    match store.compare_and_swap(expected, &record).await {
+                        Ok(CasOutcome::Committed) => Input::Committed {
+                            generation: record.generation,
+                        },
+                        Ok(CasOutcome::Conflict(current)) => Input::Conflict {
+                            current: current.map(Box::new),
+                        },
+                        Err(e) => store_failed(e),
+                    }
+                }
+                Output::Send(request) => {
+                    let started = std::time::Instant::now();
+                    let span = tracing::info_span!("refresh", url = %request.url, tid = tracing::field::Empty);
+                    let delivery = transport.send(&request).instrument(span.clone()).await;
+                    let outcome = match &delivery {
+                        Delivery::Replied(r) => {
+                            if let Some(tid) = r.transaction_id(&profile_tid) {
+                                span.record("tid", tid.as_str());
+                            }
+                            status_class(r.status)
+                        }
+                        Delivery::NotSent => "not_sent",
+                        Delivery::OutcomeUnknown => "unknown",
+                    };
+                    metrics::counter!("tokenfence_provider_requests_total",
+                        "provider" => provider.clone(), "outcome" => outcome)
+                    .increment(1);
+                    metrics::histogram!("tokenfence_provider_request_seconds", "provider" => provider)
+                        .record(started.elapsed().as_secs_f64());
+                    match delivery {
+                        Delivery::Replied(r) => Input::Replied(r),
+                        Delivery::NotSent => Input::NotSent,
+                        Delivery::OutcomeUnknown => Input::OutcomeUnknown,
+                    }
+                }
+                // Deliver, Event and ReleaseLease are handled in `drain`.
+                Output::Deliver { .. } | Output::Event(_) | Output::ReleaseLease { .. } => {
+                    Input::StoreChanged
+                }
+            }
+        })
+    }
+
+    fn publish(&mut self, event: Event) {
+        let provider = self.inner.config.profile.name.clone();
+        let (name, detail) = event_labels(&event);
+        metrics::counter!("tokenfence_events_total", "provider" => provider, "event" => name, "detail" => detail)
+            .increment(1);
+        match &event {
+            Event::ReauthRequired { reason } => tracing::error!(?reason, "connection needs re-authorization"),
+            Event::ReconnectSoon { deadline } => tracing::warn!(%deadline, "refresh token nears its hard deadline"),
+            Event::Degraded { kind, retry_at } => tracing::warn!(%kind, %retry_at, "refresh failing"),
+            other => tracing::info!(event = ?other, "lifecycle"),
+        }
+        if matches!(event, Event::Connected { .. } | Event::Disconnected { .. }) {
+            for tx in self.notify.drain(..) {
+                let _ = tx.send(event.clone());
+            }
+        }
+        let _ = self.inner.events.send(LifecycleEvent {
+            connection: self.machine.id().clone(),
+            event,
+        });
+    }
+
+    fn refresh_cache(&self) {
+        let now = self.inner.clock.now();
+        let margin = self.inner.config.settings.access_margin;
+        let record = self.machine.record();
+        let fresh = self.machine.cached_access(now).is_some();
+        let current = self.slot.cache.load();
+        let generation = record.map(|r| r.generation);
+        if fresh && current.as_ref().map(|c| c.generation) == generation {
+            return;
+        }
+        let next = record.filter(|_| fresh).and_then(|r| {
+            let access = r.access.as_ref()?;
+            Some(Arc::new(Cached {
+                token: access.token.clone(),
+                usable_until: access.expires_at.saturating_sub(margin),
+                generation: r.generation,
+            }))
+        });
+        self.slot.cache.store(next);
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn store_failed(e: crate::store::StoreError) -> Input {
+    tracing::warn!(error = %e, "store operation failed");
+    Input::StoreFailed
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        429 => "429",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+fn event_labels(event: &Event) -> (&'static str, String) {
+    match event {
+        Event::Connected { .. } => ("connected", String::new()),
+        Event::Refreshed { rotated, .. } => ("refreshed", if *rotated { "rotated" } else { "same" }.into()),
+        Event::Degraded { kind, .. } => ("degraded", format!("{kind:?}")),
+        Event::Recovered { .. } => ("recovered", String::new()),
+        Event::ReauthRequired { reason } => ("reauth_required", format!("{reason:?}")),
+        Event::ReconnectSoon { .. } => ("reconnect_soon", String::new()),
+        Event::Disconnected { revoked } => ("disconnected", revoked.to_string()),
+    }
+}

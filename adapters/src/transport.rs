@@ -1,0 +1,145 @@
+//! Sending the requests the core builds. The transport's one judgement is the one
+//! the core cannot make: was the request certainly not sent, or may the provider
+//! have processed it without us seeing the reply?
+
+use crate::clock::Clock;
+use async_trait::async_trait;
+use std::time::Duration;
+use tokenfence_core::{HttpRequest, HttpResponse, Timestamp, MAX_REPLY_BYTES};
+
+/// How a request ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// A complete reply (the body is capped just above [`MAX_REPLY_BYTES`], so an
+    /// oversized reply reaches the core as such and is rejected there).
+    Replied(HttpResponse),
+    /// Certainly not sent: connection refused, DNS failure, deadline passed,
+    /// refused URL.
+    NotSent,
+    /// Maybe processed: timed out or broken after the request went out.
+    OutcomeUnknown,
+}
+
+/// Something that can carry out an [`HttpRequest`].
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `request`, which must not start after `request.send_deadline`, and must
+    /// be over by then (the deadline is the whole exchange's timeout).
+    async fn send(&self, request: &HttpRequest) -> Delivery;
+}
+
+/// Why a URL may not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("refusing to send OAuth credentials to {url}: only https, or plain http to a loopback address, is allowed")]
+pub struct InsecureUrl {
+    /// The URL (endpoints are not secrets).
+    pub url: String,
+}
+
+/// Refuses anything but https, except plain http to 127.0.0.1/::1/localhost.
+pub fn check_url(url: &str) -> Result<(), InsecureUrl> {
+    let refuse = || InsecureUrl { url: url.into() };
+    let parsed = reqwest::Url::parse(url).map_err(|_| refuse())?;
+    match (parsed.scheme(), parsed.host()) {
+        ("https", Some(_)) => Ok(()),
+        ("http", Some(url::Host::Ipv4(ip))) if ip.is_loopback() => Ok(()),
+        ("http", Some(url::Host::Ipv6(ip))) if ip.is_loopback() => Ok(()),
+        ("http", Some(url::Host::Domain("localhost"))) => Ok(()),
+        _ => Err(refuse()),
+    }
+}
+
+/// reqwest with rustls: connect timeout, total timeout from the request's
+/// deadline, no redirects, capped reply size.
+pub struct ReqwestTransport {
+    client: reqwest::Client,
+    clock: std::sync::Arc<dyn Clock>,
+}
+
+impl ReqwestTransport {
+    /// A transport with a 5-second connect timeout.
+    pub fn new(clock: std::sync::Arc<dyn Clock>) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(ReqwestTransport { client, clock })
+    }
+
+    async fn exchange(&self, request: &HttpRequest) -> Result<HttpResponse, reqwest::Error> {
+        let mut builder = self.client.post(&request.url);
+        for h in &request.headers {
+            builder = builder.header(h.name, h.value.expose());
+        }
+        let mut response = builder.body(request.body.expose().to_owned()).send().await?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_REPLY_BYTES {
+                break; // the core rejects it as too large; stop reading
+            }
+        }
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+fn remaining(deadline: Timestamp, now: Timestamp) -> Option<Duration> {
+    let left = deadline.saturating_since(now);
+    (!left.is_zero()).then_some(left)
+}
+
+#[async_trait]
+impl Transport for ReqwestTransport {
+    async fn send(&self, request: &HttpRequest) -> Delivery {
+        if let Err(e) = check_url(&request.url) {
+            tracing::error!(error = %e, "request refused");
+            return Delivery::NotSent;
+        }
+        let Some(budget) = remaining(request.send_deadline, self.clock.now()) else {
+            return Delivery::NotSent;
+        };
+        match tokio::time::timeout(budget, self.exchange(request)).await {
+            Ok(Ok(reply)) => Delivery::Replied(reply),
+            Ok(Err(e)) if e.is_connect() || e.is_builder() => {
+                tracing::warn!(error = %e.without_url(), "refresh request not sent");
+                Delivery::NotSent
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e.without_url(), "refresh outcome unknown");
+                Delivery::OutcomeUnknown
+            }
+            Err(_) => {
+                tracing::warn!(?budget, "refresh timed out; outcome unknown");
+                Delivery::OutcomeUnknown
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_or_loopback_http() {
+        assert!(check_url("https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer").is_ok());
+        assert!(check_url("http://127.0.0.1:8080/token").is_ok());
+        assert!(check_url("http://[::1]:8080/token").is_ok());
+        assert!(check_url("http://localhost:8080/token").is_ok());
+        assert!(check_url("http://oauth.platform.intuit.com/token").is_err());
+        assert!(check_url("http://10.0.0.1/token").is_err());
+        assert!(check_url("ftp://127.0.0.1/token").is_err());
+        assert!(check_url("not a url").is_err());
+    }
+}

@@ -1,0 +1,276 @@
+//! TokenManager on tokio with the in-memory store and a scripted in-process
+//! provider: single-flight, the cached hot path, lifecycle events, connect and
+//! disconnect, shutdown.
+
+use async_trait::async_trait;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokenfence::clock::{Clock, SystemClock};
+use tokenfence::store::{CasOutcome, LeaseOutcome, MemoryStore, Store, StoreError};
+use tokenfence::transport::{Delivery, Transport};
+use tokenfence::{LifecycleEvent, Provider, TokenManager};
+use tokenfence_core::*;
+
+/// A provider that rotates on every refresh, answering after `delay`.
+struct Scripted {
+    calls: AtomicUsize,
+    delay: Duration,
+    current: Mutex<u32>,
+}
+
+impl Scripted {
+    fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Scripted {
+            calls: AtomicUsize::new(0),
+            delay,
+            current: Mutex::new(1),
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for Arc<Scripted> {
+    async fn send(&self, request: &HttpRequest) -> Delivery {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        if request.url.ends_with("/revoke") {
+            return Delivery::Replied(HttpResponse { status: 200, headers: vec![], body: vec![] });
+        }
+        let n = {
+            let mut current = self.current.lock().unwrap();
+            let presented = format!("refresh_token=RT-{}", *current);
+            if !request.body.expose().contains(&presented) {
+                return Delivery::Replied(HttpResponse {
+                    status: 400,
+                    headers: vec![],
+                    body: br#"{"error":"invalid_grant"}"#.to_vec(),
+                });
+            }
+            *current += 1;
+            *current
+        };
+        let body = format!(
+            r#"{{"access_token":"AT-{n}","refresh_token":"RT-{n}","token_type":"bearer","expires_in":3600,"x_refresh_token_expires_in":8726400}}"#
+        );
+        Delivery::Replied(HttpResponse { status: 200, headers: vec![], body: body.into_bytes() })
+    }
+}
+
+/// Counts store reads so tests can see the hot path does not touch the store.
+struct Counting {
+    inner: MemoryStore,
+    loads: AtomicUsize,
+}
+
+#[async_trait]
+impl Store for Arc<Counting> {
+    async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        self.inner.load(id).await
+    }
+    async fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        record: &ConnectionRecord,
+    ) -> Result<CasOutcome, StoreError> {
+        self.inner.compare_and_swap(expected, record).await
+    }
+    async fn acquire_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> Result<LeaseOutcome, StoreError> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        self.inner.acquire_lease(id, owner, now, ttl).await
+    }
+    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
+        self.inner.release_lease(id, owner).await
+    }
+    async fn due_for_work(
+        &self,
+        now: Timestamp,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        self.inner.due_for_work(now, lead, limit).await
+    }
+    async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
+        self.inner.list().await
+    }
+}
+
+fn provider() -> Provider {
+    let mut p = Provider::intuit_production("prod-client", ClientSecret::new("client-secret"));
+    p.profile.token_url = "http://127.0.0.1:9/oauth2/v1/tokens/bearer".into();
+    p.profile.revoke_url = Some("http://127.0.0.1:9/revoke".into());
+    p
+}
+
+fn id() -> ConnectionId {
+    ConnectionId("realm-1".into())
+}
+
+async fn seeded_store(p: &Provider) -> Arc<Counting> {
+    let store = Arc::new(Counting { inner: MemoryStore::new(), loads: AtomicUsize::new(0) });
+    let now = SystemClock.now();
+    let record = ConnectionRecord {
+        id: id(),
+        generation: Generation(0),
+        identity: GrantIdentity {
+            provider: p.profile.name.clone(),
+            environment: p.client.environment,
+            client_id: p.client.client_id.clone(),
+        },
+        realm_id: Some("1".into()),
+        access: None,
+        refresh: RefreshToken::new("RT-1"),
+        refresh_issued_at: now,
+        idle_deadline: None,
+        hard_deadline: None,
+        in_doubt_since: None,
+        status: Status::Active,
+        last_refreshed_at: None,
+        updated_at: now,
+    };
+    assert_eq!(store.compare_and_swap(None, &record).await.unwrap(), CasOutcome::Committed);
+    store
+}
+
+async fn manager(store: Arc<Counting>, transport: Arc<Scripted>) -> TokenManager {
+    TokenManager::builder()
+        .provider(provider())
+        .store(store)
+        .transport(transport)
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thundering_herd_of_10000_makes_one_provider_call() {
+    let p = provider();
+    let store = seeded_store(&p).await;
+    let transport = Scripted::new(Duration::from_millis(50));
+    let tokens = manager(store.clone(), transport.clone()).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10_000 {
+        let t = tokens.clone();
+        tasks.push(tokio::spawn(async move { t.access_token(&id()).await }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().expose(), "AT-2");
+    }
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 1, "exactly one provider call");
+    let stored = store.inner.load(&id()).await.unwrap().unwrap();
+    assert_eq!(stored.refresh.expose(), "RT-2", "the rotation was persisted");
+    tokens.shutdown().await;
+}
+
+#[tokio::test]
+async fn cached_token_is_served_without_the_store() {
+    let p = provider();
+    let store = seeded_store(&p).await;
+    let transport = Scripted::new(Duration::ZERO);
+    let tokens = manager(store.clone(), transport.clone()).await;
+    let first = tokens.access_token(&id()).await.unwrap();
+    let loads = store.loads.load(Ordering::SeqCst);
+    for _ in 0..1000 {
+        assert_eq!(tokens.access_token(&id()).await.unwrap(), first);
+    }
+    assert_eq!(store.loads.load(Ordering::SeqCst), loads, "no store access on the hot path");
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 1);
+    tokens.shutdown().await;
+}
+
+#[tokio::test]
+async fn events_status_and_disconnect() {
+    let p = provider();
+    let store = seeded_store(&p).await;
+    let transport = Scripted::new(Duration::ZERO);
+    let tokens = manager(store.clone(), transport.clone()).await;
+    let mut events = tokens.subscribe();
+    let seen = Arc::new(Mutex::new(Vec::<LifecycleEvent>::new()));
+    let sink = seen.clone();
+    tokens.on_event(move |e| sink.lock().unwrap().push(e.clone()));
+
+    tokens.access_token(&id()).await.unwrap();
+    let e = events.recv().await.unwrap();
+    assert_eq!(e.connection, id());
+    assert!(matches!(e.event, Event::Refreshed { rotated: true, .. }));
+    let status = tokens.status(&id()).await.unwrap().unwrap();
+    assert_eq!(status.status, Status::Active);
+    assert_eq!(status.generation, Generation(1));
+
+    assert!(tokens.disconnect(&id()).await.unwrap(), "revocation confirmed");
+    let err = tokens.access_token(&id()).await.unwrap_err();
+    assert!(matches!(err, tokenfence::ManagerError::Access(AccessError::Disconnected)), "{err}");
+    assert!(matches!(
+        tokens.status(&id()).await.unwrap().unwrap().status,
+        Status::Disconnected { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(seen.lock().unwrap().iter().any(|e| e.event == Event::Disconnected { revoked: true }));
+    tokens.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_stores_an_authorization_then_serves_it() {
+    let p = provider();
+    let store = Arc::new(Counting { inner: MemoryStore::new(), loads: AtomicUsize::new(0) });
+    let transport = Scripted::new(Duration::ZERO);
+    let tokens = manager(store.clone(), transport.clone()).await;
+    let grant = parse_token_reply(
+        &p.profile,
+        &HttpResponse {
+            status: 200,
+            headers: vec![],
+            body: br#"{"access_token":"AT-first","refresh_token":"RT-1","expires_in":3600}"#.to_vec(),
+        },
+    )
+    .unwrap();
+    let generation = tokens.connect(&id(), grant, Some("42".into())).await.unwrap();
+    assert_eq!(generation, Generation(0));
+    assert_eq!(tokens.access_token(&id()).await.unwrap().expose(), "AT-first");
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 0);
+    let stored = store.inner.load(&id()).await.unwrap().unwrap();
+    assert_eq!(stored.identity.environment, Environment::Production);
+    assert_eq!(stored.realm_id.as_deref(), Some("42"));
+    tokens.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_connection_is_a_clear_error() {
+    let store = Arc::new(Counting { inner: MemoryStore::new(), loads: AtomicUsize::new(0) });
+    let tokens = manager(store, Scripted::new(Duration::ZERO)).await;
+    let err = tokens.access_token(&ConnectionId("nope".into())).await.unwrap_err();
+    assert!(matches!(err, tokenfence::ManagerError::Access(AccessError::NotConnected)));
+    tokens.shutdown().await;
+}
+
+#[tokio::test]
+async fn insecure_endpoints_are_refused_at_build() {
+    let mut p = provider();
+    p.profile.token_url = "http://oauth.example.com/token".into();
+    let result = TokenManager::builder()
+        .provider(p)
+        .store(MemoryStore::new())
+        .keepalive_scan(None)
+        .build()
+        .await;
+    assert!(matches!(result, Err(tokenfence::BuildError::InsecureUrl(_))));
+}
+
+#[tokio::test]
+async fn shutdown_stops_every_task() {
+    let p = provider();
+    let store = seeded_store(&p).await;
+    let tokens = manager(store, Scripted::new(Duration::ZERO)).await;
+    tokens.access_token(&id()).await.unwrap();
+    tokens.shutdown().await;
+    let err = tokens.access_token(&ConnectionId("other".into())).await;
+    assert!(err.is_err());
+}
