@@ -3,6 +3,14 @@
 //! Keeps OAuth 2.0 connections alive and correct: a tokio driver, transports and
 //! stores around the sans-IO state machine of [`tokenfence_core`].
 
+pub mod clock;
+mod manager;
 pub mod store;
+pub mod transport;
+
+pub use manager::{
+    BuildError, ConnectionStatus, LifecycleEvent, ManagerError, Provider, TokenManager,
+    TokenManagerBuilder,
+};
 
 pub use tokenfence_core as core;

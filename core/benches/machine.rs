@@ -31,7 +31,11 @@ fn stored(config: &Config, access_valid: bool) -> ConnectionRecord {
         realm_id: Some("1".into()),
         access: Some(AccessGrant {
             token: AccessToken::new("AT-1"),
-            expires_at: if access_valid { NOW.saturating_add(hours(1)) } else { NOW },
+            expires_at: if access_valid {
+                NOW.saturating_add(hours(1))
+            } else {
+                NOW
+            },
         }),
         refresh: RefreshToken::new("RT-1"),
         refresh_issued_at: NOW,
@@ -98,7 +102,8 @@ fn benches(c: &mut Criterion) {
     let config = config();
     let valid = stored(&config, true);
     let mut warm = Connection::new(valid.id.clone(), config.clone(), 1);
-    warm.handle_input(NOW, Input::AccessRequested(RequestId(1))).expect("request");
+    warm.handle_input(NOW, Input::AccessRequested(RequestId(1)))
+        .expect("request");
     while let Some(out) = warm.poll_output() {
         if out == Output::Load {
             warm.handle_input(NOW, Input::Loaded(Some(Box::new(valid.clone()))))
@@ -107,7 +112,11 @@ fn benches(c: &mut Criterion) {
     }
     assert!(warm.cached_access(NOW).is_some());
     c.bench_function("hot_path_cached_access", |b| {
-        b.iter(|| black_box(&warm).cached_access(black_box(NOW)).map(|t| t.len()))
+        b.iter(|| {
+            black_box(&warm)
+                .cached_access(black_box(NOW))
+                .map(|t| t.len())
+        })
     });
 
     let expired = stored(&config, false);

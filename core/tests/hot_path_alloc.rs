@@ -55,9 +55,11 @@ fn cached_access_allocates_nothing() {
         updated_at: now,
     };
     let mut conn = Connection::new(record.id.clone(), config, 1);
-    conn.handle_input(now, Input::AccessRequested(RequestId(1))).unwrap();
+    conn.handle_input(now, Input::AccessRequested(RequestId(1)))
+        .unwrap();
     assert_eq!(conn.poll_output(), Some(Output::Load));
-    conn.handle_input(now, Input::Loaded(Some(Box::new(record)))).unwrap();
+    conn.handle_input(now, Input::Loaded(Some(Box::new(record))))
+        .unwrap();
     while conn.poll_output().is_some() {}
 
     let before = ALLOCATIONS.load(Ordering::Relaxed);
