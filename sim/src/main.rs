@@ -1,0 +1,205 @@
+//! `tokenfence-sim`: the model checker's command line.
+//!
+//! ```text
+//! tokenfence-sim check [--workers N] [--provider CLASS|all] [--faults LIST|all|none]
+//!                      [--strategy tokenfence|naive-b1|naive-b2|naive-b3|naive-b4]
+//!                      [--search bfs|dfs] [--symmetry] [--json] [--explore ADDR]
+//! ```
+//!
+//! Exit status: 0 when every property holds (and every guard is reached), 1 when one
+//! fails, 2 for bad arguments. Each subcommand lives in its own function so that
+//! `simulate` and `mock-provider` can be added beside `check`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+use tokenfence_sim::check::{explore, run_check, CheckOptions, Search};
+use tokenfence_sim::model::{FaultKind, ModelConfig, Strategy};
+use tokenfence_sim::provider::BehaviourClass;
+
+#[derive(Parser)]
+#[command(
+    name = "tokenfence-sim",
+    version,
+    about = "Model checking (and later simulation) of tokenfence's refresh-token core"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Model-check the real core: several workers, a store with CAS and leases, a
+    /// provider model, faults; verdicts for S1-S9, L1, L5 and the vacuity guards.
+    Check(CheckArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SearchArg {
+    /// Breadth-first, shortest counterexamples.
+    Bfs,
+    /// Depth-first (use with --symmetry for larger runs).
+    Dfs,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Workers sharing the connection (1-8).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Provider behaviour class, or `all`: non-rotating, strict, grace-idempotent,
+    /// grace-fork, periodic, reuse-detection.
+    #[arg(long, default_value = "all")]
+    provider: String,
+    /// Faults, comma-separated, or `all` / `none`: 5xx, 429, connect, lost-reply,
+    /// garbled, pause, crash, revoke, store, wrong-client.
+    #[arg(long, default_value = "all")]
+    faults: String,
+    /// At most this many faults per behaviour.
+    #[arg(long, default_value_t = 1)]
+    max_faults: u8,
+    /// At most this many budgeted time jumps per behaviour.
+    #[arg(long, default_value_t = 2)]
+    max_ticks: u8,
+    /// Access requests per worker.
+    #[arg(long, default_value_t = 1)]
+    requests: u8,
+    /// Strategy under test: tokenfence, naive-b1, naive-b2, naive-b3, naive-b4.
+    #[arg(long, default_value = "tokenfence")]
+    strategy: String,
+    /// Search order.
+    #[arg(long, value_enum, default_value = "bfs")]
+    search: SearchArg,
+    /// Symmetry reduction over workers (DFS only).
+    #[arg(long)]
+    symmetry: bool,
+    /// Checker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Stop at the first counterexample (default for naive strategies).
+    #[arg(long)]
+    first_failure: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Serve stateright's web explorer on this loopback address (e.g. 127.0.0.1:3000)
+    /// instead of checking.
+    #[arg(long)]
+    explore: Option<String>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check(args) => check(args),
+    }
+}
+
+fn bad_args(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let classes: Vec<BehaviourClass> = match args.provider.as_str() {
+        "all" => BehaviourClass::ALL.to_vec(),
+        name => match BehaviourClass::from_name(name) {
+            Some(c) => vec![c],
+            None => {
+                let known: Vec<_> = BehaviourClass::ALL.iter().map(|c| c.name()).collect();
+                return bad_args(&format!(
+                    "unknown provider class `{name}`; known: {}, all",
+                    known.join(", ")
+                ));
+            }
+        },
+    };
+    let faults = match FaultKind::parse_list(&args.faults) {
+        Ok(f) => f,
+        Err(e) => return bad_args(&e),
+    };
+    let Some(strategy) = Strategy::from_name(&args.strategy) else {
+        return bad_args(&format!(
+            "unknown strategy `{}`; known: tokenfence, naive-b1, naive-b2, naive-b3, naive-b4",
+            args.strategy
+        ));
+    };
+    if !(1..=8).contains(&args.workers) {
+        return bad_args("--workers must be between 1 and 8");
+    }
+    if args.symmetry && matches!(args.search, SearchArg::Bfs) {
+        return bad_args("--symmetry needs --search dfs (stateright applies symmetry only in DFS)");
+    }
+    let config = |class| ModelConfig {
+        workers: args.workers,
+        class,
+        faults: faults.clone(),
+        max_faults: args.max_faults,
+        max_ticks: args.max_ticks,
+        requests: args.requests,
+        strategy,
+    };
+    if let Some(addr) = &args.explore {
+        let [class] = classes[..] else {
+            return bad_args("--explore needs one --provider class");
+        };
+        eprintln!("serving the explorer on http://{addr}/ (Ctrl-C to stop)");
+        return match explore(config(class), addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => bad_args(&e),
+        };
+    }
+    let opts = CheckOptions {
+        search: match args.search {
+            SearchArg::Bfs => Search::Bfs,
+            SearchArg::Dfs => Search::Dfs,
+        },
+        symmetry: args.symmetry,
+        threads: args.threads,
+        stop_at_first_failure: args.first_failure || strategy != Strategy::Tokenfence,
+        progress: !args.quiet && !args.json,
+    };
+    let mut reports = Vec::new();
+    for class in classes {
+        let cfg = config(class);
+        if opts.progress {
+            eprintln!("checking: {}", cfg.describe());
+        }
+        let report = match run_check(cfg, &opts) {
+            Ok(r) => r,
+            Err(e) => return bad_args(&e),
+        };
+        if !args.json {
+            println!("{}\n", report.render());
+        }
+        reports.push(report);
+    }
+    if args.json {
+        match serde_json::to_string_pretty(&reports) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let ok = reports.iter().all(|r| r.all_hold());
+    if !args.json {
+        println!(
+            "{}",
+            if ok {
+                "verdict: every property holds and every guard is reached"
+            } else {
+                "verdict: a property FAILS or a guard is not reached (see above)"
+            }
+        );
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

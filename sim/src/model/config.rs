@@ -1,0 +1,204 @@
+//! What one model-checking run explores: workers, provider class, faults, bounds and
+//! the strategy under test.
+
+use crate::provider::BehaviourClass;
+use std::collections::BTreeSet;
+
+/// A fault the model may inject. Each injection spends one unit of the fault budget
+/// (except [`WrongClient`](FaultKind::WrongClient), a standing misconfiguration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// The provider answers 503 without processing the request.
+    ServerError,
+    /// The provider answers 429 with `Retry-After: 1`.
+    RateLimited,
+    /// The request never leaves the worker (connect error): `NotSent`.
+    ConnectError,
+    /// The provider processes the request (it may rotate) and the reply is lost.
+    LostReply,
+    /// The provider processes the request and the reply arrives truncated (S9).
+    Garbled,
+    /// A worker's store command is carried out but the worker pauses before it
+    /// handles the answer (a GC or scheduling pause); time may pass meanwhile.
+    Pause,
+    /// A busy worker crashes and restarts with an empty machine under a new
+    /// incarnation id; a request it had sent may still reach the provider.
+    Crash,
+    /// The user disconnects the app at the provider.
+    Revoke,
+    /// A store command fails (before or after it took effect).
+    StoreFail,
+    /// The last worker is configured with the sandbox app's credentials (S7).
+    WrongClient,
+}
+
+impl FaultKind {
+    /// Every fault kind, in a stable order.
+    pub const ALL: [FaultKind; 10] = [
+        FaultKind::ServerError,
+        FaultKind::RateLimited,
+        FaultKind::ConnectError,
+        FaultKind::LostReply,
+        FaultKind::Garbled,
+        FaultKind::Pause,
+        FaultKind::Crash,
+        FaultKind::Revoke,
+        FaultKind::StoreFail,
+        FaultKind::WrongClient,
+    ];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::ServerError => "5xx",
+            FaultKind::RateLimited => "429",
+            FaultKind::ConnectError => "connect",
+            FaultKind::LostReply => "lost-reply",
+            FaultKind::Garbled => "garbled",
+            FaultKind::Pause => "pause",
+            FaultKind::Crash => "crash",
+            FaultKind::Revoke => "revoke",
+            FaultKind::StoreFail => "store",
+            FaultKind::WrongClient => "wrong-client",
+        }
+    }
+
+    /// Parses [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Parses a comma-separated list, or `all`, or `none`.
+    pub fn parse_list(list: &str) -> Result<BTreeSet<FaultKind>, String> {
+        match list.trim() {
+            "all" => Ok(Self::ALL.into_iter().collect()),
+            "none" | "" => Ok(BTreeSet::new()),
+            list => list
+                .split(',')
+                .map(|name| {
+                    Self::from_name(name.trim()).ok_or_else(|| {
+                        let known: Vec<_> = Self::ALL.iter().map(|f| f.name()).collect();
+                        format!(
+                            "unknown fault `{name}`; known: {}, all, none",
+                            known.join(", ")
+                        )
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The refresh strategy under test: tokenfence itself, or one of the naive baselines
+/// of INVARIANTS.md, obtained by rewriting what the driver does with the machine's
+/// outputs (the machine itself is always the real one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Strategy {
+    /// The real core, driven as its contract says.
+    Tokenfence,
+    /// B1: no lease and no compare-and-swap: every worker refreshes when it likes and
+    /// writes back unconditionally.
+    NaiveB1,
+    /// B2: a lease, but writes are unconditional; the lease can expire under a
+    /// paused worker.
+    NaiveB2,
+    /// B3: on `invalid_grant`, declare re-auth without re-reading the store: the
+    /// re-read is answered with the pre-refresh record and the re-auth is written as
+    /// a plain status update.
+    NaiveB3,
+    /// B4: a reply without `refresh_token` wipes the stored refresh token.
+    NaiveB4,
+}
+
+impl Strategy {
+    /// Every strategy, in a stable order.
+    pub const ALL: [Strategy; 5] = [
+        Strategy::Tokenfence,
+        Strategy::NaiveB1,
+        Strategy::NaiveB2,
+        Strategy::NaiveB3,
+        Strategy::NaiveB4,
+    ];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Tokenfence => "tokenfence",
+            Strategy::NaiveB1 => "naive-b1",
+            Strategy::NaiveB2 => "naive-b2",
+            Strategy::NaiveB3 => "naive-b3",
+            Strategy::NaiveB4 => "naive-b4",
+        }
+    }
+
+    /// Parses [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Whether stores honour compare-and-swap.
+    pub fn uses_cas(self) -> bool {
+        !matches!(self, Strategy::NaiveB1 | Strategy::NaiveB2)
+    }
+
+    /// Whether leases exclude other workers.
+    pub fn uses_leases(self) -> bool {
+        self != Strategy::NaiveB1
+    }
+}
+
+/// One model configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ModelConfig {
+    /// Number of workers sharing the connection.
+    pub workers: usize,
+    /// How the provider behaves.
+    pub class: BehaviourClass,
+    /// Faults the model may inject.
+    pub faults: BTreeSet<FaultKind>,
+    /// At most this many fault injections per behaviour.
+    pub max_faults: u8,
+    /// At most this many time jumps per behaviour, besides the jumps taken while
+    /// callers wait and nothing else can happen (those are bounded by the horizon).
+    pub max_ticks: u8,
+    /// Access requests each worker's callers make.
+    pub requests: u8,
+    /// Strategy under test.
+    pub strategy: Strategy,
+}
+
+impl ModelConfig {
+    /// The default configuration of a class: every fault kind, one fault, two time
+    /// jumps, one request per worker.
+    pub fn new(class: BehaviourClass, workers: usize) -> Self {
+        ModelConfig {
+            workers,
+            class,
+            faults: FaultKind::ALL.into_iter().collect(),
+            max_faults: 1,
+            max_ticks: 2,
+            requests: 1,
+            strategy: Strategy::Tokenfence,
+        }
+    }
+
+    /// Whether `fault` may be injected.
+    pub fn allows(&self, fault: FaultKind) -> bool {
+        self.faults.contains(&fault)
+    }
+
+    /// A one-line description.
+    pub fn describe(&self) -> String {
+        let faults: Vec<_> = self.faults.iter().map(|f| f.name()).collect();
+        format!(
+            "{} workers, provider {}, strategy {}, faults [{}] (at most {}), {} time jumps, {} request(s) per worker",
+            self.workers,
+            self.class,
+            self.strategy.name(),
+            if faults.is_empty() { "none".into() } else { faults.join(",") },
+            self.max_faults,
+            self.max_ticks,
+            self.requests
+        )
+    }
+}

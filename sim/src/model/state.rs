@@ -1,0 +1,308 @@
+//! The model's state: workers running the real machine, the store, the provider, the
+//! network, the clock, budgets, and ghost bookkeeping for the properties.
+
+use crate::provider::Provider;
+use crate::store::MemoryStore;
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use tokenfence_core::{
+    AccessGrant, Connection, ConnectionRecord, Generation, HttpRequest, Input, RefreshToken,
+    Status, Timestamp, TokenGrant, WorkerId,
+};
+
+/// A store command the machine issued and the driver has not carried out yet.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum StoreCommand {
+    /// `Output::Load`.
+    Load,
+    /// `Output::AcquireLease`.
+    AcquireLease {
+        /// Lease duration.
+        ttl: core::time::Duration,
+    },
+    /// `Output::CompareAndSwap` (possibly rewritten by a baseline strategy).
+    Cas {
+        /// Generation the record was derived from.
+        expected: Option<Generation>,
+        /// The record to store.
+        record: Box<ConnectionRecord>,
+    },
+}
+
+/// A refresh request on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Flight {
+    /// The exact request the machine built.
+    pub request: HttpRequest,
+    /// When it was sent.
+    pub sent_at: Timestamp,
+    /// The provider processed it and the reply was lost.
+    pub lost: bool,
+}
+
+/// A request sent by an incarnation that crashed: the provider may still process it
+/// (before its deadline); the reply goes nowhere.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Orphan {
+    /// The request.
+    pub request: HttpRequest,
+}
+
+/// What a successful reply carried, kept until its commit for S6.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GrantCheck {
+    /// The record the refresh was sent from.
+    pub base: Box<ConnectionRecord>,
+    /// The parsed reply.
+    pub grant: TokenGrant,
+    /// When the request was sent.
+    pub sent_at: Timestamp,
+}
+
+/// Per-worker ghost bookkeeping (none of it is visible to the machine).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WorkerGhost {
+    /// Newest generation the driver has handed to this machine (S5).
+    pub newest: Option<Generation>,
+    /// A successful reply not yet committed (S6).
+    pub grant: Option<GrantCheck>,
+    /// Tokens of the record a garbled reply was fed against (S9).
+    pub bad_input: Option<(RefreshToken, Option<AccessGrant>)>,
+    /// B3: the re-read after `invalid_grant` is answered with this record.
+    pub reread_with: Option<Box<ConnectionRecord>>,
+    /// B3: the next re-auth commit is written as a plain status update.
+    pub naive_reauth: bool,
+    /// The last lease grant replaced another owner's expired lease at the same
+    /// generation: the next request knowingly presents a token that may be rotated.
+    pub took_over: bool,
+    /// The request on the wire knowingly presents a token that may be rotated.
+    pub in_doubt: bool,
+    /// Got a `Conflict` not yet followed by a commit or a served token.
+    pub conflict: bool,
+    /// The reply being committed re-delivered a successor that had been lost.
+    pub recovering: bool,
+}
+
+/// One worker (one process's task for this connection).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Worker {
+    /// The real machine.
+    pub conn: Connection,
+    /// Restarts so far; part of the lease owner name.
+    pub incarnation: u8,
+    /// A store command waiting to be carried out.
+    pub pending: Option<StoreCommand>,
+    /// A refresh request on the wire.
+    pub net: Option<Flight>,
+    /// A store answer the worker paused before handling.
+    pub paused: Option<Input>,
+    /// Access requests its callers will still make.
+    pub requests_left: u8,
+    /// Ghost bookkeeping.
+    pub ghost: WorkerGhost,
+}
+
+impl Worker {
+    /// Whether the worker has anything in progress.
+    pub fn is_busy(&self) -> bool {
+        self.pending.is_some()
+            || self.net.is_some()
+            || self.paused.is_some()
+            || self.conn.is_busy()
+            || self.conn.waiting() > 0
+    }
+}
+
+/// The name of worker `slot`'s incarnation `incarnation` in the store's lease rows.
+pub fn owner_name(slot: usize, incarnation: u8) -> WorkerId {
+    WorkerId(format!("w{}#{}", slot + 1, incarnation))
+}
+
+/// The worker slot a lease owner name belongs to.
+pub fn owner_slot(owner: &WorkerId) -> Option<(usize, u8)> {
+    let rest = owner.0.strip_prefix('w')?;
+    let (slot, inc) = rest.split_once('#')?;
+    let slot: usize = slot.parse().ok()?;
+    Some((slot.checked_sub(1)?, inc.parse().ok()?))
+}
+
+/// Observations for the vacuity guards and for S8, as bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Seen(pub u16);
+
+impl Seen {
+    /// A refresh committed.
+    pub const REFRESH_COMMITTED: u16 = 1;
+    /// A worker got a CAS conflict and then committed or served a token.
+    pub const CONFLICT_RESOLVED: u16 = 2;
+    /// A successor lost on the wire was re-delivered inside a grace window and committed.
+    pub const LOST_RECOVERED: u16 = 4;
+    /// After the user revoked at the provider, the store says `ReauthRequired`.
+    pub const REVOKE_REAUTH: u16 = 8;
+    /// A lease was taken over after it expired under its holder (S8 relaxes).
+    pub const LEASE_BROKEN: u16 = 16;
+    /// A misconfigured worker refused to send and said which identity field differs.
+    pub const MISMATCH_REFUSED: u16 = 32;
+
+    /// Whether `bit` was seen.
+    pub fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+
+    /// Records `bit`.
+    pub fn set(&mut self, bit: u16) {
+        self.0 |= bit;
+    }
+}
+
+/// The properties checked at transitions (the rest are state predicates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Breach {
+    /// S1 at a landing write.
+    S1,
+    /// S3: a replay outside grace by a worker that had no reason to doubt.
+    S3,
+    /// S5 at a served token.
+    S5,
+    /// S6 at a commit of a reply.
+    S6,
+    /// S7 at a send, or at the provider.
+    S7,
+    /// S9 after a garbled reply.
+    S9,
+    /// L5: a refresh before the recorded retry time, or against a dead record while
+    /// leases held.
+    L5,
+    /// The driver fed an input the machine refused (a harness or contract bug).
+    Contract,
+}
+
+/// The whole model state.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct State {
+    /// The virtual clock.
+    pub now: Timestamp,
+    /// Workers, by slot.
+    pub workers: Vec<Worker>,
+    /// The shared store.
+    pub store: MemoryStore,
+    /// The provider with its ghost state.
+    pub provider: Provider,
+    /// Requests of crashed incarnations still on the wire.
+    pub orphans: Vec<Orphan>,
+    /// Fault injections left.
+    pub faults_left: u8,
+    /// Budgeted time jumps left.
+    pub ticks_left: u8,
+    /// Observations.
+    pub seen: Seen,
+    /// Transition properties broken on this path, with the first explanation.
+    pub breaches: BTreeMap<Breach, String>,
+}
+
+impl State {
+    /// The record in the store.
+    pub fn stored(&self) -> Option<&ConnectionRecord> {
+        self.store
+            .row(super::connection_id())
+            .and_then(|r| r.record.as_ref())
+    }
+
+    /// Records a transition property breach (the first explanation wins).
+    pub fn breach(&mut self, what: Breach, why: impl FnOnce() -> String) {
+        self.breaches.entry(what).or_insert_with(why);
+    }
+}
+
+/// A short description of a record: generation, status, refresh token.
+pub fn describe_record(r: &ConnectionRecord) -> String {
+    let status = match r.status {
+        Status::Active => "Active".to_string(),
+        Status::Degraded {
+            failures, retry_at, ..
+        } => format!("Degraded({failures}, retry {retry_at})"),
+        Status::ReauthRequired { reason, .. } => format!("ReauthRequired({reason:?})"),
+        Status::Disconnected { .. } => "Disconnected".to_string(),
+    };
+    let access = r
+        .access
+        .as_ref()
+        .map(|a| format!(" {}→{}", a.token.expose(), a.expires_at))
+        .unwrap_or_default();
+    let doubt = r
+        .in_doubt_since
+        .map(|t| format!(" in-doubt-since {t}"))
+        .unwrap_or_default();
+    format!(
+        "{} {} {}{}{}",
+        r.generation,
+        status,
+        show_refresh(&r.refresh),
+        access,
+        doubt
+    )
+}
+
+/// A model refresh token for traces (model tokens are fake: `rt3`; an empty one is
+/// shown as `<empty>`).
+pub fn show_refresh(t: &RefreshToken) -> String {
+    if t.is_empty() {
+        "<empty>".into()
+    } else {
+        t.expose().to_string()
+    }
+}
+
+/// A stable fingerprint of a value, for ordering workers under symmetry.
+pub fn stable_hash<T: Hash>(value: &T) -> u64 {
+    // `DefaultHasher::new()` uses fixed keys: the same order on every run.
+    let mut h = std::hash::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// The representative of `state` under permutations of worker slots: workers sorted
+/// by a fingerprint of their state, lease owner names renamed to match. Workers are
+/// interchangeable because every machine runs under the same worker name (`self`)
+/// and the driver maps store lease owners to slots.
+pub fn representative(state: &State) -> State {
+    let n = state.workers.len();
+    let mut order: Vec<(u64, usize)> = state
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (stable_hash(w), i))
+        .collect();
+    order.sort();
+    if order.iter().enumerate().all(|(j, (_, i))| j == *i) {
+        return state.clone();
+    }
+    let mut new_slot = vec![0; n];
+    for (j, (_, i)) in order.iter().enumerate() {
+        new_slot[*i] = j;
+    }
+    let mut out = state.clone();
+    out.workers = order
+        .iter()
+        .map(|(_, i)| state.workers[*i].clone())
+        .collect();
+    let id = super::connection_id();
+    if let Some(mut lease) = state.store.row(id).and_then(|r| r.lease.clone()) {
+        if let Some((slot, inc)) = owner_slot(&lease.owner) {
+            lease.owner = owner_name(new_slot[slot], inc);
+        }
+        out.store.set_lease(id, Some(lease));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_names_round_trip() {
+        assert_eq!(owner_slot(&owner_name(2, 5)), Some((2, 5)));
+        assert_eq!(owner_slot(&WorkerId("self".into())), None);
+    }
+}

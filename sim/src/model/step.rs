@@ -1,0 +1,767 @@
+//! One step of the model: the driver around the real machine, the store, the
+//! provider, the network and the faults. Transition properties (S1, S5, S6, S7, S9,
+//! L5, the S3 race check) are evaluated here with the predicates of
+//! `tokenfence_core::invariants`, and recorded in the state.
+
+use super::state::{Breach, Flight, GrantCheck, Orphan, Seen, State, StoreCommand};
+use super::{connection_id, owner_name, Action, FaultKind, Strategy, TokenfenceModel};
+use crate::provider::{self, GrantEnd, Outcome, RejectCause};
+use crate::store::{CasOutcome, LeaseOutcome};
+use tokenfence_core::invariants;
+use tokenfence_core::{
+    parse_token_reply, AccessError, ConfigError, Connection, ConnectionRecord, Generation, Input,
+    Lease, Output, RefreshToken, RequestId, Status, Timestamp, WorkerId,
+};
+
+/// Explanations of a step, collected only when a trace is rendered.
+pub struct Log(Option<Vec<String>>);
+
+impl Log {
+    /// Collects nothing.
+    pub fn off() -> Self {
+        Log(None)
+    }
+
+    /// Collects explanations.
+    pub fn on() -> Self {
+        Log(Some(Vec::new()))
+    }
+
+    /// Adds an explanation (built only when collecting).
+    pub fn note(&mut self, line: impl FnOnce() -> String) {
+        if let Some(lines) = &mut self.0 {
+            lines.push(line());
+        }
+    }
+
+    /// The explanations.
+    pub fn lines(&self) -> &[String] {
+        self.0.as_deref().unwrap_or_default()
+    }
+}
+
+fn self_id() -> WorkerId {
+    WorkerId("self".into())
+}
+
+fn describe_input(input: &Input) -> String {
+    let rec = |r: &Option<Box<ConnectionRecord>>| {
+        r.as_deref()
+            .map(super::describe_record)
+            .unwrap_or_else(|| "none".into())
+    };
+    match input {
+        Input::AccessRequested(RequestId(n)) => format!("AccessRequested(#{n})"),
+        Input::Loaded(r) => format!("Loaded({})", rec(r)),
+        Input::LeaseGranted {
+            record, took_over, ..
+        } => format!(
+            "LeaseGranted({}{})",
+            rec(record),
+            took_over
+                .as_ref()
+                .map(|l| format!(", took over {}'s lease from {}", l.owner.0, l.acquired_at))
+                .unwrap_or_default()
+        ),
+        Input::LeaseHeld { holder } => {
+            format!(
+                "LeaseHeld(by {} until {})",
+                holder.owner.0, holder.expires_at
+            )
+        }
+        Input::Replied(r) => format!(
+            "Replied(HTTP {} {})",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        ),
+        Input::Committed { generation } => format!("Committed({generation})"),
+        Input::Conflict { current } => format!("Conflict(stored {})", rec(current)),
+        other => format!("{other:?}"),
+    }
+}
+
+impl TokenfenceModel {
+    pub(super) fn apply(&self, s: &State, action: &Action, log: &mut Log) -> Option<State> {
+        let mut s = s.clone();
+        match *action {
+            Action::Request(w) => {
+                let worker = &mut s.workers[w];
+                worker.requests_left -= 1;
+                let id = u64::from(self.cfg.requests - worker.requests_left);
+                self.feed(&mut s, w, Input::AccessRequested(RequestId(id)), log);
+            }
+            Action::Store(w) => {
+                let input = self.carry_out(&mut s, w, log)?;
+                self.feed(&mut s, w, input, log);
+            }
+            Action::StoreFails { w, applied } => {
+                s.faults_left -= 1;
+                if applied {
+                    let _ = self.carry_out(&mut s, w, log)?;
+                } else {
+                    s.workers[w].pending = None;
+                }
+                log.note(|| {
+                    format!(
+                        "the store fails (the command {} effect)",
+                        if applied { "took" } else { "had no" }
+                    )
+                });
+                self.feed(&mut s, w, Input::StoreFailed, log);
+            }
+            Action::Pause(w) => {
+                s.faults_left -= 1;
+                let input = self.carry_out(&mut s, w, log)?;
+                log.note(|| {
+                    format!(
+                        "w{} pauses before handling {}",
+                        w + 1,
+                        describe_input(&input)
+                    )
+                });
+                s.workers[w].paused = Some(input);
+            }
+            Action::Resume(w) => {
+                let input = s.workers[w].paused.take()?;
+                self.feed(&mut s, w, input, log);
+            }
+            Action::Reply(w) => self.exchange(&mut s, w, Delivery::Normal, log)?,
+            Action::LoseReply(w) => {
+                s.faults_left -= 1;
+                self.exchange(&mut s, w, Delivery::Lost, log)?
+            }
+            Action::Garble(w) => {
+                s.faults_left -= 1;
+                self.exchange(&mut s, w, Delivery::Garbled, log)?
+            }
+            Action::ServerError(w) | Action::RateLimited(w) => {
+                s.faults_left -= 1;
+                s.workers[w].net.take()?;
+                let reply = match action {
+                    Action::ServerError(_) => provider::server_error(503),
+                    _ => provider::rate_limited(1),
+                };
+                self.feed(&mut s, w, Input::Replied(reply), log);
+            }
+            Action::ConnectError(w) => {
+                s.faults_left -= 1;
+                s.workers[w].net.take()?;
+                self.feed(&mut s, w, Input::NotSent, log);
+            }
+            Action::GiveUp(w) => {
+                s.workers[w].net.take()?;
+                self.feed(&mut s, w, Input::OutcomeUnknown, log);
+            }
+            Action::Timer(w) => self.feed(&mut s, w, Input::Timeout, log),
+            Action::Crash(w) => {
+                s.faults_left -= 1;
+                self.crash(&mut s, w, log);
+            }
+            Action::OrphanArrives(i) => {
+                let orphan = s.orphans.remove(i);
+                let (reply, outcome) = s.provider.handle(&orphan.request, s.now);
+                if let Outcome::Refreshed {
+                    refresh,
+                    minted: true,
+                    ..
+                } = &outcome
+                {
+                    s.provider.mark_lost(refresh);
+                }
+                log.note(|| {
+                    format!(
+                        "the provider processes a crashed worker's request: HTTP {} {}, nobody receives it",
+                        reply.status,
+                        String::from_utf8_lossy(&reply.body)
+                    )
+                });
+            }
+            Action::Revoke => {
+                s.faults_left -= 1;
+                s.provider.revoke_by_user(self.grant);
+                log.note(|| "the user disconnects the app at the provider".into());
+            }
+            Action::Tick => {
+                let target = self.tick_target(&s)?;
+                if !self.free_tick(&s) {
+                    s.ticks_left -= 1;
+                }
+                s.now = target;
+                s.orphans.retain(|o| o.request.send_deadline >= target);
+                log.note(|| format!("time jumps to {target}"));
+            }
+        }
+        Some(s)
+    }
+
+    /// Feeds `input` to worker `w` and drains every output.
+    fn feed(&self, s: &mut State, w: usize, input: Input, log: &mut Log) {
+        let now = s.now;
+        let seen_gen = match &input {
+            Input::Loaded(Some(r))
+            | Input::LeaseGranted {
+                record: Some(r), ..
+            }
+            | Input::Conflict { current: Some(r) } => Some(r.generation),
+            Input::Committed { generation } => Some(*generation),
+            _ => None,
+        };
+        let ghost = &mut s.workers[w].ghost;
+        if let Some(g) = seen_gen {
+            ghost.newest = Some(ghost.newest.map_or(g, |n| n.max(g)));
+        }
+        log.note(|| format!("w{} ← {}", w + 1, describe_input(&input)));
+        if let Err(e) = s.workers[w].conn.handle_input(now, input) {
+            s.breach(Breach::Contract, || {
+                format!("w{} refused an input: {e}", w + 1)
+            });
+            return;
+        }
+        self.drain(s, w, log);
+    }
+
+    fn drain(&self, s: &mut State, w: usize, log: &mut Log) {
+        let now = s.now;
+        let profile = &self.spec.profile;
+        while let Some(output) = s.workers[w].conn.poll_output() {
+            match output {
+                Output::Load => self.set_pending(s, w, StoreCommand::Load),
+                Output::AcquireLease { ttl, .. } => {
+                    self.set_pending(s, w, StoreCommand::AcquireLease { ttl })
+                }
+                Output::CompareAndSwap {
+                    expected,
+                    mut record,
+                } => {
+                    let ghost = &mut s.workers[w].ghost;
+                    let of_grant = ghost.grant.as_ref().filter(|g| {
+                        record.access.as_ref().map(|a| &a.token) == Some(&g.grant.access)
+                    });
+                    if let Some(g) = of_grant {
+                        if self.cfg.strategy == Strategy::NaiveB4 && g.grant.refresh.is_none() {
+                            record.refresh = RefreshToken::new("");
+                        }
+                        if let Err(v) = invariants::keeps_what_was_not_replaced(
+                            &g.base, &g.grant, &record, profile, g.sent_at,
+                        ) {
+                            s.breaches
+                                .entry(Breach::S6)
+                                .or_insert_with(|| format!("w{} commits a reply: {v}", w + 1));
+                        }
+                    }
+                    let ghost = &mut s.workers[w].ghost;
+                    if let Some((refresh, access)) = ghost.bad_input.take() {
+                        if record.refresh != refresh || record.access != access {
+                            s.breaches.entry(Breach::S9).or_insert_with(|| {
+                                format!("w{} commits tokens changed by a garbled reply", w + 1)
+                            });
+                        }
+                    }
+                    log.note(|| {
+                        format!(
+                            "w{} → CompareAndSwap(expect {}, {})",
+                            w + 1,
+                            expected.map_or("none".into(), |g| g.to_string()),
+                            super::describe_record(&record)
+                        )
+                    });
+                    self.set_pending(s, w, StoreCommand::Cas { expected, record });
+                }
+                Output::ReleaseLease { .. } => {
+                    if self.cfg.strategy.uses_leases() {
+                        let owner = owner_name(w, s.workers[w].incarnation);
+                        if s.store.release_lease(connection_id(), &owner) {
+                            log.note(|| format!("w{} releases the lease", w + 1));
+                        }
+                    }
+                }
+                Output::Send(request) => {
+                    let worker = &s.workers[w];
+                    let base = worker.conn.in_flight().cloned();
+                    if let Some(b) = &base {
+                        if let Err(v) = invariants::right_credentials(worker.conn.config(), b) {
+                            s.breach(Breach::S7, || format!("w{} sends: {v}", w + 1));
+                        }
+                        if let Status::Degraded { retry_at, .. } = b.status {
+                            if now < retry_at {
+                                s.breach(Breach::L5, || {
+                                    format!("w{} refreshes at {now} before the recorded retry time {retry_at}", w + 1)
+                                });
+                            }
+                        }
+                    }
+                    let dead = s.stored().is_some_and(|r| !r.is_live());
+                    if dead && self.cfg.strategy.uses_leases() && !s.seen.has(Seen::LEASE_BROKEN) {
+                        s.breach(Breach::L5, || {
+                            format!(
+                                "w{} calls the provider for a connection stored as dead",
+                                w + 1
+                            )
+                        });
+                    }
+                    let ghost = &mut s.workers[w].ghost;
+                    ghost.in_doubt = ghost.took_over
+                        || base.as_ref().is_some_and(|b| b.in_doubt_since.is_some());
+                    ghost.took_over = false;
+                    ghost.grant = None;
+                    log.note(|| {
+                        format!(
+                            "w{} sends a refresh with {} (deadline {})",
+                            w + 1,
+                            base.as_ref()
+                                .map(|b| super::show_refresh(&b.refresh))
+                                .unwrap_or_default(),
+                            request.send_deadline
+                        )
+                    });
+                    if s.workers[w].net.is_some() || s.workers[w].pending.is_some() {
+                        s.breach(Breach::Contract, || {
+                            format!(
+                                "w{} issued a request while another command was outstanding",
+                                w + 1
+                            )
+                        });
+                    }
+                    s.workers[w].net = Some(Flight {
+                        request,
+                        sent_at: now,
+                        lost: false,
+                    });
+                }
+                Output::Deliver { request, result } => {
+                    self.delivered(s, w, request, result, log);
+                }
+                Output::Event(e) => log.note(|| format!("w{} emits {e:?}", w + 1)),
+            }
+        }
+    }
+
+    fn set_pending(&self, s: &mut State, w: usize, cmd: StoreCommand) {
+        let worker = &mut s.workers[w];
+        if worker.pending.is_some() || worker.net.is_some() {
+            s.breach(Breach::Contract, || {
+                format!(
+                    "w{} issued a store command while another was outstanding",
+                    w + 1
+                )
+            });
+        }
+        s.workers[w].pending = Some(cmd);
+    }
+
+    fn delivered(
+        &self,
+        s: &mut State,
+        w: usize,
+        request: RequestId,
+        result: Result<tokenfence_core::AccessToken, AccessError>,
+        log: &mut Log,
+    ) {
+        let now = s.now;
+        match &result {
+            Ok(token) => {
+                let worker = &s.workers[w];
+                let conn = &worker.conn;
+                let held = |r: &ConnectionRecord| {
+                    r.access
+                        .as_ref()
+                        .filter(|a| a.token == *token)
+                        .map(|a| (r.generation, a.expires_at))
+                };
+                let served = conn
+                    .record()
+                    .and_then(held)
+                    .or_else(|| conn.uncommitted().and_then(held));
+                let newest = worker.ghost.newest.unwrap_or_default();
+                let margin = conn.config().settings.access_margin;
+                match served {
+                    Some((generation, expires_at)) => {
+                        if let Err(v) =
+                            invariants::fresh_serve(generation, expires_at, now, margin, newest)
+                        {
+                            s.breach(Breach::S5, || format!("w{}: {v}", w + 1));
+                        }
+                    }
+                    None => s.breach(Breach::S5, || {
+                        format!("w{} served an access token it does not hold", w + 1)
+                    }),
+                }
+                if s.workers[w].ghost.conflict {
+                    s.workers[w].ghost.conflict = false;
+                    s.seen.set(Seen::CONFLICT_RESOLVED);
+                }
+                log.note(|| format!("w{} serves #{} {}", w + 1, request.0, token.expose()));
+            }
+            Err(e) => {
+                if matches!(e, AccessError::Config(ConfigError::IdentityMismatch { .. })) {
+                    s.seen.set(Seen::MISMATCH_REFUSED);
+                }
+                log.note(|| format!("w{} answers #{}: {e}", w + 1, request.0));
+            }
+        }
+    }
+
+    /// Carries out worker `w`'s pending store command and returns the answer.
+    fn carry_out(&self, s: &mut State, w: usize, log: &mut Log) -> Option<Input> {
+        let cmd = s.workers[w].pending.take()?;
+        let id = connection_id();
+        let me = owner_name(w, s.workers[w].incarnation);
+        let now = s.now;
+        let input = match cmd {
+            StoreCommand::Load => match s.workers[w].ghost.reread_with.take() {
+                Some(base) => {
+                    // B3 answers the re-read with the record the refresh was sent from
+                    // and will write the re-auth as a plain status update.
+                    log.note(|| "B3: the re-read is answered with the pre-refresh record".into());
+                    s.workers[w].ghost.naive_reauth = true;
+                    Input::Loaded(Some(base))
+                }
+                None => Input::Loaded(s.store.load(id).map(Box::new)),
+            },
+            StoreCommand::AcquireLease { ttl } => {
+                if !self.cfg.strategy.uses_leases() {
+                    let lease = Lease {
+                        owner: self_id(),
+                        acquired_at: now,
+                        expires_at: now.saturating_add(ttl),
+                        generation: s.stored().map(|r| r.generation),
+                    };
+                    Input::LeaseGranted {
+                        lease,
+                        record: s.store.load(id).map(Box::new),
+                        took_over: None,
+                    }
+                } else {
+                    match s.store.acquire_lease(id, &me, ttl, now) {
+                        LeaseOutcome::Granted {
+                            lease,
+                            record,
+                            took_over,
+                        } => {
+                            let other = took_over.as_ref().filter(|l| l.owner != me);
+                            if other.is_some() {
+                                s.seen.set(Seen::LEASE_BROKEN);
+                            }
+                            s.workers[w].ghost.took_over = other.is_some_and(|l| {
+                                l.generation == record.as_ref().map(|r| r.generation)
+                            });
+                            let took_over = took_over.map(|l| {
+                                if l.owner == me {
+                                    Lease {
+                                        owner: self_id(),
+                                        ..l
+                                    }
+                                } else {
+                                    l
+                                }
+                            });
+                            Input::LeaseGranted {
+                                lease: Lease {
+                                    owner: self_id(),
+                                    ..lease
+                                },
+                                record,
+                                took_over,
+                            }
+                        }
+                        LeaseOutcome::Held { holder } => Input::LeaseHeld { holder },
+                    }
+                }
+            }
+            StoreCommand::Cas { expected, record } => self.write(s, w, expected, *record, log),
+        };
+        Some(input)
+    }
+
+    /// A write as the strategy under test does it; checks S1 when it lands.
+    fn write(
+        &self,
+        s: &mut State,
+        w: usize,
+        expected: Option<Generation>,
+        record: ConnectionRecord,
+        log: &mut Log,
+    ) -> Input {
+        let id = connection_id();
+        let before = s.stored().map(|r| r.generation);
+        let naive_reauth = std::mem::take(&mut s.workers[w].ghost.naive_reauth)
+            && matches!(record.status, Status::ReauthRequired { .. });
+        let ghost = &s.workers[w].ghost;
+        let refresh_commit = ghost
+            .grant
+            .as_ref()
+            .is_some_and(|g| record.access.as_ref().map(|a| &a.token) == Some(&g.grant.access));
+        let landed = if naive_reauth {
+            // B3: `UPDATE ... SET status = 'reauth'` on whatever is stored.
+            let mut current = s.stored().cloned().unwrap_or_else(|| record.clone());
+            current.status = record.status;
+            current.generation = before.map_or(Generation(0), Generation::next);
+            let g = s.store.overwrite(id, current);
+            log.note(|| {
+                format!(
+                    "B3: w{} writes the re-auth status over whatever is stored",
+                    w + 1
+                )
+            });
+            Some((g, before))
+        } else if !self.cfg.strategy.uses_cas() {
+            let g = expected.map_or(Generation(0), Generation::next);
+            let mut record = record;
+            record.generation = g;
+            s.store.overwrite(id, record);
+            Some((g, expected))
+        } else {
+            match s.store.compare_and_swap(id, expected, record) {
+                CasOutcome::Committed(g) => Some((g, expected)),
+                CasOutcome::Conflict(current) => {
+                    s.workers[w].ghost.conflict = true;
+                    return Input::Conflict { current };
+                }
+            }
+        };
+        let Some((generation, base)) = landed else {
+            return Input::StoreFailed;
+        };
+        if let Err(v) = invariants::commit_on_current(base, before) {
+            s.breach(Breach::S1, || format!("w{}: {v}", w + 1));
+        }
+        if let Some(b) = before {
+            if let Err(v) = invariants::generation_monotonic(b, generation) {
+                s.breach(Breach::S1, || format!("w{}: {v}", w + 1));
+            }
+        }
+        let ghost = &mut s.workers[w].ghost;
+        if refresh_commit {
+            ghost.grant = None;
+            s.seen.set(Seen::REFRESH_COMMITTED);
+            if std::mem::take(&mut s.workers[w].ghost.recovering) {
+                s.seen.set(Seen::LOST_RECOVERED);
+            }
+        }
+        if std::mem::take(&mut s.workers[w].ghost.conflict) {
+            s.seen.set(Seen::CONFLICT_RESOLVED);
+        }
+        let dead_by_user = s
+            .provider
+            .grant(self.grant)
+            .is_some_and(|g| g.ended == Some(GrantEnd::UserRevoked));
+        if dead_by_user
+            && s.stored()
+                .is_some_and(|r| matches!(r.status, Status::ReauthRequired { .. }))
+        {
+            s.seen.set(Seen::REVOKE_REAUTH);
+        }
+        Input::Committed { generation }
+    }
+
+    /// The provider handles worker `w`'s request; the reply is delivered as `how`.
+    fn exchange(&self, s: &mut State, w: usize, how: Delivery, log: &mut Log) -> Option<()> {
+        let now = s.now;
+        let flight = s.workers[w].net.clone()?;
+        let (reply, outcome) = s.provider.handle(&flight.request, now);
+        log.note(|| format!("the provider: {outcome:?}"));
+        match &outcome {
+            Outcome::Refreshed {
+                refresh, minted, ..
+            } => match how {
+                Delivery::Normal => s.provider.mark_received(refresh),
+                Delivery::Lost | Delivery::Garbled if *minted => s.provider.mark_lost(refresh),
+                _ => {}
+            },
+            Outcome::Rejected {
+                cause: RejectCause::RotatedAway,
+                ..
+            } if !s.workers[w].ghost.in_doubt => {
+                s.breach(Breach::S3, || {
+                    format!(
+                        "w{} presented a rotated-away refresh token outside its grace window without any reason to doubt it",
+                        w + 1
+                    )
+                });
+            }
+            Outcome::Rejected {
+                cause: RejectCause::WrongClient,
+                ..
+            }
+            | Outcome::ClientRejected => {
+                s.breach(Breach::S7, || {
+                    format!(
+                        "w{}'s request reached the provider with another client's credentials",
+                        w + 1
+                    )
+                });
+            }
+            _ => {}
+        }
+        match how {
+            Delivery::Lost => {
+                log.note(|| "the reply is lost".into());
+                if let Some(f) = &mut s.workers[w].net {
+                    f.lost = true;
+                }
+                return Some(());
+            }
+            Delivery::Normal | Delivery::Garbled => {}
+        }
+        s.workers[w].net = None;
+        let base = s.workers[w].conn.in_flight().cloned();
+        let ghost = &mut s.workers[w].ghost;
+        ghost.in_doubt = false;
+        let reply = if how == Delivery::Garbled {
+            ghost.bad_input = base.as_ref().map(|b| (b.refresh.clone(), b.access.clone()));
+            provider::truncated(reply)
+        } else {
+            if let (Ok(grant), Some(base)) =
+                (parse_token_reply(&self.spec.profile, &reply), base.clone())
+            {
+                ghost.grant = Some(GrantCheck {
+                    base: Box::new(base),
+                    grant,
+                    sent_at: flight.sent_at,
+                });
+                ghost.recovering = matches!(
+                    outcome,
+                    Outcome::Refreshed {
+                        recovered_lost: true,
+                        ..
+                    }
+                );
+            } else if self.cfg.strategy == Strategy::NaiveB3
+                && matches!(outcome, Outcome::Rejected { .. })
+            {
+                ghost.reread_with = base.map(Box::new);
+            }
+            reply
+        };
+        let before = s.workers[w].conn.record().cloned();
+        self.feed(s, w, Input::Replied(reply), log);
+        if how == Delivery::Garbled {
+            if let Err(v) =
+                invariants::unchanged_by_bad_input(before.as_ref(), s.workers[w].conn.record())
+            {
+                s.breach(Breach::S9, || format!("w{}: {v}", w + 1));
+            }
+        }
+        Some(())
+    }
+
+    fn crash(&self, s: &mut State, w: usize, log: &mut Log) {
+        let stored = s.stored().map(|r| r.refresh.clone());
+        let worker = &mut s.workers[w];
+        if let Some(f) = worker.net.take() {
+            if !f.lost && s.now <= f.request.send_deadline {
+                s.orphans.push(Orphan { request: f.request });
+            }
+        }
+        let unstored = worker
+            .conn
+            .uncommitted()
+            .map(|r| r.refresh.clone())
+            .filter(|t| stored.as_ref() != Some(t));
+        worker.conn = Connection::new(
+            connection_id().clone(),
+            self.configs[w].clone(),
+            super::ENTROPY,
+        );
+        worker.incarnation += 1;
+        worker.pending = None;
+        worker.paused = None;
+        worker.ghost = Default::default();
+        if let Some(t) = unstored {
+            let held_elsewhere = s
+                .workers
+                .iter()
+                .any(|o| o.conn.uncommitted().is_some_and(|r| r.refresh == t));
+            if !held_elsewhere {
+                s.provider.mark_lost(t.expose());
+            }
+        }
+        log.note(|| format!("w{} crashes and restarts empty", w + 1));
+    }
+
+    /// Whether worker `w`'s timer is due and firing it would change anything.
+    pub(super) fn timer_due(&self, s: &State, w: usize) -> bool {
+        let worker = &s.workers[w];
+        if worker.pending.is_some() || worker.net.is_some() || worker.paused.is_some() {
+            return false;
+        }
+        if worker.conn.poll_timeout().is_none_or(|t| t > s.now) {
+            return false;
+        }
+        let mut probe = worker.conn.clone();
+        let _ = probe.handle_input(s.now, Input::Timeout);
+        probe != worker.conn
+    }
+
+    /// Whether nothing but time can make progress while callers wait: then time
+    /// jumps for free (bounded by the horizon), so every request can resolve.
+    pub(super) fn free_tick(&self, s: &State) -> bool {
+        let waiting = s.workers.iter().any(|w| w.conn.waiting() > 0);
+        waiting
+            && s.workers.iter().enumerate().all(|(i, w)| {
+                w.pending.is_none()
+                    && w.paused.is_none()
+                    && w.net.is_none()
+                    && !self.timer_due(s, i)
+            })
+            && s.orphans.is_empty()
+    }
+
+    /// The next instant after now at which something can change.
+    pub(super) fn tick_target(&self, s: &State) -> Option<Timestamp> {
+        let now = s.now;
+        let settings = &self.configs[0].settings;
+        let margin = settings.access_margin;
+        let mut at = Vec::new();
+        let record_instants = |r: &ConnectionRecord, at: &mut Vec<Timestamp>| {
+            if let Some(a) = &r.access {
+                at.push(a.expires_at.saturating_sub(margin));
+            }
+            if let Status::Degraded { retry_at, .. } = r.status {
+                at.push(retry_at);
+            }
+            if let Some(since) = r.in_doubt_since {
+                let grace = self.spec.profile.rotation.grace;
+                at.push(since.saturating_add(grace.saturating_sub(settings.in_doubt_safety)));
+            }
+        };
+        for w in &s.workers {
+            at.extend(w.conn.poll_timeout());
+            if let Some(f) = &w.net {
+                at.push(f.request.send_deadline.saturating_add(MS));
+            }
+            if let Some(r) = w.conn.record() {
+                record_instants(r, &mut at);
+            }
+        }
+        for o in &s.orphans {
+            at.push(o.request.send_deadline.saturating_add(MS));
+        }
+        if let Some(row) = s.store.row(connection_id()) {
+            if let Some(l) = &row.lease {
+                at.push(l.expires_at);
+            }
+            if let Some(r) = &row.record {
+                record_instants(r, &mut at);
+            }
+        }
+        s.provider.deadlines(self.grant, now, &mut at);
+        at.into_iter().filter(|t| *t > now).min()
+    }
+}
+
+const MS: core::time::Duration = core::time::Duration::from_millis(1);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    Normal,
+    Lost,
+    Garbled,
+}
+
+impl FaultKind {
+    /// Whether the fault spends the budget when injected.
+    pub fn is_runtime(self) -> bool {
+        self != FaultKind::WrongClient
+    }
+}

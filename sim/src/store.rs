@@ -1,0 +1,248 @@
+//! An in-memory token store with the semantics every tokenfence store must have:
+//! compare-and-swap on the record's generation, and leases with an owner and an
+//! expiry that stay in place until their owner releases them or another worker takes
+//! them over after they expired.
+//!
+//! Deterministic and `Clone + Eq + Hash`, so it lives inside model-checker states and
+//! simulator snapshots. Time is an argument; nothing here reads a clock.
+
+use core::time::Duration;
+use std::collections::BTreeMap;
+use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+
+/// What is stored for one connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Row {
+    /// The record, if the connection exists.
+    pub record: Option<ConnectionRecord>,
+    /// The lease row, if one was granted and not released.
+    pub lease: Option<Lease>,
+}
+
+/// The answer to a compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CasOutcome {
+    /// The record was stored with this generation.
+    Committed(Generation),
+    /// Another generation is stored; here is the record as it is now.
+    Conflict(Option<Box<ConnectionRecord>>),
+}
+
+/// The answer to a lease request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LeaseOutcome {
+    /// The lease is the caller's now.
+    Granted {
+        /// The lease granted.
+        lease: Lease,
+        /// The record read atomically with the grant.
+        record: Option<Box<ConnectionRecord>>,
+        /// The unreleased lease row this grant replaced, whoever owned it.
+        took_over: Option<Lease>,
+    },
+    /// Another owner holds an unexpired lease.
+    Held {
+        /// The holder's lease.
+        holder: Lease,
+    },
+}
+
+/// The in-memory store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemoryStore {
+    rows: BTreeMap<ConnectionId, Row>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A connection's row.
+    pub fn row(&self, id: &ConnectionId) -> Option<&Row> {
+        self.rows.get(id)
+    }
+
+    /// Every connection id, in order.
+    pub fn ids(&self) -> impl Iterator<Item = &ConnectionId> {
+        self.rows.keys()
+    }
+
+    /// Reads a record.
+    pub fn load(&self, id: &ConnectionId) -> Option<ConnectionRecord> {
+        self.rows.get(id).and_then(|r| r.record.clone())
+    }
+
+    /// Stores `record` only if the stored generation is `expected` (`None`: only if
+    /// there is no record). The stored generation becomes `expected + 1` (0 for a
+    /// new record), whatever `record.generation` says.
+    pub fn compare_and_swap(
+        &mut self,
+        id: &ConnectionId,
+        expected: Option<Generation>,
+        mut record: ConnectionRecord,
+    ) -> CasOutcome {
+        let row = self.rows.entry(id.clone()).or_default();
+        let stored = row.record.as_ref().map(|r| r.generation);
+        if stored != expected {
+            return CasOutcome::Conflict(row.record.clone().map(Box::new));
+        }
+        let generation = expected.map_or(Generation(0), Generation::next);
+        record.generation = generation;
+        row.record = Some(record);
+        CasOutcome::Committed(generation)
+    }
+
+    /// Stores `record` as it is, whatever is stored (what a naive driver without
+    /// compare-and-swap does; baselines only).
+    pub fn overwrite(&mut self, id: &ConnectionId, record: ConnectionRecord) -> Generation {
+        let generation = record.generation;
+        self.rows.entry(id.clone()).or_default().record = Some(record);
+        generation
+    }
+
+    /// Grants the lease to `owner` for `ttl` from `now` if it is free, expired, or
+    /// already `owner`'s; the record is read in the same step. The unreleased lease
+    /// row the grant replaces, whoever owned it, is returned as `took_over`: its
+    /// holder never released it, so its refresh may be in flight.
+    pub fn acquire_lease(
+        &mut self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> LeaseOutcome {
+        let row = self.rows.entry(id.clone()).or_default();
+        if let Some(l) = &row.lease {
+            if l.owner != *owner && now < l.expires_at {
+                return LeaseOutcome::Held { holder: l.clone() };
+            }
+        }
+        let lease = Lease {
+            owner: owner.clone(),
+            acquired_at: now,
+            expires_at: now.saturating_add(ttl),
+            generation: row.record.as_ref().map(|r| r.generation),
+        };
+        let took_over = row.lease.replace(lease.clone());
+        LeaseOutcome::Granted {
+            lease,
+            record: row.record.clone().map(Box::new),
+            took_over,
+        }
+    }
+
+    /// Releases the lease if `owner` holds it (expired or not). Returns whether it did.
+    pub fn release_lease(&mut self, id: &ConnectionId, owner: &WorkerId) -> bool {
+        match self.rows.get_mut(id) {
+            Some(row) if row.lease.as_ref().is_some_and(|l| l.owner == *owner) => {
+                row.lease = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Replaces the lease row (harness use: renaming owners under symmetry).
+    pub fn set_lease(&mut self, id: &ConnectionId, lease: Option<Lease>) {
+        self.rows.entry(id.clone()).or_default().lease = lease;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenfence_core::{Environment, GrantIdentity, RefreshToken, Status};
+
+    fn record(refresh: &str) -> ConnectionRecord {
+        ConnectionRecord {
+            id: ConnectionId("c".into()),
+            generation: Generation(99),
+            identity: GrantIdentity {
+                provider: "p".into(),
+                environment: Environment::Production,
+                client_id: "x".into(),
+            },
+            realm_id: None,
+            access: None,
+            refresh: RefreshToken::new(refresh),
+            refresh_issued_at: Timestamp::EPOCH,
+            idle_deadline: None,
+            hard_deadline: None,
+            in_doubt_since: None,
+            status: Status::Active,
+            last_refreshed_at: None,
+            updated_at: Timestamp::EPOCH,
+        }
+    }
+
+    #[test]
+    fn cas_lands_only_on_the_expected_generation() {
+        let id = ConnectionId("c".into());
+        let mut s = MemoryStore::new();
+        assert_eq!(
+            s.compare_and_swap(&id, None, record("a")),
+            CasOutcome::Committed(Generation(0))
+        );
+        assert!(
+            matches!(s.compare_and_swap(&id, None, record("b")), CasOutcome::Conflict(Some(r)) if r.refresh.expose() == "a")
+        );
+        assert_eq!(
+            s.compare_and_swap(&id, Some(Generation(0)), record("b")),
+            CasOutcome::Committed(Generation(1))
+        );
+        assert!(matches!(
+            s.compare_and_swap(&id, Some(Generation(0)), record("c")),
+            CasOutcome::Conflict(_)
+        ));
+        assert_eq!(s.load(&id).map(|r| r.generation), Some(Generation(1)));
+    }
+
+    #[test]
+    fn leases_exclude_until_expiry_and_report_takeovers() {
+        let id = ConnectionId("c".into());
+        let (a, b) = (WorkerId("a".into()), WorkerId("b".into()));
+        let ttl = Duration::from_secs(10);
+        let mut s = MemoryStore::new();
+        let t = Timestamp::from_secs;
+        assert!(matches!(
+            s.acquire_lease(&id, &a, ttl, t(0)),
+            LeaseOutcome::Granted {
+                took_over: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            s.acquire_lease(&id, &b, ttl, t(9)),
+            LeaseOutcome::Held { .. }
+        ));
+        assert!(
+            matches!(
+                s.acquire_lease(&id, &a, ttl, t(9)),
+                LeaseOutcome::Granted {
+                    took_over: Some(_),
+                    ..
+                }
+            ),
+            "an unreleased row is reported even to its owner"
+        );
+        let LeaseOutcome::Granted {
+            took_over: Some(old),
+            ..
+        } = s.acquire_lease(&id, &b, ttl, t(19))
+        else {
+            panic!("b takes over the expired lease");
+        };
+        assert_eq!(old.owner, a);
+        assert!(!s.release_lease(&id, &a), "a no longer holds it");
+        assert!(s.release_lease(&id, &b));
+        assert!(matches!(
+            s.acquire_lease(&id, &a, ttl, t(20)),
+            LeaseOutcome::Granted {
+                took_over: None,
+                ..
+            }
+        ));
+    }
+}
