@@ -28,6 +28,13 @@ pub trait Transport: Send + Sync + 'static {
     async fn send(&self, request: &HttpRequest) -> Delivery;
 }
 
+#[async_trait]
+impl<T: Transport + ?Sized> Transport for std::sync::Arc<T> {
+    async fn send(&self, request: &HttpRequest) -> Delivery {
+        (**self).send(request).await
+    }
+}
+
 /// Why a URL may not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("refusing to send OAuth credentials to {url}: only https, or plain http to a loopback address, is allowed")]

@@ -30,7 +30,7 @@ impl Scripted {
 }
 
 #[async_trait]
-impl Transport for Arc<Scripted> {
+impl Transport for Scripted {
     async fn send(&self, request: &HttpRequest) -> Delivery {
         self.calls.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
@@ -64,7 +64,7 @@ struct Counting {
 }
 
 #[async_trait]
-impl Store for Arc<Counting> {
+impl Store for Counting {
     async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
         self.inner.load(id).await

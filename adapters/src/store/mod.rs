@@ -103,3 +103,40 @@ pub trait Store: Send + Sync + 'static {
     /// Every connection id, in order.
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError>;
 }
+
+#[async_trait]
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
+        (**self).load(id).await
+    }
+    async fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        record: &ConnectionRecord,
+    ) -> Result<CasOutcome, StoreError> {
+        (**self).compare_and_swap(expected, record).await
+    }
+    async fn acquire_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> Result<LeaseOutcome, StoreError> {
+        (**self).acquire_lease(id, owner, now, ttl).await
+    }
+    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
+        (**self).release_lease(id, owner).await
+    }
+    async fn due_for_work(
+        &self,
+        now: Timestamp,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        (**self).due_for_work(now, lead, limit).await
+    }
+    async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
+        (**self).list().await
+    }
+}
