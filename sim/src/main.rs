@@ -13,8 +13,9 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 use tokenfence_sim::check::{explore, run_check, CheckOptions, Search};
+use tokenfence_sim::mock::MockProvider;
 use tokenfence_sim::model::{FaultKind, ModelConfig, Strategy};
-use tokenfence_sim::provider::BehaviourClass;
+use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,21 @@ enum Command {
     /// Model-check the real core: several workers, a store with CAS and leases, a
     /// provider model, faults; verdicts for S1-S9, L1, L5 and the vacuity guards.
     Check(CheckArgs),
+    /// Serve the provider model over HTTP on loopback, for adapter tests and your
+    /// own integration tests: token, revoke and consent endpoints, plus /control.
+    MockProvider(MockArgs),
+}
+
+#[derive(Args)]
+struct MockArgs {
+    /// Provider behaviour: intuit (real lifetimes), or a class with lifetimes scaled
+    /// to seconds: non-rotating, strict, grace-idempotent, grace-fork, periodic,
+    /// reuse-detection.
+    #[arg(long, default_value = "intuit")]
+    profile: String,
+    /// Address to listen on (loopback only).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -95,6 +111,58 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check(args),
+        Command::MockProvider(args) => mock_provider(args),
+    }
+}
+
+fn mock_provider(args: MockArgs) -> ExitCode {
+    let spec = match args.profile.as_str() {
+        "intuit" => ProviderSpec::intuit(),
+        name => match BehaviourClass::from_name(name) {
+            Some(class) => ProviderSpec::scaled(class),
+            None => return bad_args(&format!("unknown profile `{name}`")),
+        },
+    };
+    if !args.addr.ip().is_loopback() {
+        return bad_args("--addr must be a loopback address");
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return bad_args(&format!("cannot start the runtime: {e}")),
+    };
+    let served = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.addr).await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        // The mock is an I/O adapter: its clock starts at the wall time now.
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| tokenfence_core::Timestamp::from_millis(d.as_millis() as u64))
+            .unwrap_or_default();
+        let mock = MockProvider::new(spec, &base, epoch);
+        println!("mock provider ({}) on {base}", args.profile);
+        println!("  token:   {base}{}", tokenfence_sim::mock::TOKEN_PATH);
+        println!("  revoke:  {base}{}", tokenfence_sim::mock::REVOKE_PATH);
+        println!("  consent: {base}{}", tokenfence_sim::mock::AUTHORIZE_PATH);
+        for c in &mock.spec().clients {
+            println!(
+                "  client {} / {} ({})",
+                c.client_id, c.client_secret, c.environment
+            );
+        }
+        println!(
+            "  control: POST {base}/control {{\"op\":\"authorize\",\"client_id\":\"prod-app\"}}"
+        );
+        tokio::select! {
+            r = mock.serve(listener) => r,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
