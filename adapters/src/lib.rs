@@ -4,6 +4,7 @@
 //! stores around the sans-IO state machine of [`tokenfence_core`].
 
 pub mod clock;
+pub mod crypto;
 mod manager;
 pub mod store;
 pub mod transport;

@@ -9,8 +9,13 @@
 //! reports the unreleased row it replaced (whoever owned it).
 
 mod memory;
+mod postgres;
+mod row;
+mod sqlite;
 
 pub use memory::MemoryStore;
+pub use postgres::{PostgresOptions, PostgresStore};
+pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
 use std::time::Duration;

@@ -1,0 +1,503 @@
+//! The shared store: PostgreSQL, for many processes on many machines.
+//!
+//! The compare-and-swap is one guarded `UPDATE ... WHERE id = $1 AND generation = $n`
+//! (an `INSERT ... ON CONFLICT DO NOTHING` when no record may exist). Acquiring a
+//! lease is one transaction: a per-connection advisory lock (so two acquirers of a
+//! lease that has no row yet cannot both win), the lease row read `FOR UPDATE`, the
+//! record read, the new lease written. Releasing is `DELETE ... WHERE owner = $2`,
+//! so an expired holder can never release someone else's lease; a release racing an
+//! acquisition waits for the row lock and then finds another owner.
+//!
+//! Migrations ship with the crate and run on connect, in one transaction under an
+//! advisory lock, so any number of processes may start at once. Records are sealed
+//! with a [`Keyring`] (AES-256-GCM, bound to the connection id).
+//!
+//! Connections use no TLS: point the URL at a server on a trusted network or a
+//! local socket/proxy. PostgreSQL text cannot hold NUL characters, so connection
+//! ids and worker ids containing one are refused with [`StoreError::Config`].
+
+use super::row::{self, SealedRecord};
+use super::{CasOutcome, LeaseOutcome, Store, StoreError};
+use crate::crypto::Keyring;
+use async_trait::async_trait;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::time::Duration;
+use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+use tokio_postgres::NoTls;
+
+/// Schema migrations, applied in order on connect.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres/0001_init.sql"))];
+
+/// First half of the advisory-lock key that serializes migrations ("tokn").
+const MIGRATION_LOCK: i32 = 0x746f_6b6e;
+/// First half of the advisory-lock keys of lease acquisitions ("leas").
+const LEASE_LOCK: i32 = 0x6c65_6173;
+
+/// How a [`PostgresStore`] connects.
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    /// The schema that holds tokenfence's tables (created if missing). Lowercase
+    /// letters, digits and `_`, starting with a letter or `_`.
+    pub schema: String,
+    /// Connections in the pool.
+    pub max_connections: usize,
+    /// How long an operation waits for a pooled connection, and how long
+    /// connecting may take.
+    pub timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            schema: "public".into(),
+            max_connections: 8,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Records and leases in a PostgreSQL database.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    keyring: Keyring,
+    sql: Sql,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: never shown.
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.sql.schema)
+            .field("keyring", &self.keyring)
+            .finish()
+    }
+}
+
+/// Statements, with the schema spelled in.
+#[derive(Clone)]
+struct Sql {
+    schema: String,
+    select_record: String,
+    insert_record: String,
+    update_record: String,
+    select_lease: String,
+    upsert_lease: String,
+    delete_lease: String,
+    due: String,
+    list: String,
+    reseal: String,
+}
+
+impl Sql {
+    fn new(schema: &str) -> Sql {
+        let c = format!("\"{schema}\".tokenfence_connections");
+        let l = format!("\"{schema}\".tokenfence_leases");
+        Sql {
+            schema: schema.to_owned(),
+            select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
+            insert_record: format!(
+                "INSERT INTO {c} (id, generation, status, idle_deadline, updated_at, sealed) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING"
+            ),
+            update_record: format!(
+                "UPDATE {c} SET generation = $2, status = $3, idle_deadline = $4, \
+                 updated_at = $5, sealed = $6 WHERE id = $1 AND generation = $7"
+            ),
+            select_lease: format!(
+                "SELECT owner, acquired_at, expires_at, generation FROM {l} WHERE id = $1 FOR UPDATE"
+            ),
+            upsert_lease: format!(
+                "INSERT INTO {l} (id, owner, acquired_at, expires_at, generation) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET \
+                 owner = EXCLUDED.owner, acquired_at = EXCLUDED.acquired_at, \
+                 expires_at = EXCLUDED.expires_at, generation = EXCLUDED.generation"
+            ),
+            delete_lease: format!("DELETE FROM {l} WHERE id = $1 AND owner = $2"),
+            due: format!(
+                "SELECT id FROM {c} WHERE idle_deadline <= $1 \
+                 UNION SELECT id FROM {l} WHERE expires_at <= $2 ORDER BY id LIMIT $3"
+            ),
+            list: format!("SELECT id FROM {c} ORDER BY id"),
+            reseal: format!("UPDATE {c} SET sealed = $2 WHERE id = $1 AND sealed = $3"),
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user:password@host:port/database`) with the
+    /// default [`PostgresOptions`] and applies the migrations this build ships.
+    pub async fn connect(url: &str, keyring: Keyring) -> Result<Self, StoreError> {
+        Self::connect_with(url, keyring, PostgresOptions::default()).await
+    }
+
+    /// [`connect`](Self::connect) with explicit options.
+    pub async fn connect_with(
+        url: &str,
+        keyring: Keyring,
+        options: PostgresOptions,
+    ) -> Result<Self, StoreError> {
+        if !valid_schema_name(&options.schema) {
+            return Err(StoreError::Config(format!(
+                "PostgreSQL schema name `{}` must be lowercase letters, digits and `_`, at most 63",
+                options.schema.escape_debug()
+            )));
+        }
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        if config.get_application_name().is_none() {
+            config.application_name("tokenfence");
+        }
+        config.connect_timeout(options.timeout);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.timeout))
+            .create_timeout(Some(options.timeout))
+            .recycle_timeout(Some(options.timeout))
+            .build()
+            .map_err(|e| StoreError::Config(format!("PostgreSQL pool: {e}")))?;
+        let store = PostgresStore {
+            pool,
+            keyring,
+            sql: Sql::new(&options.schema),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The schema that holds the tables.
+    pub fn schema(&self) -> &str {
+        &self.sql.schema
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&MIGRATION_LOCK, &self.sql.schema],
+        )
+        .await
+        .map_err(pg_error)?;
+        let schema = &self.sql.schema;
+        let exists = tx
+            .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[schema])
+            .await
+            .map_err(pg_error)?
+            .is_some();
+        if !exists {
+            tx.batch_execute(&format!("CREATE SCHEMA \"{schema}\""))
+                .await
+                .map_err(|e| StoreError::Config(format!("cannot create schema {schema}: {e}")))?;
+        }
+        let versions = format!("\"{schema}\".tokenfence_schema_version");
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {versions} (version BIGINT NOT NULL PRIMARY KEY, \
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        ))
+        .await
+        .map_err(|e| StoreError::Config(format!("cannot create {versions}: {e}")))?;
+        let current: i64 = tx
+            .query_one(
+                &format!("SELECT COALESCE(MAX(version), 0) FROM {versions}"),
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if current > latest {
+            return Err(StoreError::Config(format!(
+                "the PostgreSQL schema {schema} is at version {current}, newer than this build knows ({latest}); upgrade tokenfence"
+            )));
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            tx.batch_execute(&sql.replace("{schema}", &format!("\"{schema}\"")))
+                .await
+                .map_err(|e| {
+                    StoreError::Config(format!("PostgreSQL migration {version} failed: {e}"))
+                })?;
+            tx.execute(
+                &format!("INSERT INTO {versions} (version) VALUES ($1)"),
+                &[version],
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)
+    }
+
+    /// Re-seals every record that is not under the keyring's newest key; returns
+    /// how many rows changed. A row written meanwhile is left to its writer (it is
+    /// sealed under the newest key already). Stops at the first row that does not
+    /// open, leaving it as it is.
+    pub async fn reencrypt_all(&self) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, sealed FROM \"{}\".tokenfence_connections ORDER BY id",
+                    self.sql.schema
+                ),
+                &[],
+            )
+            .await
+            .map_err(pg_error)?;
+        let reseal = client
+            .prepare_cached(&self.sql.reseal)
+            .await
+            .map_err(pg_error)?;
+        let mut changed = 0;
+        for r in rows {
+            let id: String = r.get(0);
+            let sealed: Vec<u8> = r.get(1);
+            if let Some(new) = row::reseal(&self.keyring, &ConnectionId(id.clone()), &sealed)? {
+                changed += client
+                    .execute(&reseal, &[&id, &new, &sealed])
+                    .await
+                    .map_err(pg_error)?;
+            }
+        }
+        Ok(usize::try_from(changed).unwrap_or(usize::MAX))
+    }
+}
+
+fn valid_schema_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(format!("PostgreSQL: {e}"))
+}
+
+fn check_text(what: &str, text: &str) -> Result<(), StoreError> {
+    if text.contains('\0') {
+        return Err(StoreError::Config(format!(
+            "{what} contains a NUL character, which PostgreSQL text cannot store"
+        )));
+    }
+    Ok(())
+}
+
+async fn read_record<C: GenericClient>(
+    client: &C,
+    sql: &str,
+    keyring: &Keyring,
+    id: &ConnectionId,
+) -> Result<Option<ConnectionRecord>, StoreError> {
+    let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+    let row = client.query_opt(&stmt, &[&id.0]).await.map_err(pg_error)?;
+    row.map(|r| {
+        let sealed: &[u8] = r.get(1);
+        row::open(keyring, id, r.get(0), sealed)
+    })
+    .transpose()
+}
+
+async fn ids<C: GenericClient>(
+    client: &C,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<ConnectionId>, StoreError> {
+    let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+    let rows = client.query(&stmt, params).await.map_err(pg_error)?;
+    Ok(rows.iter().map(|r| ConnectionId(r.get(0))).collect())
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
+        check_text("connection id", &id.0)?;
+        let client = self.client().await?;
+        read_record(&client, &self.sql.select_record, &self.keyring, id).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        record: &ConnectionRecord,
+    ) -> Result<CasOutcome, StoreError> {
+        check_text("connection id", &record.id.0)?;
+        let SealedRecord {
+            generation,
+            status,
+            idle_deadline,
+            updated_at,
+            sealed,
+        } = row::seal(&self.keyring, record)?;
+        let client = self.client().await?;
+        let changed = match expected {
+            None => {
+                let stmt = client
+                    .prepare_cached(&self.sql.insert_record)
+                    .await
+                    .map_err(pg_error)?;
+                client
+                    .execute(
+                        &stmt,
+                        &[
+                            &record.id.0,
+                            &generation,
+                            &status,
+                            &idle_deadline,
+                            &updated_at,
+                            &sealed,
+                        ],
+                    )
+                    .await
+            }
+            Some(g) => {
+                let stmt = client
+                    .prepare_cached(&self.sql.update_record)
+                    .await
+                    .map_err(pg_error)?;
+                client
+                    .execute(
+                        &stmt,
+                        &[
+                            &record.id.0,
+                            &generation,
+                            &status,
+                            &idle_deadline,
+                            &updated_at,
+                            &sealed,
+                            &row::generation_to_sql(g),
+                        ],
+                    )
+                    .await
+            }
+        }
+        .map_err(pg_error)?;
+        if changed == 1 {
+            return Ok(CasOutcome::Committed);
+        }
+        // Read after the failed guard: the record stored now (at least as new as
+        // the one that failed it, since generations only move by CAS).
+        let current =
+            read_record(&client, &self.sql.select_record, &self.keyring, &record.id).await?;
+        Ok(CasOutcome::Conflict(current))
+    }
+
+    async fn acquire_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> Result<LeaseOutcome, StoreError> {
+        check_text("connection id", &id.0)?;
+        check_text("worker id", &owner.0)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let lock_key = format!("{}/{}", self.sql.schema, id.0);
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&LEASE_LOCK, &lock_key],
+        )
+        .await
+        .map_err(pg_error)?;
+        let select = tx
+            .prepare_cached(&self.sql.select_lease)
+            .await
+            .map_err(pg_error)?;
+        let current = tx
+            .query_opt(&select, &[&id.0])
+            .await
+            .map_err(pg_error)?
+            .map(|r| row::lease_from_sql(r.get(0), r.get(1), r.get(2), r.get(3)));
+        if let Some(held) = current
+            .as_ref()
+            .filter(|l| l.owner != *owner && l.expires_at > now)
+        {
+            let held = held.clone();
+            tx.rollback().await.map_err(pg_error)?;
+            return Ok(LeaseOutcome::Held(held));
+        }
+        // A record that does not open fails the acquisition: the transaction is
+        // dropped, so rolled back, and the lease row stays as it was.
+        let record = read_record(&tx, &self.sql.select_record, &self.keyring, id).await?;
+        let lease = Lease {
+            owner: owner.clone(),
+            acquired_at: now,
+            expires_at: now.saturating_add(ttl),
+            generation: record.as_ref().map(|r| r.generation),
+        };
+        let upsert = tx
+            .prepare_cached(&self.sql.upsert_lease)
+            .await
+            .map_err(pg_error)?;
+        tx.execute(
+            &upsert,
+            &[
+                &id.0,
+                &lease.owner.0,
+                &row::time_to_sql(lease.acquired_at),
+                &row::time_to_sql(lease.expires_at),
+                &lease.generation.map(row::generation_to_sql),
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(LeaseOutcome::Granted {
+            lease,
+            record,
+            took_over: current,
+        })
+    }
+
+    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
+        check_text("connection id", &id.0)?;
+        check_text("worker id", &owner.0)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&self.sql.delete_lease)
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(&stmt, &[&id.0, &owner.0])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn due_for_work(
+        &self,
+        now: Timestamp,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        // keep-alive due: idle_deadline - lead <= now, i.e. idle_deadline <= now + lead.
+        let keepalive_bound = row::time_to_sql(now.saturating_add(lead));
+        let now = row::time_to_sql(now);
+        let limit = row::limit_to_sql(limit);
+        let client = self.client().await?;
+        ids(&client, &self.sql.due, &[&keepalive_bound, &now, &limit]).await
+    }
+
+    async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
+        let client = self.client().await?;
+        ids(&client, &self.sql.list, &[]).await
+    }
+}

@@ -1,0 +1,188 @@
+//! How the SQL stores lay a record out in a row: a few plain columns for queries,
+//! and the whole record as JSON sealed with the keyring, bound to the connection id.
+
+use super::StoreError;
+use crate::crypto::Keyring;
+use tokenfence_core::{
+    ConnectionId, ConnectionRecord, Generation, Lease, Status, Timestamp, WorkerId,
+};
+use zeroize::Zeroizing;
+
+/// Context (associated data) prefix of sealed records: a sealed record opens only
+/// as the record of the connection it was sealed for.
+const RECORD_CONTEXT: &[u8] = b"tokenfence/connection-record/v1\0";
+
+/// A record as written to a row.
+pub(crate) struct SealedRecord {
+    pub generation: i64,
+    pub status: &'static str,
+    /// The idle deadline while the record is live (keep-alive applies), else NULL.
+    pub idle_deadline: Option<i64>,
+    pub updated_at: i64,
+    pub sealed: Vec<u8>,
+}
+
+fn context(id: &ConnectionId) -> Vec<u8> {
+    let mut c = Vec::with_capacity(RECORD_CONTEXT.len() + id.0.len());
+    c.extend_from_slice(RECORD_CONTEXT);
+    c.extend_from_slice(id.0.as_bytes());
+    c
+}
+
+/// Seals a record for its row.
+pub(crate) fn seal(
+    keyring: &Keyring,
+    record: &ConnectionRecord,
+) -> Result<SealedRecord, StoreError> {
+    // Reserve generously so serialization does not reallocate and leave copies of
+    // the tokens behind in freed memory; the buffer is zeroized when dropped.
+    let secrets = record.refresh.len() + record.access.as_ref().map_or(0, |a| a.token.len());
+    let mut json = Zeroizing::new(Vec::with_capacity(
+        1024 + 2 * secrets + 4 * record.id.0.len(),
+    ));
+    serde_json::to_writer(&mut *json, record).map_err(|e| {
+        StoreError::Config(format!(
+            "record of connection {} could not be serialized ({} error)",
+            record.id,
+            e.classify_name()
+        ))
+    })?;
+    let sealed = keyring
+        .seal(&context(&record.id), &json)
+        .map_err(|e| StoreError::Config(format!("cannot seal record: {e}")))?;
+    Ok(SealedRecord {
+        generation: generation_to_sql(record.generation),
+        status: status_name(&record.status),
+        idle_deadline: if record.is_live() {
+            record.idle_deadline.map(time_to_sql)
+        } else {
+            None
+        },
+        updated_at: time_to_sql(record.updated_at),
+        sealed,
+    })
+}
+
+/// Opens a row's sealed record and checks it against the row's plain columns.
+pub(crate) fn open(
+    keyring: &Keyring,
+    id: &ConnectionId,
+    generation: i64,
+    sealed: &[u8],
+) -> Result<ConnectionRecord, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        id: id.clone(),
+        reason,
+    };
+    let json = keyring
+        .open(&context(id), sealed)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let record: ConnectionRecord = serde_json::from_slice(&json).map_err(|e| {
+        // serde_json's messages can quote input; say only where it failed.
+        corrupt(format!(
+            "sealed record is not a valid record ({} error at line {} column {})",
+            e.classify_name(),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    if record.id != *id {
+        return Err(corrupt(
+            "sealed record belongs to another connection".into(),
+        ));
+    }
+    let stored = generation_from_sql(generation);
+    if record.generation != stored {
+        return Err(corrupt(format!(
+            "sealed record has generation {} but the row says {stored}; an old ciphertext was restored",
+            record.generation
+        )));
+    }
+    Ok(record)
+}
+
+/// Re-seals a row's blob under the newest key, if it is under another one.
+pub(crate) fn reseal(
+    keyring: &Keyring,
+    id: &ConnectionId,
+    sealed: &[u8],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let corrupt = |e: crate::crypto::CryptoError| StoreError::Corrupt {
+        id: id.clone(),
+        reason: e.to_string(),
+    };
+    if Keyring::key_id_of(sealed).map_err(corrupt)? == keyring.current() {
+        return Ok(None);
+    }
+    keyring
+        .reencrypt(&context(id), sealed)
+        .map(Some)
+        .map_err(corrupt)
+}
+
+fn status_name(status: &Status) -> &'static str {
+    match status {
+        Status::Active => "active",
+        Status::Degraded { .. } => "degraded",
+        Status::ReauthRequired { .. } => "reauth_required",
+        Status::Disconnected { .. } => "disconnected",
+    }
+}
+
+trait ClassifyName {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl ClassifyName for serde_json::Error {
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "i/o",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "data",
+            serde_json::error::Category::Eof => "end of input",
+        }
+    }
+}
+
+/// Generations are stored as the same 64 bits, so every value round-trips and
+/// equality (the CAS guard) is exact; values past `i64::MAX` read back negative in
+/// SQL, which no realistic counter reaches.
+pub(crate) fn generation_to_sql(g: Generation) -> i64 {
+    g.0 as i64
+}
+
+/// Inverse of [`generation_to_sql`].
+pub(crate) fn generation_from_sql(g: i64) -> Generation {
+    Generation(g as u64)
+}
+
+/// Instants are stored as milliseconds since the epoch, saturating at `i64::MAX`
+/// (292 million years from now), like [`Timestamp`]'s own arithmetic saturates.
+pub(crate) fn time_to_sql(t: Timestamp) -> i64 {
+    i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Inverse of [`time_to_sql`]; a negative value (never written) reads as the epoch.
+pub(crate) fn time_from_sql(t: i64) -> Timestamp {
+    Timestamp::from_millis(u64::try_from(t).unwrap_or(0))
+}
+
+/// A lease from its row.
+pub(crate) fn lease_from_sql(
+    owner: String,
+    acquired_at: i64,
+    expires_at: i64,
+    generation: Option<i64>,
+) -> Lease {
+    Lease {
+        owner: WorkerId(owner),
+        acquired_at: time_from_sql(acquired_at),
+        expires_at: time_from_sql(expires_at),
+        generation: generation.map(generation_from_sql),
+    }
+}
+
+/// A `usize` limit as SQL's `LIMIT` operand.
+pub(crate) fn limit_to_sql(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}

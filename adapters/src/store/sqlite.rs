@@ -1,0 +1,392 @@
+//! The embedded default store: one SQLite file, nothing to run.
+//!
+//! The file is in WAL mode with `synchronous = FULL`, so a committed rotation
+//! survives a power cut, and it can be shared by several processes on one machine:
+//! every write is one `BEGIN IMMEDIATE` transaction, and a writer waits up to the
+//! busy timeout for another. The compare-and-swap is a guarded
+//! `UPDATE ... WHERE id = ? AND generation = ?` (an `INSERT` when no record may
+//! exist); acquiring a lease reads the lease row and the record and writes the new
+//! lease in one transaction; releasing deletes the lease only where the owner
+//! matches. Records are sealed with a [`Keyring`] (AES-256-GCM, bound to the
+//! connection id); the plain columns hold only what queries need.
+//!
+//! SQLite calls block, so they run on tokio's blocking pool, one at a time per
+//! store over a single connection.
+
+use super::row::{self, SealedRecord};
+use super::{CasOutcome, LeaseOutcome, Store, StoreError};
+use crate::crypto::Keyring;
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+
+/// Schema migrations, applied in order on open; `PRAGMA user_version` records the
+/// last one applied.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/sqlite/0001_init.sql"))];
+
+/// How long a write waits for another process's transaction before failing.
+const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+const SELECT_RECORD: &str = "SELECT generation, sealed FROM tokenfence_connections WHERE id = ?1";
+const SELECT_LEASE: &str =
+    "SELECT owner, acquired_at, expires_at, generation FROM tokenfence_leases WHERE id = ?1";
+
+/// Records and leases in a SQLite file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Mutex<Connection>,
+    keyring: Keyring,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("keyring", &self.inner.keyring)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path`, enables WAL and applies the
+    /// schema migrations this build ships. Blocks while it does so.
+    pub fn open(path: impl AsRef<Path>, keyring: Keyring) -> Result<Self, StoreError> {
+        Self::open_with_busy_timeout(path, keyring, DEFAULT_BUSY_TIMEOUT)
+    }
+
+    /// [`open`](Self::open) with another wait for other processes' transactions.
+    pub fn open_with_busy_timeout(
+        path: impl AsRef<Path>,
+        keyring: Keyring,
+        busy_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut conn = Connection::open(&path).map_err(|e| {
+            StoreError::Unavailable(format!("cannot open SQLite file {}: {e}", path.display()))
+        })?;
+        conn.busy_timeout(busy_timeout).map_err(sql_error)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(sql_error)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Config(format!(
+                "SQLite file {} cannot use WAL (journal mode is {mode}); use a file on a local disk",
+                path.display()
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql_error)?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                keyring,
+                path,
+            }),
+        })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Re-seals every record that is not under the keyring's newest key; returns
+    /// how many rows changed. All in one transaction: if any row does not open,
+    /// the error names it and no row changes.
+    pub async fn reencrypt_all(&self) -> Result<usize, StoreError> {
+        self.run(|conn, keyring| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_error)?;
+            let rows: Vec<(String, Vec<u8>)> = {
+                let mut stmt = tx
+                    .prepare_cached("SELECT id, sealed FROM tokenfence_connections ORDER BY id")
+                    .map_err(sql_error)?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(sql_error)?;
+                rows.collect::<Result<_, _>>().map_err(sql_error)?
+            };
+            let mut changed = 0;
+            for (id, sealed) in rows {
+                if let Some(resealed) = row::reseal(keyring, &ConnectionId(id.clone()), &sealed)? {
+                    tx.execute(
+                        "UPDATE tokenfence_connections SET sealed = ?2 WHERE id = ?1",
+                        params![id, resealed],
+                    )
+                    .map_err(sql_error)?;
+                    changed += 1;
+                }
+            }
+            tx.commit().map_err(sql_error)?;
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// Runs `f` with the connection on tokio's blocking pool.
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &Keyring) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner
+                .conn
+                .lock()
+                .map_err(|_| StoreError::Unavailable("SQLite connection poisoned".into()))?;
+            f(&mut conn, &inner.keyring)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("SQLite task failed: {e}")))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_error)?;
+    let current: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql_error)?;
+    let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if current > latest {
+        return Err(StoreError::Config(format!(
+            "the SQLite schema is at version {current}, newer than this build knows ({latest}); upgrade tokenfence"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.execute_batch(sql)
+            .map_err(|e| StoreError::Config(format!("SQLite migration {version} failed: {e}")))?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(sql_error)?;
+    }
+    tx.commit().map_err(sql_error)
+}
+
+fn sql_error(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(format!("SQLite: {e}"))
+}
+
+fn read_record(
+    conn: &Connection,
+    keyring: &Keyring,
+    id: &ConnectionId,
+) -> Result<Option<ConnectionRecord>, StoreError> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached(SELECT_RECORD)
+        .and_then(|mut s| {
+            s.query_row([&id.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(sql_error)?;
+    row.map(|(generation, sealed)| row::open(keyring, id, generation, &sealed))
+        .transpose()
+}
+
+fn read_lease(conn: &Connection, id: &ConnectionId) -> Result<Option<Lease>, StoreError> {
+    conn.prepare_cached(SELECT_LEASE)
+        .and_then(|mut s| {
+            s.query_row([&id.0], |r| {
+                Ok(row::lease_from_sql(
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(sql_error)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
+        let id = id.clone();
+        self.run(move |conn, keyring| read_record(conn, keyring, &id))
+            .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        record: &ConnectionRecord,
+    ) -> Result<CasOutcome, StoreError> {
+        let id = record.id.clone();
+        let SealedRecord {
+            generation,
+            status,
+            idle_deadline,
+            updated_at,
+            sealed,
+        } = row::seal(&self.inner.keyring, record)?;
+        self.run(move |conn, keyring| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_error)?;
+            let changed = match expected {
+                None => tx
+                    .prepare_cached(
+                        "INSERT INTO tokenfence_connections \
+                         (id, generation, status, idle_deadline, updated_at, sealed) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            id.0,
+                            generation,
+                            status,
+                            idle_deadline,
+                            updated_at,
+                            sealed
+                        ])
+                    }),
+                Some(g) => tx
+                    .prepare_cached(
+                        "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
+                         idle_deadline = ?4, updated_at = ?5, sealed = ?6 \
+                         WHERE id = ?1 AND generation = ?7",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            id.0,
+                            generation,
+                            status,
+                            idle_deadline,
+                            updated_at,
+                            sealed,
+                            row::generation_to_sql(g)
+                        ])
+                    }),
+            }
+            .map_err(sql_error)?;
+            let outcome = if changed == 1 {
+                CasOutcome::Committed
+            } else {
+                CasOutcome::Conflict(read_record(&tx, keyring, &id)?)
+            };
+            tx.commit().map_err(sql_error)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn acquire_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> Result<LeaseOutcome, StoreError> {
+        let id = id.clone();
+        let owner = owner.clone();
+        self.run(move |conn, keyring| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_error)?;
+            let current = read_lease(&tx, &id)?;
+            if let Some(held) = current
+                .as_ref()
+                .filter(|l| l.owner != owner && l.expires_at > now)
+            {
+                return Ok(LeaseOutcome::Held(held.clone()));
+            }
+            // A record that does not open fails the acquisition; the transaction
+            // rolls back and the lease row stays as it was.
+            let record = read_record(&tx, keyring, &id)?;
+            let lease = Lease {
+                owner,
+                acquired_at: now,
+                expires_at: now.saturating_add(ttl),
+                generation: record.as_ref().map(|r| r.generation),
+            };
+            tx.prepare_cached(
+                "INSERT INTO tokenfence_leases (id, owner, acquired_at, expires_at, generation) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO UPDATE SET \
+                 owner = excluded.owner, acquired_at = excluded.acquired_at, \
+                 expires_at = excluded.expires_at, generation = excluded.generation",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id.0,
+                    lease.owner.0,
+                    row::time_to_sql(lease.acquired_at),
+                    row::time_to_sql(lease.expires_at),
+                    lease.generation.map(row::generation_to_sql)
+                ])
+            })
+            .map_err(sql_error)?;
+            tx.commit().map_err(sql_error)?;
+            Ok(LeaseOutcome::Granted {
+                lease,
+                record,
+                took_over: current,
+            })
+        })
+        .await
+    }
+
+    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
+        let id = id.clone();
+        let owner = owner.clone();
+        self.run(move |conn, _| {
+            conn.prepare_cached("DELETE FROM tokenfence_leases WHERE id = ?1 AND owner = ?2")
+                .and_then(|mut s| s.execute(params![id.0, owner.0]))
+                .map(drop)
+                .map_err(sql_error)
+        })
+        .await
+    }
+
+    async fn due_for_work(
+        &self,
+        now: Timestamp,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        // keep-alive due: idle_deadline - lead <= now, i.e. idle_deadline <= now + lead.
+        let keepalive_bound = row::time_to_sql(now.saturating_add(lead));
+        let now = row::time_to_sql(now);
+        let limit = row::limit_to_sql(limit);
+        self.run(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id FROM tokenfence_connections WHERE idle_deadline <= ?1 \
+                     UNION SELECT id FROM tokenfence_leases WHERE expires_at <= ?2 \
+                     ORDER BY id LIMIT ?3",
+                )
+                .map_err(sql_error)?;
+            let ids = stmt
+                .query_map(params![keepalive_bound, now, limit], |r| {
+                    r.get(0).map(ConnectionId)
+                })
+                .map_err(sql_error)?;
+            ids.collect::<Result<_, _>>().map_err(sql_error)
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
+        self.run(|conn, _| {
+            let mut stmt = conn
+                .prepare_cached("SELECT id FROM tokenfence_connections ORDER BY id")
+                .map_err(sql_error)?;
+            let ids = stmt
+                .query_map([], |r| r.get(0).map(ConnectionId))
+                .map_err(sql_error)?;
+            ids.collect::<Result<_, _>>().map_err(sql_error)
+        })
+        .await
+    }
+}

@@ -1,0 +1,1160 @@
+//! Store conformance: every property is written once, as a generic async fn over a
+//! [`Backend`], and run against MemoryStore, SqliteStore (a temp file) and
+//! PostgresStore (a fresh schema per test in the database at `TOKENFENCE_PG_URL`).
+//!
+//! PostgreSQL is not optional: with `TOKENFENCE_PG_URL` unset the PostgreSQL tests
+//! fail, unless `TOKENFENCE_SKIP_PG=1` says to skip them on purpose. Start a
+//! throwaway server with `eval "$(scripts/postgres start)"`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
+use tokenfence::store::{
+    CasOutcome, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore, SqliteStore, Store,
+    StoreError,
+};
+use tokenfence_core::{
+    days, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind,
+    Generation, GrantIdentity, Lease, ReauthReason, RefreshToken, Status, Timestamp, WorkerId,
+};
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
+const TTL: Duration = Duration::from_secs(30);
+
+fn at(secs: u64) -> Timestamp {
+    T0.saturating_add(Duration::from_secs(secs))
+}
+
+fn id(s: &str) -> ConnectionId {
+    ConnectionId(s.into())
+}
+
+fn worker(s: &str) -> WorkerId {
+    WorkerId(s.into())
+}
+
+fn key(byte: u8) -> EncryptionKey {
+    EncryptionKey::from_slice(&[byte; 32]).unwrap()
+}
+
+fn keyring() -> Keyring {
+    Keyring::new(KeyId(1), key(1))
+}
+
+/// A record whose tokens name the connection and generation, so a record read
+/// back from the wrong row or generation cannot pass for the right one.
+fn record(conn: &str, generation: u64) -> ConnectionRecord {
+    ConnectionRecord {
+        id: id(conn),
+        generation: Generation(generation),
+        identity: GrantIdentity {
+            provider: "intuit".into(),
+            environment: Environment::Production,
+            client_id: "ABclient".into(),
+        },
+        realm_id: Some("9130".into()),
+        access: Some(AccessGrant {
+            token: AccessToken::new(format!("AT-secret-{conn}-{generation}")),
+            expires_at: at(generation.saturating_add(3600)),
+        }),
+        refresh: RefreshToken::new(format!("RT-secret-{conn}-{generation}")),
+        refresh_issued_at: T0,
+        idle_deadline: Some(T0.saturating_add(days(100))),
+        hard_deadline: Some(T0.saturating_add(days(5 * 365))),
+        in_doubt_since: None,
+        status: Status::Active,
+        last_refreshed_at: Some(T0),
+        updated_at: at(generation),
+    }
+}
+
+/// Something that opens stores over one shared place (a map, a file, a schema),
+/// and for the encrypted backends reaches under the store to damage rows.
+trait Backend: Sync {
+    type S: Store;
+    /// A store over the shared place, with the given keyring.
+    async fn open(&self, keyring: Keyring) -> Arc<Self::S>;
+    /// The raw sealed column of a row.
+    async fn sealed(&self, id: &ConnectionId) -> Vec<u8>;
+    /// Overwrites the raw sealed column of a row.
+    async fn set_sealed(&self, id: &ConnectionId, sealed: &[u8]);
+    /// The raw lease owner of a row, read without the store.
+    async fn lease_owner(&self, id: &ConnectionId) -> Option<String>;
+    /// Every byte the backend keeps, for leak checks.
+    async fn raw_bytes(&self) -> Vec<u8>;
+}
+
+struct MemoryBackend(Arc<MemoryStore>);
+
+impl MemoryBackend {
+    fn new() -> Self {
+        MemoryBackend(Arc::new(MemoryStore::new()))
+    }
+}
+
+impl Backend for MemoryBackend {
+    type S = MemoryStore;
+    async fn open(&self, _: Keyring) -> Arc<MemoryStore> {
+        Arc::clone(&self.0)
+    }
+    async fn sealed(&self, _: &ConnectionId) -> Vec<u8> {
+        unreachable!("memory rows are not sealed")
+    }
+    async fn set_sealed(&self, _: &ConnectionId, _: &[u8]) {
+        unreachable!("memory rows are not sealed")
+    }
+    async fn lease_owner(&self, _: &ConnectionId) -> Option<String> {
+        unreachable!("memory rows are not sealed")
+    }
+    async fn raw_bytes(&self) -> Vec<u8> {
+        unreachable!("memory rows are not sealed")
+    }
+}
+
+struct SqliteBackend {
+    dir: tempfile::TempDir,
+}
+
+impl SqliteBackend {
+    fn new() -> Self {
+        SqliteBackend {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("tokens.db")
+    }
+
+    fn raw(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(self.path()).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c
+    }
+}
+
+impl Backend for SqliteBackend {
+    type S = SqliteStore;
+    async fn open(&self, keyring: Keyring) -> Arc<SqliteStore> {
+        Arc::new(SqliteStore::open(self.path(), keyring).unwrap())
+    }
+    async fn sealed(&self, id: &ConnectionId) -> Vec<u8> {
+        self.raw()
+            .query_row(
+                "SELECT sealed FROM tokenfence_connections WHERE id = ?1",
+                [&id.0],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+    async fn set_sealed(&self, id: &ConnectionId, sealed: &[u8]) {
+        let n = self
+            .raw()
+            .execute(
+                "UPDATE tokenfence_connections SET sealed = ?2 WHERE id = ?1",
+                rusqlite::params![id.0, sealed],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    async fn lease_owner(&self, id: &ConnectionId) -> Option<String> {
+        use rusqlite::OptionalExtension;
+        self.raw()
+            .query_row(
+                "SELECT owner FROM tokenfence_leases WHERE id = ?1",
+                [&id.0],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap()
+    }
+    async fn raw_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+            all.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        all
+    }
+}
+
+struct PgBackend {
+    url: String,
+    schema: String,
+}
+
+static SCHEMA_SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl PgBackend {
+    /// A fresh schema in the test database; `None` only when the PostgreSQL tests
+    /// are skipped on purpose.
+    async fn new() -> Option<Self> {
+        let Ok(url) = std::env::var("TOKENFENCE_PG_URL") else {
+            if std::env::var("TOKENFENCE_SKIP_PG").as_deref() == Ok("1") {
+                eprintln!("TOKENFENCE_SKIP_PG=1: skipping a PostgreSQL conformance test");
+                return None;
+            }
+            panic!(
+                "TOKENFENCE_PG_URL is not set, so the PostgreSQL store cannot be tested. \
+                 Start a throwaway server with `eval \"$(scripts/postgres start)\"`, \
+                 or set TOKENFENCE_SKIP_PG=1 to skip the PostgreSQL tests on purpose."
+            );
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let schema = format!(
+            "tf_test_{}_{}_{}",
+            std::process::id(),
+            nanos,
+            SCHEMA_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        Some(PgBackend { url, schema })
+    }
+
+    async fn raw(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    async fn drop_schema(&self) {
+        self.raw()
+            .await
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+impl Backend for PgBackend {
+    type S = PostgresStore;
+    async fn open(&self, keyring: Keyring) -> Arc<PostgresStore> {
+        let options = PostgresOptions {
+            schema: self.schema.clone(),
+            max_connections: 4,
+            ..PostgresOptions::default()
+        };
+        Arc::new(
+            PostgresStore::connect_with(&self.url, keyring, options)
+                .await
+                .unwrap(),
+        )
+    }
+    async fn sealed(&self, id: &ConnectionId) -> Vec<u8> {
+        let sql = format!(
+            "SELECT sealed FROM \"{}\".tokenfence_connections WHERE id = $1",
+            self.schema
+        );
+        self.raw()
+            .await
+            .query_one(&sql, &[&id.0])
+            .await
+            .unwrap()
+            .get(0)
+    }
+    async fn set_sealed(&self, id: &ConnectionId, sealed: &[u8]) {
+        let sql = format!(
+            "UPDATE \"{}\".tokenfence_connections SET sealed = $2 WHERE id = $1",
+            self.schema
+        );
+        let n = self
+            .raw()
+            .await
+            .execute(&sql, &[&id.0, &sealed])
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    async fn lease_owner(&self, id: &ConnectionId) -> Option<String> {
+        let sql = format!(
+            "SELECT owner FROM \"{}\".tokenfence_leases WHERE id = $1",
+            self.schema
+        );
+        self.raw()
+            .await
+            .query_opt(&sql, &[&id.0])
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    }
+    async fn raw_bytes(&self) -> Vec<u8> {
+        let client = self.raw().await;
+        let mut all = Vec::new();
+        for table in ["tokenfence_connections", "tokenfence_leases"] {
+            let sql = format!(
+                "SELECT convert_to(t::text, 'UTF8') FROM \"{}\".{table} t",
+                self.schema
+            );
+            for row in client.query(&sql, &[]).await.unwrap() {
+                all.extend(row.get::<_, Vec<u8>>(0));
+            }
+        }
+        let sql = format!(
+            "SELECT sealed FROM \"{}\".tokenfence_connections",
+            self.schema
+        );
+        for row in client.query(&sql, &[]).await.unwrap() {
+            all.extend(row.get::<_, Vec<u8>>(0));
+        }
+        all
+    }
+}
+
+async fn committed(store: &impl Store, expected: Option<u64>, record: &ConnectionRecord) {
+    let outcome = store
+        .compare_and_swap(expected.map(Generation), record)
+        .await
+        .unwrap();
+    assert_eq!(outcome, CasOutcome::Committed, "CAS of {:?}", record.id);
+}
+
+async fn granted(
+    store: &impl Store,
+    conn: &str,
+    owner: &str,
+    now: Timestamp,
+) -> (Lease, Option<ConnectionRecord>, Option<Lease>) {
+    match store
+        .acquire_lease(&id(conn), &worker(owner), now, TTL)
+        .await
+        .unwrap()
+    {
+        LeaseOutcome::Granted {
+            lease,
+            record,
+            took_over,
+        } => (lease, record, took_over),
+        LeaseOutcome::Held(l) => panic!("{owner} expected the lease of {conn}, held by {l:?}"),
+    }
+}
+
+async fn held(store: &impl Store, conn: &str, owner: &str, now: Timestamp) -> Lease {
+    match store
+        .acquire_lease(&id(conn), &worker(owner), now, TTL)
+        .await
+        .unwrap()
+    {
+        LeaseOutcome::Held(l) => l,
+        other => panic!("{owner} expected {conn}'s lease to be held, got {other:?}"),
+    }
+}
+
+fn lease(owner: &str, acquired: Timestamp, generation: Option<u64>) -> Lease {
+    Lease {
+        owner: worker(owner),
+        acquired_at: acquired,
+        expires_at: acquired.saturating_add(TTL),
+        generation: generation.map(Generation),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Properties every store has
+// ---------------------------------------------------------------------------
+
+async fn insert_only_if_absent<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    assert_eq!(s.load(&id("a")).await.unwrap(), None);
+    committed(&*s, None, &record("a", 0)).await;
+    assert_eq!(s.load(&id("a")).await.unwrap(), Some(record("a", 0)));
+    // A second insert conflicts and reports what is stored; nothing changes.
+    let mut other = record("a", 0);
+    other.refresh = RefreshToken::new("RT-other");
+    assert_eq!(
+        s.compare_and_swap(None, &other).await.unwrap(),
+        CasOutcome::Conflict(Some(record("a", 0)))
+    );
+    assert_eq!(s.load(&id("a")).await.unwrap(), Some(record("a", 0)));
+}
+
+async fn cas_success_and_conflict_return_current<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("a", 0)).await;
+    committed(&*s, Some(0), &record("a", 1)).await;
+    assert_eq!(s.load(&id("a")).await.unwrap(), Some(record("a", 1)));
+    // Derived from g0, but g1 is stored: conflict with the g1 record, unchanged.
+    let mut stale = record("a", 1);
+    stale.refresh = RefreshToken::new("RT-stale");
+    assert_eq!(
+        s.compare_and_swap(Some(Generation(0)), &stale)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict(Some(record("a", 1)))
+    );
+    // Derived from a generation that was never stored.
+    assert_eq!(
+        s.compare_and_swap(Some(Generation(7)), &record("a", 8))
+            .await
+            .unwrap(),
+        CasOutcome::Conflict(Some(record("a", 1)))
+    );
+    // An update of a connection that does not exist conflicts with nothing.
+    assert_eq!(
+        s.compare_and_swap(Some(Generation(0)), &record("b", 1))
+            .await
+            .unwrap(),
+        CasOutcome::Conflict(None)
+    );
+    assert_eq!(s.load(&id("b")).await.unwrap(), None);
+    assert_eq!(s.load(&id("a")).await.unwrap(), Some(record("a", 1)));
+}
+
+async fn generation_never_decreases<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("a", 0)).await;
+    let mut seen = 0;
+    for g in 1..=6u64 {
+        committed(&*s, Some(g - 1), &record("a", g)).await;
+        // Every stale writer, from any older generation, is refused.
+        for old in 0..g {
+            let outcome = s
+                .compare_and_swap(Some(Generation(old)), &record("a", old + 1))
+                .await
+                .unwrap();
+            assert_eq!(outcome, CasOutcome::Conflict(Some(record("a", g))));
+            assert_eq!(
+                s.compare_and_swap(None, &record("a", 0)).await.unwrap(),
+                outcome
+            );
+        }
+        let now = s.load(&id("a")).await.unwrap().unwrap().generation.0;
+        assert!(now >= seen, "generation went from {seen} to {now}");
+        assert_eq!(now, g);
+        seen = now;
+    }
+}
+
+async fn records_round_trip_exactly<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    let mut variants = Vec::new();
+    let mut r = record("bare", 0);
+    r.access = None;
+    r.realm_id = None;
+    r.idle_deadline = None;
+    r.hard_deadline = None;
+    r.last_refreshed_at = None;
+    variants.push(r);
+    let mut r = record("degraded", 3);
+    r.status = Status::Degraded {
+        failures: 4,
+        retry_at: at(90),
+        last: FailureKind::ServerError(503),
+    };
+    r.in_doubt_since = Some(at(12));
+    variants.push(r);
+    let mut r = record("reauth", 9);
+    r.status = Status::ReauthRequired {
+        reason: ReauthReason::LostRotation,
+        since: at(5),
+    };
+    variants.push(r);
+    let mut r = record("disconnected", 2);
+    r.status = Status::Disconnected { at: at(1) };
+    variants.push(r);
+    let mut r = record("unicode: société ✓ \"quoted\" 'x' ; DROP TABLE", 1);
+    r.refresh = RefreshToken::new("RT-".to_string() + &"x".repeat(4096));
+    variants.push(r);
+    let mut r = record("far-future", u64::MAX - 1);
+    r.idle_deadline = Some(Timestamp::from_millis(u64::MAX));
+    r.updated_at = Timestamp::from_millis(u64::MAX);
+    variants.push(r);
+    for r in &variants {
+        committed(&*s, None, r).await;
+    }
+    for r in &variants {
+        assert_eq!(s.load(&r.id).await.unwrap().as_ref(), Some(r));
+    }
+    // Generations at the top of the range still compare exactly.
+    let mut top = record("far-future", u64::MAX);
+    top.status = Status::Active;
+    committed(&*s, Some(u64::MAX - 1), &top).await;
+    assert_eq!(
+        s.compare_and_swap(Some(Generation(u64::MAX - 1)), &top)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict(Some(top.clone()))
+    );
+}
+
+async fn list_in_id_order<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    assert_eq!(s.list().await.unwrap(), vec![]);
+    let names = [
+        "b", "a", "B", "ä", "a b", "a-1", "a_1", "Z", "é", "😀", "10", "9",
+    ];
+    for n in names {
+        committed(&*s, None, &record(n, 0)).await;
+    }
+    // A lease without a record is not a connection.
+    granted(&*s, "lease-only", "w", T0).await;
+    let mut expected: Vec<ConnectionId> = names.iter().map(|n| id(n)).collect();
+    expected.sort(); // bytewise, like Rust's String order
+    assert_eq!(s.list().await.unwrap(), expected);
+}
+
+async fn lease_held_expired_taken_over<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    // A lease on a connection with no record yet.
+    let (l, r, took) = granted(&*s, "new", "A", T0).await;
+    assert_eq!((l, r, took), (lease("A", T0, None), None, None));
+
+    committed(&*s, None, &record("a", 0)).await;
+    committed(&*s, Some(0), &record("a", 1)).await;
+    let (l, r, took) = granted(&*s, "a", "A", T0).await;
+    assert_eq!(l, lease("A", T0, Some(1)));
+    assert_eq!(r, Some(record("a", 1)));
+    assert_eq!(took, None);
+    // Held: B sees A's lease exactly, until the last millisecond before expiry.
+    assert_eq!(held(&*s, "a", "B", at(10)).await, lease("A", T0, Some(1)));
+    let last = Timestamp::from_millis(T0.saturating_add(TTL).as_millis() - 1);
+    assert_eq!(held(&*s, "a", "B", last).await, lease("A", T0, Some(1)));
+    // The same owner may take it again, and learns of its own unreleased row.
+    let (l, _, took) = granted(&*s, "a", "A", at(10)).await;
+    assert_eq!(l, lease("A", at(10), Some(1)));
+    assert_eq!(took, Some(lease("A", T0, Some(1))));
+    // Expired at exactly expires_at: B takes over and is told whose row it replaced.
+    let expiry = at(10).saturating_add(TTL);
+    let (l, r, took) = granted(&*s, "a", "B", expiry).await;
+    assert_eq!(l, lease("B", expiry, Some(1)));
+    assert_eq!(r, Some(record("a", 1)));
+    assert_eq!(took, Some(lease("A", at(10), Some(1))));
+    // A's late release does not free B's lease.
+    s.release_lease(&id("a"), &worker("A")).await.unwrap();
+    assert_eq!(
+        held(&*s, "a", "C", expiry).await,
+        lease("B", expiry, Some(1))
+    );
+    // B's release frees it: C gets it with nothing taken over.
+    s.release_lease(&id("a"), &worker("B")).await.unwrap();
+    let (l, _, took) = granted(&*s, "a", "C", expiry).await;
+    assert_eq!((l, took), (lease("C", expiry, Some(1)), None));
+    // The lease records the generation read with it.
+    committed(&*s, Some(1), &record("a", 2)).await;
+    s.release_lease(&id("a"), &worker("C")).await.unwrap();
+    let (l, r, _) = granted(&*s, "a", "D", expiry).await;
+    assert_eq!(l.generation, Some(Generation(2)));
+    assert_eq!(r, Some(record("a", 2)));
+}
+
+async fn release_by_non_owner_does_nothing<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    s.release_lease(&id("nothing"), &worker("A")).await.unwrap();
+    committed(&*s, None, &record("a", 0)).await;
+    granted(&*s, "a", "A", T0).await;
+    for intruder in ["B", "a", "A ", ""] {
+        s.release_lease(&id("a"), &worker(intruder)).await.unwrap();
+        assert_eq!(held(&*s, "a", "B", at(1)).await, lease("A", T0, Some(0)));
+    }
+    // Not even after expiry: the row stays until taken over, and the next holder
+    // is told about it.
+    s.release_lease(&id("a"), &worker("B")).await.unwrap();
+    let (_, _, took) = granted(&*s, "a", "B", at(100)).await;
+    assert_eq!(took, Some(lease("A", T0, Some(0))));
+    // Releasing one connection's lease leaves another's alone.
+    granted(&*s, "b", "B", at(100)).await;
+    s.release_lease(&id("a"), &worker("B")).await.unwrap();
+    assert_eq!(
+        held(&*s, "b", "X", at(101)).await,
+        lease("B", at(100), None)
+    );
+}
+
+async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    let with_idle = |n: &str, idle_days: Option<u64>| {
+        let mut r = record(n, 0);
+        r.idle_deadline = idle_days.map(|d| T0.saturating_add(days(d)));
+        r
+    };
+    committed(&*s, None, &with_idle("idle-100d", Some(100))).await;
+    committed(&*s, None, &with_idle("idle-10d", Some(10))).await;
+    committed(&*s, None, &with_idle("idle-1d", Some(1))).await;
+    committed(&*s, None, &with_idle("no-idle", None)).await;
+    let mut dead = with_idle("dead-idle-1d", Some(1));
+    dead.status = Status::ReauthRequired {
+        reason: ReauthReason::InvalidGrant,
+        since: T0,
+    };
+    committed(&*s, None, &dead).await;
+    let mut gone = with_idle("disconnected-idle-1d", Some(1));
+    gone.status = Status::Disconnected { at: T0 };
+    committed(&*s, None, &gone).await;
+    let mut degraded = with_idle("degraded-idle-1d", Some(1));
+    degraded.status = Status::Degraded {
+        failures: 1,
+        retry_at: at(60),
+        last: FailureKind::RateLimited,
+    };
+    committed(&*s, None, &degraded).await;
+    let lead = days(14);
+    let ids = |v: &[&str]| v.iter().map(|n| id(n)).collect::<Vec<_>>();
+
+    // Keep-alive: live records whose idle deadline is within `lead`.
+    assert_eq!(
+        s.due_for_work(T0, lead, 100).await.unwrap(),
+        ids(&["degraded-idle-1d", "idle-10d", "idle-1d"])
+    );
+    // The boundary is inclusive: due at exactly idle_deadline - lead.
+    let boundary = T0.saturating_add(days(100)).saturating_sub(lead);
+    let before = Timestamp::from_millis(boundary.as_millis() - 1);
+    assert!(!s
+        .due_for_work(before, lead, 100)
+        .await
+        .unwrap()
+        .contains(&id("idle-100d")));
+    assert!(s
+        .due_for_work(boundary, lead, 100)
+        .await
+        .unwrap()
+        .contains(&id("idle-100d")));
+    // A lead longer than the time left saturates.
+    assert_eq!(
+        s.due_for_work(T0, days(100_000), 2).await.unwrap(),
+        ids(&["degraded-idle-1d", "idle-100d"])
+    );
+
+    // Abandoned leases: expired and never released, with or without a record.
+    granted(&*s, "no-idle", "A", T0).await;
+    granted(&*s, "lease-only", "A", T0).await;
+    granted(&*s, "idle-10d", "A", T0).await;
+    granted(&*s, "idle-100d", "A", T0).await;
+    s.release_lease(&id("idle-100d"), &worker("A"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.due_for_work(at(29), lead, 100).await.unwrap(),
+        ids(&["degraded-idle-1d", "idle-10d", "idle-1d"])
+    );
+    assert_eq!(
+        s.due_for_work(at(30), lead, 100).await.unwrap(),
+        ids(&[
+            "degraded-idle-1d",
+            "idle-10d",
+            "idle-1d",
+            "lease-only",
+            "no-idle"
+        ])
+    );
+    // At most `limit`, in id order.
+    assert_eq!(
+        s.due_for_work(at(30), lead, 2).await.unwrap(),
+        ids(&["degraded-idle-1d", "idle-10d"])
+    );
+    assert_eq!(s.due_for_work(at(30), lead, 0).await.unwrap(), ids(&[]));
+    // A record that stops being live stops being due for keep-alive.
+    let mut r = with_idle("idle-1d", Some(1));
+    r.generation = Generation(1);
+    r.status = Status::Disconnected { at: T0 };
+    committed(&*s, Some(0), &r).await;
+    assert_eq!(
+        s.due_for_work(T0, lead, 100).await.unwrap(),
+        ids(&["degraded-idle-1d", "idle-10d"])
+    );
+}
+
+async fn concurrent_cas_has_one_winner_per_generation<B: Backend>(b: &B) {
+    const TASKS: usize = 8;
+    const TARGET: u64 = 30;
+    // Two stores over the same place, like two processes.
+    let stores = [b.open(keyring()).await, b.open(keyring()).await];
+    committed(&*stores[0], None, &record("hot", 0)).await;
+    let winners = Arc::new(Mutex::new(BTreeMap::<u64, Vec<usize>>::new()));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let s = Arc::clone(&stores[t % 2]);
+        let winners = Arc::clone(&winners);
+        tasks.push(tokio::spawn(async move {
+            let mut conflicts = 0u32;
+            loop {
+                let current = s.load(&id("hot")).await.unwrap().unwrap();
+                let g = current.generation.0;
+                if g >= TARGET {
+                    return conflicts;
+                }
+                let mut next = record("hot", g + 1);
+                next.refresh = RefreshToken::new(format!("RT-task-{t}-g{}", g + 1));
+                match s
+                    .compare_and_swap(Some(Generation(g)), &next)
+                    .await
+                    .unwrap()
+                {
+                    CasOutcome::Committed => {
+                        winners.lock().unwrap().entry(g + 1).or_default().push(t);
+                    }
+                    CasOutcome::Conflict(now) => {
+                        let now = now.unwrap();
+                        assert!(
+                            now.generation.0 > g,
+                            "conflict at g{g} reported g{}",
+                            now.generation.0
+                        );
+                        conflicts += 1;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let mut conflicts = 0;
+    for t in tasks {
+        conflicts += t.await.unwrap();
+    }
+    let winners = winners.lock().unwrap();
+    assert_eq!(
+        winners.keys().copied().collect::<Vec<_>>(),
+        (1..=TARGET).collect::<Vec<_>>()
+    );
+    for (g, w) in winners.iter() {
+        assert_eq!(w.len(), 1, "generation {g} was committed by tasks {w:?}");
+    }
+    let last = winners[&TARGET][0];
+    let stored = stores[1].load(&id("hot")).await.unwrap().unwrap();
+    assert_eq!(stored.generation, Generation(TARGET));
+    assert_eq!(stored.refresh.expose(), format!("RT-task-{last}-g{TARGET}"));
+    eprintln!("{TASKS} tasks, {TARGET} generations, {conflicts} conflicts");
+}
+
+async fn concurrent_lease_has_one_holder<B: Backend>(b: &B) {
+    const TASKS: usize = 12;
+    let stores = [b.open(keyring()).await, b.open(keyring()).await];
+    committed(&*stores[0], None, &record("hot", 4)).await;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let s = Arc::clone(&stores[t % 2]);
+        tasks.push(tokio::spawn(async move {
+            s.acquire_lease(&id("hot"), &worker(&format!("w{t}")), T0, TTL)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut winner = None;
+    let mut holders = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            LeaseOutcome::Granted {
+                lease,
+                record,
+                took_over,
+            } => {
+                assert!(winner.is_none(), "two grants: {winner:?} and {lease:?}");
+                assert_eq!(record, Some(record_of(4)));
+                assert_eq!(took_over, None);
+                winner = Some(lease);
+            }
+            LeaseOutcome::Held(l) => holders.push(l),
+        }
+    }
+    let winner = winner.expect("nobody got the lease");
+    assert_eq!(holders.len(), TASKS - 1);
+    assert!(
+        holders.iter().all(|h| *h == winner),
+        "{holders:?} vs {winner:?}"
+    );
+}
+
+fn record_of(g: u64) -> ConnectionRecord {
+    record("hot", g)
+}
+
+// ---------------------------------------------------------------------------
+// Properties of the sealed (SQL) stores
+// ---------------------------------------------------------------------------
+
+/// Every way a store can find `id` unreadable, each checked to leave the row as
+/// it was and to be `StoreError::Corrupt` naming the connection.
+async fn assert_corrupt_and_unchanged<B: Backend>(b: &B, s: &B::S, conn: &str, expect: &str) {
+    let before = b.sealed(&id(conn)).await;
+    let lease_before = b.lease_owner(&id(conn)).await;
+    let check = |what: &str, e: StoreError| match e {
+        StoreError::Corrupt { id: got, reason } => {
+            assert_eq!(got, id(conn), "{what}");
+            assert!(
+                reason.contains(expect),
+                "{what}: `{reason}` lacks `{expect}`"
+            );
+            let shown = format!(
+                "{} {:?}",
+                StoreError::Corrupt {
+                    id: got,
+                    reason: reason.clone()
+                },
+                reason
+            );
+            assert!(!shown.contains("secret"), "{what} shows a secret: {shown}");
+        }
+        other => panic!("{what}: expected Corrupt, got {other:?}"),
+    };
+    check("load", s.load(&id(conn)).await.unwrap_err());
+    check(
+        "acquire_lease",
+        s.acquire_lease(&id(conn), &worker("intruder"), at(10_000), TTL)
+            .await
+            .unwrap_err(),
+    );
+    check(
+        "insert conflict",
+        s.compare_and_swap(None, &record(conn, 0))
+            .await
+            .unwrap_err(),
+    );
+    check(
+        "update conflict",
+        s.compare_and_swap(Some(Generation(999)), &record(conn, 1000))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(b.sealed(&id(conn)).await, before, "the row was changed");
+    assert_eq!(
+        b.lease_owner(&id(conn)).await,
+        lease_before,
+        "the lease was changed"
+    );
+    // The store still lists and schedules around the bad row.
+    assert!(s.list().await.unwrap().contains(&id(conn)));
+}
+
+async fn corrupt_ciphertext_is_refused<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("a", 0)).await;
+    granted(&*s, "a", "owner", T0).await;
+    let mut sealed = b.sealed(&id("a")).await;
+    let mid = sealed.len() / 2;
+    sealed[mid] ^= 0x01;
+    b.set_sealed(&id("a"), &sealed).await;
+    assert_corrupt_and_unchanged(b, &s, "a", "failed authentication").await;
+    assert_eq!(b.lease_owner(&id("a")).await.as_deref(), Some("owner"));
+}
+
+async fn truncated_blob_is_refused<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("short", 0)).await;
+    committed(&*s, None, &record("cut", 0)).await;
+    committed(&*s, None, &record("empty", 0)).await;
+    let sealed = b.sealed(&id("short")).await;
+    b.set_sealed(&id("short"), &sealed[..10]).await;
+    assert_corrupt_and_unchanged(b, &s, "short", "truncated").await;
+    let sealed = b.sealed(&id("cut")).await;
+    b.set_sealed(&id("cut"), &sealed[..sealed.len() - 20]).await;
+    assert_corrupt_and_unchanged(b, &s, "cut", "failed authentication").await;
+    b.set_sealed(&id("empty"), &[]).await;
+    assert_corrupt_and_unchanged(b, &s, "empty", "truncated").await;
+}
+
+async fn ciphertext_swapped_from_another_row_is_refused<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("victim", 0)).await;
+    committed(&*s, None, &record("attacker", 0)).await;
+    let theirs = b.sealed(&id("attacker")).await;
+    b.set_sealed(&id("victim"), &theirs).await;
+    assert_corrupt_and_unchanged(b, &s, "victim", "another connection").await;
+    // The row it came from is still fine.
+    assert_eq!(
+        s.load(&id("attacker")).await.unwrap(),
+        Some(record("attacker", 0))
+    );
+}
+
+async fn old_ciphertext_restored_is_refused<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("a", 0)).await;
+    let old = b.sealed(&id("a")).await;
+    committed(&*s, Some(0), &record("a", 1)).await;
+    b.set_sealed(&id("a"), &old).await;
+    assert_corrupt_and_unchanged(b, &s, "a", "old ciphertext").await;
+}
+
+async fn wrong_key_is_refused<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("a", 0)).await;
+    // Same key id, other key material.
+    let wrong = b.open(Keyring::new(KeyId(1), key(2))).await;
+    assert_corrupt_and_unchanged(b, &wrong, "a", "failed authentication").await;
+    // A keyring that lacks the key id altogether.
+    let other = b.open(Keyring::new(KeyId(2), key(1))).await;
+    assert_corrupt_and_unchanged(b, &other, "a", "key id 1").await;
+    // The right key still reads it.
+    assert_eq!(s.load(&id("a")).await.unwrap(), Some(record("a", 0)));
+}
+
+async fn keys_rotate<B: Backend>(b: &B) {
+    let old = b.open(keyring()).await;
+    committed(&*old, None, &record("a", 0)).await;
+    committed(&*old, None, &record("b", 0)).await;
+    committed(&*old, None, &record("c", 0)).await;
+    assert_eq!(
+        Keyring::key_id_of(&b.sealed(&id("a")).await).unwrap(),
+        KeyId(1)
+    );
+    let both = keyring().with_key(KeyId(2), key(2)).unwrap();
+    let s = b.open(both).await;
+    // Old rows open; new writes use the newest key.
+    assert_eq!(s.load(&id("a")).await.unwrap(), Some(record("a", 0)));
+    committed(&*s, Some(0), &record("a", 1)).await;
+    assert_eq!(
+        Keyring::key_id_of(&b.sealed(&id("a")).await).unwrap(),
+        KeyId(2)
+    );
+    assert_eq!(
+        Keyring::key_id_of(&b.sealed(&id("b")).await).unwrap(),
+        KeyId(1)
+    );
+}
+
+async fn reencrypt_all_moves_rows_to_the_newest_key<B: Backend>(
+    b: &B,
+    reencrypt: impl AsyncFn(&B::S) -> Result<usize, StoreError>,
+) {
+    let old = b.open(keyring()).await;
+    for n in ["a", "b", "c"] {
+        committed(&*old, None, &record(n, 0)).await;
+    }
+    let both = keyring().with_key(KeyId(2), key(2)).unwrap();
+    let s = b.open(both).await;
+    committed(&*s, Some(0), &record("b", 1)).await;
+    assert_eq!(reencrypt(&s).await.unwrap(), 2);
+    assert_eq!(reencrypt(&s).await.unwrap(), 0);
+    let only_new = b.open(Keyring::new(KeyId(2), key(2))).await;
+    assert_eq!(only_new.load(&id("a")).await.unwrap(), Some(record("a", 0)));
+    assert_eq!(only_new.load(&id("b")).await.unwrap(), Some(record("b", 1)));
+    assert_eq!(only_new.load(&id("c")).await.unwrap(), Some(record("c", 0)));
+    // A row that does not open stops the pass and is left alone.
+    let newest = keyring()
+        .with_key(KeyId(2), key(2))
+        .unwrap()
+        .with_key(KeyId(3), key(3))
+        .unwrap();
+    let s3 = b.open(newest).await;
+    let mut bad = b.sealed(&id("b")).await;
+    bad[20] ^= 0xff;
+    b.set_sealed(&id("b"), &bad).await;
+    assert!(matches!(
+        reencrypt(&s3).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(b.sealed(&id("b")).await, bad);
+}
+
+async fn no_secret_is_stored_in_the_clear<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    for g in 0..3 {
+        let r = record("plain", g);
+        committed(&*s, if g == 0 { None } else { Some(g - 1) }, &r).await;
+    }
+    let raw = b.raw_bytes().await;
+    assert!(raw.len() > 1000, "the raw read found {} bytes", raw.len());
+    assert!(
+        !raw.windows(b"-secret-".len()).any(|w| w == b"-secret-"),
+        "a token was stored in the clear"
+    );
+    // The tokens are there, sealed.
+    assert_eq!(
+        s.load(&id("plain")).await.unwrap(),
+        Some(record("plain", 2))
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Running each property against each backend
+// ---------------------------------------------------------------------------
+
+macro_rules! for_backends {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                super::$name(&super::MemoryBackend::new()).await;
+            })*
+        }
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                super::$name(&super::SqliteBackend::new()).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                if let Some(b) = super::PgBackend::new().await {
+                    super::$name(&b).await;
+                    b.drop_schema().await;
+                }
+            })*
+        }
+    };
+}
+
+macro_rules! for_sealed_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sealed_sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                super::$name(&super::SqliteBackend::new()).await;
+            })*
+        }
+        mod sealed_postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                if let Some(b) = super::PgBackend::new().await {
+                    super::$name(&b).await;
+                    b.drop_schema().await;
+                }
+            })*
+        }
+    };
+}
+
+for_backends!(
+    insert_only_if_absent,
+    cas_success_and_conflict_return_current,
+    generation_never_decreases,
+    records_round_trip_exactly,
+    list_in_id_order,
+    lease_held_expired_taken_over,
+    release_by_non_owner_does_nothing,
+    due_for_work_finds_keepalive_and_abandoned,
+    concurrent_cas_has_one_winner_per_generation,
+    concurrent_lease_has_one_holder,
+);
+
+for_sealed_backends!(
+    corrupt_ciphertext_is_refused,
+    truncated_blob_is_refused,
+    ciphertext_swapped_from_another_row_is_refused,
+    old_ciphertext_restored_is_refused,
+    wrong_key_is_refused,
+    keys_rotate,
+    no_secret_is_stored_in_the_clear,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_reencrypt_all() {
+    let b = SqliteBackend::new();
+    reencrypt_all_moves_rows_to_the_newest_key(&b, async |s: &SqliteStore| s.reencrypt_all().await)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_reencrypt_all() {
+    if let Some(b) = PgBackend::new().await {
+        reencrypt_all_moves_rows_to_the_newest_key(&b, async |s: &PostgresStore| {
+            s.reencrypt_all().await
+        })
+        .await;
+        b.drop_schema().await;
+    }
+}
+
+#[test]
+fn sqlite_many_processes_first_use_at_once() {
+    let b = SqliteBackend::new();
+    let path = b.path();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || SqliteStore::open(path, keyring()).map(drop))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    let version: i64 = b
+        .raw()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1);
+    let mode: String = b
+        .raw()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_many_processes_first_use_at_once() {
+    let Some(b) = PgBackend::new().await else {
+        return;
+    };
+    let b = Arc::new(b);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let b = Arc::clone(&b);
+            tokio::spawn(async move {
+                let options = PostgresOptions {
+                    schema: b.schema.clone(),
+                    max_connections: 1,
+                    ..PostgresOptions::default()
+                };
+                PostgresStore::connect_with(&b.url, keyring(), options)
+                    .await
+                    .map(drop)
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let applied = b
+        .raw()
+        .await
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{}\".tokenfence_schema_version",
+                b.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(applied, 1);
+    b.drop_schema().await;
+}
+
+#[tokio::test]
+async fn postgres_refuses_bad_configuration_clearly() {
+    let Some(b) = PgBackend::new().await else {
+        return;
+    };
+    let bad = PostgresOptions {
+        schema: "Robert'); DROP TABLE".into(),
+        ..PostgresOptions::default()
+    };
+    let err = PostgresStore::connect_with(&b.url, keyring(), bad)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+    let err = PostgresStore::connect("postgres://user:hunter2@127.0.0.1:1/db?port=x", keyring())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    // A server that is not there is unavailable, not misconfigured, and the
+    // password stays out of the message.
+    let options = PostgresOptions {
+        timeout: Duration::from_secs(2),
+        ..PostgresOptions::default()
+    };
+    let err =
+        PostgresStore::connect_with("postgres://user:hunter2@127.0.0.1:1/db", keyring(), options)
+            .await
+            .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    // Ids PostgreSQL cannot hold are refused before they reach it.
+    let s = b.open(keyring()).await;
+    let err = s.load(&id("nul\0id")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+    b.drop_schema().await;
+}
