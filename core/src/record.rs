@@ -277,12 +277,17 @@ impl ConnectionRecord {
             .map(|a| &a.token)
     }
 
-    /// When a keep-alive refresh is due: `lead` before the idle deadline.
+    /// When a keep-alive refresh is due: `lead` before the idle deadline, but never
+    /// before half of the idle window since the last refresh has passed (a lead
+    /// longer than the window must not turn keep-alive into a refresh storm).
     pub fn keepalive_due_at(&self, lead: Duration) -> Option<Timestamp> {
         if !self.is_live() {
             return None;
         }
-        self.idle_deadline.map(|d| d.saturating_sub(lead))
+        let deadline = self.idle_deadline?;
+        let since = self.last_refreshed_at.unwrap_or(self.refresh_issued_at);
+        let halfway = since.saturating_add(deadline.saturating_since(since) / 2);
+        Some(deadline.saturating_sub(lead).max(halfway))
     }
 
     /// Whether the grant may still be refreshed (not dead, not disconnected).

@@ -628,3 +628,33 @@ fn maintain_from_a_scheduler_refreshes_once_and_recovers_an_abandoned_lease() {
     assert!(!world.workers[1].conn.is_busy(), "one refresh, then idle");
     assert_eq!(world.workers[1].sent.len(), 1);
 }
+
+#[test]
+fn keep_alive_lead_longer_than_the_idle_window_is_no_storm() {
+    // Google-like: 60-second idle window, default 30-day keep-alive lead.
+    let profile = ProviderProfile {
+        idle_window: Some(Duration::from_secs(60)),
+        ..ProviderProfile::google()
+    };
+    let mut world = World::new(profile, 1, |c| record(c, "RT-1", T0));
+    let r = world.request(0);
+    world.reply(0, granted("AT-2", None));
+    world.token(0, r);
+    let due = world.workers[0]
+        .conn
+        .poll_timeout()
+        .expect("keep-alive timer");
+    assert_eq!(
+        due,
+        T0.saturating_add(Duration::from_secs(30)),
+        "halfway through the window"
+    );
+    world.wake(0);
+    world.reply(0, granted("AT-3", None));
+    assert_eq!(world.workers[0].sent.len(), 2, "one keep-alive refresh");
+    let next = world.workers[0]
+        .conn
+        .poll_timeout()
+        .expect("next keep-alive");
+    assert!(next >= world.now.saturating_add(Duration::from_secs(30)));
+}

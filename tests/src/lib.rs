@@ -1,1 +1,100 @@
-//! placeholder
+//! Shared helpers for tokenfence's end-to-end tests: a mock provider on loopback
+//! and managers wired to it.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokenfence::clock::{Clock, SystemClock};
+use tokenfence::store::Store;
+use tokenfence::{Provider, TokenManager};
+use tokenfence_core::{parse_token_reply, ConnectionId, HttpResponse, Settings, TokenGrant};
+use tokenfence_sim::mock::{Control, MockProvider};
+use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
+
+/// A mock provider serving on an ephemeral loopback port.
+pub struct Mock {
+    /// The running mock.
+    pub mock: MockProvider,
+    /// Its base URL.
+    pub base: String,
+}
+
+impl Mock {
+    /// Starts a mock of `spec` on 127.0.0.1.
+    pub async fn start(spec: ProviderSpec) -> Mock {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let mock = MockProvider::new(spec, &base, SystemClock.now());
+        tokio::spawn(mock.clone().serve(listener));
+        Mock { mock, base }
+    }
+
+    /// Starts a mock of a behaviour class with lifetimes scaled to seconds.
+    pub async fn scaled(class: BehaviourClass) -> Mock {
+        Self::start(ProviderSpec::scaled(class)).await
+    }
+
+    /// The provider profile and production credentials matching this mock.
+    pub fn provider(&self) -> Provider {
+        let spec = self.mock.spec();
+        let client = spec
+            .clients
+            .iter()
+            .find(|c| c.environment == tokenfence_core::Environment::Production)
+            .expect("a production client")
+            .credentials();
+        Provider {
+            profile: spec.profile,
+            client,
+        }
+    }
+
+    /// A new grant for the production app, as an authorization would return it.
+    pub fn authorize(&self) -> TokenGrant {
+        let answer = self.mock.control(Control::Authorize {
+            client_id: self.provider().client.client_id,
+        });
+        let body = serde_json::to_vec(&answer["tokens"]).expect("json");
+        let reply = HttpResponse {
+            status: 200,
+            headers: vec![],
+            body,
+        };
+        parse_token_reply(&self.provider().profile, &reply).expect("a grant")
+    }
+}
+
+/// Settings that make a scaled provider's 20-second access tokens due for refresh
+/// one second after they are issued, with short leases and quick retries.
+pub fn eager_settings() -> Settings {
+    Settings {
+        access_margin: Duration::from_secs(19),
+        lease_ttl: Duration::from_secs(4),
+        lease_poll: Duration::from_millis(50),
+        send_safety: Duration::from_secs(2),
+        in_doubt_safety: Duration::from_secs(1),
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+        config_backoff: Duration::from_secs(1),
+        dead_recheck: Duration::from_millis(100),
+        ..Settings::default()
+    }
+}
+
+/// A manager for `mock` over `store`, without the keep-alive task.
+pub async fn manager(mock: &Mock, store: Arc<dyn Store>, settings: Settings) -> TokenManager {
+    TokenManager::builder()
+        .provider(mock.provider())
+        .shared_store(store)
+        .settings(settings)
+        .keepalive_scan(None)
+        .build()
+        .await
+        .expect("manager")
+}
+
+/// The connection id the tests use.
+pub fn realm() -> ConnectionId {
+    ConnectionId("realm-9130350000000001".into())
+}
