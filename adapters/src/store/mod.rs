@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
 
 /// The result of a compare-and-swap.
+#[allow(clippy::large_enum_variant)] // returned once per store call; boxing buys nothing
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CasOutcome {
     /// The record was stored.
@@ -31,6 +32,7 @@ pub enum CasOutcome {
 }
 
 /// The result of a lease acquisition.
+#[allow(clippy::large_enum_variant)] // returned once per store call; boxing buys nothing
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseOutcome {
     /// The lease is ours.
