@@ -46,7 +46,11 @@ impl Provider {
         Self::intuit(client_id, secret, Environment::Sandbox)
     }
 
-    fn intuit(client_id: impl Into<String>, secret: ClientSecret, environment: Environment) -> Self {
+    fn intuit(
+        client_id: impl Into<String>,
+        secret: ClientSecret,
+        environment: Environment,
+    ) -> Self {
         Provider {
             profile: ProviderProfile::intuit(),
             client: ClientCredentials {
@@ -234,7 +238,10 @@ impl TokenManager {
         grant: tokenfence_core::TokenGrant,
         realm_id: Option<String>,
     ) -> Result<Generation, ManagerError> {
-        match self.notify(id, Input::Authorized { grant, realm_id }).await? {
+        match self
+            .notify(id, Input::Authorized { grant, realm_id })
+            .await?
+        {
             Event::Connected { generation } => Ok(generation),
             _ => Err(ManagerError::ShutDown),
         }
@@ -272,7 +279,10 @@ impl TokenManager {
     }
 
     /// What the store says about `id` (no secrets).
-    pub async fn status(&self, id: &ConnectionId) -> Result<Option<ConnectionStatus>, ManagerError> {
+    pub async fn status(
+        &self,
+        id: &ConnectionId,
+    ) -> Result<Option<ConnectionStatus>, ManagerError> {
         let record = self.inner.store.load(id).await?;
         Ok(record.as_ref().map(ConnectionStatus::from))
     }
@@ -443,9 +453,9 @@ impl TokenManagerBuilder {
             None => Arc::new(ReqwestTransport::new(self.clock.clone())?),
         };
         let seed = getrandom::u64().unwrap_or(0x5EED) ^ u64::from(std::process::id());
-        let worker = self.worker.unwrap_or_else(|| {
-            WorkerId(format!("pid{}-{:016x}", std::process::id(), seed))
-        });
+        let worker = self
+            .worker
+            .unwrap_or_else(|| WorkerId(format!("pid{}-{:016x}", std::process::id(), seed)));
         let config = Arc::new(Config {
             profile: provider.profile,
             client: provider.client,
@@ -566,7 +576,12 @@ impl Actor {
                 Output::Event(event) => self.publish(event),
                 Output::ReleaseLease { owner } => {
                     // Awaited inline so that it cannot overtake our next acquisition.
-                    if let Err(e) = self.inner.store.release_lease(self.machine.id(), &owner).await {
+                    if let Err(e) = self
+                        .inner
+                        .store
+                        .release_lease(self.machine.id(), &owner)
+                        .await
+                    {
                         tracing::warn!(error = %e, "lease release failed; it will expire");
                     }
                 }
@@ -591,13 +606,15 @@ impl Actor {
                 },
                 Output::AcquireLease { owner, ttl } => {
                     match store.acquire_lease(&id, &owner, now, ttl).await {
-                        Ok(LeaseOutcome::Granted { lease, record, took_over }) => {
-                            Input::LeaseGranted {
-                                lease,
-                                record: record.map(Box::new),
-                                took_over,
-                            }
-                        }
+                        Ok(LeaseOutcome::Granted {
+                            lease,
+                            record,
+                            took_over,
+                        }) => Input::LeaseGranted {
+                            lease,
+                            record: record.map(Box::new),
+                            took_over,
+                        },
                         Ok(LeaseOutcome::Held(holder)) => Input::LeaseHeld { holder },
                         Err(e) => store_failed(e),
                     }
@@ -652,9 +669,15 @@ impl Actor {
         metrics::counter!("tokenfence_events_total", "provider" => provider, "event" => name, "detail" => detail)
             .increment(1);
         match &event {
-            Event::ReauthRequired { reason } => tracing::error!(?reason, "connection needs re-authorization"),
-            Event::ReconnectSoon { deadline } => tracing::warn!(%deadline, "refresh token nears its hard deadline"),
-            Event::Degraded { kind, retry_at } => tracing::warn!(%kind, %retry_at, "refresh failing"),
+            Event::ReauthRequired { reason } => {
+                tracing::error!(?reason, "connection needs re-authorization")
+            }
+            Event::ReconnectSoon { deadline } => {
+                tracing::warn!(%deadline, "refresh token nears its hard deadline")
+            }
+            Event::Degraded { kind, retry_at } => {
+                tracing::warn!(%kind, %retry_at, "refresh failing")
+            }
             other => tracing::info!(event = ?other, "lifecycle"),
         }
         if matches!(event, Event::Connected { .. } | Event::Disconnected { .. }) {
@@ -717,7 +740,10 @@ fn status_class(status: u16) -> &'static str {
 fn event_labels(event: &Event) -> (&'static str, String) {
     match event {
         Event::Connected { .. } => ("connected", String::new()),
-        Event::Refreshed { rotated, .. } => ("refreshed", if *rotated { "rotated" } else { "same" }.into()),
+        Event::Refreshed { rotated, .. } => (
+            "refreshed",
+            if *rotated { "rotated" } else { "same" }.into(),
+        ),
         Event::Degraded { kind, .. } => ("degraded", format!("{kind:?}")),
         Event::Recovered { .. } => ("recovered", String::new()),
         Event::ReauthRequired { reason } => ("reauth_required", format!("{reason:?}")),

@@ -79,7 +79,10 @@ impl ReqwestTransport {
         for h in &request.headers {
             builder = builder.header(h.name, h.value.expose());
         }
-        let mut response = builder.body(request.body.expose().to_owned()).send().await?;
+        let mut response = builder
+            .body(request.body.expose().to_owned())
+            .send()
+            .await?;
         let status = response.status().as_u16();
         let headers = response
             .headers()

@@ -35,7 +35,11 @@ impl Transport for Scripted {
         self.calls.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
         if request.url.ends_with("/revoke") {
-            return Delivery::Replied(HttpResponse { status: 200, headers: vec![], body: vec![] });
+            return Delivery::Replied(HttpResponse {
+                status: 200,
+                headers: vec![],
+                body: vec![],
+            });
         }
         let n = {
             let mut current = self.current.lock().unwrap();
@@ -53,7 +57,11 @@ impl Transport for Scripted {
         let body = format!(
             r#"{{"access_token":"AT-{n}","refresh_token":"RT-{n}","token_type":"bearer","expires_in":3600,"x_refresh_token_expires_in":8726400}}"#
         );
-        Delivery::Replied(HttpResponse { status: 200, headers: vec![], body: body.into_bytes() })
+        Delivery::Replied(HttpResponse {
+            status: 200,
+            headers: vec![],
+            body: body.into_bytes(),
+        })
     }
 }
 
@@ -114,7 +122,10 @@ fn id() -> ConnectionId {
 }
 
 async fn seeded_store(p: &Provider) -> Arc<Counting> {
-    let store = Arc::new(Counting { inner: MemoryStore::new(), loads: AtomicUsize::new(0) });
+    let store = Arc::new(Counting {
+        inner: MemoryStore::new(),
+        loads: AtomicUsize::new(0),
+    });
     let now = SystemClock.now();
     let record = ConnectionRecord {
         id: id(),
@@ -135,7 +146,10 @@ async fn seeded_store(p: &Provider) -> Arc<Counting> {
         last_refreshed_at: None,
         updated_at: now,
     };
-    assert_eq!(store.compare_and_swap(None, &record).await.unwrap(), CasOutcome::Committed);
+    assert_eq!(
+        store.compare_and_swap(None, &record).await.unwrap(),
+        CasOutcome::Committed
+    );
     store
 }
 
@@ -164,9 +178,17 @@ async fn thundering_herd_of_10000_makes_one_provider_call() {
     for task in tasks {
         assert_eq!(task.await.unwrap().unwrap().expose(), "AT-2");
     }
-    assert_eq!(transport.calls.load(Ordering::SeqCst), 1, "exactly one provider call");
+    assert_eq!(
+        transport.calls.load(Ordering::SeqCst),
+        1,
+        "exactly one provider call"
+    );
     let stored = store.inner.load(&id()).await.unwrap().unwrap();
-    assert_eq!(stored.refresh.expose(), "RT-2", "the rotation was persisted");
+    assert_eq!(
+        stored.refresh.expose(),
+        "RT-2",
+        "the rotation was persisted"
+    );
     tokens.shutdown().await;
 }
 
@@ -181,7 +203,11 @@ async fn cached_token_is_served_without_the_store() {
     for _ in 0..1000 {
         assert_eq!(tokens.access_token(&id()).await.unwrap(), first);
     }
-    assert_eq!(store.loads.load(Ordering::SeqCst), loads, "no store access on the hot path");
+    assert_eq!(
+        store.loads.load(Ordering::SeqCst),
+        loads,
+        "no store access on the hot path"
+    );
     assert_eq!(transport.calls.load(Ordering::SeqCst), 1);
     tokens.shutdown().await;
 }
@@ -205,22 +231,38 @@ async fn events_status_and_disconnect() {
     assert_eq!(status.status, Status::Active);
     assert_eq!(status.generation, Generation(1));
 
-    assert!(tokens.disconnect(&id()).await.unwrap(), "revocation confirmed");
+    assert!(
+        tokens.disconnect(&id()).await.unwrap(),
+        "revocation confirmed"
+    );
     let err = tokens.access_token(&id()).await.unwrap_err();
-    assert!(matches!(err, tokenfence::ManagerError::Access(AccessError::Disconnected)), "{err}");
+    assert!(
+        matches!(
+            err,
+            tokenfence::ManagerError::Access(AccessError::Disconnected)
+        ),
+        "{err}"
+    );
     assert!(matches!(
         tokens.status(&id()).await.unwrap().unwrap().status,
         Status::Disconnected { .. }
     ));
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert!(seen.lock().unwrap().iter().any(|e| e.event == Event::Disconnected { revoked: true }));
+    assert!(seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| e.event == Event::Disconnected { revoked: true }));
     tokens.shutdown().await;
 }
 
 #[tokio::test]
 async fn connect_stores_an_authorization_then_serves_it() {
     let p = provider();
-    let store = Arc::new(Counting { inner: MemoryStore::new(), loads: AtomicUsize::new(0) });
+    let store = Arc::new(Counting {
+        inner: MemoryStore::new(),
+        loads: AtomicUsize::new(0),
+    });
     let transport = Scripted::new(Duration::ZERO);
     let tokens = manager(store.clone(), transport.clone()).await;
     let grant = parse_token_reply(
@@ -228,13 +270,20 @@ async fn connect_stores_an_authorization_then_serves_it() {
         &HttpResponse {
             status: 200,
             headers: vec![],
-            body: br#"{"access_token":"AT-first","refresh_token":"RT-1","expires_in":3600}"#.to_vec(),
+            body: br#"{"access_token":"AT-first","refresh_token":"RT-1","expires_in":3600}"#
+                .to_vec(),
         },
     )
     .unwrap();
-    let generation = tokens.connect(&id(), grant, Some("42".into())).await.unwrap();
+    let generation = tokens
+        .connect(&id(), grant, Some("42".into()))
+        .await
+        .unwrap();
     assert_eq!(generation, Generation(0));
-    assert_eq!(tokens.access_token(&id()).await.unwrap().expose(), "AT-first");
+    assert_eq!(
+        tokens.access_token(&id()).await.unwrap().expose(),
+        "AT-first"
+    );
     assert_eq!(transport.calls.load(Ordering::SeqCst), 0);
     let stored = store.inner.load(&id()).await.unwrap().unwrap();
     assert_eq!(stored.identity.environment, Environment::Production);
@@ -244,10 +293,19 @@ async fn connect_stores_an_authorization_then_serves_it() {
 
 #[tokio::test]
 async fn unknown_connection_is_a_clear_error() {
-    let store = Arc::new(Counting { inner: MemoryStore::new(), loads: AtomicUsize::new(0) });
+    let store = Arc::new(Counting {
+        inner: MemoryStore::new(),
+        loads: AtomicUsize::new(0),
+    });
     let tokens = manager(store, Scripted::new(Duration::ZERO)).await;
-    let err = tokens.access_token(&ConnectionId("nope".into())).await.unwrap_err();
-    assert!(matches!(err, tokenfence::ManagerError::Access(AccessError::NotConnected)));
+    let err = tokens
+        .access_token(&ConnectionId("nope".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        tokenfence::ManagerError::Access(AccessError::NotConnected)
+    ));
     tokens.shutdown().await;
 }
 
@@ -261,7 +319,10 @@ async fn insecure_endpoints_are_refused_at_build() {
         .keepalive_scan(None)
         .build()
         .await;
-    assert!(matches!(result, Err(tokenfence::BuildError::InsecureUrl(_))));
+    assert!(matches!(
+        result,
+        Err(tokenfence::BuildError::InsecureUrl(_))
+    ));
 }
 
 #[tokio::test]

@@ -98,7 +98,13 @@ pub fn refresh_request(
         ("grant_type", "refresh_token"),
         ("refresh_token", refresh.expose()),
     ];
-    token_request(profile, client, &grant, profile.ask_hard_expiry, send_deadline)
+    token_request(
+        profile,
+        client,
+        &grant,
+        profile.ask_hard_expiry,
+        send_deadline,
+    )
 }
 
 /// The authorization-code exchange of RFC 6749 §4.1.3: its reply is read with
