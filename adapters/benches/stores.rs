@@ -1,1 +1,194 @@
-fn main() {}
+//! Store commits per second, SQLite and PostgreSQL, on this machine.
+//!
+//! Each element is one durable commit:
+//! - `cas`: a compare-and-swap of the next generation of one connection
+//!   (sealing included), one after another;
+//! - `refresh_cycle`: what one refresh costs the store — acquire the lease (reading
+//!   the record), compare-and-swap, release;
+//! - `cas_8_tasks`: eight tasks each committing to its own connection at once
+//!   (throughput under concurrency).
+//!
+//! PostgreSQL needs `TOKENFENCE_PG_URL` (`eval "$(scripts/postgres start)"`);
+//! without it those benchmarks are skipped with a note.
+//!
+//! ```text
+//! cargo bench -p tokenfence --bench stores
+//! ```
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
+use tokenfence::store::{
+    CasOutcome, LeaseOutcome, PostgresOptions, PostgresStore, SqliteStore, Store,
+};
+use tokenfence_core::{
+    days, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, Generation,
+    GrantIdentity, RefreshToken, Status, Timestamp, WorkerId,
+};
+
+const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
+
+fn keyring() -> Keyring {
+    Keyring::new(
+        KeyId(1),
+        EncryptionKey::from_slice(&[7; 32]).expect("32 bytes"),
+    )
+}
+
+/// A record with Intuit-sized tokens.
+fn record(conn: &str, generation: u64) -> ConnectionRecord {
+    ConnectionRecord {
+        id: ConnectionId(conn.into()),
+        generation: Generation(generation),
+        identity: GrantIdentity {
+            provider: "intuit".into(),
+            environment: Environment::Production,
+            client_id: "ABxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx".into(),
+        },
+        realm_id: Some("9130354781226646".into()),
+        access: Some(AccessGrant {
+            token: AccessToken::new("a".repeat(900)),
+            expires_at: T0.saturating_add(Duration::from_secs(3600)),
+        }),
+        refresh: RefreshToken::new(format!("AB11{:046}", generation)),
+        refresh_issued_at: T0,
+        idle_deadline: Some(T0.saturating_add(days(100))),
+        hard_deadline: Some(T0.saturating_add(days(5 * 365))),
+        in_doubt_since: None,
+        status: Status::Active,
+        last_refreshed_at: Some(T0),
+        updated_at: T0,
+    }
+}
+
+/// Commits `iters` generations of `conn` one after another, from the stored one.
+async fn cas_run(store: &dyn Store, conn: &str, iters: u64) -> Duration {
+    let id = ConnectionId(conn.into());
+    let mut g = match store.load(&id).await.expect("load") {
+        Some(r) => r.generation.0,
+        None => {
+            let outcome = store.compare_and_swap(None, &record(conn, 0)).await;
+            assert_eq!(outcome.expect("insert"), CasOutcome::Committed);
+            0
+        }
+    };
+    let start = Instant::now();
+    for _ in 0..iters {
+        let next = record(conn, g + 1);
+        let outcome = store.compare_and_swap(Some(Generation(g)), &next).await;
+        assert_eq!(outcome.expect("cas"), CasOutcome::Committed);
+        g += 1;
+    }
+    start.elapsed()
+}
+
+async fn refresh_cycle_run(store: &dyn Store, conn: &str, iters: u64) -> Duration {
+    let id = ConnectionId(conn.into());
+    let owner = WorkerId("bench".into());
+    cas_run(store, conn, 0).await;
+    let start = Instant::now();
+    for i in 0..iters {
+        let now = T0.saturating_add(Duration::from_millis(i));
+        let lease = store
+            .acquire_lease(&id, &owner, now, Duration::from_secs(30))
+            .await
+            .expect("lease");
+        let LeaseOutcome::Granted {
+            record: Some(current),
+            ..
+        } = lease
+        else {
+            panic!("lease not granted: {lease:?}")
+        };
+        let g = current.generation.0;
+        let outcome = store
+            .compare_and_swap(Some(Generation(g)), &record(conn, g + 1))
+            .await;
+        assert_eq!(outcome.expect("cas"), CasOutcome::Committed);
+        store.release_lease(&id, &owner).await.expect("release");
+    }
+    start.elapsed()
+}
+
+async fn parallel_run(store: Arc<dyn Store>, prefix: &str, iters: u64) -> Duration {
+    const TASKS: u64 = 8;
+    for t in 0..TASKS {
+        cas_run(&*store, &format!("{prefix}-{t}"), 0).await;
+    }
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            let conn = format!("{prefix}-{t}");
+            // Spread `iters` commits over the tasks.
+            let n = iters / TASKS + u64::from(t < iters % TASKS);
+            tokio::spawn(async move { cas_run(&*store, &conn, n).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    start.elapsed()
+}
+
+fn bench_store(c: &mut Criterion, name: &str, rt: &tokio::runtime::Runtime, store: Arc<dyn Store>) {
+    let mut group = c.benchmark_group(format!("store_commits/{name}"));
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(8));
+    group.bench_function("cas", |b| {
+        b.iter_custom(|iters| rt.block_on(cas_run(&*store, "bench-cas", iters)))
+    });
+    group.bench_function("refresh_cycle", |b| {
+        b.iter_custom(|iters| rt.block_on(refresh_cycle_run(&*store, "bench-cycle", iters)))
+    });
+    group.bench_function("cas_8_tasks", |b| {
+        b.iter_custom(|iters| rt.block_on(parallel_run(Arc::clone(&store), "bench-par", iters)))
+    });
+    group.finish();
+}
+
+fn stores(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    // Under target/, on the same disk as the build: fsync is real here.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let sqlite = SqliteStore::open(dir.path().join("bench.db"), keyring()).expect("sqlite");
+    bench_store(c, "sqlite", &rt, Arc::new(sqlite));
+
+    match std::env::var("TOKENFENCE_PG_URL") {
+        Ok(url) => {
+            let schema = format!("tf_bench_{}", std::process::id());
+            let options = PostgresOptions {
+                schema: schema.clone(),
+                ..PostgresOptions::default()
+            };
+            let pg = rt
+                .block_on(PostgresStore::connect_with(&url, keyring(), options))
+                .expect("postgres");
+            bench_store(c, "postgres", &rt, Arc::new(pg));
+            rt.block_on(async {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect");
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                    .await
+                    .expect("drop schema");
+            });
+        }
+        Err(_) => eprintln!(
+            "TOKENFENCE_PG_URL is not set: PostgreSQL benchmarks skipped \
+             (eval \"$(scripts/postgres start)\" first)"
+        ),
+    }
+}
+
+criterion_group!(benches, stores);
+criterion_main!(benches);

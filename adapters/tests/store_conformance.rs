@@ -711,7 +711,7 @@ async fn concurrent_cas_has_one_winner_per_generation<B: Backend>(b: &B) {
     for t in tasks {
         conflicts += t.await.unwrap();
     }
-    let winners = winners.lock().unwrap();
+    let winners = winners.lock().unwrap().clone();
     assert_eq!(
         winners.keys().copied().collect::<Vec<_>>(),
         (1..=TARGET).collect::<Vec<_>>()
