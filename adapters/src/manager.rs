@@ -147,8 +147,8 @@ type PendingInput = Pin<Box<dyn Future<Output = Input> + Send>>;
 
 enum Command {
     Access(oneshot::Sender<Result<AccessToken, AccessError>>),
-    Input(Input),
-    Notify(Input, oneshot::Sender<Event>),
+    Input(Box<Input>),
+    Notify(Box<Input>, oneshot::Sender<Event>),
 }
 
 struct Cached {
@@ -315,7 +315,10 @@ impl TokenManager {
     /// Asks the connection to refresh now for liveness (what the keep-alive task
     /// does for connections the store reports as due).
     pub fn maintain(&self, id: &ConnectionId) {
-        let _ = self.slot(id).commands.send(Command::Input(Input::Maintain));
+        let _ = self
+            .slot(id)
+            .commands
+            .send(Command::Input(Box::new(Input::Maintain)));
     }
 
     /// Stops every task and waits for them. Outstanding callers get
@@ -341,7 +344,7 @@ impl TokenManager {
         let (tx, rx) = oneshot::channel();
         self.slot(id)
             .commands
-            .send(Command::Notify(input, tx))
+            .send(Command::Notify(Box::new(input), tx))
             .map_err(|_| ManagerError::ShutDown)?;
         rx.await.map_err(|_| ManagerError::ShutDown)
     }
@@ -542,10 +545,10 @@ impl Actor {
                         self.waiters.insert(id, tx);
                         Input::AccessRequested(id)
                     }
-                    Some(Command::Input(input)) => input,
+                    Some(Command::Input(input)) => *input,
                     Some(Command::Notify(input, tx)) => {
                         self.notify.push(tx);
-                        input
+                        *input
                     }
                 },
                 input = next_pending(&mut pending), if pending.is_some() => {

@@ -120,10 +120,10 @@ enum Phase {
     Waiting {
         until: Timestamp,
     },
-    Sending(Attempt),
+    Sending(Box<Attempt>),
     Revoking,
     /// The provider said invalid_grant; re-reading the store before believing it.
-    Rereading(Attempt),
+    Rereading(Box<Attempt>),
     Committing {
         proposal: Box<ConnectionRecord>,
         intent: Intent,
@@ -358,7 +358,7 @@ impl Connection {
                 self.mark_fresh(now);
             }
             (Input::Loaded(record), Phase::Rereading(attempt)) => {
-                self.on_reread(now, attempt, record.map(|r| *r))
+                self.on_reread(now, *attempt, record.map(|r| *r))
             }
             (
                 Input::LeaseGranted {
@@ -382,11 +382,11 @@ impl Connection {
                 let until = holder.expires_at.min(poll).max(now);
                 self.phase = Phase::Waiting { until };
             }
-            (Input::Replied(reply), Phase::Sending(attempt)) => self.on_reply(now, attempt, reply),
+            (Input::Replied(reply), Phase::Sending(attempt)) => self.on_reply(now, *attempt, reply),
             (Input::NotSent, Phase::Sending(attempt)) => {
-                self.fail(now, attempt, FailureKind::NotSent, None)
+                self.fail(now, *attempt, FailureKind::NotSent, None)
             }
-            (Input::OutcomeUnknown, Phase::Sending(attempt)) => self.in_doubt(now, attempt),
+            (Input::OutcomeUnknown, Phase::Sending(attempt)) => self.in_doubt(now, *attempt),
             (Input::Replied(reply), Phase::Revoking) => {
                 let revoked = parse_revoke_reply(&self.config.profile, &reply).unwrap_or(false);
                 self.commit_disconnect(now, revoked);
@@ -699,12 +699,12 @@ impl Connection {
             send_deadline,
         );
         self.outputs.push_back(Output::Send(request));
-        self.phase = Phase::Sending(Attempt {
+        self.phase = Phase::Sending(Box::new(Attempt {
             base,
             sent_at: now,
             lease_at: self.lease_at,
             in_doubt_since,
-        });
+        }));
     }
 
     fn on_reply(&mut self, now: Timestamp, attempt: Attempt, reply: crate::HttpResponse) {
@@ -726,7 +726,7 @@ impl Connection {
                 ..
             }) => {
                 // B3 is the bug of believing this without re-reading the store.
-                self.phase = Phase::Rereading(attempt);
+                self.phase = Phase::Rereading(Box::new(attempt));
                 self.outputs.push_back(Output::Load);
             }
             // A gateway timeout: the provider behind it may have processed it.
