@@ -10,6 +10,9 @@
 //! fails, 2 for bad arguments. Each subcommand lives in its own function so that
 //! `simulate` and `mock-provider` can be added beside `check`.
 
+#[path = "simulate/cli.rs"]
+mod simulate_cli;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 use tokenfence_sim::check::{explore, run_check, CheckOptions, Search};
@@ -21,7 +24,7 @@ use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 #[command(
     name = "tokenfence-sim",
     version,
-    about = "Model checking (and later simulation) of tokenfence's refresh-token core"
+    about = "Model checking and deterministic simulation of tokenfence's refresh-token core"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +39,9 @@ enum Command {
     /// Serve the provider model over HTTP on loopback, for adapter tests and your
     /// own integration tests: token, revoke and consent endpoints, plus /control.
     MockProvider(MockArgs),
+    /// Simulate a fleet of connections for a year under faults, deterministically
+    /// from a seed, with tokenfence and the naive baselines side by side.
+    Simulate(simulate_cli::SimulateArgs),
 }
 
 #[derive(Args)]
@@ -112,6 +118,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check(args) => check(args),
         Command::MockProvider(args) => mock_provider(args),
+        Command::Simulate(args) => simulate_cli::simulate(args),
     }
 }
 

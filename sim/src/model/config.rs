@@ -2,6 +2,7 @@
 //! the strategy under test.
 
 use crate::provider::BehaviourClass;
+pub use crate::strategy::Strategy;
 use std::collections::BTreeSet;
 
 /// A fault the model may inject. Each injection spends one unit of the fault budget
@@ -86,64 +87,6 @@ impl FaultKind {
                 })
                 .collect(),
         }
-    }
-}
-
-/// The refresh strategy under test: tokenfence itself, or one of the naive baselines
-/// of INVARIANTS.md, obtained by rewriting what the driver does with the machine's
-/// outputs (the machine itself is always the real one).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Strategy {
-    /// The real core, driven as its contract says.
-    Tokenfence,
-    /// B1: no lease and no compare-and-swap: every worker refreshes when it likes and
-    /// writes back unconditionally.
-    NaiveB1,
-    /// B2: a lease, but writes are unconditional; the lease can expire under a
-    /// paused worker.
-    NaiveB2,
-    /// B3: on `invalid_grant`, declare re-auth without re-reading the store: the
-    /// re-read is answered with the pre-refresh record and the re-auth is written as
-    /// a plain status update.
-    NaiveB3,
-    /// B4: a reply without `refresh_token` wipes the stored refresh token.
-    NaiveB4,
-}
-
-impl Strategy {
-    /// Every strategy, in a stable order.
-    pub const ALL: [Strategy; 5] = [
-        Strategy::Tokenfence,
-        Strategy::NaiveB1,
-        Strategy::NaiveB2,
-        Strategy::NaiveB3,
-        Strategy::NaiveB4,
-    ];
-
-    /// The command-line name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Tokenfence => "tokenfence",
-            Strategy::NaiveB1 => "naive-b1",
-            Strategy::NaiveB2 => "naive-b2",
-            Strategy::NaiveB3 => "naive-b3",
-            Strategy::NaiveB4 => "naive-b4",
-        }
-    }
-
-    /// Parses [`name`](Self::name).
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.name() == name)
-    }
-
-    /// Whether stores honour compare-and-swap.
-    pub fn uses_cas(self) -> bool {
-        !matches!(self, Strategy::NaiveB1 | Strategy::NaiveB2)
-    }
-
-    /// Whether leases exclude other workers.
-    pub fn uses_leases(self) -> bool {
-        self != Strategy::NaiveB1
     }
 }
 

@@ -4,13 +4,14 @@
 //! `tokenfence_core::invariants`, and recorded in the state.
 
 use super::state::{Breach, Flight, GrantCheck, Orphan, Seen, State, StoreCommand};
-use super::{connection_id, owner_name, Action, FaultKind, Strategy, TokenfenceModel};
+use super::{connection_id, owner_name, Action, FaultKind, TokenfenceModel};
 use crate::provider::{self, GrantEnd, Outcome, RejectCause};
-use crate::store::{CasOutcome, LeaseOutcome};
+use crate::store::LeaseOutcome;
+use crate::strategy::Written;
 use tokenfence_core::invariants;
 use tokenfence_core::{
     parse_token_reply, AccessError, ConfigError, Connection, ConnectionRecord, Generation, Input,
-    Lease, Output, RefreshToken, RequestId, Status, Timestamp, WorkerId,
+    Lease, Output, RequestId, Status, Timestamp, WorkerId,
 };
 
 /// Explanations of a step, collected only when a trace is rendered.
@@ -188,7 +189,6 @@ impl TokenfenceModel {
                 }
                 s.now = target;
                 s.orphans.retain(|o| o.request.send_deadline >= target);
-                log.note(|| format!("time jumps to {target}"));
             }
         }
         Some(s)
@@ -238,9 +238,7 @@ impl TokenfenceModel {
                         record.access.as_ref().map(|a| &a.token) == Some(&g.grant.access)
                     });
                     if let Some(g) = of_grant {
-                        if self.cfg.strategy == Strategy::NaiveB4 && g.grant.refresh.is_none() {
-                            record.refresh = RefreshToken::new("");
-                        }
+                        self.cfg.strategy.rewrite_commit(&mut record, &g.grant);
                         if let Err(v) = invariants::keeps_what_was_not_replaced(
                             &g.base, &g.grant, &record, profile, g.sent_at,
                         ) {
@@ -268,11 +266,10 @@ impl TokenfenceModel {
                     self.set_pending(s, w, StoreCommand::Cas { expected, record });
                 }
                 Output::ReleaseLease { .. } => {
-                    if self.cfg.strategy.uses_leases() {
-                        let owner = owner_name(w, s.workers[w].incarnation);
-                        if s.store.release_lease(connection_id(), &owner) {
-                            log.note(|| format!("w{} releases the lease", w + 1));
-                        }
+                    let owner = owner_name(w, s.workers[w].incarnation);
+                    let strategy = self.cfg.strategy;
+                    if strategy.release_lease(&mut s.store, connection_id(), &owner) {
+                        log.note(|| format!("w{} releases the lease", w + 1));
                     }
                 }
                 Output::Send(request) => {
@@ -419,53 +416,39 @@ impl TokenfenceModel {
                 None => Input::Loaded(s.store.load(id).map(Box::new)),
             },
             StoreCommand::AcquireLease { ttl } => {
-                if !self.cfg.strategy.uses_leases() {
-                    let lease = Lease {
-                        owner: self_id(),
-                        acquired_at: now,
-                        expires_at: now.saturating_add(ttl),
-                        generation: s.stored().map(|r| r.generation),
-                    };
-                    Input::LeaseGranted {
+                let strategy = self.cfg.strategy;
+                match strategy.acquire_lease(&mut s.store, id, &me, ttl, now) {
+                    LeaseOutcome::Granted {
                         lease,
-                        record: s.store.load(id).map(Box::new),
-                        took_over: None,
-                    }
-                } else {
-                    match s.store.acquire_lease(id, &me, ttl, now) {
-                        LeaseOutcome::Granted {
-                            lease,
+                        record,
+                        took_over,
+                    } => {
+                        let other = took_over.as_ref().filter(|l| l.owner != me);
+                        if other.is_some() {
+                            s.seen.set(Seen::LEASE_BROKEN);
+                        }
+                        s.workers[w].ghost.took_over = other
+                            .is_some_and(|l| l.generation == record.as_ref().map(|r| r.generation));
+                        let took_over = took_over.map(|l| {
+                            if l.owner == me {
+                                Lease {
+                                    owner: self_id(),
+                                    ..l
+                                }
+                            } else {
+                                l
+                            }
+                        });
+                        Input::LeaseGranted {
+                            lease: Lease {
+                                owner: self_id(),
+                                ..lease
+                            },
                             record,
                             took_over,
-                        } => {
-                            let other = took_over.as_ref().filter(|l| l.owner != me);
-                            if other.is_some() {
-                                s.seen.set(Seen::LEASE_BROKEN);
-                            }
-                            s.workers[w].ghost.took_over = other.is_some_and(|l| {
-                                l.generation == record.as_ref().map(|r| r.generation)
-                            });
-                            let took_over = took_over.map(|l| {
-                                if l.owner == me {
-                                    Lease {
-                                        owner: self_id(),
-                                        ..l
-                                    }
-                                } else {
-                                    l
-                                }
-                            });
-                            Input::LeaseGranted {
-                                lease: Lease {
-                                    owner: self_id(),
-                                    ..lease
-                                },
-                                record,
-                                took_over,
-                            }
                         }
-                        LeaseOutcome::Held { holder } => Input::LeaseHeld { holder },
                     }
+                    LeaseOutcome::Held { holder } => Input::LeaseHeld { holder },
                 }
             }
             StoreCommand::Cas { expected, record } => self.write(s, w, expected, *record, log),
@@ -491,37 +474,26 @@ impl TokenfenceModel {
             .grant
             .as_ref()
             .is_some_and(|g| record.access.as_ref().map(|a| &a.token) == Some(&g.grant.access));
-        let landed = if naive_reauth {
-            // B3: `UPDATE ... SET status = 'reauth'` on whatever is stored.
-            let mut current = s.stored().cloned().unwrap_or_else(|| record.clone());
-            current.status = record.status;
-            current.generation = before.map_or(Generation(0), Generation::next);
-            let g = s.store.overwrite(id, current);
+        if naive_reauth {
             log.note(|| {
                 format!(
                     "B3: w{} writes the re-auth status over whatever is stored",
                     w + 1
                 )
             });
-            Some((g, before))
-        } else if !self.cfg.strategy.uses_cas() {
-            let g = expected.map_or(Generation(0), Generation::next);
-            let mut record = record;
-            record.generation = g;
-            s.store.overwrite(id, record);
-            Some((g, expected))
-        } else {
-            match s.store.compare_and_swap(id, expected, record) {
-                CasOutcome::Committed(g) => Some((g, expected)),
-                CasOutcome::Conflict(current) => {
+        }
+        let (generation, base) =
+            match self
+                .cfg
+                .strategy
+                .write(&mut s.store, id, expected, record, naive_reauth)
+            {
+                Written::Landed { generation, base } => (generation, base),
+                Written::Conflict(current) => {
                     s.workers[w].ghost.conflict = true;
                     return Input::Conflict { current };
                 }
-            }
-        };
-        let Some((generation, base)) = landed else {
-            return Input::StoreFailed;
-        };
+            };
         if let Err(v) = invariants::commit_on_current(base, before) {
             s.breach(Breach::S1, || format!("w{}: {v}", w + 1));
         }
@@ -626,7 +598,7 @@ impl TokenfenceModel {
                         ..
                     }
                 );
-            } else if self.cfg.strategy == Strategy::NaiveB3
+            } else if self.cfg.strategy.trusts_invalid_grant()
                 && matches!(outcome, Outcome::Rejected { .. })
             {
                 ghost.reread_with = base.map(Box::new);
