@@ -573,15 +573,27 @@ async fn release_by_non_owner_does_nothing<B: Backend>(b: &B) {
 
 async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
     let s = b.open(keyring()).await;
+    // Last refreshed 90 days before T0; idle deadlines some days after it.
+    let refreshed = T0.saturating_sub(days(90));
     let with_idle = |n: &str, idle_days: Option<u64>| {
         let mut r = record(n, 0);
+        r.refresh_issued_at = refreshed;
+        r.last_refreshed_at = Some(refreshed);
         r.idle_deadline = idle_days.map(|d| T0.saturating_add(days(d)));
         r
     };
     committed(&*s, None, &with_idle("idle-100d", Some(100))).await;
     committed(&*s, None, &with_idle("idle-10d", Some(10))).await;
-    committed(&*s, None, &with_idle("idle-1d", Some(1))).await;
+    // Never refreshed: the window counts from when the token was issued.
+    let mut never = with_idle("idle-1d", Some(1));
+    never.last_refreshed_at = None;
+    committed(&*s, None, &never).await;
     committed(&*s, None, &with_idle("no-idle", None)).await;
+    // Refreshed just now with a short window: not due before half of it passed,
+    // however long the lead (no keep-alive storm).
+    let mut fresh = with_idle("fresh-idle-10d", Some(10));
+    fresh.last_refreshed_at = Some(T0);
+    committed(&*s, None, &fresh).await;
     let mut dead = with_idle("dead-idle-1d", Some(1));
     dead.status = Status::ReauthRequired {
         reason: ReauthReason::InvalidGrant,
@@ -619,10 +631,34 @@ async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
         .await
         .unwrap()
         .contains(&id("idle-100d")));
-    // A lead longer than the time left saturates.
+    // A lead longer than the time left saturates, but keep-alive still waits for
+    // half the idle window since the last refresh: idle-100d's window is 190 days
+    // from T0 - 90d, so not before T0 + 5d; fresh-idle-10d not before T0 + 5d.
     assert_eq!(
         s.due_for_work(T0, days(100_000), 2).await.unwrap(),
-        ids(&["degraded-idle-1d", "idle-100d"])
+        ids(&["degraded-idle-1d", "idle-10d"])
+    );
+    let halfway = T0.saturating_add(days(5));
+    let just_before = Timestamp::from_millis(halfway.as_millis() - 1);
+    assert_eq!(
+        s.due_for_work(just_before, days(100_000), 100)
+            .await
+            .unwrap(),
+        ids(&["degraded-idle-1d", "idle-10d", "idle-1d"])
+    );
+    assert_eq!(
+        s.due_for_work(halfway, days(100_000), 100).await.unwrap(),
+        ids(&[
+            "degraded-idle-1d",
+            "fresh-idle-10d",
+            "idle-100d",
+            "idle-10d",
+            "idle-1d"
+        ])
+    );
+    assert_eq!(
+        s.due_for_work(halfway, Duration::ZERO, 100).await.unwrap(),
+        ids(&["degraded-idle-1d", "idle-1d"])
     );
 
     // Abandoned leases: expired and never released, with or without a record.
@@ -654,7 +690,7 @@ async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
     );
     assert_eq!(s.due_for_work(at(30), lead, 0).await.unwrap(), ids(&[]));
     // A record that stops being live stops being due for keep-alive.
-    let mut r = with_idle("idle-1d", Some(1));
+    let mut r = never.clone();
     r.generation = Generation(1);
     r.status = Status::Disconnected { at: T0 };
     committed(&*s, Some(0), &r).await;
@@ -1155,6 +1191,67 @@ async fn postgres_refuses_bad_configuration_clearly() {
     // Ids PostgreSQL cannot hold are refused before they reach it.
     let s = b.open(keyring()).await;
     let err = s.load(&id("nul\0id")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+    b.drop_schema().await;
+}
+
+/// The URL of the test server with TLS required instead of whatever it says.
+fn require_tls(url: &str) -> String {
+    let url = url
+        .replace("sslmode=disable", "sslmode=require")
+        .replace("sslmode=prefer", "sslmode=require");
+    if url.contains("sslmode=") {
+        url
+    } else if url.contains('?') {
+        format!("{url}&sslmode=require")
+    } else {
+        format!("{url}?sslmode=require")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tls_verifies_the_server() {
+    let Some(b) = PgBackend::new().await else {
+        return;
+    };
+    let Ok(ca) = std::env::var("TOKENFENCE_PG_CA") else {
+        if std::env::var("TOKENFENCE_SKIP_PG_TLS").as_deref() == Ok("1") {
+            eprintln!("TOKENFENCE_SKIP_PG_TLS=1: skipping the PostgreSQL TLS test");
+            return;
+        }
+        panic!(
+            "TOKENFENCE_PG_CA is not set: the PostgreSQL TLS path cannot be tested. \
+             `scripts/postgres start` sets it (a CA that signed the server's certificate); \
+             set TOKENFENCE_SKIP_PG_TLS=1 to skip this test on purpose."
+        );
+    };
+    let url = require_tls(&b.url);
+    let options = |roots: Option<std::path::PathBuf>| PostgresOptions {
+        schema: b.schema.clone(),
+        max_connections: 2,
+        timeout: Duration::from_secs(10),
+        tls_root_certificates: roots,
+    };
+    // Verified against the CA that signed the server's certificate: works, and
+    // sslmode=require means it is TLS or nothing.
+    let s = PostgresStore::connect_with(&url, keyring(), options(Some(ca.clone().into())))
+        .await
+        .unwrap();
+    committed(&s, None, &record("tls", 0)).await;
+    assert_eq!(s.load(&id("tls")).await.unwrap(), Some(record("tls", 0)));
+    // Without that CA the server is not trusted: refused, never silently accepted.
+    let err = PostgresStore::connect_with(&url, keyring(), options(None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // A CA file without certificates is a configuration error.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let err = PostgresStore::connect_with(&url, keyring(), options(Some(empty)))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Config(_)), "{err:?}");
     b.drop_schema().await;
 }

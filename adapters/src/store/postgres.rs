@@ -12,18 +12,27 @@
 //! advisory lock, so any number of processes may start at once. Records are sealed
 //! with a [`Keyring`] (AES-256-GCM, bound to the connection id).
 //!
-//! Connections use no TLS: point the URL at a server on a trusted network or a
-//! local socket/proxy. PostgreSQL text cannot hold NUL characters, so connection
-//! ids and worker ids containing one are refused with [`StoreError::Config`].
+//! TLS (rustls) follows the URL's `sslmode`: `prefer` (the default) uses TLS when
+//! the server offers it, `require` refuses a server without it, `disable` never
+//! uses it. Servers are always verified, against the Mozilla roots plus any CA
+//! certificates named in [`PostgresOptions::tls_root_certificates`] (a cloud
+//! provider's CA bundle, a private CA).
+//!
+//! The role needs the right to create tables in the schema on first use (and to
+//! create the schema if it does not exist). PostgreSQL text cannot hold NUL
+//! characters, so connection ids and worker ids containing one are refused with
+//! [`StoreError::Config`].
 
 use super::row::{self, SealedRecord};
 use super::{CasOutcome, LeaseOutcome, Store, StoreError};
 use crate::crypto::Keyring;
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Schema migrations, applied in order on connect.
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres/0001_init.sql"))];
@@ -44,6 +53,8 @@ pub struct PostgresOptions {
     /// How long an operation waits for a pooled connection, and how long
     /// connecting may take.
     pub timeout: Duration,
+    /// A PEM file of CA certificates to trust for TLS, besides the Mozilla roots.
+    pub tls_root_certificates: Option<PathBuf>,
 }
 
 impl Default for PostgresOptions {
@@ -52,13 +63,18 @@ impl Default for PostgresOptions {
             schema: "public".into(),
             max_connections: 8,
             timeout: Duration::from_secs(10),
+            tls_root_certificates: None,
         }
     }
 }
 
-/// Records and leases in a PostgreSQL database.
+/// Records and leases in a PostgreSQL database. Clones share the pool.
 #[derive(Clone)]
 pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     pool: Pool,
     keyring: Keyring,
     sql: Sql,
@@ -68,14 +84,13 @@ impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password: never shown.
         f.debug_struct("PostgresStore")
-            .field("schema", &self.sql.schema)
-            .field("keyring", &self.keyring)
+            .field("schema", &self.inner.sql.schema)
+            .field("keyring", &self.inner.keyring)
             .finish()
     }
 }
 
 /// Statements, with the schema spelled in.
-#[derive(Clone)]
 struct Sql {
     schema: String,
     select_record: String,
@@ -97,12 +112,14 @@ impl Sql {
             schema: schema.to_owned(),
             select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
             insert_record: format!(
-                "INSERT INTO {c} (id, generation, status, idle_deadline, updated_at, sealed) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING"
+                "INSERT INTO {c} (id, generation, status, idle_deadline, keepalive_floor, \
+                 updated_at, sealed) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (id) DO NOTHING"
             ),
             update_record: format!(
                 "UPDATE {c} SET generation = $2, status = $3, idle_deadline = $4, \
-                 updated_at = $5, sealed = $6 WHERE id = $1 AND generation = $7"
+                 keepalive_floor = $5, updated_at = $6, sealed = $7 \
+                 WHERE id = $1 AND generation = $8"
             ),
             select_lease: format!(
                 "SELECT owner, acquired_at, expires_at, generation FROM {l} WHERE id = $1 FOR UPDATE"
@@ -115,7 +132,7 @@ impl Sql {
             ),
             delete_lease: format!("DELETE FROM {l} WHERE id = $1 AND owner = $2"),
             due: format!(
-                "SELECT id FROM {c} WHERE idle_deadline <= $1 \
+                "SELECT id FROM {c} WHERE idle_deadline <= $1 AND keepalive_floor <= $2 \
                  UNION SELECT id FROM {l} WHERE expires_at <= $2 ORDER BY id LIMIT $3"
             ),
             list: format!("SELECT id FROM {c} ORDER BY id"),
@@ -150,9 +167,10 @@ impl PostgresStore {
             config.application_name("tokenfence");
         }
         config.connect_timeout(options.timeout);
+        let tls = tls_connector(options.tls_root_certificates.as_deref())?;
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -166,9 +184,11 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::Config(format!("PostgreSQL pool: {e}")))?;
         let store = PostgresStore {
-            pool,
-            keyring,
-            sql: Sql::new(&options.schema),
+            inner: Arc::new(Inner {
+                pool,
+                keyring,
+                sql: Sql::new(&options.schema),
+            }),
         };
         store.migrate().await?;
         Ok(store)
@@ -176,14 +196,15 @@ impl PostgresStore {
 
     /// The schema that holds the tables.
     pub fn schema(&self) -> &str {
-        &self.sql.schema
+        &self.inner.sql.schema
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool
+        self.inner
+            .pool
             .get()
             .await
-            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))
+            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {}", with_causes(&e))))
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -191,11 +212,11 @@ impl PostgresStore {
         let tx = client.transaction().await.map_err(pg_error)?;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-            &[&MIGRATION_LOCK, &self.sql.schema],
+            &[&MIGRATION_LOCK, &self.inner.sql.schema],
         )
         .await
         .map_err(pg_error)?;
-        let schema = &self.sql.schema;
+        let schema = &self.inner.sql.schema;
         let exists = tx
             .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[schema])
             .await
@@ -253,21 +274,22 @@ impl PostgresStore {
             .query(
                 &format!(
                     "SELECT id, sealed FROM \"{}\".tokenfence_connections ORDER BY id",
-                    self.sql.schema
+                    self.inner.sql.schema
                 ),
                 &[],
             )
             .await
             .map_err(pg_error)?;
         let reseal = client
-            .prepare_cached(&self.sql.reseal)
+            .prepare_cached(&self.inner.sql.reseal)
             .await
             .map_err(pg_error)?;
         let mut changed = 0;
         for r in rows {
             let id: String = r.get(0);
             let sealed: Vec<u8> = r.get(1);
-            if let Some(new) = row::reseal(&self.keyring, &ConnectionId(id.clone()), &sealed)? {
+            if let Some(new) = row::reseal(&self.inner.keyring, &ConnectionId(id.clone()), &sealed)?
+            {
                 changed += client
                     .execute(&reseal, &[&id, &new, &sealed])
                     .await
@@ -276,6 +298,34 @@ impl PostgresStore {
         }
         Ok(usize::try_from(changed).unwrap_or(usize::MAX))
     }
+}
+
+/// Verifies servers against the Mozilla roots and `extra_roots`.
+fn tls_connector(extra_roots: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_roots {
+        let bad = |e: &dyn std::fmt::Display| {
+            StoreError::Config(format!("TLS root certificates in {}: {e}", path.display()))
+        };
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+            roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad(&"no certificate found"));
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Config(format!("TLS: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 fn valid_schema_name(name: &str) -> bool {
@@ -288,7 +338,23 @@ fn valid_schema_name(name: &str) -> bool {
 }
 
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Unavailable(format!("PostgreSQL: {e}"))
+    StoreError::Unavailable(format!("PostgreSQL: {}", with_causes(&e)))
+}
+
+/// An error and its causes, `a: b: c` (tokio-postgres keeps the useful part, such
+/// as why a TLS handshake failed, in the causes).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn check_text(what: &str, text: &str) -> Result<(), StoreError> {
@@ -330,7 +396,13 @@ impl Store for PostgresStore {
     async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
         check_text("connection id", &id.0)?;
         let client = self.client().await?;
-        read_record(&client, &self.sql.select_record, &self.keyring, id).await
+        read_record(
+            &client,
+            &self.inner.sql.select_record,
+            &self.inner.keyring,
+            id,
+        )
+        .await
     }
 
     async fn compare_and_swap(
@@ -343,49 +415,36 @@ impl Store for PostgresStore {
             generation,
             status,
             idle_deadline,
+            keepalive_floor,
             updated_at,
             sealed,
-        } = row::seal(&self.keyring, record)?;
+        } = row::seal(&self.inner.keyring, record)?;
         let client = self.client().await?;
+        let expected = expected.map(row::generation_to_sql);
+        let columns: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &record.id.0,
+            &generation,
+            &status,
+            &idle_deadline,
+            &keepalive_floor,
+            &updated_at,
+            &sealed,
+            &expected,
+        ];
         let changed = match expected {
             None => {
                 let stmt = client
-                    .prepare_cached(&self.sql.insert_record)
+                    .prepare_cached(&self.inner.sql.insert_record)
                     .await
                     .map_err(pg_error)?;
-                client
-                    .execute(
-                        &stmt,
-                        &[
-                            &record.id.0,
-                            &generation,
-                            &status,
-                            &idle_deadline,
-                            &updated_at,
-                            &sealed,
-                        ],
-                    )
-                    .await
+                client.execute(&stmt, &columns[..7]).await
             }
-            Some(g) => {
+            Some(_) => {
                 let stmt = client
-                    .prepare_cached(&self.sql.update_record)
+                    .prepare_cached(&self.inner.sql.update_record)
                     .await
                     .map_err(pg_error)?;
-                client
-                    .execute(
-                        &stmt,
-                        &[
-                            &record.id.0,
-                            &generation,
-                            &status,
-                            &idle_deadline,
-                            &updated_at,
-                            &sealed,
-                            &row::generation_to_sql(g),
-                        ],
-                    )
-                    .await
+                client.execute(&stmt, &columns).await
             }
         }
         .map_err(pg_error)?;
@@ -394,8 +453,13 @@ impl Store for PostgresStore {
         }
         // Read after the failed guard: the record stored now (at least as new as
         // the one that failed it, since generations only move by CAS).
-        let current =
-            read_record(&client, &self.sql.select_record, &self.keyring, &record.id).await?;
+        let current = read_record(
+            &client,
+            &self.inner.sql.select_record,
+            &self.inner.keyring,
+            &record.id,
+        )
+        .await?;
         Ok(CasOutcome::Conflict(current))
     }
 
@@ -410,7 +474,7 @@ impl Store for PostgresStore {
         check_text("worker id", &owner.0)?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        let lock_key = format!("{}/{}", self.sql.schema, id.0);
+        let lock_key = format!("{}/{}", self.inner.sql.schema, id.0);
         tx.execute(
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
             &[&LEASE_LOCK, &lock_key],
@@ -418,7 +482,7 @@ impl Store for PostgresStore {
         .await
         .map_err(pg_error)?;
         let select = tx
-            .prepare_cached(&self.sql.select_lease)
+            .prepare_cached(&self.inner.sql.select_lease)
             .await
             .map_err(pg_error)?;
         let current = tx
@@ -436,7 +500,8 @@ impl Store for PostgresStore {
         }
         // A record that does not open fails the acquisition: the transaction is
         // dropped, so rolled back, and the lease row stays as it was.
-        let record = read_record(&tx, &self.sql.select_record, &self.keyring, id).await?;
+        let record =
+            read_record(&tx, &self.inner.sql.select_record, &self.inner.keyring, id).await?;
         let lease = Lease {
             owner: owner.clone(),
             acquired_at: now,
@@ -444,7 +509,7 @@ impl Store for PostgresStore {
             generation: record.as_ref().map(|r| r.generation),
         };
         let upsert = tx
-            .prepare_cached(&self.sql.upsert_lease)
+            .prepare_cached(&self.inner.sql.upsert_lease)
             .await
             .map_err(pg_error)?;
         tx.execute(
@@ -472,7 +537,7 @@ impl Store for PostgresStore {
         check_text("worker id", &owner.0)?;
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&self.sql.delete_lease)
+            .prepare_cached(&self.inner.sql.delete_lease)
             .await
             .map_err(pg_error)?;
         client
@@ -493,11 +558,16 @@ impl Store for PostgresStore {
         let now = row::time_to_sql(now);
         let limit = row::limit_to_sql(limit);
         let client = self.client().await?;
-        ids(&client, &self.sql.due, &[&keepalive_bound, &now, &limit]).await
+        ids(
+            &client,
+            &self.inner.sql.due,
+            &[&keepalive_bound, &now, &limit],
+        )
+        .await
     }
 
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         let client = self.client().await?;
-        ids(&client, &self.sql.list, &[]).await
+        ids(&client, &self.inner.sql.list, &[]).await
     }
 }

@@ -3,6 +3,7 @@
 
 use super::StoreError;
 use crate::crypto::Keyring;
+use std::time::Duration;
 use tokenfence_core::{
     ConnectionId, ConnectionRecord, Generation, Lease, Status, Timestamp, WorkerId,
 };
@@ -18,6 +19,9 @@ pub(crate) struct SealedRecord {
     pub status: &'static str,
     /// The idle deadline while the record is live (keep-alive applies), else NULL.
     pub idle_deadline: Option<i64>,
+    /// The earliest instant keep-alive may be due whatever the lead, with
+    /// `idle_deadline`.
+    pub keepalive_floor: Option<i64>,
     pub updated_at: i64,
     pub sealed: Vec<u8>,
 }
@@ -50,14 +54,27 @@ pub(crate) fn seal(
     let sealed = keyring
         .seal(&context(&record.id), &json)
         .map_err(|e| StoreError::Config(format!("cannot seal record: {e}")))?;
+    // `keepalive_due_at(lead)` is `max(idle_deadline - lead, floor)` with a floor
+    // that does not depend on the lead (half the idle window since the last
+    // refresh); the lead is only known at query time, so the row keeps both
+    // terms and the query asks `idle_deadline <= now + lead AND floor <= now`.
+    // The conformance suite checks this against MemoryStore, which calls
+    // `keepalive_due_at` itself.
+    let (idle_deadline, keepalive_floor) = match (
+        record.keepalive_due_at(Duration::ZERO),
+        record.keepalive_due_at(Duration::MAX),
+        record.idle_deadline,
+    ) {
+        (Some(_), Some(floor), Some(deadline)) => {
+            (Some(time_to_sql(deadline)), Some(time_to_sql(floor)))
+        }
+        _ => (None, None),
+    };
     Ok(SealedRecord {
         generation: generation_to_sql(record.generation),
         status: status_name(&record.status),
-        idle_deadline: if record.is_live() {
-            record.idle_deadline.map(time_to_sql)
-        } else {
-            None
-        },
+        idle_deadline,
+        keepalive_floor,
         updated_at: time_to_sql(record.updated_at),
         sealed,
     })

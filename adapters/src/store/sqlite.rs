@@ -228,6 +228,7 @@ impl Store for SqliteStore {
             generation,
             status,
             idle_deadline,
+            keepalive_floor,
             updated_at,
             sealed,
         } = row::seal(&self.inner.keyring, record)?;
@@ -235,39 +236,34 @@ impl Store for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_error)?;
+            let columns = params![
+                id.0,
+                generation,
+                status,
+                idle_deadline,
+                keepalive_floor,
+                updated_at,
+                sealed
+            ];
             let changed = match expected {
                 None => tx
                     .prepare_cached(
-                        "INSERT INTO tokenfence_connections \
-                         (id, generation, status, idle_deadline, updated_at, sealed) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+                        "INSERT INTO tokenfence_connections (id, generation, status, \
+                         idle_deadline, keepalive_floor, updated_at, sealed) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
                     )
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            id.0,
-                            generation,
-                            status,
-                            idle_deadline,
-                            updated_at,
-                            sealed
-                        ])
-                    }),
+                    .and_then(|mut s| s.execute(columns)),
                 Some(g) => tx
                     .prepare_cached(
                         "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
-                         idle_deadline = ?4, updated_at = ?5, sealed = ?6 \
-                         WHERE id = ?1 AND generation = ?7",
+                         idle_deadline = ?4, keepalive_floor = ?5, updated_at = ?6, sealed = ?7 \
+                         WHERE id = ?1 AND generation = ?8",
                     )
                     .and_then(|mut s| {
-                        s.execute(params![
-                            id.0,
-                            generation,
-                            status,
-                            idle_deadline,
-                            updated_at,
-                            sealed,
-                            row::generation_to_sql(g)
-                        ])
+                        let expected = row::generation_to_sql(g);
+                        let mut all: Vec<&dyn rusqlite::ToSql> = columns.to_vec();
+                        all.push(&expected);
+                        s.execute(all.as_slice())
                     }),
             }
             .map_err(sql_error)?;
@@ -362,7 +358,8 @@ impl Store for SqliteStore {
         self.run(move |conn, _| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT id FROM tokenfence_connections WHERE idle_deadline <= ?1 \
+                    "SELECT id FROM tokenfence_connections \
+                     WHERE idle_deadline <= ?1 AND keepalive_floor <= ?2 \
                      UNION SELECT id FROM tokenfence_leases WHERE expires_at <= ?2 \
                      ORDER BY id LIMIT ?3",
                 )

@@ -12,8 +12,11 @@ CREATE TABLE {schema}.tokenfence_connections (
     -- sealed record is authoritative).
     status        TEXT   NOT NULL,
     -- Milliseconds since the epoch; NULL unless the record is live and the provider
-    -- has an idle deadline. Keep-alive is due at idle_deadline - lead.
+    -- has an idle deadline. Keep-alive is due when idle_deadline - lead <= now and
+    -- keepalive_floor <= now (never before half the idle window since the last
+    -- refresh, whatever the lead).
     idle_deadline BIGINT,
+    keepalive_floor BIGINT,
     updated_at    BIGINT NOT NULL,
     sealed        BYTEA  NOT NULL
 );

@@ -10,8 +10,11 @@ CREATE TABLE tokenfence_connections (
     -- sealed record is authoritative).
     status        TEXT    NOT NULL,
     -- Milliseconds since the epoch; NULL unless the record is live and the provider
-    -- has an idle deadline. Keep-alive is due at idle_deadline - lead.
+    -- has an idle deadline. Keep-alive is due when idle_deadline - lead <= now and
+    -- keepalive_floor <= now (never before half the idle window since the last
+    -- refresh, whatever the lead).
     idle_deadline INTEGER,
+    keepalive_floor INTEGER,
     updated_at    INTEGER NOT NULL,
     sealed        BLOB    NOT NULL
 ) WITHOUT ROWID;
