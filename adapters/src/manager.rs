@@ -321,6 +321,14 @@ impl TokenManager {
             .send(Command::Input(Box::new(Input::Maintain)));
     }
 
+    /// Connections the store reports as due for work now (keep-alive due, or an
+    /// abandoned lease): what the keep-alive task feeds to [`maintain`](Self::maintain).
+    pub async fn due_now(&self) -> Result<Vec<ConnectionId>, ManagerError> {
+        let now = self.inner.clock.now();
+        let lead = self.inner.config.settings.keepalive_lead;
+        Ok(self.inner.store.due_for_work(now, lead, 1000).await?)
+    }
+
     /// Stops every task and waits for them. Outstanding callers get
     /// [`ManagerError::ShutDown`].
     pub async fn shutdown(&self) {
@@ -494,9 +502,7 @@ impl TokenManager {
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let now = self.inner.clock.now();
-            let lead = self.inner.config.settings.keepalive_lead;
-            match self.inner.store.due_for_work(now, lead, 1000).await {
+            match self.due_now().await {
                 Ok(due) => {
                     for id in due {
                         tracing::debug!(connection = %id, "keep-alive due");

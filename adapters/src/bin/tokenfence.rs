@@ -1,0 +1,328 @@
+//! `tokenfence`: operate real connections from a store.
+//!
+//! ```text
+//! tokenfence [--store sqlite:PATH|postgres:URL] [--provider intuit|intuit-sandbox]
+//!            [--token-url URL --revoke-url URL] COMMAND
+//!   list                      every connection with its status and deadlines
+//!   status ID                 one connection
+//!   refresh ID                refresh now (keep-alive), print the new generation
+//!   keep-alive [--once]       scan the store and refresh what is due, forever or once
+//!   revoke ID                 revoke at the provider and mark disconnected
+//!   connect ID --code CODE --redirect-uri URI [--realm REALM]
+//!                             exchange an authorization code and store the grant
+//!   reencrypt                 re-seal every record under the newest key
+//! ```
+//! Secrets come from the environment, never from arguments: `TOKENFENCE_KEYRING`
+//! (`id:base64key,...`), `TOKENFENCE_CLIENT_ID`, `TOKENFENCE_CLIENT_SECRET`.
+//! Exit status: 0 success, 1 failure, 2 bad arguments or configuration.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokenfence::crypto::Keyring;
+use tokenfence::store::{PostgresStore, SqliteStore, Store};
+use tokenfence::{ConnectionStatus, Provider, TokenManager};
+use tokenfence_core::{ClientSecret, ConnectionId, Event, SecretString, Status, Timestamp};
+
+#[derive(Parser)]
+#[command(
+    name = "tokenfence",
+    version,
+    about = "Operate OAuth connections kept by tokenfence"
+)]
+struct Cli {
+    /// The store: sqlite:PATH (default sqlite:tokens.db) or postgres:URL.
+    #[arg(long, env = "TOKENFENCE_STORE", default_value = "sqlite:tokens.db")]
+    store: String,
+    /// intuit (production credentials) or intuit-sandbox.
+    #[arg(long, default_value = "intuit")]
+    provider: String,
+    /// Override the token endpoint (e.g. a `tokenfence-sim mock-provider` on loopback).
+    #[arg(long)]
+    token_url: Option<String>,
+    /// Override the revocation endpoint.
+    #[arg(long)]
+    revoke_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every connection with its status and deadlines.
+    List,
+    /// One connection.
+    Status { id: String },
+    /// Refresh now and print the new generation.
+    Refresh { id: String },
+    /// Scan the store and refresh what is due (keep-alive, abandoned leases).
+    KeepAlive {
+        /// Scan once and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Revoke at the provider and mark the connection disconnected.
+    Revoke { id: String },
+    /// Exchange an authorization code and store the grant as ID.
+    Connect {
+        id: String,
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        redirect_uri: String,
+        #[arg(long)]
+        realm: Option<String>,
+    },
+    /// Re-seal every record under the newest key of the keyring.
+    Reencrypt,
+}
+
+enum AnyStore {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl AnyStore {
+    fn shared(&self) -> Arc<dyn Store> {
+        match self {
+            AnyStore::Sqlite(s) => Arc::new(s.clone()),
+            AnyStore::Postgres(s) => Arc::new(s.clone()),
+        }
+    }
+}
+
+fn usage(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tokenfence: {message}");
+    ExitCode::from(2)
+}
+
+fn failure(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tokenfence: {message}");
+    ExitCode::from(1)
+}
+
+fn env(name: &str) -> Result<String, String> {
+    std::env::var(name).map_err(|_| format!("set {name} in the environment"))
+}
+
+fn when(t: Option<Timestamp>) -> String {
+    t.map_or_else(|| "-".into(), |t| format!("{}", t.as_millis() / 1000))
+}
+
+fn status_line(id: &str, s: &ConnectionStatus) -> String {
+    let status = match s.status {
+        Status::Active => "active".to_string(),
+        Status::Degraded { failures, last, .. } => format!("degraded({failures}x {last})"),
+        Status::ReauthRequired { reason, .. } => format!("reauth-required: {reason}"),
+        Status::Disconnected { .. } => "disconnected".into(),
+    };
+    format!(
+        "{id}\t{status}\t{}\taccess-expires={}\tidle-deadline={}\thard-deadline={}",
+        s.generation,
+        when(s.access_expires_at),
+        when(s.idle_deadline),
+        when(s.hard_deadline)
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let keyring = match env("TOKENFENCE_KEYRING")
+        .and_then(|k| Keyring::from_spec(&k).map_err(|e| e.to_string()))
+    {
+        Ok(k) => k,
+        Err(e) => return usage(e),
+    };
+    let store = match cli.store.split_once(':') {
+        Some(("sqlite", path)) => SqliteStore::open(path, keyring).map(AnyStore::Sqlite),
+        Some(("postgres", url)) => PostgresStore::connect(url, keyring)
+            .await
+            .map(AnyStore::Postgres),
+        _ => return usage("--store is sqlite:PATH or postgres:URL"),
+    };
+    let store = match store {
+        Ok(s) => s,
+        Err(e) => return failure(e),
+    };
+    match cli.command {
+        Command::List => {
+            let shared = store.shared();
+            let ids = match shared.list().await {
+                Ok(ids) => ids,
+                Err(e) => return failure(e),
+            };
+            for id in ids {
+                match shared.load(&id).await {
+                    Ok(Some(r)) => println!("{}", status_line(&id.0, &ConnectionStatus::from(&r))),
+                    Ok(None) => {}
+                    Err(e) => println!("{}\tunreadable: {e}", id.0),
+                }
+            }
+            return ExitCode::SUCCESS;
+        }
+        Command::Reencrypt => {
+            let n = match &store {
+                AnyStore::Sqlite(s) => s.reencrypt_all().await,
+                AnyStore::Postgres(s) => s.reencrypt_all().await,
+            };
+            return match n {
+                Ok(n) => {
+                    println!("re-sealed {n} records");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failure(e),
+            };
+        }
+        _ => {}
+    }
+    let (client_id, secret) = match (env("TOKENFENCE_CLIENT_ID"), env("TOKENFENCE_CLIENT_SECRET")) {
+        (Ok(id), Ok(secret)) => (id, ClientSecret::new(secret)),
+        (Err(e), _) | (_, Err(e)) => return usage(e),
+    };
+    let mut provider = match cli.provider.as_str() {
+        "intuit" => Provider::intuit_production(client_id, secret),
+        "intuit-sandbox" => Provider::intuit_sandbox(client_id, secret),
+        other => {
+            return usage(format!(
+                "unknown provider `{other}` (intuit, intuit-sandbox)"
+            ))
+        }
+    };
+    if let Some(url) = cli.token_url {
+        provider.profile.token_url = url;
+    }
+    if let Some(url) = cli.revoke_url {
+        provider.profile.revoke_url = Some(url);
+    }
+    let tokens = match TokenManager::builder()
+        .provider(provider)
+        .shared_store(store.shared())
+        .keepalive_scan(None)
+        .build()
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => return usage(e),
+    };
+    let code = run(&tokens, cli.command).await;
+    tokens.shutdown().await;
+    code
+}
+
+async fn run(tokens: &TokenManager, command: Command) -> ExitCode {
+    match command {
+        Command::Status { id } => match tokens.status(&ConnectionId(id.clone())).await {
+            Ok(Some(s)) => {
+                println!("{}", status_line(&id, &s));
+                ExitCode::SUCCESS
+            }
+            Ok(None) => failure(format!("no connection `{id}`")),
+            Err(e) => failure(e),
+        },
+        Command::Refresh { id } => {
+            let id = ConnectionId(id);
+            let mut events = tokens.subscribe();
+            tokens.maintain(&id);
+            let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+                while let Ok(e) = events.recv().await {
+                    match e.event {
+                        Event::Refreshed {
+                            generation,
+                            rotated,
+                        } => return Ok((generation, rotated)),
+                        Event::ReauthRequired { reason } => {
+                            return Err(format!("re-authorization required: {reason}"))
+                        }
+                        _ => {}
+                    }
+                }
+                Err("stopped".into())
+            })
+            .await;
+            match outcome {
+                Ok(Ok((generation, rotated))) => {
+                    println!(
+                        "refreshed {id}: {generation}{}",
+                        if rotated {
+                            ", refresh token rotated"
+                        } else {
+                            ""
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => failure(e),
+                Err(_) => match tokens.access_token(&id).await {
+                    Ok(_) => failure("no refresh within 60 s (the token is valid)"),
+                    Err(e) => failure(e),
+                },
+            }
+        }
+        Command::KeepAlive { once } => keep_alive(tokens, once).await,
+        Command::Revoke { id } => match tokens.disconnect(&ConnectionId(id.clone())).await {
+            Ok(true) => {
+                println!("revoked {id} at the provider and marked it disconnected");
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                println!("marked {id} disconnected; the provider did not confirm the revocation");
+                ExitCode::SUCCESS
+            }
+            Err(e) => failure(e),
+        },
+        Command::Connect {
+            id,
+            code,
+            redirect_uri,
+            realm,
+        } => {
+            match tokens
+                .connect_with_code(
+                    &ConnectionId(id.clone()),
+                    SecretString::new(code),
+                    &redirect_uri,
+                    realm,
+                )
+                .await
+            {
+                Ok(generation) => {
+                    println!("connected {id} ({generation})");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failure(e),
+            }
+        }
+        Command::List | Command::Reencrypt => ExitCode::SUCCESS,
+    }
+}
+
+async fn keep_alive(tokens: &TokenManager, once: bool) -> ExitCode {
+    let mut events = tokens.subscribe();
+    let printer = tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            println!("{}\t{:?}", e.connection, e.event);
+        }
+    });
+    let code = loop {
+        let due = match tokens.due_now().await {
+            Ok(d) => d,
+            Err(e) => break failure(e),
+        };
+        for id in &due {
+            tokens.maintain(id);
+        }
+        if once {
+            // Let the refreshes finish.
+            for id in &due {
+                let _ = tokens.access_token(id).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            break ExitCode::SUCCESS;
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    };
+    printer.abort();
+    code
+}

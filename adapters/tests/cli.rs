@@ -1,0 +1,167 @@
+//! The `tokenfence` operator CLI against the mock provider on loopback and a real
+//! SQLite file: connect through the authorization-code flow, list, refresh,
+//! revoke, re-encrypt; bad arguments exit 2; no secret is ever printed.
+
+use tokenfence::crypto::EncryptionKey;
+use tokenfence_core::Timestamp;
+use tokenfence_sim::mock::{MockProvider, AUTHORIZE_PATH, REVOKE_PATH, TOKEN_PATH};
+use tokenfence_sim::provider::ProviderSpec;
+
+struct Env {
+    base: String,
+    store: String,
+    keyring: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn run(env: &Env, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenfence"))
+        .arg("--store")
+        .arg(&env.store)
+        .arg("--token-url")
+        .arg(format!("{}{TOKEN_PATH}", env.base))
+        .arg("--revoke-url")
+        .arg(format!("{}{REVOKE_PATH}", env.base))
+        .args(args)
+        .env("TOKENFENCE_KEYRING", &env.keyring)
+        .env("TOKENFENCE_CLIENT_ID", "prod-app")
+        .env("TOKENFENCE_CLIENT_SECRET", "prod-secret")
+        .output()
+        .await
+        .expect("run tokenfence");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("prod-secret"),
+        "the client secret leaked: {text}"
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operate_a_connection_from_the_command_line() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let mock = MockProvider::new(
+        ProviderSpec::intuit(),
+        &base,
+        Timestamp::from_millis(now.as_millis() as u64),
+    );
+    tokio::spawn(mock.clone().serve(listener));
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env {
+        base: base.clone(),
+        store: format!("sqlite:{}", dir.path().join("tokens.db").display()),
+        keyring: format!(
+            "1:{}",
+            EncryptionKey::generate().unwrap().to_base64().as_str()
+        ),
+        _dir: dir,
+    };
+
+    // Consent at the mock, then `connect` exchanges the code.
+    let consent = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!(
+            "{base}{AUTHORIZE_PATH}?client_id=prod-app&redirect_uri=http://127.0.0.1:1/cb&state=s"
+        ))
+        .send()
+        .await
+        .unwrap();
+    let location = consent.headers()["location"].to_str().unwrap().to_owned();
+    let code = location
+        .split("code=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let (status, out) = run(
+        &env,
+        &[
+            "connect",
+            "realm-1",
+            "--code",
+            code,
+            "--redirect-uri",
+            "http://127.0.0.1:1/cb",
+            "--realm",
+            "123",
+        ],
+    )
+    .await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("connected realm-1"), "{out}");
+
+    let (status, out) = run(&env, &["list"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("realm-1\tactive\tg0"), "{out}");
+
+    let (status, out) = run(&env, &["refresh", "realm-1"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("refreshed realm-1: g1"), "{out}");
+    assert_eq!(mock.stats().refreshes, 1);
+
+    // Key rotation: add key 2, re-seal, then the old key can go.
+    let new_key = format!(
+        "2:{}",
+        EncryptionKey::generate().unwrap().to_base64().as_str()
+    );
+    let env = Env {
+        keyring: format!("{new_key},{}", env.keyring),
+        ..env
+    };
+    let (status, out) = run(&env, &["reencrypt"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("re-sealed 1 records"), "{out}");
+    let env = Env {
+        keyring: new_key,
+        ..env
+    };
+    let (status, out) = run(&env, &["list"]).await;
+    assert!(status == 0 && out.contains("realm-1\tactive\tg1"), "{out}");
+
+    let (status, out) = run(&env, &["revoke", "realm-1"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("revoked realm-1"), "{out}");
+    let (status, out) = run(&env, &["status", "realm-1"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("disconnected"), "{out}");
+
+    let (status, _) = run(&env, &["status", "nope"]).await;
+    assert_eq!(status, 1);
+}
+
+#[tokio::test]
+async fn bad_arguments_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env {
+        base: "http://127.0.0.1:9".into(),
+        store: "memcached:nope".into(),
+        keyring: format!(
+            "1:{}",
+            EncryptionKey::generate().unwrap().to_base64().as_str()
+        ),
+        _dir: dir,
+    };
+    let (status, out) = run(&env, &["list"]).await;
+    assert_eq!(status, 2, "{out}");
+    assert!(
+        out.contains("--store is sqlite:PATH or postgres:URL"),
+        "{out}"
+    );
+    let env = Env {
+        keyring: "1:not-base64!".into(),
+        ..env
+    };
+    let (status, out) = run(&env, &["list"]).await;
+    assert_eq!(status, 2, "{out}");
+}
