@@ -50,8 +50,9 @@ pub struct PostgresOptions {
     pub schema: String,
     /// Connections in the pool.
     pub max_connections: usize,
-    /// How long an operation waits for a pooled connection, and how long
-    /// connecting may take.
+    /// How long an operation waits for a pooled connection, how long connecting
+    /// may take, and (unless the URL sets `options`) the server-side
+    /// `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout`.
     pub timeout: Duration,
     /// A PEM file of CA certificates to trust for TLS, besides the Mozilla roots.
     pub tls_root_certificates: Option<PathBuf>,
@@ -167,6 +168,14 @@ impl PostgresStore {
             config.application_name("tokenfence");
         }
         config.connect_timeout(options.timeout);
+        if config.get_options().is_none() {
+            // A stuck statement or a lock held by a paused client must not block
+            // every other worker: the server ends them.
+            let ms = options.timeout.as_millis().max(1);
+            config.options(format!(
+                "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+            ));
+        }
         let tls = tls_connector(options.tls_root_certificates.as_deref())?;
         let manager = Manager::from_config(
             config,

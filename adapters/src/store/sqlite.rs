@@ -69,6 +69,7 @@ impl SqliteStore {
         busy_timeout: Duration,
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        create_private(&path)?;
         let mut conn = Connection::open(&path).map_err(|e| {
             StoreError::Unavailable(format!("cannot open SQLite file {}: {e}", path.display()))
         })?;
@@ -149,6 +150,24 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("SQLite task failed: {e}")))?
+    }
+}
+
+/// Creates the file readable by its owner only, if it does not exist yet (SQLite
+/// gives its `-wal` and `-shm` files the same permissions). The records in it are
+/// sealed anyway; this keeps even the ciphertexts and the ids private.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "cannot create SQLite file {}: {e}",
+            path.display()
+        ))),
     }
 }
 
