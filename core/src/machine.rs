@@ -3,7 +3,7 @@
 use crate::io::{
     AccessError, ConfigError, Event, IdentityField, Input, InputError, Output, RequestId,
 };
-use crate::profile::{ClientCredentials, InDoubtRecovery, ProviderProfile};
+use crate::profile::{ClientCredentials, GraceReplay, InDoubtRecovery, ProviderProfile};
 use crate::record::{
     ConnectionId, ConnectionRecord, FailureKind, GrantIdentity, Lease, ReauthReason, Status,
     WorkerId,
@@ -297,7 +297,7 @@ impl Connection {
         if let Status::Degraded { retry_at, .. } = rec.status {
             gate = gate.max(retry_at);
         }
-        let keepalive = rec.keepalive_due_at(s.keepalive_lead).map(|t| t.max(gate));
+        let keepalive = work_due_at(rec, s.keepalive_lead).map(|t| t.max(gate));
         let warn = rec
             .hard_deadline
             .filter(|d| self.warned_deadline != Some(*d))
@@ -515,7 +515,7 @@ impl Connection {
             }
             Phase::Idle => {
                 let lead = self.config.settings.keepalive_lead;
-                let due = self.record.as_ref().and_then(|r| r.keepalive_due_at(lead));
+                let due = self.record.as_ref().and_then(|r| work_due_at(r, lead));
                 if due.is_some_and(|d| d <= now) {
                     self.keepalive = true;
                 }
@@ -543,6 +543,11 @@ impl Connection {
             if self.fresh {
                 return self.conclude(&Err(AccessError::NotConnected));
             }
+            // The store failed before any record was read: back off like any other
+            // failure (found by fuzzing: the first Load was retried at once).
+            if let Some((retry_at, kind)) = self.not_before.filter(|(t, _)| *t > now) {
+                return self.hold_off(now, retry_at, kind);
+            }
             return self.load();
         };
         if let Some(err) = self.config.identity_mismatch(&rec.identity) {
@@ -565,9 +570,7 @@ impl Connection {
         }
         let s = &self.config.settings;
         let usable = rec.usable_access(now, s.access_margin).cloned();
-        let keepalive_due = rec
-            .keepalive_due_at(s.keepalive_lead)
-            .is_some_and(|d| d <= now);
+        let keepalive_due = work_due_at(rec, s.keepalive_lead).is_some_and(|d| d <= now);
         if let Some(token) = usable {
             self.deliver_all(&Ok(token));
         }
@@ -904,18 +907,35 @@ impl Connection {
             // so they are the newest of the family and must not be dropped, even
             // if someone marked the record dead meanwhile (the S4 trap).
             Intent::Refreshed { attempt, .. } => {
-                stored.refresh == attempt.base.refresh
-                    && stored.identity == attempt.base.identity
-                    && !matches!(stored.status, Status::Disconnected { .. })
+                let same_grant = stored.identity == attempt.base.identity
+                    && !matches!(stored.status, Status::Disconnected { .. });
+                // Under a provider that forks on a replay inside the grace window,
+                // our replay (we were in doubt) minted a sibling of the stored token
+                // and demoted the stored one to its grace window: ours is the newer
+                // when the stored tokens come from an earlier exchange (exchanges
+                // happen inside leases, which do not overlap). Dropping ours loses
+                // the connection when the grace window closes (found by the model
+                // checker).
+                let newer_fork = self.config.profile.rotation.grace_replay == GraceReplay::Fork
+                    && attempt.in_doubt_since.is_some()
+                    && stored
+                        .last_refreshed_at
+                        .is_some_and(|t| t < attempt.sent_at);
+                same_grant && (stored.refresh == attempt.base.refresh || newer_fork)
             }
             Intent::Authorized | Intent::Disconnected { .. } => true,
             // Another worker declared the rotation lost because of our expired
-            // lease; we know our request never left, so the doubt is void.
+            // lease; we know our request never left, so the doubt is void. Only if
+            // that declaration is the one commit since our base: had the worker
+            // that took over presented the token itself, it would have recorded
+            // the doubt first, and its own request may have rotated the token
+            // (found by the model checker).
             Intent::Failed {
                 unsent: Some((lease_at, presented)),
                 ..
             } => {
                 stored.refresh == *presented
+                    && stored.generation == proposal.generation
                     && stored.in_doubt_since == Some(*lease_at)
                     && matches!(
                         stored.status,
@@ -1039,5 +1059,19 @@ impl Connection {
             self.warned_deadline = Some(deadline);
             self.emit(Event::ReconnectSoon { deadline });
         }
+    }
+}
+
+/// When a refresh is due without any caller: the keep-alive instant, or at once
+/// while the record says a refresh may have rotated the token unseen. A doubt must
+/// be resolved while the provider's grace window is still open, caller or not;
+/// waiting for the next caller lost Intuit connections whose callers came after
+/// the 24-hour grace (found by the simulator). Retries still wait for the recorded
+/// retry time, so this is no storm.
+fn work_due_at(record: &ConnectionRecord, lead: Duration) -> Option<Timestamp> {
+    let keepalive = record.keepalive_due_at(lead);
+    match record.in_doubt_since.filter(|_| record.is_live()) {
+        Some(since) => Some(keepalive.map_or(since, |k| k.min(since))),
+        None => keepalive,
     }
 }

@@ -96,6 +96,8 @@ pub enum OAuthErrorCode {
     UnsupportedGrantType,
     /// The scope is invalid.
     InvalidScope,
+    /// The server is temporarily unavailable (RFC 6749 §4.1.2.1): transient.
+    TemporarilyUnavailable,
     /// Any other code.
     Other,
 }
@@ -187,6 +189,11 @@ impl ReplyError {
                 kind: OAuthErrorCode::InvalidClient | OAuthErrorCode::UnauthorizedClient,
                 ..
             } => FailureKind::ClientRejected,
+            ReplyError::OAuth {
+                kind: OAuthErrorCode::TemporarilyUnavailable,
+                status,
+                ..
+            } => FailureKind::ServerError(*status),
             ReplyError::OAuth { .. } => FailureKind::RequestRejected,
             ReplyError::RateLimited { .. } => FailureKind::RateLimited,
             ReplyError::ServerError { status } => FailureKind::ServerError(*status),
@@ -352,6 +359,7 @@ fn oauth_error(
             "invalid_request" => OAuthErrorCode::InvalidRequest,
             "unsupported_grant_type" => OAuthErrorCode::UnsupportedGrantType,
             "invalid_scope" => OAuthErrorCode::InvalidScope,
+            "temporarily_unavailable" => OAuthErrorCode::TemporarilyUnavailable,
             _ => OAuthErrorCode::Other,
         }
     };

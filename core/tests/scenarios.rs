@@ -658,3 +658,38 @@ fn keep_alive_lead_longer_than_the_idle_window_is_no_storm() {
         .expect("next keep-alive");
     assert!(next >= world.now.saturating_add(Duration::from_secs(30)));
 }
+
+#[test]
+fn store_down_before_the_first_read_backs_off_and_answers() {
+    let mut world = World::intuit(1);
+    world.store.fail_next = 100;
+    let r = world.request(0);
+    let mut loads = 0;
+    while world.result(0, r).is_none() {
+        loads += 1;
+        assert!(loads <= 3, "bounded attempts, not a spin");
+        world.wake(0);
+    }
+    assert!(matches!(
+        world.result(0, r),
+        Some(Err(AccessError::Transient {
+            kind: FailureKind::StoreUnavailable,
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn temporarily_unavailable_is_transient_not_configuration() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(0, json_reply(400, r#"{"error":"temporarily_unavailable"}"#));
+    assert!(world.result(0, r).is_none(), "retried inline like a 5xx");
+    assert!(matches!(
+        world.stored().status,
+        Status::Degraded {
+            last: FailureKind::ServerError(400),
+            ..
+        }
+    ));
+}
