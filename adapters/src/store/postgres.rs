@@ -250,7 +250,8 @@ impl PostgresStore {
             )
             .await
             .map_err(pg_error)?
-            .get(0);
+            .try_get(0)
+            .map_err(column_error)?;
         let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
         if current > latest {
             return Err(StoreError::Config(format!(
@@ -295,8 +296,8 @@ impl PostgresStore {
             .map_err(pg_error)?;
         let mut changed = 0;
         for r in rows {
-            let id: String = r.get(0);
-            let sealed: Vec<u8> = r.get(1);
+            let id: String = r.try_get(0).map_err(column_error)?;
+            let sealed: Vec<u8> = r.try_get(1).map_err(column_error)?;
             if let Some(new) = row::reseal(&self.inner.keyring, &ConnectionId(id.clone()), &sealed)?
             {
                 changed += client
@@ -366,6 +367,14 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// A column that is missing or of another type: the tables were changed by hand.
+fn column_error(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Config(format!(
+        "PostgreSQL tables do not have the expected columns: {}",
+        with_causes(&e)
+    ))
+}
+
 fn check_text(what: &str, text: &str) -> Result<(), StoreError> {
     if text.contains('\0') {
         return Err(StoreError::Config(format!(
@@ -384,8 +393,8 @@ async fn read_record<C: GenericClient>(
     let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
     let row = client.query_opt(&stmt, &[&id.0]).await.map_err(pg_error)?;
     row.map(|r| {
-        let sealed: &[u8] = r.get(1);
-        row::open(keyring, id, r.get(0), sealed)
+        let sealed: &[u8] = r.try_get(1).map_err(column_error)?;
+        row::open(keyring, id, r.try_get(0).map_err(column_error)?, sealed)
     })
     .transpose()
 }
@@ -397,7 +406,9 @@ async fn ids<C: GenericClient>(
 ) -> Result<Vec<ConnectionId>, StoreError> {
     let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
     let rows = client.query(&stmt, params).await.map_err(pg_error)?;
-    Ok(rows.iter().map(|r| ConnectionId(r.get(0))).collect())
+    rows.iter()
+        .map(|r| r.try_get(0).map(ConnectionId).map_err(column_error))
+        .collect()
 }
 
 #[async_trait]
@@ -498,7 +509,15 @@ impl Store for PostgresStore {
             .query_opt(&select, &[&id.0])
             .await
             .map_err(pg_error)?
-            .map(|r| row::lease_from_sql(r.get(0), r.get(1), r.get(2), r.get(3)));
+            .map(|r| -> Result<Lease, StoreError> {
+                Ok(row::lease_from_sql(
+                    r.try_get(0).map_err(column_error)?,
+                    r.try_get(1).map_err(column_error)?,
+                    r.try_get(2).map_err(column_error)?,
+                    r.try_get(3).map_err(column_error)?,
+                ))
+            })
+            .transpose()?;
         if let Some(held) = current
             .as_ref()
             .filter(|l| l.owner != *owner && l.expires_at > now)
