@@ -14,17 +14,18 @@
 //!
 //! ## Time
 //!
-//! The clock only jumps to the next instant at which something can change (a timer,
-//! a lease expiry, a request deadline, an access token reaching its margin, a grace
-//! window closing, an idle or hard deadline, the next periodic rotation). Jumps are
-//! budgeted (`max_ticks`), except when callers are waiting and nothing but time can
-//! make progress: those jumps are free, so every request can resolve, and a horizon
-//! (`now <= T0 + 400 s`) keeps the state space finite. Any worker may be slow: a
-//! jump can happen while any worker has a pending step, which is how a lease expires
-//! under a paused holder.
+//! The clock only jumps to instants at which something can change (a timer, a lease
+//! expiry, a request deadline, an access token reaching its margin, a grace window
+//! closing, an idle or hard deadline, the next periodic rotation): to any of them,
+//! skipping the earlier ones (whose timers then fire late, as under a pause). Jumps
+//! are budgeted (`max_ticks`), except the jump to the nearest instant when callers
+//! are waiting and nothing but time can make progress: those are free, so every
+//! request can resolve, and a horizon (`now <= T0 + 400 s`) keeps the state space
+//! finite. Any worker may be slow: a jump can happen while any worker has a pending
+//! step, which is how a lease expires under a paused holder.
 
 mod config;
-mod props;
+pub mod props;
 mod state;
 mod step;
 pub mod trace;
@@ -39,11 +40,11 @@ use crate::provider::{GrantId, Provider, ProviderSpec};
 use crate::store::MemoryStore;
 use core::time::Duration;
 use stateright::{Model, Property};
-use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokenfence_core::{
-    parse_token_reply, Config, Connection, ConnectionId, ConnectionRecord, Settings, Timestamp,
-    WorkerId,
+    parse_token_reply, Config, Connection, ConnectionId, ConnectionRecord, Input, RequestId,
+    Settings, Timestamp, WorkerId,
 };
 
 /// The model's connection id.
@@ -124,8 +125,8 @@ pub enum Action {
     OrphanArrives(usize),
     /// The user disconnects the app at the provider.
     Revoke,
-    /// Time jumps to the next instant at which something can change.
-    Tick,
+    /// Time jumps to this instant, one at which something can change.
+    Tick(Timestamp),
 }
 
 /// The model: configuration plus everything derived from it.
@@ -136,6 +137,7 @@ pub struct TokenfenceModel {
     configs: Vec<Arc<Config>>,
     grant: GrantId,
     init: State,
+    latched: Mutex<BTreeSet<&'static str>>,
 }
 
 impl TokenfenceModel {
@@ -199,13 +201,31 @@ impl TokenfenceModel {
             seen: Seen::default(),
             breaches: BTreeMap::new(),
         };
-        Ok(TokenfenceModel {
+        let mut model = TokenfenceModel {
             cfg,
             spec,
             configs,
             grant,
             init,
-        })
+            latched: Mutex::new(BTreeSet::new()),
+        };
+        // Every worker starts with one caller waiting (arriving later is the same as
+        // the worker being slow to load, which the interleavings already cover);
+        // further requests are actions.
+        let mut first = model.init.clone();
+        for w in 0..first.workers.len() {
+            if first.workers[w].requests_left > 0 {
+                first.workers[w].requests_left -= 1;
+                model.feed(
+                    &mut first,
+                    w,
+                    Input::AccessRequested(RequestId(1)),
+                    &mut step::Log::off(),
+                );
+            }
+        }
+        model.init = first;
+        Ok(model)
     }
 
     /// The provider's spec.
@@ -226,6 +246,18 @@ impl TokenfenceModel {
     /// Whether worker slot `w` is the misconfigured one.
     pub fn misconfigured(&self, w: usize) -> bool {
         w >= self.cfg.workers
+    }
+
+    /// `holds`, except that only the first violation of property `name` is reported
+    /// (see `props::first!`).
+    pub fn latch(&self, name: &'static str, holds: bool) -> bool {
+        if holds {
+            return true;
+        }
+        match self.latched.lock() {
+            Ok(mut seen) => !seen.insert(name),
+            Err(_) => false,
+        }
     }
 
     fn fault_ok(&self, s: &State, kind: FaultKind) -> bool {
@@ -303,8 +335,12 @@ impl Model for TokenfenceModel {
         {
             actions.push(Action::Revoke);
         }
-        if self.tick_target(s).is_some() && (s.ticks_left > 0 || self.free_tick(s)) {
-            actions.push(Action::Tick);
+        let targets = self.tick_targets(s);
+        let free = self.free_tick(s);
+        for (i, t) in targets.iter().enumerate() {
+            if (i == 0 && free) || s.ticks_left > 0 {
+                actions.push(Action::Tick(*t));
+            }
         }
     }
 

@@ -130,30 +130,80 @@ fn l1(_: &TokenfenceModel, s: &State) -> bool {
         .all(|w| w.requests_left == 0 && w.conn.waiting() == 0)
 }
 
+/// Makes an `always` condition report only the first violating state it sees, so
+/// that the path stateright keeps is the first one found (with one BFS thread, a
+/// shortest one): stateright replaces a discovery with every later violating state.
+macro_rules! first {
+    ($name:expr, $check:expr) => {
+        |m: &TokenfenceModel, s: &State| m.latch($name, $check(m, s))
+    };
+}
+
+fn holds_s1(_: &TokenfenceModel, s: &State) -> bool {
+    clean(s, Breach::S1)
+}
+fn holds_s5(_: &TokenfenceModel, s: &State) -> bool {
+    clean(s, Breach::S5)
+}
+fn holds_s6(_: &TokenfenceModel, s: &State) -> bool {
+    clean(s, Breach::S6)
+}
+fn holds_s7(_: &TokenfenceModel, s: &State) -> bool {
+    clean(s, Breach::S7)
+}
+fn holds_s9(_: &TokenfenceModel, s: &State) -> bool {
+    clean(s, Breach::S9)
+}
+fn holds_contract(_: &TokenfenceModel, s: &State) -> bool {
+    clean(s, Breach::Contract)
+}
+fn holds_l5(_: &TokenfenceModel, s: &State) -> bool {
+    clean(s, Breach::L5)
+}
+
+/// A property's condition.
+pub type Condition = fn(&TokenfenceModel, &State) -> bool;
+
+/// The safety properties (`always`) as pure conditions, for traces and replays.
+pub fn safety() -> Vec<(&'static str, Condition)> {
+    use names::*;
+    vec![
+        (S1, holds_s1),
+        (S2, s2),
+        (S3, s3),
+        (S4, s4),
+        (S5, holds_s5),
+        (S6, holds_s6),
+        (S7, holds_s7),
+        (S8, s8),
+        (S9, holds_s9),
+        (CONTRACT, holds_contract),
+        (L5, holds_l5),
+    ]
+}
+
 /// The properties of a model, with the guards that its configuration can reach.
 pub fn properties(m: &TokenfenceModel) -> Vec<Property<TokenfenceModel>> {
     use names::*;
     let mut p = vec![
-        Property::always(S1, |_: &TokenfenceModel, s: &State| clean(s, Breach::S1)),
-        Property::always(S2, s2),
-        Property::always(S3, s3),
-        Property::always(S4, s4),
-        Property::always(S5, |_: &TokenfenceModel, s: &State| clean(s, Breach::S5)),
-        Property::always(S6, |_: &TokenfenceModel, s: &State| clean(s, Breach::S6)),
-        Property::always(S7, |_: &TokenfenceModel, s: &State| clean(s, Breach::S7)),
-        Property::always(S8, s8),
-        Property::always(S9, |_: &TokenfenceModel, s: &State| clean(s, Breach::S9)),
-        Property::always(CONTRACT, |_: &TokenfenceModel, s: &State| {
-            clean(s, Breach::Contract)
-        }),
-        Property::always(L5, |_: &TokenfenceModel, s: &State| clean(s, Breach::L5)),
+        Property::always(S1, first!(S1, holds_s1)),
+        Property::always(S2, first!(S2, s2)),
+        Property::always(S3, first!(S3, s3)),
+        Property::always(S4, first!(S4, s4)),
+        Property::always(S5, first!(S5, holds_s5)),
+        Property::always(S6, first!(S6, holds_s6)),
+        Property::always(S7, first!(S7, holds_s7)),
+        Property::always(S8, first!(S8, s8)),
+        Property::always(S9, first!(S9, holds_s9)),
+        Property::always(CONTRACT, first!(CONTRACT, holds_contract)),
+        Property::always(L5, first!(L5, holds_l5)),
         Property::eventually(L1, l1),
         Property::sometimes(V_REFRESH, |_: &TokenfenceModel, s: &State| {
             s.seen.has(Seen::REFRESH_COMMITTED)
         }),
     ];
     let cfg = &m.cfg;
-    if cfg.workers >= 2 && cfg.max_ticks >= 2 {
+    if cfg.workers >= 2 && cfg.max_ticks >= 1 {
         p.push(Property::sometimes(
             V_CONFLICT,
             |_: &TokenfenceModel, s: &State| s.seen.has(Seen::CONFLICT_RESOLVED),

@@ -182,10 +182,11 @@ impl TokenfenceModel {
                 s.provider.revoke_by_user(self.grant);
                 log.note(|| "the user disconnects the app at the provider".into());
             }
-            Action::Tick => {
-                let target = self.tick_target(&s)?;
-                if !self.free_tick(&s) {
-                    s.ticks_left -= 1;
+            Action::Tick(target) => {
+                let targets = self.tick_targets(&s);
+                let free = self.free_tick(&s) && targets.first() == Some(&target);
+                if !free {
+                    s.ticks_left = s.ticks_left.checked_sub(1)?;
                 }
                 s.now = target;
                 s.orphans.retain(|o| o.request.send_deadline >= target);
@@ -195,7 +196,7 @@ impl TokenfenceModel {
     }
 
     /// Feeds `input` to worker `w` and drains every output.
-    fn feed(&self, s: &mut State, w: usize, input: Input, log: &mut Log) {
+    pub(super) fn feed(&self, s: &mut State, w: usize, input: Input, log: &mut Log) {
         let now = s.now;
         let seen_gen = match &input {
             Input::Loaded(Some(r))
@@ -679,8 +680,8 @@ impl TokenfenceModel {
             && s.orphans.is_empty()
     }
 
-    /// The next instant after now at which something can change.
-    pub(super) fn tick_target(&self, s: &State) -> Option<Timestamp> {
+    /// The instants after now at which something can change, in order.
+    pub(super) fn tick_targets(&self, s: &State) -> Vec<Timestamp> {
         let now = s.now;
         let settings = &self.configs[0].settings;
         let margin = settings.access_margin;
@@ -718,7 +719,10 @@ impl TokenfenceModel {
             }
         }
         s.provider.deadlines(self.grant, now, &mut at);
-        at.into_iter().filter(|t| *t > now).min()
+        at.retain(|t| *t > now);
+        at.sort();
+        at.dedup();
+        at
     }
 }
 

@@ -34,7 +34,7 @@ pub fn action_label(action: &Action) -> String {
         Action::Crash(i) => format!("{}: crashes and restarts", w(i)),
         Action::OrphanArrives(_) => "a crashed worker's request reaches the provider".into(),
         Action::Revoke => "the user disconnects the app at the provider".into(),
-        Action::Tick => "time jumps".into(),
+        Action::Tick(t) => format!("time jumps to {}", rel(*t)),
     }
 }
 
@@ -164,6 +164,14 @@ pub fn summary(m: &TokenfenceModel, s: &State) -> String {
     }
     for (b, why) in &s.breaches {
         out.push(format!("   BROKEN {b:?}: {why}"));
+    }
+    let violated: Vec<&str> = super::props::safety()
+        .into_iter()
+        .filter(|(_, holds)| !holds(m, s))
+        .map(|(name, _)| name)
+        .collect();
+    if !violated.is_empty() {
+        out.push(format!("   VIOLATES {}", violated.join("; ")));
     }
     out.join("\n")
 }

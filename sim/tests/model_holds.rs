@@ -1,0 +1,99 @@
+//! The real core, driven by the model, keeps every property of INVARIANTS.md for every
+//! provider behaviour class, with 2 and 3 workers and every runtime fault kind
+//! (5xx, 429, connect errors, lost and truncated replies, pauses, crashes, user
+//! revocation, store failures; one per behaviour), plus a misconfigured worker (S7).
+
+mod common;
+
+use common::{assert_all_hold, config};
+use tokenfence_sim::check::Search;
+use tokenfence_sim::model::{FaultKind, ModelConfig};
+use tokenfence_sim::provider::BehaviourClass::{self, *};
+
+fn two_workers(class: BehaviourClass) {
+    let report = assert_all_hold(config(class, 2, 1), Search::Bfs);
+    assert!(report.unique_states > 5_000, "{}", report.unique_states);
+}
+
+fn three_workers(class: BehaviourClass) {
+    let report = assert_all_hold(config(class, 3, 1), Search::Dfs);
+    assert!(report.unique_states > 5_000, "{}", report.unique_states);
+}
+
+#[test]
+fn non_rotating_two_workers() {
+    two_workers(NonRotating);
+}
+
+#[test]
+fn strict_rotation_two_workers() {
+    two_workers(StrictRotation);
+}
+
+#[test]
+fn grace_idempotent_two_workers() {
+    two_workers(GraceIdempotent);
+}
+
+#[test]
+fn grace_fork_two_workers() {
+    two_workers(GraceFork);
+}
+
+#[test]
+fn periodic_intuit_two_workers() {
+    two_workers(Periodic);
+}
+
+#[test]
+fn reuse_detection_two_workers() {
+    two_workers(ReuseDetection);
+}
+
+#[test]
+fn non_rotating_three_workers() {
+    three_workers(NonRotating);
+}
+
+#[test]
+fn strict_rotation_three_workers() {
+    three_workers(StrictRotation);
+}
+
+#[test]
+fn grace_idempotent_three_workers() {
+    three_workers(GraceIdempotent);
+}
+
+#[test]
+fn grace_fork_three_workers() {
+    three_workers(GraceFork);
+}
+
+#[test]
+fn periodic_intuit_three_workers() {
+    three_workers(Periodic);
+}
+
+#[test]
+fn reuse_detection_three_workers() {
+    three_workers(ReuseDetection);
+}
+
+#[test]
+fn misconfigured_worker_never_sends_with_the_wrong_credentials() {
+    for class in BehaviourClass::ALL {
+        let cfg = ModelConfig {
+            faults: [
+                FaultKind::WrongClient,
+                FaultKind::LostReply,
+                FaultKind::Pause,
+            ]
+            .into_iter()
+            .collect(),
+            max_ticks: 1,
+            ..ModelConfig::new(class, 1)
+        };
+        assert_all_hold(cfg, Search::Bfs);
+    }
+}
