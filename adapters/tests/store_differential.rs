@@ -1,0 +1,284 @@
+//! Differential test: random sequences of store operations applied to MemoryStore
+//! (the reference) and to SqliteStore / PostgresStore must give identical answers,
+//! operation by operation. Times, leads, limits, owners, statuses and deadlines
+//! are drawn from small ranges so that leases expire, conflicts happen and
+//! keep-alive boundaries are crossed often.
+//!
+//! A failure prints the seed and the operation; `TOKENFENCE_DIFF_SEED=<n>` replays
+//! one sequence. PostgreSQL follows the same rule as the conformance suite:
+//! `TOKENFENCE_PG_URL` or an explicit `TOKENFENCE_SKIP_PG=1`.
+
+use std::time::Duration;
+use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
+use tokenfence::store::{
+    CasOutcome, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore, SqliteStore, Store,
+};
+use tokenfence_core::{
+    AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind, Generation,
+    GrantIdentity, ReauthReason, RefreshToken, Status, Timestamp, WorkerId,
+};
+
+const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
+const OPS: usize = 40;
+
+/// xorshift64*: small, deterministic, good enough to pick test operations.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+    fn secs(&mut self, max: u64) -> Duration {
+        Duration::from_millis(self.below(max * 1000 + 1))
+    }
+}
+
+#[derive(Debug)]
+enum Op {
+    Load(ConnectionId),
+    Cas(Option<Generation>, Box<ConnectionRecord>),
+    Acquire(ConnectionId, WorkerId, Timestamp, Duration),
+    Release(ConnectionId, WorkerId),
+    Due(Timestamp, Duration, usize),
+    List,
+}
+
+fn random_record(rng: &mut Rng, id: &str, generation: u64) -> ConnectionRecord {
+    let issued = T0.saturating_sub(rng.secs(100));
+    let status = match rng.below(5) {
+        0 => Status::Degraded {
+            failures: 1,
+            retry_at: T0,
+            last: FailureKind::ServerError(502),
+        },
+        1 => Status::ReauthRequired {
+            reason: ReauthReason::InvalidGrant,
+            since: T0,
+        },
+        2 => Status::Disconnected { at: T0 },
+        _ => Status::Active,
+    };
+    ConnectionRecord {
+        id: ConnectionId(id.into()),
+        generation: Generation(generation),
+        identity: GrantIdentity {
+            provider: "intuit".into(),
+            environment: Environment::Sandbox,
+            client_id: "client".into(),
+        },
+        realm_id: None,
+        access: Some(AccessGrant {
+            token: AccessToken::new(format!("AT-{}", rng.next())),
+            expires_at: T0.saturating_add(rng.secs(3600)),
+        }),
+        refresh: RefreshToken::new(format!("RT-{}", rng.next())),
+        refresh_issued_at: issued,
+        idle_deadline: (rng.below(4) != 0).then(|| T0.saturating_add(rng.secs(200))),
+        hard_deadline: None,
+        in_doubt_since: None,
+        status,
+        last_refreshed_at: (rng.below(2) == 0).then(|| issued.saturating_add(rng.secs(50))),
+        updated_at: T0,
+    }
+}
+
+fn random_op(rng: &mut Rng) -> Op {
+    let ids = ["a", "b", "c"];
+    let owners = ["w1", "w2", "w3"];
+    let id = ConnectionId((*rng.pick(&ids)).into());
+    let now = T0.saturating_add(rng.secs(120));
+    match rng.below(10) {
+        0 => Op::Load(id),
+        1..=3 => {
+            let expected = match rng.below(4) {
+                0 => None,
+                _ => Some(Generation(rng.below(5))),
+            };
+            let next = expected.map_or(0, |g| g.0 + 1);
+            Op::Cas(expected, Box::new(random_record(rng, &id.0, next)))
+        }
+        4..=6 => Op::Acquire(
+            id,
+            WorkerId((*rng.pick(&owners)).into()),
+            now,
+            *rng.pick(&[
+                Duration::ZERO,
+                Duration::from_secs(30),
+                Duration::from_secs(90),
+            ]),
+        ),
+        7 => Op::Release(id, WorkerId((*rng.pick(&owners)).into())),
+        8 => Op::Due(
+            now,
+            *rng.pick(&[
+                Duration::ZERO,
+                Duration::from_secs(10),
+                Duration::from_secs(100),
+                Duration::from_secs(86_400_000),
+            ]),
+            *rng.pick(&[0, 1, 2, 10]),
+        ),
+        _ => Op::List,
+    }
+}
+
+/// The answer of one operation, compared in full (tokens included: `Debug`
+/// redacts them, `PartialEq` does not).
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Record(Option<ConnectionRecord>),
+    Cas(CasOutcome),
+    Lease(LeaseOutcome),
+    Released,
+    Ids(Vec<ConnectionId>),
+}
+
+async fn apply(store: &dyn Store, op: &Op) -> Answer {
+    match op {
+        Op::Load(id) => Answer::Record(store.load(id).await.unwrap()),
+        Op::Cas(expected, record) => {
+            Answer::Cas(store.compare_and_swap(*expected, record).await.unwrap())
+        }
+        Op::Acquire(id, owner, now, ttl) => {
+            Answer::Lease(store.acquire_lease(id, owner, *now, *ttl).await.unwrap())
+        }
+        Op::Release(id, owner) => {
+            store.release_lease(id, owner).await.unwrap();
+            Answer::Released
+        }
+        Op::Due(now, lead, limit) => {
+            Answer::Ids(store.due_for_work(*now, *lead, *limit).await.unwrap())
+        }
+        Op::List => Answer::Ids(store.list().await.unwrap()),
+    }
+}
+
+fn keyring() -> Keyring {
+    Keyring::new(KeyId(1), EncryptionKey::from_slice(&[3; 32]).unwrap())
+}
+
+fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
+    match std::env::var("TOKENFENCE_DIFF_SEED") {
+        Ok(s) => vec![s.parse().expect("TOKENFENCE_DIFF_SEED is a number")],
+        Err(_) => default.collect(),
+    }
+}
+
+/// How often each interesting answer came up: the sequences must reach them, or
+/// the comparison proves little (a vacuity guard).
+#[derive(Debug, Default)]
+struct Seen {
+    committed: u32,
+    conflicts: u32,
+    held: u32,
+    took_over: u32,
+    due: u32,
+}
+
+async fn run_against(
+    seed: u64,
+    reference: &MemoryStore,
+    store: &dyn Store,
+    name: &str,
+    seen: &mut Seen,
+) {
+    let mut rng = Rng::new(seed);
+    for step in 0..OPS {
+        let op = random_op(&mut rng);
+        let want = apply(reference, &op).await;
+        let got = apply(store, &op).await;
+        assert_eq!(
+            got, want,
+            "{name} differs from MemoryStore at seed {seed}, step {step}: {op:?}"
+        );
+        match want {
+            Answer::Cas(CasOutcome::Committed) => seen.committed += 1,
+            Answer::Cas(CasOutcome::Conflict(_)) => seen.conflicts += 1,
+            Answer::Lease(LeaseOutcome::Held(_)) => seen.held += 1,
+            Answer::Lease(LeaseOutcome::Granted {
+                took_over: Some(_), ..
+            }) => seen.took_over += 1,
+            Answer::Ids(ids) if matches!(op, Op::Due(..)) && !ids.is_empty() => seen.due += 1,
+            _ => {}
+        }
+    }
+}
+
+fn assert_reached(seen: &Seen) {
+    eprintln!("{seen:?}");
+    let Seen {
+        committed,
+        conflicts,
+        held,
+        took_over,
+        due,
+    } = *seen;
+    assert!(
+        committed >= 20 && conflicts >= 20 && held >= 10 && took_over >= 10 && due >= 10,
+        "the random sequences missed a case: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_answers_like_memory() {
+    let mut seen = Seen::default();
+    for seed in seeds(0..50) {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(dir.path().join("diff.db"), keyring()).unwrap();
+        run_against(seed, &MemoryStore::new(), &sqlite, "SqliteStore", &mut seen).await;
+    }
+    if std::env::var("TOKENFENCE_DIFF_SEED").is_err() {
+        assert_reached(&seen);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_answers_like_memory() {
+    let Ok(url) = std::env::var("TOKENFENCE_PG_URL") else {
+        if std::env::var("TOKENFENCE_SKIP_PG").as_deref() == Ok("1") {
+            eprintln!("TOKENFENCE_SKIP_PG=1: skipping the PostgreSQL differential test");
+            return;
+        }
+        panic!(
+            "TOKENFENCE_PG_URL is not set, so the PostgreSQL store cannot be tested. \
+             Start a throwaway server with `eval \"$(scripts/postgres start)\"`, \
+             or set TOKENFENCE_SKIP_PG=1 to skip the PostgreSQL tests on purpose."
+        );
+    };
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut seen = Seen::default();
+    for seed in seeds(0..25) {
+        let schema = format!("tf_diff_{}_{seed}", std::process::id());
+        let options = PostgresOptions {
+            schema: schema.clone(),
+            max_connections: 2,
+            ..PostgresOptions::default()
+        };
+        let pg = PostgresStore::connect_with(&url, keyring(), options)
+            .await
+            .unwrap();
+        run_against(seed, &MemoryStore::new(), &pg, "PostgresStore", &mut seen).await;
+        admin
+            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .await
+            .unwrap();
+    }
+    if std::env::var("TOKENFENCE_DIFF_SEED").is_err() {
+        assert_reached(&seen);
+    }
+}
