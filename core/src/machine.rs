@@ -564,6 +564,12 @@ impl Connection {
                 .read_at
                 .is_none_or(|t| now.saturating_since(t) >= recheck);
             if !self.fresh && stale {
+                // The re-read failed: back off like any other store failure, not
+                // re-read at once (found by the simulator: a worker holding a dead
+                // verdict re-read a down store every few milliseconds).
+                if let Some((retry_at, kind)) = self.not_before.filter(|(t, _)| *t > now) {
+                    return self.hold_off(now, retry_at, kind);
+                }
                 return self.load();
             }
             return self.conclude(&Err(err));

@@ -686,16 +686,22 @@ impl Provider {
         let ttl = spec.access_ttl;
         let g = &mut self.grants[grant.0];
         g.access = Some((access.clone(), now.saturating_add(ttl)));
-        let mut body = json!({
-            "access_token": access,
-            "token_type": "bearer",
-            "expires_in": ttl.as_secs(),
-        });
+        // The JSON a `json!` object would serialize to (keys in sorted order),
+        // written directly: this is the simulator's hottest path. Token values are
+        // minted here (`at7`, `rt3`) and never need escaping.
+        use std::fmt::Write as _;
+        let mut body = String::with_capacity(200);
+        let _ = write!(
+            body,
+            r#"{{"access_token":"{access}","expires_in":{}"#,
+            ttl.as_secs()
+        );
         if let Some(r) = refresh {
-            body["refresh_token"] = json!(r);
+            let _ = write!(body, r#","refresh_token":"{r}""#);
         }
+        body.push_str(r#","token_type":"bearer""#);
         if let Some(idle) = spec.profile.idle_window {
-            body["x_refresh_token_expires_in"] = json!(idle.as_secs());
+            let _ = write!(body, r#","x_refresh_token_expires_in":{}"#, idle.as_secs());
         }
         if let (Some(hard), true) = (
             g.hard_deadline,
@@ -703,10 +709,11 @@ impl Provider {
         ) {
             let left = hard.saturating_since(now).as_secs();
             if left > 0 {
-                body["x_refresh_token_hard_expires_in"] = json!(left);
+                let _ = write!(body, r#","x_refresh_token_hard_expires_in":{left}"#);
             }
         }
-        let mut reply = ok_reply(body.to_string().into_bytes());
+        body.push('}');
+        let mut reply = ok_reply(body.into_bytes());
         if let Some(tid) = &spec.profile.transaction_id_header {
             reply
                 .headers

@@ -55,7 +55,9 @@ impl World {
             .provider
             .grant(grant)
             .is_some_and(|g| g.ended == Some(GrantEnd::ReuseDetected));
-        let detail = super::drive::describe_record(stored);
+        let detail = (s2.is_some() && !self.conns[c].losing)
+            .then(|| super::drive::describe_record(stored))
+            .unwrap_or_default();
         let conn = &mut self.conns[c];
         let new_loss = s2.is_some() && !conn.losing;
         conn.losing = s2.is_some();

@@ -332,6 +332,11 @@ impl World {
         let local = self.local_now(p);
         let now = self.now;
         let strategy = self.strategy;
+        self.ledger.store_commands[match cmd {
+            StoreCmd::Load => 0,
+            StoreCmd::Lease(_) => 1,
+            StoreCmd::Cas { .. } => 2,
+        }] += 1;
         let input = match cmd {
             StoreCmd::Load => {
                 let naive = self.slot(w, c).and_then(|s| s.ghost.reread_with.take());
@@ -449,6 +454,16 @@ impl World {
                         invariants::sound_reauth(stored, &self.spec.profile, &truth).is_ok()
                     })
                 };
+                let grace = self.spec.profile.rotation.grace;
+                if reason == ReauthReason::LostRotation && grace >= tokenfence_core::hours(1) {
+                    self.ledger.violation("S2", c, now, || {
+                        format!(
+                            "w{} declared a rotation lost although the provider forgives replays for {} h: the doubt was not resolved in time",
+                            w + 1,
+                            grace.as_secs() / 3_600
+                        )
+                    });
+                }
                 if truth_ok && reason == ReauthReason::LostRotation {
                     self.ledger.lost_rotation_flagged += 1;
                 } else if truth_ok {
@@ -472,7 +487,21 @@ impl World {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let notice = row
+            .and_then(|r| r.record.as_ref())
+            .filter(|r| r.is_live())
+            .and_then(|r| r.hard_deadline)
+            .map(|d| d.saturating_sub(self.settings.reconnect_notice));
         let conn = &mut self.conns[c];
+        if conn.notice != notice {
+            if let Some(old) = conn.notice.take() {
+                self.notices.remove(&(old, c));
+            }
+            if let Some(k) = notice {
+                self.notices.insert((k, c));
+            }
+            conn.notice = notice;
+        }
         if conn.due == key {
             return;
         }
@@ -517,6 +546,8 @@ impl World {
                 lost: false,
                 refresh,
                 in_doubt,
+                minted: None,
+                arrived: false,
             },
         ));
         if let Some(v) = wrong {
@@ -650,6 +681,13 @@ impl World {
                 orphans.remove(i);
             }
         }
+        if let Some(Some(slot)) = self.workers[w].slots.get_mut(c) {
+            if let Some((id, OpKind::Exchange { arrived, .. })) = &mut slot.op {
+                if *id == op {
+                    *arrived = true;
+                }
+            }
+        }
         if now > deadline {
             self.note(c, || {
                 "the request arrives after its deadline and is dropped".into()
@@ -709,14 +747,23 @@ impl World {
             self.check_connection(c);
             return;
         }
-        let (reply, minted) = if self.strikes(Fault::Truncated) {
+        let (reply, refresh) = if self.strikes(Fault::Truncated) {
             if let (Some(t), true) = (&refresh, minted) {
                 self.conns[c].provider.mark_lost(t);
             }
-            (provider::truncated(reply), false)
+            (provider::truncated(reply), None)
         } else {
-            (reply, minted)
+            (reply, refresh.map(|r| (r, minted)))
         };
+        if let Some((t, true)) = &refresh {
+            if let Some(Some(slot)) = self.workers[w].slots.get_mut(c) {
+                if let Some((id, OpKind::Exchange { minted, .. })) = &mut slot.op {
+                    if *id == op {
+                        *minted = Some(t.clone());
+                    }
+                }
+            }
+        }
         let mut d2 = Duration::from_millis(30 + self.rng.next_u64() % 300);
         if self.strikes(Fault::LatencySpike) {
             d2 += self.span(Duration::from_secs(2), Duration::from_secs(120));
@@ -729,7 +776,7 @@ impl World {
                 op,
                 inc,
                 reply: Box::new(reply),
-                refresh: refresh.map(|r| (r, minted)),
+                refresh,
             },
         );
         self.check_connection(c);
@@ -923,12 +970,18 @@ impl World {
             self.push(at, Ev::Deadline { w, c, op, inc });
             return;
         }
-        let waiting = self.workers[w]
-            .slots
-            .get(c)
-            .and_then(|s| s.as_deref())
-            .is_some_and(|s| s.op.as_ref().map(|(id, _)| *id) == Some(op));
-        if waiting {
+        let pending = match self.workers[w].slots.get(c).and_then(|s| s.as_deref()) {
+            Some(s) => match &s.op {
+                Some((id, OpKind::Exchange { minted, .. })) if *id == op => Some(minted.clone()),
+                _ => None,
+            },
+            None => None,
+        };
+        if let Some(minted) = pending {
+            // A reply still on its way will find nobody waiting for it.
+            if let Some(t) = minted {
+                self.conns[c].provider.mark_lost(&t);
+            }
             self.deliver(w, c, Some(op), inc, Input::OutcomeUnknown);
         }
     }
@@ -1036,12 +1089,19 @@ impl World {
             _,
             OpKind::Exchange {
                 sent_at,
-                lost: false,
+                lost,
+                minted,
+                arrived,
                 ..
             },
-        )) = slot.op
+        )) = &slot.op
         {
-            self.conns[c].orphans.push(sent_at);
+            match minted {
+                // Processed, the reply is on its way to nobody.
+                Some(t) => self.conns[c].provider.mark_lost(t),
+                None if !lost && !arrived => self.conns[c].orphans.push(*sent_at),
+                None => {}
+            }
         }
         let id = self.conns[c].id.clone();
         let stored = self.store.load(&id).map(|r| r.refresh);

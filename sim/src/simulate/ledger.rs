@@ -116,6 +116,10 @@ pub struct Ledger {
     pub(super) outages: u64,
     pub(super) store_failures: u64,
     pub(super) lost_replies: u64,
+    /// Events by kind (see `hash_event`).
+    pub(super) by_kind: [u64; 18],
+    /// Store commands carried out: loads, lease requests, writes.
+    pub(super) store_commands: [u64; 3],
 }
 
 impl Ledger {
@@ -184,6 +188,7 @@ impl Ledger {
             Ev::Heal => (16, 0, 0),
             Ev::Reply { w, c, .. } => (17, *w, *c),
         };
+        self.by_kind[kind as usize] += 1;
         self.mix(at.as_millis());
         self.mix(kind | ((a as u64) << 8) | ((b as u64) << 32));
     }

@@ -74,6 +74,13 @@ pub struct StrategyReport {
     pub violations: BTreeMap<&'static str, u64>,
     /// The first violations, with their story.
     pub examples: Vec<Violation>,
+    /// Events by kind: arrival, access, store, arrive, feed, deadline, timer, scan,
+    /// crash, restart, pause, outage, revoke, authorize, warn-check, heal, reply.
+    pub events_by_kind: Vec<u64>,
+    /// Store commands carried out: loads, lease requests, writes.
+    pub store_commands: [u64; 3],
+    /// Keep-alive scanner inputs (`Maintain`).
+    pub maintains: u64,
     /// Faults that struck: crashes, pauses, store outages, failed store commands,
     /// lost replies, user revocations.
     pub faults_struck: BTreeMap<&'static str, u64>,
@@ -126,6 +133,9 @@ impl StrategyReport {
             latency_max_ms: l.latency.max(),
             violations: l.violations.clone(),
             examples: l.examples.clone(),
+            events_by_kind: l.by_kind[1..].to_vec(),
+            store_commands: l.store_commands,
+            maintains: l.maintains,
             faults_struck: [
                 ("crashes", l.crashes),
                 ("pauses", l.pauses),

@@ -162,6 +162,11 @@ pub(super) enum OpKind {
         refresh: bool,
         /// It knowingly presents a token that may have been rotated.
         in_doubt: bool,
+        /// The refresh token the provider minted for it, while the reply is on
+        /// its way (lost if the worker gives up first).
+        minted: Option<String>,
+        /// The request reached the provider (or was dropped there).
+        arrived: bool,
     },
 }
 
@@ -206,6 +211,8 @@ pub(super) struct Process {
     pub incarnation: u32,
     pub down: bool,
     pub workers: Vec<usize>,
+    /// When this incarnation last scanned the store (its clock).
+    pub last_scan: Option<Timestamp>,
     /// The machine configuration of each worker of the current incarnation.
     pub configs: Vec<Arc<Config>>,
 }
@@ -219,6 +226,8 @@ pub(super) struct Conn {
     pub workload: Workload,
     /// Index key in the due-for-work index.
     pub due: Option<Timestamp>,
+    /// Index key in the notice index.
+    pub notice: Option<Timestamp>,
     /// Last takeover of an unreleased lease (true time): S8 relaxes after it.
     pub last_takeover: Option<Timestamp>,
     /// Since when the stored record says the grant is dead (true time).
@@ -262,6 +271,8 @@ pub(super) struct World {
     pub rng: ChaCha8Rng,
     pub store: MemoryStore,
     pub due: BTreeSet<(Timestamp, usize)>,
+    /// Live connections by the instant their `ReconnectSoon` notice falls due.
+    pub notices: BTreeSet<(Timestamp, usize)>,
     pub conns: Vec<Conn>,
     pub procs: Vec<Process>,
     pub workers: Vec<Worker>,
@@ -298,6 +309,7 @@ impl World {
                 incarnation: 0,
                 down: false,
                 workers: Vec::new(),
+                last_scan: None,
                 configs: Vec::new(),
             })
             .collect();
@@ -333,6 +345,7 @@ impl World {
             rng,
             store: MemoryStore::new(),
             due: BTreeSet::new(),
+            notices: BTreeSet::new(),
             conns: Vec::new(),
             procs,
             workers,
@@ -392,6 +405,7 @@ impl World {
             grant: None,
             workload: Workload::new(self.opts.seed, c, herd, START),
             due: None,
+            notice: None,
             last_takeover: None,
             dead_since: None,
             orphans: Vec::new(),
@@ -472,7 +486,9 @@ impl World {
         let warn_by = deadline.saturating_sub(notice);
         if warn_by > self.now && warn_by < self.end {
             self.ledger.hard_deadlines += 1;
-            let slack = Duration::from_millis(2 * self.max_skew_ms as u64 + 2_000);
+            // Clocks may disagree, and a process without a machine for the
+            // connection learns of the notice at its next store scan.
+            let slack = Duration::from_millis(2 * self.max_skew_ms as u64 + 2_000) + SCAN_EVERY;
             self.push(warn_by.saturating_add(slack), Ev::WarnCheck { c, grant });
         }
     }
@@ -700,12 +716,26 @@ impl World {
             return;
         }
         let local = self.local_now(p);
-        let due: Vec<usize> = self
+        let mut due: Vec<usize> = self
             .due
             .range(..=(local, usize::MAX))
             .take(1_000)
             .map(|(_, c)| *c)
             .collect();
+        // Connections whose ReconnectSoon notice fell due since the last scan (all
+        // of them on an incarnation's first scan): no machine of this process may
+        // hold them, and the notice must not wait for the next caller (L4).
+        let since = self.procs[p].last_scan.map_or(Timestamp::EPOCH, |t| {
+            t.saturating_add(Duration::from_millis(1))
+        });
+        self.procs[p].last_scan = Some(local);
+        due.extend(
+            self.notices
+                .range((since, 0)..=(local, usize::MAX))
+                .map(|(_, c)| *c),
+        );
+        due.sort_unstable();
+        due.dedup();
         let workers = self.procs[p].workers.clone();
         for c in due {
             let w = workers[self.rng.next_u64() as usize % workers.len()];
@@ -795,6 +825,7 @@ impl World {
         }
         self.procs[p].down = false;
         self.procs[p].incarnation += 1;
+        self.procs[p].last_scan = None;
         self.configure(p);
     }
 
