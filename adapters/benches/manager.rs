@@ -69,13 +69,6 @@ fn id(i: usize) -> ConnectionId {
 fn record(p: &Provider, i: usize, access_valid: bool) -> ConnectionRecord {
     let now = SystemClock.now();
     ConnectionRecord {
-        id: id(i),
-        generation: Generation(0),
-        identity: GrantIdentity {
-            provider: p.profile.name.clone(),
-            environment: p.client.environment,
-            client_id: p.client.client_id.clone(),
-        },
         realm_id: Some(format!("{i}")),
         access: Some(AccessGrant {
             token: AccessToken::new(format!("AT-{i:08}-0123456789abcdef0123456789abcdef")),
@@ -85,14 +78,12 @@ fn record(p: &Provider, i: usize, access_valid: bool) -> ConnectionRecord {
                 now
             },
         }),
-        refresh: RefreshToken::new(format!("RT-{i:08}-0123456789abcdef")),
-        refresh_issued_at: now,
-        idle_deadline: None,
-        hard_deadline: None,
-        in_doubt_since: None,
-        status: Status::Active,
-        last_refreshed_at: None,
-        updated_at: now,
+        ..ConnectionRecord::new(
+            id(i),
+            p.identity(),
+            RefreshToken::new(format!("RT-{i:08}-0123456789abcdef")),
+            now,
+        )
     }
 }
 

@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokenfence_core::{
     authorization_code_request, parse_token_reply, AccessError, AccessToken, ClientCredentials,
     ClientSecret, Config, Connection, ConnectionId, ConnectionRecord, Environment, Event,
-    Generation, Input, InputError, Output, ProviderProfile, ReplyError, RequestId, SecretString,
-    Settings, Status, Timestamp, WorkerId,
+    Generation, GrantIdentity, Input, InputError, Output, ProviderProfile, ReplyError, RequestId,
+    SecretString, Settings, Status, Timestamp, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -44,6 +44,15 @@ impl Provider {
     /// Intuit QuickBooks Online with development (sandbox) credentials.
     pub fn intuit_sandbox(client_id: impl Into<String>, secret: ClientSecret) -> Self {
         Self::intuit(client_id, secret, Environment::Sandbox)
+    }
+
+    /// The identity a connection authorized with this provider and client gets.
+    pub fn identity(&self) -> GrantIdentity {
+        GrantIdentity {
+            provider: self.profile.name.clone(),
+            environment: self.client.environment,
+            client_id: self.client.client_id.clone(),
+        }
     }
 
     fn intuit(

@@ -128,23 +128,8 @@ async fn seeded_store(p: &Provider) -> Arc<Counting> {
     });
     let now = SystemClock.now();
     let record = ConnectionRecord {
-        id: id(),
-        generation: Generation(0),
-        identity: GrantIdentity {
-            provider: p.profile.name.clone(),
-            environment: p.client.environment,
-            client_id: p.client.client_id.clone(),
-        },
         realm_id: Some("1".into()),
-        access: None,
-        refresh: RefreshToken::new("RT-1"),
-        refresh_issued_at: now,
-        idle_deadline: None,
-        hard_deadline: None,
-        in_doubt_since: None,
-        status: Status::Active,
-        last_refreshed_at: None,
-        updated_at: now,
+        ..ConnectionRecord::new(id(), p.identity(), RefreshToken::new("RT-1"), now)
     };
     assert_eq!(
         store.compare_and_swap(None, &record).await.unwrap(),

@@ -25,9 +25,7 @@ fn config() -> Arc<Config> {
 
 fn stored(config: &Config, access_valid: bool) -> ConnectionRecord {
     ConnectionRecord {
-        id: ConnectionId("realm-1".into()),
         generation: Generation(1),
-        identity: config.identity(),
         realm_id: Some("1".into()),
         access: Some(AccessGrant {
             token: AccessToken::new("AT-1"),
@@ -37,14 +35,14 @@ fn stored(config: &Config, access_valid: bool) -> ConnectionRecord {
                 NOW
             },
         }),
-        refresh: RefreshToken::new("RT-1"),
-        refresh_issued_at: NOW,
         idle_deadline: Some(NOW.saturating_add(days(100))),
         hard_deadline: Some(NOW.saturating_add(days(1800))),
-        in_doubt_since: None,
-        status: Status::Active,
-        last_refreshed_at: None,
-        updated_at: NOW,
+        ..ConnectionRecord::new(
+            ConnectionId("realm-1".into()),
+            config.identity(),
+            RefreshToken::new("RT-1"),
+            NOW,
+        )
     }
 }
 

@@ -192,6 +192,32 @@ pub struct ConnectionRecord {
 }
 
 impl ConnectionRecord {
+    /// An active record holding `refresh` (and no access token), as of `now`, at
+    /// generation 0: for importing a grant obtained elsewhere. Deadlines, realm and
+    /// access token can be set with struct-update syntax.
+    pub fn new(
+        id: ConnectionId,
+        identity: GrantIdentity,
+        refresh: RefreshToken,
+        now: Timestamp,
+    ) -> ConnectionRecord {
+        ConnectionRecord {
+            id,
+            generation: Generation(0),
+            identity,
+            realm_id: None,
+            access: None,
+            refresh,
+            refresh_issued_at: now,
+            idle_deadline: None,
+            hard_deadline: None,
+            in_doubt_since: None,
+            status: Status::Active,
+            last_refreshed_at: None,
+            updated_at: now,
+        }
+    }
+
     /// A record for a freshly authorized grant (authorization-code exchange).
     pub fn from_authorization(
         id: ConnectionId,
@@ -203,19 +229,9 @@ impl ConnectionRecord {
     ) -> Option<ConnectionRecord> {
         let refresh = grant.refresh.clone()?;
         let base = ConnectionRecord {
-            id,
-            generation: Generation(0),
-            identity,
             realm_id,
-            access: None,
-            refresh,
-            refresh_issued_at: issued_at,
-            idle_deadline: None,
             hard_deadline: profile.hard_lifetime.map(|d| issued_at.saturating_add(d)),
-            in_doubt_since: None,
-            status: Status::Active,
-            last_refreshed_at: None,
-            updated_at: issued_at,
+            ..ConnectionRecord::new(id, identity, refresh, issued_at)
         };
         Some(base.with_grant(&grant, profile, issued_at))
     }

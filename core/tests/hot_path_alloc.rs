@@ -37,22 +37,16 @@ fn cached_access_allocates_nothing() {
         settings: Settings::default(),
     });
     let record = ConnectionRecord {
-        id: ConnectionId("c1".into()),
-        generation: Generation(1),
-        identity: config.identity(),
-        realm_id: None,
         access: Some(AccessGrant {
             token: AccessToken::new("AT"),
             expires_at: now.saturating_add(hours(1)),
         }),
-        refresh: RefreshToken::new("RT"),
-        refresh_issued_at: now,
-        idle_deadline: None,
-        hard_deadline: None,
-        in_doubt_since: None,
-        status: Status::Active,
-        last_refreshed_at: None,
-        updated_at: now,
+        ..ConnectionRecord::new(
+            ConnectionId("c1".into()),
+            config.identity(),
+            RefreshToken::new("RT"),
+            now,
+        )
     };
     let mut conn = Connection::new(record.id.clone(), config, 1);
     conn.handle_input(now, Input::AccessRequested(RequestId(1)))

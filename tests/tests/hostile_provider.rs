@@ -46,25 +46,12 @@ fn provider_at(base: &str) -> Provider {
 async fn seeded(p: &Provider) -> Arc<MemoryStore> {
     let store = Arc::new(MemoryStore::new());
     let now = tokenfence::clock::Clock::now(&tokenfence::clock::SystemClock);
-    let record = ConnectionRecord {
-        id: realm(),
-        generation: Generation(0),
-        identity: GrantIdentity {
-            provider: p.profile.name.clone(),
-            environment: p.client.environment,
-            client_id: p.client.client_id.clone(),
-        },
-        realm_id: None,
-        access: None,
-        refresh: RefreshToken::new("RT-kept-safe"),
-        refresh_issued_at: now,
-        idle_deadline: None,
-        hard_deadline: None,
-        in_doubt_since: None,
-        status: Status::Active,
-        last_refreshed_at: None,
-        updated_at: now,
-    };
+    let record = ConnectionRecord::new(
+        realm(),
+        p.identity(),
+        RefreshToken::new("RT-kept-safe"),
+        now,
+    );
     store.compare_and_swap(None, &record).await.unwrap();
     store
 }

@@ -38,22 +38,20 @@ pub fn conn_id() -> ConnectionId {
 /// A stored record as an authorization would leave it, access token expired.
 pub fn record(config: &Config, refresh: &str, now: Timestamp) -> ConnectionRecord {
     ConnectionRecord {
-        id: conn_id(),
         generation: Generation(1),
-        identity: config.identity(),
         realm_id: Some("4620816365".into()),
         access: Some(AccessGrant {
             token: AccessToken::new("AT-expired"),
             expires_at: now,
         }),
-        refresh: RefreshToken::new(refresh),
-        refresh_issued_at: now,
         idle_deadline: config.profile.idle_window.map(|d| now.saturating_add(d)),
         hard_deadline: config.profile.hard_lifetime.map(|d| now.saturating_add(d)),
-        in_doubt_since: None,
-        status: Status::Active,
-        last_refreshed_at: None,
-        updated_at: now,
+        ..ConnectionRecord::new(
+            conn_id(),
+            config.identity(),
+            RefreshToken::new(refresh),
+            now,
+        )
     }
 }
 
