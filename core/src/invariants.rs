@@ -167,13 +167,27 @@ pub fn sound_reauth(
     profile: &ProviderProfile,
     truth: &impl ProviderTruth,
 ) -> Result<(), Violation> {
+    sound_reauth_within(stored, profile, Duration::ZERO, truth)
+}
+
+/// S4 with the margin the machine keeps from a grace window before presenting a
+/// token that may have been rotated (`Settings::in_doubt_safety`, for clock skew):
+/// a rotation declared lost inside that margin is sound, because presenting the
+/// token could have been a replay outside the window as the provider's clock sees
+/// it (found by the simulator: a takeover 8 minutes into Atlassian's 10-minute
+/// grace, with a 2-minute margin).
+pub fn sound_reauth_within(
+    stored: &ConnectionRecord,
+    profile: &ProviderProfile,
+    safety: Duration,
+    truth: &impl ProviderTruth,
+) -> Result<(), Violation> {
     let Status::ReauthRequired { reason, since } = stored.status else {
         return Ok(());
     };
     let declined_to_present = reason == ReauthReason::LostRotation
         && stored.in_doubt_since.is_some_and(|t| {
-            profile.rotation.in_doubt_recovery(t, since, Duration::ZERO)
-                == InDoubtRecovery::DeclareLost
+            profile.rotation.in_doubt_recovery(t, since, safety) == InDoubtRecovery::DeclareLost
         });
     if truth.ended_by_provider() || declined_to_present || !truth.accepts(&stored.refresh) {
         Ok(())

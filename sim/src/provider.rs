@@ -361,6 +361,8 @@ pub struct Provider {
     tokens: BTreeMap<String, IssuedToken>,
     minted_refresh: u32,
     minted_access: u32,
+    /// How many tokens are marked lost now (a fast path for `successor_lost`).
+    lost_now: usize,
 }
 
 impl Provider {
@@ -372,6 +374,7 @@ impl Provider {
             tokens: BTreeMap::new(),
             minted_refresh: 0,
             minted_access: 0,
+            lost_now: 0,
         }
     }
 
@@ -725,6 +728,9 @@ impl Provider {
     /// The successor `token` was issued in a reply that no live worker received.
     pub fn mark_lost(&mut self, token: &str) {
         if let Some(t) = self.tokens.get_mut(token).filter(|t| t.parent.is_some()) {
+            if !t.lost {
+                self.lost_now += 1;
+            }
             t.lost = true;
         }
     }
@@ -732,6 +738,9 @@ impl Provider {
     /// A live worker received `token` after all.
     pub fn mark_received(&mut self, token: &str) {
         if let Some(t) = self.tokens.get_mut(token) {
+            if t.lost {
+                self.lost_now -= 1;
+            }
             t.lost = false;
         }
     }
@@ -831,10 +840,10 @@ impl ProviderTruth for GrantTruth<'_> {
     }
 
     fn successor_lost(&self, token: &RefreshToken) -> bool {
-        self.provider
-            .tokens
-            .values()
-            .any(|t| t.lost && t.grant == self.grant && t.parent.as_deref() == Some(token.expose()))
+        self.provider.lost_now > 0
+            && self.provider.tokens.values().any(|t| {
+                t.lost && t.grant == self.grant && t.parent.as_deref() == Some(token.expose())
+            })
     }
 }
 

@@ -50,7 +50,13 @@ impl World {
         }
         let s2 = invariants::no_self_inflicted_loss(stored, resolving, pending, &truth).err();
         let s3 = invariants::no_self_inflicted_replay(&truth).err();
-        let s4 = invariants::sound_reauth(stored, &self.spec.profile, &truth).err();
+        let s4 = invariants::sound_reauth_within(
+            stored,
+            &self.spec.profile,
+            self.settings.in_doubt_safety,
+            &truth,
+        )
+        .err();
         let replayed = self.conns[c]
             .provider
             .grant(grant)

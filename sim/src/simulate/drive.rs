@@ -451,7 +451,13 @@ impl World {
                         .or(conn.grant);
                     grant.is_some_and(|g| {
                         let truth = conn.provider.truth(g, now);
-                        invariants::sound_reauth(stored, &self.spec.profile, &truth).is_ok()
+                        invariants::sound_reauth_within(
+                            stored,
+                            &self.spec.profile,
+                            self.settings.in_doubt_safety,
+                            &truth,
+                        )
+                        .is_ok()
                     })
                 };
                 let grace = self.spec.profile.rotation.grace;
