@@ -662,9 +662,15 @@ impl Connection {
         };
         let mut in_doubt_since = base.in_doubt_since;
         if let Some(prev) = self.took_over.take() {
-            if prev.generation == Some(base.generation) {
-                // The previous holder never released its lease and nothing was
-                // committed since it was granted: its refresh may be in flight.
+            // The previous holder never released its lease: its refresh may be in
+            // flight, unless what is stored now came from its own exchange. Nothing
+            // committed since its grant, or the stored tokens come from an exchange
+            // older than its grant (another worker's late commit; exchanges happen
+            // inside leases, which do not overlap): still in doubt (the second case
+            // was found by the model checker under a forking provider).
+            let older_tokens = base.status == Status::Active
+                && base.last_refreshed_at.is_none_or(|t| t < prev.acquired_at);
+            if prev.generation == Some(base.generation) || older_tokens {
                 in_doubt_since =
                     Some(in_doubt_since.map_or(prev.acquired_at, |t| t.min(prev.acquired_at)));
             }
@@ -916,14 +922,13 @@ impl Connection {
                 let same_grant = stored.identity == attempt.base.identity
                     && !matches!(stored.status, Status::Disconnected { .. });
                 // Under a provider that forks on a replay inside the grace window,
-                // our replay (we were in doubt) minted a sibling of the stored token
-                // and demoted the stored one to its grace window: ours is the newer
+                // every successful exchange mints the family's current token and
+                // demotes the previous one to its grace window: ours is the newer
                 // when the stored tokens come from an earlier exchange (exchanges
-                // happen inside leases, which do not overlap). Dropping ours loses
-                // the connection when the grace window closes (found by the model
-                // checker).
+                // happen inside leases, which do not overlap, so their send times
+                // order them). Dropping ours loses the connection when the grace
+                // window closes (found by the model checker).
                 let newer_fork = self.config.profile.rotation.grace_replay == GraceReplay::Fork
-                    && attempt.in_doubt_since.is_some()
                     && stored
                         .last_refreshed_at
                         .is_some_and(|t| t < attempt.sent_at);

@@ -148,3 +148,67 @@ fn a_doubt_another_worker_acted_on_is_not_voided_by_an_unsent_request() {
         }
     ));
 }
+
+#[test]
+fn taking_over_a_lease_after_another_workers_late_commit_is_still_in_doubt() {
+    let model = TokenfenceModel::new(ModelConfig {
+        faults: Default::default(),
+        max_ticks: 3,
+        ..ModelConfig::new(BehaviourClass::GraceFork, 2)
+    })
+    .expect("model");
+    use Action::*;
+    let states = replay(
+        &model,
+        &[
+            Store(0),         // w1 loads g0
+            Store(0),         // w1 takes the lease and sends rt1
+            Reply(0),         // rt1 -> rt2; w1 is slow to commit
+            Store(1),         // w2 loads g0
+            Tick(at(10_000)), // w1's lease expires
+            Store(1),         // w2 takes it over: in doubt, records the doubt (g1)
+            Store(1),         // and presents rt1 again
+            Store(0),         // w1's CAS conflicts on g1; rebases rt2
+            Reply(1),         // the fork provider mints rt3, demotes rt2 (grace to T+40)
+            Tick(at(40_000)), // both are slow; rt2's grace window closes
+            Store(0),         // w1 commits rt2 (g2), late
+            Store(0),         // w1 takes over w2's lease: the stored tokens predate
+                              // w2's grant, so w2's refresh may have rotated them
+        ],
+    );
+    let last = states.last().expect("a state");
+    // Before the fix w1 presented rt2 at once, as if nothing were in doubt: a
+    // replay outside the grace window (family revocation under reuse detection).
+    assert!(
+        matches!(&last.workers[0].pending, Some(StoreCommand::Cas { record, .. }) if record.in_doubt_since == Some(at(10_000))),
+        "w1 must record the doubt before presenting rt2"
+    );
+    let states = replay(
+        &model,
+        &[
+            Store(0),
+            Store(0),
+            Reply(0),
+            Store(1),
+            Tick(at(10_000)),
+            Store(1),
+            Store(1),
+            Store(0),
+            Reply(1),
+            Tick(at(40_000)),
+            Store(0),
+            Store(0),
+            Store(0), // the doubt is stored; w1 presents rt2 knowing it may be lost
+            Reply(0), // invalid_grant
+            Store(0), // re-read: same record, in doubt past the grace window
+            Store(0), // ReauthRequired(LostRotation)
+            Store(1), // w2's rt3 is the newer fork: rebased over the lost rotation
+            Store(1), // committed
+        ],
+    );
+    let last = states.last().expect("a state");
+    let stored = last.stored().expect("a record");
+    assert_eq!(stored.refresh.expose(), "rt3");
+    assert_eq!(stored.status, Status::Active);
+    assert!(last.provider.accepts("rt3", last.now));
+}

@@ -253,12 +253,58 @@ pub fn show_refresh(t: &RefreshToken) -> String {
     }
 }
 
-/// A stable fingerprint of a value, for ordering workers under symmetry.
+/// A stable fingerprint of a value, for ordering workers under symmetry (FxHash:
+/// fast, deterministic, not collision-resistant, which symmetry does not need).
 pub fn stable_hash<T: Hash>(value: &T) -> u64 {
-    // `DefaultHasher::new()` uses fixed keys: the same order on every run.
-    let mut h = std::hash::DefaultHasher::new();
+    let mut h = FxHasher(0);
     value.hash(&mut h);
     h.finish()
+}
+
+struct FxHasher(u64);
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 56));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
 }
 
 /// The representative of `state` under permutations of worker slots: workers sorted

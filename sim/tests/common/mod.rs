@@ -2,6 +2,11 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
+
+// The checker allocates and frees a state per transition: mimalloc makes the test
+// runs about a third faster than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokenfence_sim::check::{run_check, CheckOptions, CheckReport, Search, Verdict};
 use tokenfence_sim::model::{FaultKind, ModelConfig, Strategy};
 use tokenfence_sim::provider::BehaviourClass;
