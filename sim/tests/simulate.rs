@@ -28,7 +28,7 @@ fn run(opts: &SimOptions) -> SeedReport {
     run_seed(opts, None, &mut |_, _| {}).report
 }
 
-fn column<'a>(report: &'a SeedReport, strategy: Strategy) -> &'a StrategyReport {
+fn column(report: &SeedReport, strategy: Strategy) -> &StrategyReport {
     report
         .strategies
         .iter()

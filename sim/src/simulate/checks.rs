@@ -61,9 +61,11 @@ impl World {
             .provider
             .grant(grant)
             .is_some_and(|g| g.ended == Some(GrantEnd::ReuseDetected));
-        let detail = (s2.is_some() && !self.conns[c].losing)
-            .then(|| super::drive::describe_record(stored))
-            .unwrap_or_default();
+        let detail = if s2.is_some() && !self.conns[c].losing {
+            super::drive::describe_record(stored)
+        } else {
+            String::new()
+        };
         let conn = &mut self.conns[c];
         let new_loss = s2.is_some() && !conn.losing;
         conn.losing = s2.is_some();

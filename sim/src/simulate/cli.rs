@@ -38,10 +38,11 @@ pub struct SimulateArgs {
     /// reuse-detection.
     #[arg(long, default_value = "intuit")]
     provider: String,
-    /// Faults: swarm (a random subset per seed), all, none, or a list of 5xx, 429,
+    /// Faults: all (every kind, intensities drawn from the seed), swarm (a random
+    /// subset per seed, as the test suite runs), none, or a list of 5xx, 429,
     /// html, latency, lost-reply, truncated, connect, crash, pause, store, herd,
     /// skew, revoke.
-    #[arg(long, default_value = "swarm")]
+    #[arg(long, default_value = "all")]
     faults: String,
     /// Hard lifetime of refresh tokens in days (overrides the provider's; short
     /// values exercise ReconnectSoon).
