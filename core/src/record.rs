@@ -268,10 +268,10 @@ impl ConnectionRecord {
                 .refresh_expires_in
                 .or(profile.idle_window)
                 .map(|d| sent_at.saturating_add(d)),
-            hard_deadline: grant
-                .hard_expires_in
-                .map(|d| sent_at.saturating_add(d))
-                .or(self.hard_deadline),
+            hard_deadline: stable_deadline(
+                grant.hard_expires_in.map(|d| sent_at.saturating_add(d)),
+                self.hard_deadline,
+            ),
             in_doubt_since: None,
             status: Status::Active,
             last_refreshed_at: Some(sent_at),
@@ -317,6 +317,21 @@ impl ConnectionRecord {
             Status::Degraded { failures, .. } => failures,
             _ => 0,
         }
+    }
+}
+
+/// The hard deadline after a refresh. Providers report it in whole seconds from a
+/// moment we only bracket, so each refresh would move it by a little: keep the
+/// known deadline unless the new report differs by more than a minute (found by the
+/// simulator: `ReconnectSoon` repeated on every refresh).
+fn stable_deadline(reported: Option<Timestamp>, known: Option<Timestamp>) -> Option<Timestamp> {
+    const TOLERANCE: u64 = 60_000;
+    match (reported, known) {
+        (Some(new), Some(old)) if new.as_millis().abs_diff(old.as_millis()) <= TOLERANCE => {
+            Some(old)
+        }
+        (Some(new), _) => Some(new),
+        (None, old) => old,
     }
 }
 

@@ -693,3 +693,28 @@ fn temporarily_unavailable_is_transient_not_configuration() {
         }
     ));
 }
+
+#[test]
+fn reconnect_soon_is_not_repeated_on_every_refresh() {
+    let mut world = World::intuit(1);
+    let hard = |secs: u64| {
+        let mut reply = granted("AT", Some("RT-1"));
+        reply.body = format!(
+            r#"{{"access_token":"AT","refresh_token":"RT-1","expires_in":3600,"x_refresh_token_hard_expires_in":{secs}}}"#
+        )
+        .into_bytes();
+        reply
+    };
+    // 50 days left, reported again an hour later as 50 days minus 3,599 s
+    // (the provider's clock and ours disagree by a second).
+    world.request(0);
+    world.reply(0, hard(50 * 86_400));
+    world.advance(hours(1));
+    world.request(0);
+    world.reply(0, hard(50 * 86_400 - 3_599));
+    let warnings = events(&world, 0)
+        .iter()
+        .filter(|e| matches!(e, Event::ReconnectSoon { .. }))
+        .count();
+    assert_eq!(warnings, 1, "{:?}", events(&world, 0));
+}
