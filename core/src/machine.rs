@@ -98,6 +98,9 @@ enum Intent {
         /// Set when the provider certainly did not rotate (not sent, or a definite
         /// error answer): the attempt's lease grant time and the token presented.
         unsent: Option<(Timestamp, crate::RefreshToken)>,
+        /// Set when the provider may have processed the request unseen: when it
+        /// was sent.
+        unseen: Option<Timestamp>,
     },
     Reauth {
         reason: ReauthReason,
@@ -808,7 +811,15 @@ impl Connection {
             ..attempt.base
         };
         self.attempts = self.attempts.saturating_add(1);
-        self.commit(proposal, Intent::Failed { first, unsent });
+        let unseen = (kind == FailureKind::OutcomeUnknown).then_some(attempt.sent_at);
+        self.commit(
+            proposal,
+            Intent::Failed {
+                first,
+                unsent,
+                unseen,
+            },
+        );
     }
 
     fn commit_reauth(&mut self, now: Timestamp, base: &ConnectionRecord, reason: ReauthReason) {
@@ -956,6 +967,20 @@ impl Connection {
                         }
                     )
             }
+            // Under a forking provider, our unseen replay may have minted the
+            // family's current token and demoted the stored one (which came from
+            // an earlier exchange) to its grace window: the stored record must
+            // carry the doubt, or its holder presents it after the window closes
+            // as if nothing had happened (found by the model checker).
+            Intent::Failed {
+                unseen: Some(sent_at),
+                ..
+            } => {
+                self.config.profile.rotation.grace_replay == GraceReplay::Fork
+                    && stored.is_live()
+                    && stored.identity == proposal.identity
+                    && stored.last_refreshed_at.is_some_and(|t| t < *sent_at)
+            }
             Intent::Failed { .. } | Intent::Reauth { .. } | Intent::Doubt => false,
         };
         if !rebase {
@@ -974,6 +999,28 @@ impl Connection {
             Intent::Refreshed { rotated: false, .. } => ConnectionRecord {
                 in_doubt_since: stored.in_doubt_since,
                 ..*proposal
+            },
+            // Under a forking provider, an unseen replay recorded meanwhile may have
+            // demoted our new token too: keep the doubt until a refresh settles it
+            // (found by the model checker).
+            Intent::Refreshed { .. }
+                if self.config.profile.rotation.grace_replay == GraceReplay::Fork =>
+            {
+                ConnectionRecord {
+                    in_doubt_since: stored.in_doubt_since,
+                    ..*proposal
+                }
+            }
+            Intent::Failed {
+                unseen: Some(_), ..
+            } => ConnectionRecord {
+                status: proposal.status,
+                in_doubt_since: match (stored.in_doubt_since, proposal.in_doubt_since) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
+                updated_at: now,
+                ..stored.clone()
             },
             _ => *proposal,
         };

@@ -130,13 +130,17 @@ impl CheckReport {
         let mut out = vec![
             format!("== {}", self.config),
             format!(
-                "   {}: {} states, {} unique, depth {}, {:.2} s ({:.0} unique states/s){}",
+                "   {}: {} states, {} unique, depth {}, {:.2} s{}{}",
                 self.search,
                 self.states,
                 self.unique_states,
                 self.max_depth,
                 self.seconds,
-                self.states_per_second(),
+                if self.seconds >= 0.1 {
+                    format!(" ({:.0} unique states/s)", self.states_per_second())
+                } else {
+                    String::new()
+                },
                 if self.exhaustive {
                     ""
                 } else {

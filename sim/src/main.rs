@@ -1,7 +1,7 @@
 //! `tokenfence-sim`: the model checker's command line.
 //!
 //! ```text
-//! tokenfence-sim check [--workers N] [--provider CLASS|all] [--faults LIST|all|none]
+//! tokenfence-sim check [--workers N] [--provider CLASS|all] [--faults LIST|runtime|all|none]
 //!                      [--strategy tokenfence|naive-b1|naive-b2|naive-b3|naive-b4]
 //!                      [--search bfs|dfs] [--symmetry] [--json] [--explore ADDR]
 //! ```
@@ -73,15 +73,17 @@ struct CheckArgs {
     /// grace-fork, periodic, reuse-detection.
     #[arg(long, default_value = "all")]
     provider: String,
-    /// Faults, comma-separated, or `all` / `none`: 5xx, 429, connect, lost-reply,
-    /// garbled, pause, crash, revoke, store, wrong-client.
-    #[arg(long, default_value = "all")]
+    /// Faults, comma-separated, or `runtime` (all but wrong-client) / `all` / `none`:
+    /// 5xx, 429, connect, lost-reply, garbled, pause, crash, revoke, store,
+    /// wrong-client (adds a worker configured with the sandbox app's credentials).
+    #[arg(long, default_value = "runtime")]
     faults: String,
     /// At most this many faults per behaviour.
     #[arg(long, default_value_t = 1)]
     max_faults: u8,
-    /// At most this many budgeted time jumps per behaviour.
-    #[arg(long, default_value_t = 2)]
+    /// At most this many budgeted time jumps per behaviour (each to any instant at
+    /// which something changes: a lease or grace window ending, a timer, a deadline).
+    #[arg(long, default_value_t = 1)]
     max_ticks: u8,
     /// Access requests per worker.
     #[arg(long, default_value_t = 1)]

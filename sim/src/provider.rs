@@ -268,6 +268,9 @@ pub struct IssuedToken {
     pub rotated_at: Option<Timestamp>,
     /// The successor handed out when it was rotated.
     pub successor: Option<String>,
+    /// The token that took its place as the family's current one (its successor,
+    /// or under [`GraceReplay::Fork`] the sibling a replay minted, demoting it).
+    pub replaced_by: Option<String>,
     /// Issued in a reply that no live worker received (lost on the wire, unreadable,
     /// or its receiver crashed before storing it).
     pub lost: bool,
@@ -618,6 +621,7 @@ impl Provider {
                     let current = grant.current.clone();
                     if let Some(t) = self.tokens.get_mut(&current) {
                         t.rotated_at.get_or_insert(now);
+                        t.replaced_by = Some(next.clone());
                     }
                     if let Some(t) = self.tokens.get_mut(presented) {
                         t.successor = Some(next.clone());
@@ -663,6 +667,7 @@ impl Provider {
                 issued_at: now,
                 rotated_at: None,
                 successor: None,
+                replaced_by: None,
                 lost: false,
             },
         );
@@ -673,6 +678,7 @@ impl Provider {
         if let Some(t) = self.tokens.get_mut(old) {
             t.rotated_at = Some(now);
             t.successor = Some(successor.to_owned());
+            t.replaced_by = Some(successor.to_owned());
         }
     }
 
@@ -839,11 +845,21 @@ impl ProviderTruth for GrantTruth<'_> {
             .is_some_and(|g| g.ended == Some(GrantEnd::ReuseDetected))
     }
 
+    /// Also when the token that replaced `token` as the family's current one (a
+    /// fork sibling demoting it) went to nobody.
     fn successor_lost(&self, token: &RefreshToken) -> bool {
+        let tokens = &self.provider.tokens;
+        let replaced_by_lost = || {
+            tokens
+                .get(token.expose())
+                .and_then(|t| t.replaced_by.as_ref())
+                .and_then(|r| tokens.get(r))
+                .is_some_and(|r| r.lost)
+        };
         self.provider.lost_now > 0
-            && self.provider.tokens.values().any(|t| {
+            && (tokens.values().any(|t| {
                 t.lost && t.grant == self.grant && t.parent.as_deref() == Some(token.expose())
-            })
+            }) || replaced_by_lost())
     }
 }
 

@@ -69,10 +69,15 @@ impl FaultKind {
         Self::ALL.into_iter().find(|f| f.name() == name)
     }
 
-    /// Parses a comma-separated list, or `all`, or `none`.
+    /// Parses a comma-separated list, or `all`, `runtime` (all but `wrong-client`,
+    /// which adds a misconfigured worker), or `none`.
     pub fn parse_list(list: &str) -> Result<BTreeSet<FaultKind>, String> {
         match list.trim() {
             "all" => Ok(Self::ALL.into_iter().collect()),
+            "runtime" => Ok(Self::ALL
+                .into_iter()
+                .filter(|f| *f != FaultKind::WrongClient)
+                .collect()),
             "none" | "" => Ok(BTreeSet::new()),
             list => list
                 .split(',')
