@@ -173,11 +173,6 @@ pub struct Connection {
     read_at: Option<Timestamp>,
     holding_lease: bool,
     lease_at: Timestamp,
-    /// When the last `AcquireLease` was issued.
-    lease_asked_at: Timestamp,
-    /// A lease request whose answer was lost may have left a row under our name
-    /// since this instant, and nothing was sent under it.
-    lost_grant_since: Option<Timestamp>,
     took_over: Option<Lease>,
     phase: Phase,
     waiting: VecDeque<RequestId>,
@@ -206,8 +201,6 @@ impl Connection {
             read_at: None,
             holding_lease: false,
             lease_at: Timestamp::EPOCH,
-            lease_asked_at: Timestamp::EPOCH,
-            lost_grant_since: None,
             took_over: None,
             phase: Phase::Idle,
             waiting: VecDeque::new(),
@@ -383,15 +376,7 @@ impl Connection {
                 // Any unreleased lease row counts, even one with our own name: a
                 // restarted worker may reuse its id while its previous
                 // incarnation's refresh is still in flight (found by proptest).
-                // Except the row our own lost lease request left, under which this
-                // machine sent nothing: counting it declared a healthy connection's
-                // rotation lost under reuse detection after one lost store answer
-                // (found by the model checker).
-                let me = &self.config.worker;
-                let ours_unused = self.lost_grant_since.take();
-                self.took_over = took_over.filter(|l| {
-                    !(l.owner == *me && ours_unused.is_some_and(|t| l.acquired_at >= t))
-                });
+                self.took_over = took_over;
                 self.adopt(record.map(|r| *r));
                 self.mark_fresh(now);
             }
@@ -611,7 +596,6 @@ impl Connection {
             self.phase = Phase::Leasing;
             let owner = self.config.worker.clone();
             let ttl = self.config.settings.lease_ttl;
-            self.lease_asked_at = now;
             self.outputs.push_back(Output::AcquireLease { owner, ttl });
         } else {
             self.load();
@@ -1049,10 +1033,6 @@ impl Connection {
         let retry_at = now.saturating_add(self.backoff(failures));
         self.attempts = failures;
         self.fresh = false;
-        if matches!(phase, Phase::Leasing) {
-            let asked = self.lease_asked_at;
-            self.lost_grant_since = Some(self.lost_grant_since.map_or(asked, |t| t.min(asked)));
-        }
         match phase {
             Phase::Committing { proposal, intent } => {
                 // A commit carries knowledge (fresh, possibly rotated tokens; a

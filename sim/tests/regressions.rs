@@ -218,36 +218,3 @@ fn taking_over_a_lease_after_another_workers_late_commit_is_still_in_doubt() {
         "the connection survives on the newest fork"
     );
 }
-
-#[test]
-fn a_lost_lease_answer_does_not_kill_a_healthy_connection_under_reuse_detection() {
-    let model = TokenfenceModel::new(ModelConfig {
-        faults: [FaultKind::StoreFail].into_iter().collect(),
-        max_faults: 1,
-        max_ticks: 1,
-        ..ModelConfig::new(BehaviourClass::ReuseDetection, 1)
-    })
-    .expect("model");
-    use Action::*;
-    let states = replay(
-        &model,
-        &[
-            Store(0), // w1 loads g0
-            // The store grants the lease, but its answer is lost: the row stays
-            // under w1's name and w1 never sent anything.
-            StoreFails {
-                w: 0,
-                applied: true,
-            },
-            Tick(at(779)), // w1's retry time (free: its caller waits, nothing else can move)
-        ],
-    );
-    // Before the fix w1 took over its own row as if a refresh of a previous
-    // incarnation could be in flight and, under reuse detection, declared the
-    // rotation lost: ReauthRequired(LostRotation) for a token the provider accepts.
-    let last = settle(&model, states.last().expect("a state").clone());
-    let stored = last.stored().expect("a record");
-    assert_eq!(stored.status, Status::Active, "{:?}", stored.status);
-    assert!(last.provider.accepts(stored.refresh.expose(), last.now));
-    assert_eq!(stored.refresh.expose(), "rt2", "the refresh went through");
-}
