@@ -3,7 +3,7 @@
 use crate::io::{
     AccessError, ConfigError, Event, IdentityField, Input, InputError, Output, RequestId,
 };
-use crate::profile::{ClientCredentials, GraceReplay, InDoubtRecovery, ProviderProfile};
+use crate::profile::{ClientCredentials, GraceReplay, InDoubtRecovery, ProviderProfile, Rotation};
 use crate::record::{
     ConnectionId, ConnectionRecord, FailureKind, GrantIdentity, Lease, ReauthReason, Status,
     WorkerId,
@@ -99,8 +99,8 @@ enum Intent {
         /// error answer): the attempt's lease grant time and the token presented.
         unsent: Option<(Timestamp, crate::RefreshToken)>,
         /// Set when the provider may have processed the request unseen: when it
-        /// was sent.
-        unseen: Option<Timestamp>,
+        /// was sent, and the token presented.
+        unseen: Option<(Timestamp, crate::RefreshToken)>,
     },
     Reauth {
         reason: ReauthReason,
@@ -800,6 +800,8 @@ impl Connection {
         // Any definite answer (or none sent) proves the token was not rotated.
         let unsent = (kind != FailureKind::OutcomeUnknown)
             .then(|| (attempt.lease_at, attempt.base.refresh.clone()));
+        let unseen = (kind == FailureKind::OutcomeUnknown)
+            .then(|| (attempt.sent_at, attempt.base.refresh.clone()));
         let proposal = ConnectionRecord {
             status: Status::Degraded {
                 failures,
@@ -811,7 +813,6 @@ impl Connection {
             ..attempt.base
         };
         self.attempts = self.attempts.saturating_add(1);
-        let unseen = (kind == FailureKind::OutcomeUnknown).then_some(attempt.sent_at);
         self.commit(
             proposal,
             Intent::Failed {
@@ -967,19 +968,24 @@ impl Connection {
                         }
                     )
             }
-            // Under a forking provider, our unseen replay may have minted the
-            // family's current token and demoted the stored one (which came from
-            // an earlier exchange) to its grace window: the stored record must
-            // carry the doubt, or its holder presents it after the window closes
-            // as if nothing had happened (found by the model checker).
+            // Our request may have rotated the stored token unseen: it presented
+            // the token still stored (someone committed a refresh that did not
+            // rotate it meanwhile), or, under a forking provider, it may have
+            // minted the family's current token and demoted the stored one (which
+            // came from an earlier exchange). The stored record must carry the
+            // doubt, or its holder presents the token after the grace window as if
+            // nothing had happened instead of recovering inside it (both found by
+            // the model checker; the first under Intuit's periodic rotation).
             Intent::Failed {
-                unseen: Some(sent_at),
+                unseen: Some((sent_at, presented)),
                 ..
             } => {
-                self.config.profile.rotation.grace_replay == GraceReplay::Fork
-                    && stored.is_live()
-                    && stored.identity == proposal.identity
-                    && stored.last_refreshed_at.is_some_and(|t| t < *sent_at)
+                let rotation = &self.config.profile.rotation;
+                let same_token =
+                    rotation.rotation != Rotation::Never && stored.refresh == *presented;
+                let demoted = rotation.grace_replay == GraceReplay::Fork
+                    && stored.last_refreshed_at.is_some_and(|t| t < *sent_at);
+                stored.is_live() && stored.identity == proposal.identity && (same_token || demoted)
             }
             Intent::Failed { .. } | Intent::Reauth { .. } | Intent::Doubt => false,
         };

@@ -218,3 +218,49 @@ fn taking_over_a_lease_after_another_workers_late_commit_is_still_in_doubt() {
         "the connection survives on the newest fork"
     );
 }
+
+#[test]
+fn an_unseen_request_leaves_its_doubt_on_a_record_that_still_holds_its_token() {
+    let model = TokenfenceModel::new(ModelConfig {
+        faults: [FaultKind::Garbled].into_iter().collect(),
+        max_faults: 1,
+        max_ticks: 3,
+        ..ModelConfig::new(BehaviourClass::Periodic, 2)
+    })
+    .expect("model");
+    use Action::*;
+    let states = replay(
+        &model,
+        &[
+            Store(0),         // w1 loads g0 (Intuit-like: rt1, period not over yet)
+            Store(0),         // w1 takes the lease and sends rt1
+            Store(1),         // w2 loads g0
+            Tick(at(10_000)), // w1's request was never processed; its lease expires
+            GiveUp(0),        // w1: outcome unknown -> Degraded, in doubt (its own send)
+            Store(1),         // w2 takes over: in doubt, records the doubt (g1)
+            Store(1),         // committed; w2 presents rt1
+            Store(0),         // w1's CAS conflicts with g1, which still holds rt1
+        ],
+    );
+    let last = states.last().expect("a state");
+    // Before the fix w1 dropped its doubt here ("someone else's write stands"); later,
+    // after its next request rotated rt1 unseen, the record still said nothing, and
+    // rt1 was presented after Intuit's grace window as if nothing had happened.
+    assert!(
+        matches!(&last.workers[0].pending, Some(StoreCommand::Cas { record, .. })
+            if record.in_doubt_since.is_some() && record.refresh.expose() == "rt1"),
+        "w1 must carry its doubt onto the stored record"
+    );
+    let last = settle(&model, last.clone());
+    let stored = last.stored().expect("a record");
+    assert!(
+        stored.is_live()
+            || matches!(
+                stored.status,
+                Status::ReauthRequired {
+                    reason: ReauthReason::LostRotation,
+                    ..
+                }
+            )
+    );
+}
