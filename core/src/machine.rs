@@ -277,6 +277,21 @@ impl Connection {
         }
     }
 
+    /// Where a token this machine handed out came from: the generation and expiry
+    /// of the record (stored, or fresh and not yet committed) that holds it. For
+    /// harnesses checking S5 on every delivered token.
+    pub fn access_source(&self, token: &AccessToken) -> Option<(crate::Generation, Timestamp)> {
+        [self.record(), self.uncommitted()]
+            .into_iter()
+            .flatten()
+            .find_map(|r| {
+                r.access
+                    .as_ref()
+                    .filter(|a| a.token == *token)
+                    .map(|a| (r.generation, a.expires_at))
+            })
+    }
+
     /// The next output, if any. Drain until `None` after every input.
     #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {

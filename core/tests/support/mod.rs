@@ -183,16 +183,9 @@ impl Worker {
 
     /// S5 for a token just delivered: find its expiry and generation in the machine.
     fn check_serve(&self, now: Timestamp, token: &AccessToken) {
-        let candidates = [self.conn.record(), self.conn.uncommitted()];
-        let (generation, expires_at) = candidates
-            .into_iter()
-            .flatten()
-            .find_map(|r| {
-                r.access
-                    .as_ref()
-                    .filter(|a| a.token == *token)
-                    .map(|a| (r.generation, a.expires_at))
-            })
+        let (generation, expires_at) = self
+            .conn
+            .access_source(token)
             .expect("a served token comes from the machine's record");
         let margin = self.conn.config().settings.access_margin;
         invariants::fresh_serve(generation, expires_at, now, margin, self.newest).expect("S5");

@@ -360,16 +360,7 @@ impl TokenfenceModel {
             Ok(token) => {
                 let worker = &s.workers[w];
                 let conn = &worker.conn;
-                let held = |r: &ConnectionRecord| {
-                    r.access
-                        .as_ref()
-                        .filter(|a| a.token == *token)
-                        .map(|a| (r.generation, a.expires_at))
-                };
-                let served = conn
-                    .record()
-                    .and_then(held)
-                    .or_else(|| conn.uncommitted().and_then(held));
+                let served = conn.access_source(token);
                 let newest = worker.ghost.newest.unwrap_or_default();
                 let margin = conn.config().settings.access_margin;
                 match served {

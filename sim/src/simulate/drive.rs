@@ -1015,16 +1015,7 @@ impl World {
         let mut stale = None;
         if let Ok(token) = &result {
             let conn = &slot.conn;
-            let held = |r: &tokenfence_core::ConnectionRecord| {
-                r.access
-                    .as_ref()
-                    .filter(|a| a.token == *token)
-                    .map(|a| (r.generation, a.expires_at))
-            };
-            let served = conn
-                .record()
-                .and_then(held)
-                .or_else(|| conn.uncommitted().and_then(held));
+            let served = conn.access_source(token);
             let newest = slot.ghost.newest.unwrap_or_default();
             stale = Some(match served {
                 Some((g, exp)) => invariants::fresh_serve(g, exp, local, margin, newest)
