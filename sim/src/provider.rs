@@ -19,7 +19,6 @@
 use base64::Engine as _;
 use core::time::Duration;
 use serde_json::json;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokenfence_core::invariants::ProviderTruth;
 use tokenfence_core::{
@@ -356,13 +355,43 @@ pub enum RejectCause {
     RotatedAway,
 }
 
+/// Every refresh token a provider minted, in minting order: `rt{n}` is entry `n - 1`,
+/// so a lookup by value is an index, not a search (the simulator looks tokens up
+/// after every step).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct Tokens(Vec<(String, IssuedToken)>);
+
+impl Tokens {
+    fn index(&self, value: &str) -> Option<usize> {
+        let n: usize = value.strip_prefix("rt")?.parse().ok()?;
+        let i = n.checked_sub(1)?;
+        (self.0.get(i)?.0 == value).then_some(i)
+    }
+
+    fn get(&self, value: &str) -> Option<&IssuedToken> {
+        self.index(value).map(|i| &self.0[i].1)
+    }
+
+    fn get_mut(&mut self, value: &str) -> Option<&mut IssuedToken> {
+        self.index(value).map(|i| &mut self.0[i].1)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &IssuedToken> {
+        self.0.iter().map(|(_, t)| t)
+    }
+
+    /// Appends a token; its value must be `rt{len + 1}`.
+    fn push(&mut self, value: String, token: IssuedToken) {
+        self.0.push((value, token));
+    }
+}
+
 /// The provider: the ghost record of every grant and token.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Provider {
     spec: Arc<ProviderSpec>,
     grants: Vec<Grant>,
-    tokens: BTreeMap<String, IssuedToken>,
-    minted_refresh: u32,
+    tokens: Tokens,
     minted_access: u32,
     /// How many tokens are marked lost now (a fast path for `successor_lost`).
     lost_now: usize,
@@ -374,8 +403,7 @@ impl Provider {
         Provider {
             spec,
             grants: Vec::new(),
-            tokens: BTreeMap::new(),
-            minted_refresh: 0,
+            tokens: Tokens::default(),
             minted_access: 0,
             lost_now: 0,
         }
@@ -398,7 +426,7 @@ impl Provider {
 
     /// Every refresh token ever issued, by value.
     pub fn tokens(&self) -> impl Iterator<Item = (&str, &IssuedToken)> {
-        self.tokens.iter().map(|(k, v)| (k.as_str(), v))
+        self.tokens.0.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// The user consented: a new grant for `client_id`, as the authorization-code
@@ -657,9 +685,8 @@ impl Provider {
     }
 
     fn mint_refresh(&mut self, grant: GrantId, parent: Option<&str>, now: Timestamp) -> String {
-        self.minted_refresh += 1;
-        let value = format!("rt{}", self.minted_refresh);
-        self.tokens.insert(
+        let value = format!("rt{}", self.tokens.0.len() + 1);
+        self.tokens.push(
             value.clone(),
             IssuedToken {
                 grant,

@@ -4,10 +4,14 @@
 //! them over after they expired.
 //!
 //! Deterministic and `Clone + Eq + Hash`, so it lives inside model-checker states and
-//! simulator snapshots. Time is an argument; nothing here reads a clock.
+//! simulator snapshots. Time is an argument; nothing here reads a clock. Rows sit in a
+//! hash map with a fixed-key hasher (the simulator reads a row after every step of a
+//! fleet of thousands); nothing iterates it in hash order.
 
+use core::hash::{BuildHasherDefault, Hash, Hasher};
 use core::time::Duration;
-use std::collections::BTreeMap;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
 
 /// What is stored for one connection.
@@ -48,9 +52,18 @@ pub enum LeaseOutcome {
 }
 
 /// The in-memory store.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStore {
-    rows: BTreeMap<ConnectionId, Row>,
+    rows: HashMap<ConnectionId, Row, BuildHasherDefault<DefaultHasher>>,
+}
+
+impl Hash for MemoryStore {
+    /// In id order, so that equal stores hash alike whatever their insertion order.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut rows: Vec<_> = self.rows.iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        rows.hash(state);
+    }
 }
 
 impl MemoryStore {
@@ -62,11 +75,6 @@ impl MemoryStore {
     /// A connection's row.
     pub fn row(&self, id: &ConnectionId) -> Option<&Row> {
         self.rows.get(id)
-    }
-
-    /// Every connection id, in order.
-    pub fn ids(&self) -> impl Iterator<Item = &ConnectionId> {
-        self.rows.keys()
     }
 
     /// Reads a record.
@@ -83,7 +91,7 @@ impl MemoryStore {
         expected: Option<Generation>,
         mut record: ConnectionRecord,
     ) -> CasOutcome {
-        let row = self.rows.entry(id.clone()).or_default();
+        let row = self.row_mut(id);
         let stored = row.record.as_ref().map(|r| r.generation);
         if stored != expected {
             return CasOutcome::Conflict(row.record.clone().map(Box::new));
@@ -98,7 +106,7 @@ impl MemoryStore {
     /// compare-and-swap does; baselines only).
     pub fn overwrite(&mut self, id: &ConnectionId, record: ConnectionRecord) -> Generation {
         let generation = record.generation;
-        self.rows.entry(id.clone()).or_default().record = Some(record);
+        self.row_mut(id).record = Some(record);
         generation
     }
 
@@ -113,7 +121,7 @@ impl MemoryStore {
         ttl: Duration,
         now: Timestamp,
     ) -> LeaseOutcome {
-        let row = self.rows.entry(id.clone()).or_default();
+        let row = self.row_mut(id);
         if let Some(l) = &row.lease {
             if l.owner != *owner && now < l.expires_at {
                 return LeaseOutcome::Held { holder: l.clone() };
@@ -146,7 +154,16 @@ impl MemoryStore {
 
     /// Replaces the lease row (harness use: renaming owners under symmetry).
     pub fn set_lease(&mut self, id: &ConnectionId, lease: Option<Lease>) {
-        self.rows.entry(id.clone()).or_default().lease = lease;
+        self.row_mut(id).lease = lease;
+    }
+
+    fn row_mut(&mut self, id: &ConnectionId) -> &mut Row {
+        if !self.rows.contains_key(id) {
+            self.rows.insert(id.clone(), Row::default());
+        }
+        self.rows
+            .get_mut(id)
+            .unwrap_or_else(|| unreachable!("inserted above"))
     }
 }
 

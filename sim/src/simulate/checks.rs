@@ -4,7 +4,7 @@
 //! L1–L5 of the heal phase.
 
 use super::workload::Usage;
-use super::world::{OpKind, World, START};
+use super::world::{OpKind, Slot, World, START};
 use crate::provider::{GrantEnd, GrantId};
 use tokenfence_core::invariants::{self, ProviderTruth};
 use tokenfence_core::{RefreshToken, Status, Timestamp};
@@ -26,6 +26,7 @@ impl World {
     /// false re-auth flag is counted once per episode.
     pub(super) fn check_connection(&mut self, c: usize) {
         let now = self.now;
+        self.prune_busy(c);
         let Some(grant) = self.stored_grant(c) else {
             return;
         };
@@ -34,12 +35,16 @@ impl World {
             return;
         };
         let truth = conn.provider.truth(grant, now);
+        let workers = &self.workers;
+        let slot_of = |w: u16| {
+            workers[usize::from(w)]
+                .slots
+                .get(c)
+                .and_then(|s| s.as_deref())
+        };
         let mut resolving = false;
         let mut pending: Vec<&RefreshToken> = Vec::new();
-        for worker in &self.workers {
-            let Some(slot) = worker.slots.get(c).and_then(|s| s.as_deref()) else {
-                continue;
-            };
+        for slot in conn.busy.iter().filter_map(|w| slot_of(*w)) {
             if matches!(slot.op, Some((_, OpKind::Exchange { lost: false, .. }))) {
                 resolving = true;
             }
@@ -93,6 +98,19 @@ impl World {
             let v = s4.map(|v| v.to_string()).unwrap_or_default();
             self.ledger.violation("S4", c, now, || v);
         }
+    }
+
+    /// Drops from `busy` the workers whose slot for `c` has neither a request out nor
+    /// an uncommitted reply (any more).
+    fn prune_busy(&mut self, c: usize) {
+        let workers = &self.workers;
+        self.conns[c].busy.retain(|w| {
+            workers[usize::from(*w)]
+                .slots
+                .get(c)
+                .and_then(|s| s.as_deref())
+                .is_some_and(Slot::busy)
+        });
     }
 
     /// L3: in the heal phase, a connection that nothing but faults stopped must give

@@ -51,6 +51,7 @@ impl World {
             conn: Connection::new(self.conns[c].id.clone(), config, entropy),
             op: None,
             timer: None,
+            armed: None,
             callers: Vec::new(),
             next_request: 0,
             ghost: SlotGhost::default(),
@@ -173,31 +174,47 @@ impl World {
             return;
         }
         self.drain(w, c);
+        self.note_busy(w, c);
         self.check_connection(c);
         self.schedule_timer(w, c);
     }
 
+    /// Adds worker `w` to connection `c`'s busy list if its slot is busy.
+    fn note_busy(&mut self, w: usize, c: usize) {
+        let busy = self.slot(w, c).is_some_and(|s| s.busy());
+        let list = &mut self.conns[c].busy;
+        let w = w as u16;
+        if busy && !list.contains(&w) {
+            list.push(w);
+        }
+    }
+
+    /// Keeps one wake-up queued per slot: the earliest instant the machine's timer
+    /// may be due. A later timer reuses it (the wake-up looks again); only an earlier
+    /// one queues another. Superseded wake-ups are dropped when they fire.
     fn schedule_timer(&mut self, w: usize, c: usize) {
         let p = self.workers[w].process;
         let inc = self.inc(w);
         let local = self.local_now(p);
+        let now = self.now;
         let Some(slot) = self.slot(w, c) else { return };
         if slot.op.is_some() {
             return;
         }
-        let next = slot.conn.poll_timeout();
-        if next == slot.timer {
-            return;
-        }
-        slot.timer = next;
-        let Some(at) = next else { return };
+        slot.timer = slot.conn.poll_timeout();
+        let Some(at) = slot.timer else { return };
         // A timeout already due that changed nothing: look again a second later.
         let at = if at <= local {
             local.saturating_add(Duration::from_secs(1))
         } else {
             at
         };
-        let at = self.true_time(p, at);
+        let at = self.true_time(p, at).max(now);
+        let Some(slot) = self.slot(w, c) else { return };
+        if slot.armed.is_some_and(|a| a <= at) {
+            return;
+        }
+        slot.armed = Some(at);
         self.push(at, Ev::Timer { w, c, inc });
     }
 
@@ -205,20 +222,25 @@ impl World {
         if !self.alive(w, inc) {
             return;
         }
-        if self.paused(w) {
-            let at = self.workers[w].paused_until;
-            self.push(at, Ev::Timer { w, c, inc });
-            return;
-        }
+        let now = self.now;
+        let paused = self.paused(w).then_some(self.workers[w].paused_until);
         let p = self.workers[w].process;
         let local = self.local_now(p);
         let Some(slot) = self.slot(w, c) else { return };
-        let due = slot.timer.is_some_and(|t| t <= local);
-        if slot.op.is_some() || !due {
-            if !due && slot.op.is_none() {
-                slot.timer = None;
-                self.schedule_timer(w, c);
-            }
+        if slot.armed != Some(now) {
+            return;
+        }
+        slot.armed = None;
+        if let Some(at) = paused {
+            slot.armed = Some(at);
+            self.push(at, Ev::Timer { w, c, inc });
+            return;
+        }
+        if slot.op.is_some() {
+            return;
+        }
+        if slot.timer.is_none_or(|t| t > local) {
+            self.schedule_timer(w, c);
             return;
         }
         slot.timer = None;
@@ -560,6 +582,7 @@ impl World {
             self.ledger
                 .violation("S7", c, now, || format!("w{} sends: {v}", w + 1));
         }
+        self.note_busy(w, c);
         if let Some(b) = &base {
             self.ledger.sends += 1;
             if let Status::Degraded { retry_at, .. } = b.status {
@@ -632,8 +655,12 @@ impl World {
     fn single_flight(&mut self, c: usize) {
         let mut outstanding = 0;
         let mut oldest = self.now;
-        for worker in &self.workers {
-            let Some(slot) = worker.slots.get(c).and_then(|s| s.as_deref()) else {
+        for w in &self.conns[c].busy {
+            let Some(slot) = self.workers[usize::from(*w)]
+                .slots
+                .get(c)
+                .and_then(|s| s.as_deref())
+            else {
                 continue;
             };
             if let Some((

@@ -193,9 +193,18 @@ pub(super) struct Slot {
     pub conn: Connection,
     pub op: Option<(u64, OpKind)>,
     pub timer: Option<Timestamp>,
+    /// When the one queued wake-up for `timer` fires (true time).
+    pub armed: Option<Timestamp>,
     pub callers: Vec<Caller>,
     pub next_request: u64,
     pub ghost: SlotGhost,
+}
+
+impl Slot {
+    /// A request out or a reply not yet committed.
+    pub fn busy(&self) -> bool {
+        matches!(self.op, Some((_, OpKind::Exchange { .. }))) || self.conn.uncommitted().is_some()
+    }
 }
 
 /// A worker: one task of a process, one machine per connection it touched.
@@ -228,6 +237,10 @@ pub(super) struct Conn {
     pub due: Option<Timestamp>,
     /// Index key in the notice index.
     pub notice: Option<Timestamp>,
+    /// Workers whose machine for this connection may have a request out or a reply
+    /// not yet committed (a superset, pruned by the checks): S2 and S8 look at these
+    /// slots, not at every worker's.
+    pub busy: Vec<u16>,
     /// Last takeover of an unreleased lease (true time): S8 relaxes after it.
     pub last_takeover: Option<Timestamp>,
     /// Since when the stored record says the grant is dead (true time).
@@ -406,6 +419,7 @@ impl World {
             workload: Workload::new(self.opts.seed, c, herd, START),
             due: None,
             notice: None,
+            busy: Vec::new(),
             last_takeover: None,
             dead_since: None,
             orphans: Vec::new(),
