@@ -9,10 +9,11 @@ use crate::profile::ProviderProfile;
 use crate::record::FailureKind;
 use crate::secret::{AccessToken, RefreshToken};
 use crate::time::days;
+use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::time::Duration;
-use serde_json::Value;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// Replies larger than this are rejected unread; transports should stop reading here.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;
@@ -227,7 +228,7 @@ pub fn parse_token_reply(
         }
     };
     let object = json_object(&reply.body).map_err(fail)?;
-    if success && !object.contains_key("access_token") && object.contains_key("error") {
+    if success && object.access_token.is_none() && object.error.is_some() {
         // GitHub answers token-endpoint errors with HTTP 200 and an RFC 6749 body.
         Err(oauth_error(profile, status, &object).map_err(fail)?)
     } else if success {
@@ -261,50 +262,291 @@ pub fn parse_revoke_reply(
     }
 }
 
-fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Malformation> {
+fn json_object(body: &[u8]) -> Result<Fields<'_>, Malformation> {
     if body.len() > MAX_REPLY_BYTES {
         return Err(Malformation::TooLarge(body.len()));
     }
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(Malformation::Empty);
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Malformation::NotAnObject),
+    match serde_json::from_slice::<Top<'_>>(body) {
+        Ok(Top(Some(fields))) => Ok(fields),
+        Ok(Top(None)) => Err(Malformation::NotAnObject),
         Err(_) => Err(Malformation::NotJson),
     }
 }
 
-fn grant_from(o: &serde_json::Map<String, Value>) -> Result<TokenGrant, Malformation> {
-    let access = token(o, "access_token")?.ok_or(Malformation::Missing("access_token"))?;
-    match o.get("token_type") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
-        Some(Value::String(_)) => return Err(Malformation::NotBearer),
+/// The fields of a reply object this module reads; every other member is skipped
+/// (but must be valid JSON). A repeated member counts as its last occurrence.
+#[derive(Default)]
+struct Fields<'a> {
+    access_token: Option<Raw<'a>>,
+    refresh_token: Option<Raw<'a>>,
+    token_type: Option<Raw<'a>>,
+    expires_in: Option<Raw<'a>>,
+    x_refresh_token_expires_in: Option<Raw<'a>>,
+    refresh_token_expires_in: Option<Raw<'a>>,
+    x_refresh_token_hard_expires_in: Option<Raw<'a>>,
+    error: Option<Raw<'a>>,
+    error_description: Option<Raw<'a>>,
+}
+
+/// One member's value, as much of it as matters.
+enum Raw<'a> {
+    Null,
+    Str(Cow<'a, str>),
+    /// A number: `Some` if it is a non-negative integer that fits in `u64`.
+    Num(Option<u64>),
+    /// A boolean, array or object.
+    Other,
+}
+
+/// A whole body: `Some` fields if it is an object.
+struct Top<'a>(Option<Fields<'a>>);
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TopVisitor)
+    }
+}
+
+struct TopVisitor;
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = Top<'de>;
+
+    fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+        let mut o = Fields::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            let slot = match key {
+                Key::AccessToken => &mut o.access_token,
+                Key::RefreshToken => &mut o.refresh_token,
+                Key::TokenType => &mut o.token_type,
+                Key::ExpiresIn => &mut o.expires_in,
+                Key::XRefreshTokenExpiresIn => &mut o.x_refresh_token_expires_in,
+                Key::RefreshTokenExpiresIn => &mut o.refresh_token_expires_in,
+                Key::XRefreshTokenHardExpiresIn => &mut o.x_refresh_token_hard_expires_in,
+                Key::Error => &mut o.error,
+                Key::ErrorDescription => &mut o.error_description,
+                Key::Other => {
+                    map.next_value::<Skip>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value::<Raw<'de>>()?);
+        }
+        Ok(Top(Some(o)))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Top<'de>, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Top(None))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Top<'de>, E> {
+        Ok(Top(None))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Top<'de>, E> {
+        Ok(Top(None))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Top<'de>, E> {
+        Ok(Top(None))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Top<'de>, E> {
+        Ok(Top(None))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Top<'de>, E> {
+        Ok(Top(None))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Top<'de>, E> {
+        Ok(Top(None))
+    }
+}
+
+/// A value read and thrown away. Read through `deserialize_any` like any value, so
+/// serde_json's nesting limit applies to skipped members too (it does not to
+/// `IgnoredAny`): a body nested past it is `NotJson` wherever the nesting is.
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SkipVisitor)
+    }
+}
+
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = Skip;
+
+    fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+}
+
+/// The member names this module reads.
+enum Key {
+    AccessToken,
+    RefreshToken,
+    TokenType,
+    ExpiresIn,
+    XRefreshTokenExpiresIn,
+    RefreshTokenExpiresIn,
+    XRefreshTokenHardExpiresIn,
+    Error,
+    ErrorDescription,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl Visitor<'_> for KeyVisitor {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
+        Ok(match name {
+            "access_token" => Key::AccessToken,
+            "refresh_token" => Key::RefreshToken,
+            "token_type" => Key::TokenType,
+            "expires_in" => Key::ExpiresIn,
+            "x_refresh_token_expires_in" => Key::XRefreshTokenExpiresIn,
+            "refresh_token_expires_in" => Key::RefreshTokenExpiresIn,
+            "x_refresh_token_hard_expires_in" => Key::XRefreshTokenHardExpiresIn,
+            "error" => Key::Error,
+            "error_description" => Key::ErrorDescription,
+            _ => Key::Other,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Raw<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(RawVisitor)
+    }
+}
+
+struct RawVisitor;
+
+impl<'de> Visitor<'de> for RawVisitor {
+    type Value = Raw<'de>;
+
+    fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Raw<'de>, E> {
+        Ok(Raw::Null)
+    }
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Raw<'de>, E> {
+        Ok(Raw::Str(Cow::Borrowed(s)))
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Raw<'de>, E> {
+        Ok(Raw::Str(Cow::Owned(s.into())))
+    }
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Raw<'de>, E> {
+        Ok(Raw::Str(Cow::Owned(s)))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Raw<'de>, E> {
+        Ok(Raw::Num(Some(n)))
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Raw<'de>, E> {
+        Ok(Raw::Num(u64::try_from(n).ok()))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Raw<'de>, E> {
+        Ok(Raw::Num(None))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Raw<'de>, E> {
+        Ok(Raw::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Raw<'de>, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Raw::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw<'de>, A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok(Raw::Other)
+    }
+}
+
+fn grant_from(o: &Fields<'_>) -> Result<TokenGrant, Malformation> {
+    let access =
+        token(&o.access_token, "access_token")?.ok_or(Malformation::Missing("access_token"))?;
+    match &o.token_type {
+        None | Some(Raw::Null) => {}
+        Some(Raw::Str(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(Raw::Str(_)) => return Err(Malformation::NotBearer),
         Some(_) => return Err(Malformation::WrongType("token_type")),
     }
+    let refresh_ttl = |raw, name| lifetime(raw, name, MAX_REFRESH_TTL);
     Ok(TokenGrant {
         access: AccessToken::new(access),
-        refresh: token(o, "refresh_token")?
+        refresh: token(&o.refresh_token, "refresh_token")?
             .filter(|t| !t.is_empty())
             .map(RefreshToken::new),
-        expires_in: lifetime(o, "expires_in", MAX_ACCESS_TTL)?,
-        refresh_expires_in: match lifetime(o, "x_refresh_token_expires_in", MAX_REFRESH_TTL)? {
+        expires_in: lifetime(&o.expires_in, "expires_in", MAX_ACCESS_TTL)?,
+        refresh_expires_in: match refresh_ttl(
+            &o.x_refresh_token_expires_in,
+            "x_refresh_token_expires_in",
+        )? {
             Some(d) => Some(d),
-            None => lifetime(o, "refresh_token_expires_in", MAX_REFRESH_TTL)?,
+            None => refresh_ttl(&o.refresh_token_expires_in, "refresh_token_expires_in")?,
         },
-        hard_expires_in: lifetime(o, "x_refresh_token_hard_expires_in", MAX_REFRESH_TTL)?,
+        hard_expires_in: refresh_ttl(
+            &o.x_refresh_token_hard_expires_in,
+            "x_refresh_token_hard_expires_in",
+        )?,
     })
 }
 
 /// A token field: absent/null is `None`; `""` is `Some("")` for the caller to judge.
 fn token<'a>(
-    o: &'a serde_json::Map<String, Value>,
+    raw: &'a Option<Raw<'_>>,
     field: &'static str,
 ) -> Result<Option<&'a str>, Malformation> {
-    match o.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => {
+    match raw {
+        None | Some(Raw::Null) => Ok(None),
+        Some(Raw::Str(s)) => {
             let ok = s.len() <= MAX_TOKEN_BYTES && s.bytes().all(|b| (0x20..0x7f).contains(&b));
             if !ok || (field == "access_token" && s.is_empty()) {
                 Err(Malformation::BadToken(field))
@@ -319,18 +561,18 @@ fn token<'a>(
 /// A lifetime in seconds: a positive integer (or a string of digits, which some
 /// providers send), at most `max`.
 fn lifetime(
-    o: &serde_json::Map<String, Value>,
+    raw: &Option<Raw<'_>>,
     field: &'static str,
     max: Duration,
 ) -> Result<Option<Duration>, Malformation> {
-    let secs = match o.get(field) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+    let secs = match raw {
+        None | Some(Raw::Null) => return Ok(None),
+        Some(Raw::Num(n)) => *n,
+        Some(Raw::Str(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
             s.parse::<u64>().ok()
         }
-        Some(Value::String(_)) => None,
-        Some(_) => return Err(Malformation::WrongType(field)),
+        Some(Raw::Str(_)) => None,
+        Some(Raw::Other) => return Err(Malformation::WrongType(field)),
     };
     match secs {
         Some(s) if s > 0 && Duration::from_secs(s) <= max => Ok(Some(Duration::from_secs(s))),
@@ -341,13 +583,11 @@ fn lifetime(
 fn oauth_error(
     profile: &ProviderProfile,
     status: u16,
-    o: &serde_json::Map<String, Value>,
+    o: &Fields<'_>,
 ) -> Result<ReplyError, Malformation> {
-    let code = match o.get("error") {
-        Some(Value::String(c)) if !c.is_empty() => c.as_str(),
-        Some(Value::String(_)) | None | Some(Value::Null) => {
-            return Err(Malformation::Missing("error"))
-        }
+    let code = match &o.error {
+        Some(Raw::Str(c)) if !c.is_empty() => c.as_ref(),
+        Some(Raw::Str(_)) | None | Some(Raw::Null) => return Err(Malformation::Missing("error")),
         Some(_) => return Err(Malformation::WrongType("error")),
     };
     let kind = if profile.means_invalid_grant(code) {
@@ -363,8 +603,8 @@ fn oauth_error(
             _ => OAuthErrorCode::Other,
         }
     };
-    let description = match o.get("error_description") {
-        Some(Value::String(d)) => Some(sanitize(d)),
+    let description = match &o.error_description {
+        Some(Raw::Str(d)) => Some(sanitize(d)),
         _ => None,
     };
     Ok(ReplyError::OAuth {

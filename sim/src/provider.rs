@@ -254,22 +254,47 @@ pub enum GrantEnd {
     ReuseDetected,
 }
 
+/// A refresh token's number: the provider mints `rt1`, `rt2`, ... in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TokenNo(u32);
+
+impl TokenNo {
+    /// The number of a token value this provider could have minted.
+    pub fn parse(value: &str) -> Option<TokenNo> {
+        let digits = value.strip_prefix("rt")?;
+        if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok().filter(|n| *n > 0).map(TokenNo)
+    }
+
+    fn index(self) -> usize {
+        self.0 as usize - 1
+    }
+}
+
+impl std::fmt::Display for TokenNo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rt{}", self.0)
+    }
+}
+
 /// One refresh token ever issued.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IssuedToken {
     /// The family it belongs to.
     pub grant: GrantId,
     /// The token it was issued in exchange for (`None`: issued by the authorization).
-    pub parent: Option<String>,
+    pub parent: Option<TokenNo>,
     /// When it was issued.
     pub issued_at: Timestamp,
     /// When a successor replaced it (its grace window starts here).
     pub rotated_at: Option<Timestamp>,
     /// The successor handed out when it was rotated.
-    pub successor: Option<String>,
+    pub successor: Option<TokenNo>,
     /// The token that took its place as the family's current one (its successor,
     /// or under [`GraceReplay::Fork`] the sibling a replay minted, demoting it).
-    pub replaced_by: Option<String>,
+    pub replaced_by: Option<TokenNo>,
     /// Issued in a reply that no live worker received (lost on the wire, unreadable,
     /// or its receiver crashed before storing it).
     pub lost: bool,
@@ -359,30 +384,33 @@ pub enum RejectCause {
 /// so a lookup by value is an index, not a search (the simulator looks tokens up
 /// after every step).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-struct Tokens(Vec<(String, IssuedToken)>);
+struct Tokens(Vec<IssuedToken>);
 
 impl Tokens {
-    fn index(&self, value: &str) -> Option<usize> {
-        let n: usize = value.strip_prefix("rt")?.parse().ok()?;
-        let i = n.checked_sub(1)?;
-        (self.0.get(i)?.0 == value).then_some(i)
-    }
-
     fn get(&self, value: &str) -> Option<&IssuedToken> {
-        self.index(value).map(|i| &self.0[i].1)
+        self.at(TokenNo::parse(value)?)
     }
 
     fn get_mut(&mut self, value: &str) -> Option<&mut IssuedToken> {
-        self.index(value).map(|i| &mut self.0[i].1)
+        self.0.get_mut(TokenNo::parse(value)?.index())
+    }
+
+    fn at(&self, no: TokenNo) -> Option<&IssuedToken> {
+        self.0.get(no.index())
     }
 
     fn values(&self) -> impl Iterator<Item = &IssuedToken> {
-        self.0.iter().map(|(_, t)| t)
+        self.0.iter()
     }
 
-    /// Appends a token; its value must be `rt{len + 1}`.
-    fn push(&mut self, value: String, token: IssuedToken) {
-        self.0.push((value, token));
+    fn numbered(&self) -> impl Iterator<Item = (TokenNo, &IssuedToken)> {
+        (1..).map(TokenNo).zip(&self.0)
+    }
+
+    /// Appends a token and returns its value.
+    fn push(&mut self, token: IssuedToken) -> String {
+        self.0.push(token);
+        TokenNo(u32::try_from(self.0.len()).unwrap_or(u32::MAX)).to_string()
     }
 }
 
@@ -424,9 +452,9 @@ impl Provider {
         self.tokens.get(value)
     }
 
-    /// Every refresh token ever issued, by value.
-    pub fn tokens(&self) -> impl Iterator<Item = (&str, &IssuedToken)> {
-        self.tokens.0.iter().map(|(k, v)| (k.as_str(), v))
+    /// Every refresh token ever issued, by number.
+    pub fn tokens(&self) -> impl Iterator<Item = (TokenNo, &IssuedToken)> {
+        self.tokens.numbered()
     }
 
     /// The user consented: a new grant for `client_id`, as the authorization-code
@@ -560,7 +588,7 @@ impl Provider {
                 Outcome::Rejected { grant, cause },
             )
         };
-        let Some(token) = self.tokens.get(presented).cloned() else {
+        let Some(token) = self.tokens.get(presented).copied() else {
             return reject(
                 None,
                 RejectCause::Unknown,
@@ -639,8 +667,7 @@ impl Provider {
             // A rotated-away token inside its grace window.
             let previous = token
                 .successor
-                .clone()
-                .unwrap_or_else(|| grant.current.clone());
+                .map_or_else(|| grant.current.clone(), |n| n.to_string());
             let recovered = self.tokens.get(&previous).is_some_and(|t| t.lost);
             match policy.grace_replay {
                 GraceReplay::Idempotent => (previous, false, recovered),
@@ -649,10 +676,10 @@ impl Provider {
                     let current = grant.current.clone();
                     if let Some(t) = self.tokens.get_mut(&current) {
                         t.rotated_at.get_or_insert(now);
-                        t.replaced_by = Some(next.clone());
+                        t.replaced_by = TokenNo::parse(&next);
                     }
                     if let Some(t) = self.tokens.get_mut(presented) {
-                        t.successor = Some(next.clone());
+                        t.successor = TokenNo::parse(&next);
                     }
                     self.grants[gid.0].current = next.clone();
                     (next, true, recovered)
@@ -685,27 +712,22 @@ impl Provider {
     }
 
     fn mint_refresh(&mut self, grant: GrantId, parent: Option<&str>, now: Timestamp) -> String {
-        let value = format!("rt{}", self.tokens.0.len() + 1);
-        self.tokens.push(
-            value.clone(),
-            IssuedToken {
-                grant,
-                parent: parent.map(str::to_owned),
-                issued_at: now,
-                rotated_at: None,
-                successor: None,
-                replaced_by: None,
-                lost: false,
-            },
-        );
-        value
+        self.tokens.push(IssuedToken {
+            grant,
+            parent: parent.and_then(TokenNo::parse),
+            issued_at: now,
+            rotated_at: None,
+            successor: None,
+            replaced_by: None,
+            lost: false,
+        })
     }
 
     fn retire(&mut self, old: &str, successor: &str, now: Timestamp) {
         if let Some(t) = self.tokens.get_mut(old) {
             t.rotated_at = Some(now);
-            t.successor = Some(successor.to_owned());
-            t.replaced_by = Some(successor.to_owned());
+            t.successor = TokenNo::parse(successor);
+            t.replaced_by = TokenNo::parse(successor);
         }
     }
 
@@ -879,14 +901,16 @@ impl ProviderTruth for GrantTruth<'_> {
         let replaced_by_lost = || {
             tokens
                 .get(token.expose())
-                .and_then(|t| t.replaced_by.as_ref())
-                .and_then(|r| tokens.get(r))
+                .and_then(|t| t.replaced_by)
+                .and_then(|r| tokens.at(r))
                 .is_some_and(|r| r.lost)
         };
+        let me = TokenNo::parse(token.expose());
         self.provider.lost_now > 0
-            && (tokens.values().any(|t| {
-                t.lost && t.grant == self.grant && t.parent.as_deref() == Some(token.expose())
-            }) || replaced_by_lost())
+            && (tokens
+                .values()
+                .any(|t| t.lost && t.grant == self.grant && me.is_some() && t.parent == me)
+                || replaced_by_lost())
     }
 }
 

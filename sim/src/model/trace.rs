@@ -72,12 +72,17 @@ pub fn summary(m: &TokenfenceModel, s: &State) -> String {
         let mut tokens: Vec<String> = p
             .tokens()
             .filter(|(_, t)| t.grant == m.grant)
+            .map(|(n, t)| (n.to_string(), t))
             .filter(|(v, _)| *v != g.current)
-            .filter(|(v, _)| p.accepts(v, s.now) || p.token(v).is_some_and(|t| t.lost))
+            .filter(|(v, t)| p.accepts(v, s.now) || t.lost)
             .map(|(v, t)| {
                 format!(
                     "{v}{}{}",
-                    if p.accepts(v, s.now) { " in grace" } else { "" },
+                    if p.accepts(&v, s.now) {
+                        " in grace"
+                    } else {
+                        ""
+                    },
                     if t.lost { " (reply lost)" } else { "" }
                 )
             })

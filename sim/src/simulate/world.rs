@@ -118,27 +118,38 @@ pub(super) enum Ev {
     Heal,
 }
 
-#[derive(Debug)]
-pub(super) struct Queued {
-    at: Timestamp,
+/// Events ordered by (time, sequence). The heap holds small keys; the events wait in
+/// a slab beside it (moving 24-byte keys instead of whole events while sifting kept
+/// a fleet's hundreds of thousands of pending events cheap to order).
+#[derive(Default)]
+pub(super) struct EventQueue {
+    heap: BinaryHeap<Reverse<(Timestamp, u64, u32)>>,
+    slab: Vec<Option<Ev>>,
+    free: Vec<u32>,
     seq: u64,
-    ev: Ev,
 }
 
-impl PartialEq for Queued {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
+impl EventQueue {
+    fn push(&mut self, at: Timestamp, ev: Ev) {
+        self.seq += 1;
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(ev);
+                i
+            }
+            None => {
+                self.slab.push(Some(ev));
+                u32::try_from(self.slab.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        self.heap.push(Reverse((at, self.seq, slot)));
     }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Queued {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
+
+    fn pop(&mut self) -> Option<(Timestamp, Ev)> {
+        let Reverse((at, _, slot)) = self.heap.pop()?;
+        self.free.push(slot);
+        let ev = self.slab.get_mut(slot as usize)?.take()?;
+        Some((at, ev))
     }
 }
 
@@ -278,8 +289,7 @@ pub(super) struct World {
     pub end: Timestamp,
     pub finish: Timestamp,
     pub healing: bool,
-    queue: BinaryHeap<Reverse<Queued>>,
-    seq: u64,
+    queue: EventQueue,
     pub op_seq: u64,
     pub rng: ChaCha8Rng,
     pub store: MemoryStore,
@@ -352,8 +362,7 @@ impl World {
             end,
             finish,
             healing: false,
-            queue: BinaryHeap::new(),
-            seq: 0,
+            queue: EventQueue::default(),
             op_seq: 0,
             rng,
             store: MemoryStore::new(),
@@ -594,12 +603,7 @@ impl World {
     }
 
     pub(super) fn push(&mut self, at: Timestamp, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Reverse(Queued {
-            at: at.max(self.now),
-            seq: self.seq,
-            ev,
-        }));
+        self.queue.push(at.max(self.now), ev);
     }
 
     /// Process `p`'s clock now.
@@ -615,19 +619,19 @@ impl World {
     /// Runs until the end of the heal phase.
     pub fn run(&mut self, mut progress: impl FnMut(Timestamp)) {
         let mut last_day = 0;
-        while let Some(Reverse(q)) = self.queue.pop() {
-            if q.at > self.finish {
+        while let Some((at, ev)) = self.queue.pop() {
+            if at > self.finish {
                 break;
             }
-            self.now = q.at;
+            self.now = at;
             self.ledger.events += 1;
-            self.ledger.hash_event(q.at, &q.ev);
-            let day = q.at.as_millis() / 86_400_000;
+            self.ledger.hash_event(at, &ev);
+            let day = at.as_millis() / 86_400_000;
             if day != last_day {
                 last_day = day;
-                progress(q.at);
+                progress(at);
             }
-            self.dispatch(q.ev);
+            self.dispatch(ev);
         }
         self.now = self.finish;
         self.conclude();
