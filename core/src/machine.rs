@@ -277,6 +277,21 @@ impl Connection {
         }
     }
 
+    /// The same machine, knowing that `ReconnectSoon` was already emitted for the
+    /// hard deadline `deadline` (by an earlier machine of this connection that a
+    /// driver retired), so that it is not emitted again.
+    #[must_use]
+    pub fn with_warned_deadline(mut self, deadline: Option<Timestamp>) -> Self {
+        self.warned_deadline = deadline;
+        self
+    }
+
+    /// The earliest instant a refresh may be tried, if that is after `now`: this
+    /// machine's own back-off after a store failure, or the record's retry time.
+    pub fn retry_gate_at(&self, now: Timestamp) -> Option<Timestamp> {
+        self.retry_gate(now).map(|(t, _)| t)
+    }
+
     /// Where a token this machine handed out came from: the generation and expiry
     /// of the record (stored, or fresh and not yet committed) that holds it. For
     /// harnesses checking S5 on every delivered token.
