@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod crypto;
+mod gate;
 mod manager;
 pub mod store;
 pub mod transport;

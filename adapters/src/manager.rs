@@ -3,8 +3,14 @@
 //! one at a time; callers share it (single-flight per connection in one process).
 //! A valid cached token is served from a lock-free per-connection slot, without the
 //! actor, the store or any process-wide lock.
+//!
+//! An actor whose machine has nothing to do retires after a linger period, leaving
+//! a dormant slot (the cache and what the next machine must know); the next
+//! command starts a new actor whose machine loads from the store. The hand-off is
+//! [`crate::gate`]; MANAGER.md says why it is correct.
 
 use crate::clock::{Clock, SystemClock};
+use crate::gate::{Admission, Gate};
 use crate::store::{CasOutcome, LeaseOutcome, Store};
 use crate::transport::{check_url, Delivery, InsecureUrl, ReqwestTransport, Transport};
 use arc_swap::ArcSwapOption;
@@ -12,8 +18,8 @@ use dashmap::DashMap;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokenfence_core::{
     authorization_code_request, parse_token_reply, AccessError, AccessToken, ClientCredentials,
@@ -21,9 +27,9 @@ use tokenfence_core::{
     Generation, GrantIdentity, Input, InputError, Output, ProviderProfile, ReplyError, RequestId,
     SecretString, Settings, Status, Timestamp, WorkerId,
 };
-use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 /// A provider profile with the client credentials to use with it.
@@ -158,6 +164,8 @@ enum Command {
     Access(oneshot::Sender<Result<AccessToken, AccessError>>),
     Input(Box<Input>),
     Notify(Box<Input>, oneshot::Sender<Event>),
+    /// A dormant connection's timer came: load the record and let the machine act.
+    Wake,
 }
 
 struct Cached {
@@ -168,7 +176,18 @@ struct Cached {
 
 struct Slot {
     cache: ArcSwapOption<Cached>,
-    commands: mpsc::UnboundedSender<Command>,
+    gate: Gate<Command, Dormant>,
+    /// Wakes the running actor when a command is queued.
+    wake: Notify,
+}
+
+/// What a retired actor leaves for the next one of its connection.
+#[derive(Clone, Copy, Default)]
+struct Dormant {
+    /// The hard deadline `ReconnectSoon` was emitted for (not to repeat it).
+    warned_deadline: Option<Timestamp>,
+    /// The machine's next timer: the keep-alive task wakes the slot then.
+    wake_at: Option<Timestamp>,
 }
 
 struct Inner {
@@ -179,8 +198,14 @@ struct Inner {
     slots: DashMap<ConnectionId, Arc<Slot>>,
     events: broadcast::Sender<LifecycleEvent>,
     shutdown: CancellationToken,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    tasks: TaskTracker,
     entropy: AtomicU64,
+    /// How long an actor with nothing to do waits before it retires.
+    linger: Duration,
+    /// Whether the keep-alive task runs, waking dormant slots whose timer came.
+    sweeps: bool,
+    /// Actors running now.
+    actors: AtomicUsize,
 }
 
 /// Keeps OAuth connections alive and hands out access tokens.
@@ -200,6 +225,7 @@ pub struct TokenManagerBuilder {
     settings: Settings,
     worker: Option<WorkerId>,
     keepalive_scan: Option<Duration>,
+    linger: Duration,
 }
 
 impl TokenManager {
@@ -213,6 +239,7 @@ impl TokenManager {
             settings: Settings::default(),
             worker: None,
             keepalive_scan: Some(Duration::from_secs(60)),
+            linger: Duration::from_secs(30),
         }
     }
 
@@ -224,10 +251,7 @@ impl TokenManager {
             return Ok(token);
         }
         let (tx, rx) = oneshot::channel();
-        self.slot(id)
-            .commands
-            .send(Command::Access(tx))
-            .map_err(|_| ManagerError::ShutDown)?;
+        self.submit(id, Command::Access(tx))?;
         Ok(rx.await.map_err(|_| ManagerError::ShutDown)??)
     }
 
@@ -305,7 +329,7 @@ impl TokenManager {
     pub fn on_event(&self, callback: impl Fn(&LifecycleEvent) + Send + 'static) {
         let mut events = self.subscribe();
         let shutdown = self.inner.shutdown.clone();
-        self.track(tokio::spawn(async move {
+        self.inner.tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -318,16 +342,13 @@ impl TokenManager {
                     }
                 }
             }
-        }));
+        });
     }
 
     /// Asks the connection to refresh now for liveness (what the keep-alive task
     /// does for connections the store reports as due).
     pub fn maintain(&self, id: &ConnectionId) {
-        let _ = self
-            .slot(id)
-            .commands
-            .send(Command::Input(Box::new(Input::Maintain)));
+        let _ = self.submit(id, Command::Input(Box::new(Input::Maintain)));
     }
 
     /// Connections the store reports as due for work now (keep-alive due, or an
@@ -342,14 +363,15 @@ impl TokenManager {
     /// [`ManagerError::ShutDown`].
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
-        let tasks = match self.inner.tasks.lock() {
-            Ok(mut t) => std::mem::take(&mut *t),
-            Err(_) => Vec::new(),
-        };
-        for t in tasks {
-            let _ = t.await;
-        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
         self.inner.slots.clear();
+    }
+
+    /// How many connections have a running actor; the others are dormant (their
+    /// cached token is still served, and the next command starts an actor).
+    pub fn live_actors(&self) -> usize {
+        self.inner.actors.load(Ordering::SeqCst)
     }
 
     /// This manager's worker id (unique per process incarnation).
@@ -359,54 +381,76 @@ impl TokenManager {
 
     async fn notify(&self, id: &ConnectionId, input: Input) -> Result<Event, ManagerError> {
         let (tx, rx) = oneshot::channel();
-        self.slot(id)
-            .commands
-            .send(Command::Notify(Box::new(input), tx))
-            .map_err(|_| ManagerError::ShutDown)?;
+        self.submit(id, Command::Notify(Box::new(input), tx))?;
         rx.await.map_err(|_| ManagerError::ShutDown)
     }
 
-    fn track(&self, task: JoinHandle<()>) {
-        if let Ok(mut tasks) = self.inner.tasks.lock() {
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(task);
+    /// Hands `command` to the connection's actor, starting one if it is dormant.
+    fn submit(&self, id: &ConnectionId, command: Command) -> Result<(), ManagerError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(ManagerError::ShutDown);
         }
+        let slot = self.slot(id);
+        match slot.gate.submit(command) {
+            Admission::Queued => slot.wake.notify_one(),
+            Admission::Spawn(dormant) => self.spawn_actor(id, slot, dormant),
+            Admission::Closed(_) => return Err(ManagerError::ShutDown),
+        }
+        Ok(())
     }
 
     fn slot(&self, id: &ConnectionId) -> Arc<Slot> {
         if let Some(slot) = self.inner.slots.get(id) {
             return slot.clone();
         }
-        let mut spawned = None;
-        let slot = self
-            .inner
+        self.inner
             .slots
             .entry(id.clone())
             .or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let slot = Arc::new(Slot {
+                Arc::new(Slot {
                     cache: ArcSwapOption::empty(),
-                    commands: tx,
-                });
-                spawned = Some((slot.clone(), rx));
-                slot
+                    gate: Gate::new(Dormant::default()),
+                    wake: Notify::new(),
+                })
             })
-            .clone();
-        if let Some((slot, rx)) = spawned {
-            let entropy = self.inner.entropy.fetch_add(0x9E37_79B9, Ordering::Relaxed);
-            let machine = Connection::new(id.clone(), self.inner.config.clone(), entropy);
-            let actor = Actor {
-                inner: self.inner.clone(),
-                slot,
-                machine,
-                waiters: HashMap::new(),
-                notify: Vec::new(),
-                next_request: 0,
-            };
-            let span = tracing::info_span!("connection", id = %id);
-            self.track(tokio::spawn(actor.run(rx).instrument(span)));
+            .clone()
+    }
+
+    /// Starts the one actor of `slot` (the gate said it had none).
+    fn spawn_actor(&self, id: &ConnectionId, slot: Arc<Slot>, dormant: Dormant) {
+        let entropy = self.inner.entropy.fetch_add(0x9E37_79B9, Ordering::Relaxed);
+        let machine = Connection::new(id.clone(), self.inner.config.clone(), entropy)
+            .with_warned_deadline(dormant.warned_deadline);
+        let actor = Actor {
+            inner: self.inner.clone(),
+            slot,
+            machine,
+            waiters: HashMap::new(),
+            notify: Vec::new(),
+            next_request: 0,
+            warned_deadline: dormant.warned_deadline,
+            heard_store: false,
+        };
+        self.inner.actors.fetch_add(1, Ordering::SeqCst);
+        let span = tracing::info_span!("connection", id = %id);
+        self.inner.tasks.spawn(actor.run().instrument(span));
+    }
+
+    /// Wakes the dormant slots whose machine's timer has come (a `ReconnectSoon`
+    /// notice, for instance: the store's keep-alive scan does not cover it).
+    fn wake_due(&self) {
+        let now = self.inner.clock.now();
+        let due: Vec<ConnectionId> = self
+            .inner
+            .slots
+            .iter()
+            .filter(|e| e.gate.dormant(|d| d.wake_at.is_some_and(|t| t <= now)) == Some(true))
+            .map(|e| e.key().clone())
+            .collect();
+        for id in due {
+            tracing::debug!(connection = %id, "dormant timer due");
+            let _ = self.submit(&id, Command::Wake);
         }
-        slot
     }
 }
 
@@ -454,9 +498,18 @@ impl TokenManagerBuilder {
         self
     }
 
-    /// How often the keep-alive task scans the store (`None`: no keep-alive task).
+    /// How often the keep-alive task scans the store and wakes dormant connections
+    /// whose timer came (`None`: no keep-alive task; then an actor whose machine
+    /// has a timer never retires, since nothing would wake it).
     pub fn keepalive_scan(mut self, every: Option<Duration>) -> Self {
         self.keepalive_scan = every;
+        self
+    }
+
+    /// How long a connection's actor with nothing to do stays before it retires,
+    /// leaving only the cached token (default 30 s). Zero retires at once.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
         self
     }
 
@@ -491,13 +544,19 @@ impl TokenManagerBuilder {
                 slots: DashMap::new(),
                 events: broadcast::channel(1024).0,
                 shutdown: CancellationToken::new(),
-                tasks: Mutex::new(Vec::new()),
+                tasks: TaskTracker::new(),
                 entropy: AtomicU64::new(seed),
+                linger: self.linger,
+                sweeps: self.keepalive_scan.is_some(),
+                actors: AtomicUsize::new(0),
             }),
         };
         if let Some(every) = self.keepalive_scan {
             let m = manager.clone();
-            manager.track(tokio::spawn(async move { m.keepalive_loop(every).await }));
+            manager
+                .inner
+                .tasks
+                .spawn(async move { m.keepalive_loop(every).await });
         }
         Ok(manager)
     }
@@ -520,6 +579,7 @@ impl TokenManager {
                 }
                 Err(e) => tracing::warn!(error = %e, "keep-alive scan failed"),
             }
+            self.wake_due();
         }
     }
 }
@@ -532,6 +592,11 @@ struct Actor {
     waiters: HashMap<RequestId, oneshot::Sender<Result<AccessToken, AccessError>>>,
     notify: Vec<oneshot::Sender<Event>>,
     next_request: u64,
+    /// The hard deadline this connection's actors already warned about.
+    warned_deadline: Option<Timestamp>,
+    /// Whether the machine has heard from the store yet: until then it knows
+    /// nothing, and the cached token its predecessor left stays.
+    heard_store: bool,
 }
 
 async fn next_pending(pending: &mut Option<PendingInput>) -> Input {
@@ -542,35 +607,43 @@ async fn next_pending(pending: &mut Option<PendingInput>) -> Input {
 }
 
 impl Actor {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    async fn run(mut self) {
         let mut pending: Option<PendingInput> = None;
         loop {
             self.drain(&mut pending).await;
-            let sleep = self.machine.poll_timeout().map(|t| {
-                let wait = t.saturating_since(self.inner.clock.now());
-                tokio::time::Instant::now() + wait
-            });
-            let input = tokio::select! {
-                _ = self.inner.shutdown.cancelled() => break,
-                command = commands.recv() => match command {
-                    None => break,
-                    Some(Command::Access(tx)) => {
-                        self.next_request += 1;
-                        let id = RequestId(self.next_request);
-                        self.waiters.insert(id, tx);
-                        Input::AccessRequested(id)
+            let now = self.inner.clock.now();
+            let after = |t: Timestamp| tokio::time::Instant::now() + t.saturating_since(now);
+            let sleep = self.machine.poll_timeout().map(after);
+            let input = match self.slot.gate.take() {
+                Some(command) => self.admit(command),
+                None => {
+                    let retire = pending
+                        .is_none()
+                        .then(|| self.may_retire_at(now))
+                        .flatten()
+                        .map(after);
+                    tokio::select! {
+                        _ = self.inner.shutdown.cancelled() => break,
+                        _ = self.slot.wake.notified() => continue,
+                        input = next_pending(&mut pending), if pending.is_some() => {
+                            pending = None;
+                            self.heard_store = true;
+                            input
+                        }
+                        _ = sleep_until(sleep), if sleep.is_some() => Input::Timeout,
+                        _ = sleep_until(retire), if retire.is_some() => {
+                            let parting = Dormant {
+                                warned_deadline: self.warned_deadline,
+                                wake_at: self.machine.poll_timeout(),
+                            };
+                            if self.slot.gate.retire(parting) {
+                                self.inner.actors.fetch_sub(1, Ordering::SeqCst);
+                                return;
+                            }
+                            continue;
+                        }
                     }
-                    Some(Command::Input(input)) => *input,
-                    Some(Command::Notify(input, tx)) => {
-                        self.notify.push(tx);
-                        *input
-                    }
-                },
-                input = next_pending(&mut pending), if pending.is_some() => {
-                    pending = None;
-                    input
                 }
-                _ = sleep_until(sleep), if sleep.is_some() => Input::Timeout,
             };
             let now = self.inner.clock.now();
             if let Err(e) = self.machine.handle_input(now, input) {
@@ -579,6 +652,57 @@ impl Actor {
                 tracing::warn!(error = %e, "input refused");
                 self.notify.clear();
             }
+        }
+        // Shut down: later commands are refused, queued ones dropped (their callers
+        // learn of the shutdown).
+        drop(self.slot.gate.close());
+        self.inner.actors.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The machine input for a command.
+    fn admit(&mut self, command: Command) -> Input {
+        self.next_request += 1;
+        let request = RequestId(self.next_request);
+        match command {
+            Command::Access(tx) => {
+                self.waiters.insert(request, tx);
+                Input::AccessRequested(request)
+            }
+            Command::Input(input) => *input,
+            Command::Notify(input, tx) => {
+                self.notify.push(tx);
+                *input
+            }
+            // An access nobody waits for: the machine loads the record and acts on
+            // its timers (a due warning is emitted, a due keep-alive then fires).
+            Command::Wake => Input::AccessRequested(request),
+        }
+    }
+
+    /// When this actor may retire if nothing else happens: `None` while work is
+    /// outstanding (callers, a store command or request, a user action, fresh tokens
+    /// not committed, a lease wait) or a machine timer comes before the linger ends.
+    /// A retry gate in the future postpones retirement until it has passed.
+    fn may_retire_at(&self, now: Timestamp) -> Option<Timestamp> {
+        let m = &self.machine;
+        let idle = self.waiters.is_empty()
+            && self.notify.is_empty()
+            && !m.is_busy()
+            && m.waiting() == 0
+            && m.in_flight().is_none()
+            && m.uncommitted().is_none();
+        if !idle {
+            return None;
+        }
+        let at = m
+            .retry_gate_at(now)
+            .unwrap_or(now)
+            .saturating_add(self.inner.linger);
+        match m.poll_timeout() {
+            None => Some(at),
+            // A later timer is the keep-alive task's to honour (`wake_due`).
+            Some(t) if self.inner.sweeps && t > at => Some(at),
+            Some(_) => None,
         }
     }
 
@@ -691,6 +815,7 @@ impl Actor {
                 tracing::error!(?reason, "connection needs re-authorization")
             }
             Event::ReconnectSoon { deadline } => {
+                self.warned_deadline = Some(*deadline);
                 tracing::warn!(%deadline, "refresh token nears its hard deadline")
             }
             Event::Degraded { kind, retry_at } => {
@@ -710,9 +835,12 @@ impl Actor {
     }
 
     fn refresh_cache(&self) {
+        let record = self.machine.record();
+        if record.is_none() && !self.heard_store {
+            return;
+        }
         let now = self.inner.clock.now();
         let margin = self.inner.config.settings.access_margin;
-        let record = self.machine.record();
         let fresh = self.machine.cached_access(now).is_some();
         let current = self.slot.cache.load();
         let generation = record.map(|r| r.generation);
