@@ -1127,20 +1127,19 @@ impl World {
                 None => {}
             }
         }
-        let id = self.conns[c].id.clone();
-        let stored = self.store.load(&id).map(|r| r.refresh);
-        let unstored = slot
-            .conn
-            .uncommitted()
-            .map(|r| r.refresh.clone())
-            .filter(|t| stored.as_ref() != Some(t));
+        // A reply the machine had not committed: its refresh token is lost unless
+        // the store or another machine has it.
+        let unstored = slot.conn.uncommitted().map(|r| &r.refresh).filter(|t| {
+            let stored = self.store.row(&self.conns[c].id);
+            stored.and_then(|r| r.record.as_ref()).map(|r| &r.refresh) != Some(*t)
+        });
         if let Some(t) = unstored {
             let held_elsewhere = self.workers.iter().any(|wk| {
                 wk.slots
                     .get(c)
                     .and_then(|s| s.as_deref())
                     .and_then(|s| s.conn.uncommitted())
-                    .is_some_and(|r| r.refresh == t)
+                    .is_some_and(|r| r.refresh == *t)
             });
             if !held_elsewhere {
                 self.conns[c].provider.mark_lost(t.expose());
