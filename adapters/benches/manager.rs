@@ -1,6 +1,7 @@
 //! TokenManager figures: the cached hot path next to a bare `RwLock<HashMap>` read
 //! (one and two threads, same run), the herd (10,000 callers on one expired
-//! connection) against the provider's own latency, and memory per connection.
+//! connection) against the provider's own latency, and memory per connection with
+//! live and with dormant actors.
 #![allow(missing_docs, unsafe_code)] // a counting allocator needs `unsafe impl GlobalAlloc`
 
 use async_trait::async_trait;
@@ -202,53 +203,69 @@ fn herd(c: &mut Criterion) {
     g.finish();
 }
 
+/// Bytes the manager holds per connection after every connection served one token:
+/// with actors alive (the default 30 s linger, measured before it ends) and after
+/// they all retired (linger zero: only the dormant slot and its cached token stay).
 fn memory(_c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let n = 10_000;
-    let (tokens, _) = rt.block_on(manager_with(0, true, Duration::ZERO));
+    for linger in [Duration::from_secs(30), Duration::ZERO] {
+        rt.block_on(memory_with(10_000, linger));
+    }
+}
+
+async fn memory_with(n: usize, linger: Duration) {
     let p = provider();
     let records: Vec<_> = (0..n).map(|i| record(&p, i, true)).collect();
-    let token_bytes: usize = records
+    let refresh_bytes: usize = records.iter().map(|r| r.refresh.len()).sum();
+    let access_bytes: usize = records
         .iter()
-        .map(|r| r.refresh.len() + r.access.as_ref().map_or(0, |a| a.token.len()))
+        .map(|r| r.access.as_ref().map_or(0, |a| a.token.len()))
         .sum();
     let store = MemoryStore::new();
-    rt.block_on(async {
-        for r in &records {
-            store.compare_and_swap(None, r).await.unwrap();
-        }
-    });
+    for r in &records {
+        store.compare_and_swap(None, r).await.unwrap();
+    }
     drop(records);
-    let (tokens2, _) = rt.block_on(async {
-        let t = TokenManager::builder()
-            .provider(provider())
-            .store(store)
-            .transport(Provider1h {
-                latency: Duration::ZERO,
-                calls: AtomicUsize::new(0),
-            })
-            .keepalive_scan(None)
-            .build()
-            .await
-            .unwrap();
-        (t, ())
-    });
+    let tokens = TokenManager::builder()
+        .provider(provider())
+        .store(store)
+        .transport(Provider1h {
+            latency: Duration::ZERO,
+            calls: AtomicUsize::new(0),
+        })
+        // Scans wake dormant connections whose timer came; none does here.
+        .keepalive_scan(Some(Duration::from_secs(3600)))
+        .linger(linger)
+        .build()
+        .await
+        .unwrap();
     let before = LIVE.load(Ordering::Relaxed);
-    rt.block_on(async {
-        for i in 0..n {
-            tokens2.access_token(&id(i)).await.unwrap();
+    for i in 0..n {
+        tokens.access_token(&id(i)).await.unwrap();
+    }
+    if linger.is_zero() {
+        while tokens.live_actors() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-    });
+    } else {
+        assert_eq!(tokens.live_actors(), n);
+    }
     let after = LIVE.load(Ordering::Relaxed);
     let per = (after - before) as f64 / n as f64;
-    let tokens_per = token_bytes as f64 / n as f64;
+    // A live machine holds both tokens; a dormant slot only the cached access token.
+    let held = if linger.is_zero() {
+        access_bytes
+    } else {
+        access_bytes + refresh_bytes
+    };
+    let held = held as f64 / n as f64;
     println!(
-        "memory per managed connection: {per:.0} bytes in the manager, of which tokens {tokens_per:.0} bytes \
-         (the machine's copy); {:.0} bytes beyond the tokens",
-        per - tokens_per
+        "memory per managed connection, linger {linger:?} ({} live actors): {per:.0} bytes \
+         in the manager, of which tokens {held:.0} bytes; {:.0} bytes beyond the tokens",
+        tokens.live_actors(),
+        per - held
     );
-    rt.block_on(tokens2.shutdown());
-    rt.block_on(tokens.shutdown());
+    tokens.shutdown().await;
 }
 
 criterion_group!(benches, hot_path, herd, memory);
