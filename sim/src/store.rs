@@ -5,12 +5,11 @@
 //!
 //! Deterministic and `Clone + Eq + Hash`, so it lives inside model-checker states and
 //! simulator snapshots. Time is an argument; nothing here reads a clock. Rows sit in a
-//! hash map with a fixed-key hasher (the simulator reads a row after every step of a
-//! fleet of thousands); nothing iterates it in hash order.
+//! hash map with a fixed, seedless hasher (the simulator reads a row after every step
+//! of a fleet of thousands); nothing iterates it in hash order.
 
 use core::hash::{BuildHasherDefault, Hash, Hasher};
 use core::time::Duration;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
 
@@ -54,7 +53,29 @@ pub enum LeaseOutcome {
 /// The in-memory store.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStore {
-    rows: HashMap<ConnectionId, Row, BuildHasherDefault<DefaultHasher>>,
+    rows: HashMap<ConnectionId, Row, BuildHasherDefault<Fnv1a>>,
+}
+
+/// FNV-1a: seedless, so deterministic, and quick on short ids. Not collision
+/// resistant, which a store keyed by our own ids does not need.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl Hash for MemoryStore {
