@@ -1,0 +1,276 @@
+//! Dormant connections: an actor with nothing to do retires (linger zero here),
+//! its cached token is still served, the next command starts a new actor that
+//! single-flights like the first, a `ReconnectSoon` already emitted is not emitted
+//! again by the new machine, and the keep-alive task wakes a dormant connection
+//! whose warning comes due.
+
+use async_trait::async_trait;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokenfence::clock::{Clock, SystemClock};
+use tokenfence::store::{MemoryStore, Store};
+use tokenfence::transport::{Delivery, Transport};
+use tokenfence::{LifecycleEvent, Provider, TokenManager};
+use tokenfence_core::*;
+
+/// A provider that rotates on every refresh (RT-n → AT-n+1, RT-n+1), after `delay`.
+struct Rotating {
+    calls: AtomicUsize,
+    delay: Duration,
+    current: Mutex<u32>,
+}
+
+#[async_trait]
+impl Transport for Rotating {
+    async fn send(&self, request: &HttpRequest) -> Delivery {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        let n = {
+            let mut current = self.current.lock().unwrap();
+            let presented = format!("refresh_token=RT-{}", *current);
+            if !request.body.expose().contains(&presented) {
+                return Delivery::Replied(HttpResponse {
+                    status: 400,
+                    headers: vec![],
+                    body: br#"{"error":"invalid_grant"}"#.to_vec(),
+                });
+            }
+            *current += 1;
+            *current
+        };
+        let body = format!(
+            r#"{{"access_token":"AT-{n}","refresh_token":"RT-{n}","token_type":"bearer","expires_in":3600,"x_refresh_token_expires_in":8726400}}"#
+        );
+        Delivery::Replied(HttpResponse {
+            status: 200,
+            headers: vec![],
+            body: body.into_bytes(),
+        })
+    }
+}
+
+/// A clock the test moves by hand.
+#[derive(Clone)]
+struct Manual(Arc<AtomicU64>);
+
+impl Manual {
+    fn new() -> Self {
+        Manual(Arc::new(AtomicU64::new(SystemClock.now().as_millis())))
+    }
+    fn advance(&self, by: Duration) {
+        self.0
+            .fetch_add(u64::try_from(by.as_millis()).unwrap(), Ordering::SeqCst);
+    }
+}
+
+impl Clock for Manual {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.0.load(Ordering::SeqCst))
+    }
+}
+
+fn provider() -> Provider {
+    let mut p = Provider::intuit_production("prod-client", ClientSecret::new("client-secret"));
+    p.profile.token_url = "http://127.0.0.1:9/oauth2/v1/tokens/bearer".into();
+    p
+}
+
+fn id() -> ConnectionId {
+    ConnectionId("realm-1".into())
+}
+
+fn hours(n: u64) -> Duration {
+    Duration::from_secs(n * 3600)
+}
+
+fn days(n: u64) -> Duration {
+    hours(n * 24)
+}
+
+struct Setup {
+    tokens: TokenManager,
+    transport: Arc<Rotating>,
+    clock: Manual,
+}
+
+/// A manager over one stored connection (RT-1, built by `record`), whose actors
+/// retire as soon as they have nothing to do, with a keep-alive scan every minute.
+async fn setup(record: impl FnOnce(ConnectionRecord, Timestamp) -> ConnectionRecord) -> Setup {
+    let p = provider();
+    let clock = Manual::new();
+    let now = clock.now();
+    let store = MemoryStore::new();
+    let base = ConnectionRecord::new(id(), p.identity(), RefreshToken::new("RT-1"), now);
+    store
+        .compare_and_swap(None, &record(base, now))
+        .await
+        .unwrap();
+    let transport = Arc::new(Rotating {
+        calls: AtomicUsize::new(0),
+        delay: Duration::from_millis(20),
+        current: Mutex::new(1),
+    });
+    let tokens = TokenManager::builder()
+        .provider(p)
+        .store(store)
+        .transport(transport.clone())
+        .clock(clock.clone())
+        .keepalive_scan(Some(Duration::from_secs(60)))
+        .linger(Duration::ZERO)
+        .build()
+        .await
+        .unwrap();
+    Setup {
+        tokens,
+        transport,
+        clock,
+    }
+}
+
+/// Lets the runtime run until every actor has retired.
+async fn until_dormant(tokens: &TokenManager) {
+    while tokens.live_actors() > 0 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn drain(events: &mut tokio::sync::broadcast::Receiver<LifecycleEvent>) -> Vec<Event> {
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(e.event);
+    }
+    seen
+}
+
+fn reconnect_soon(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::ReconnectSoon { .. }))
+        .count()
+}
+
+async fn herd(tokens: &TokenManager, callers: usize) -> Vec<String> {
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let t = tokens.clone();
+            tokio::spawn(async move { t.access_token(&id()).await })
+        })
+        .collect();
+    let mut served = Vec::new();
+    for task in tasks {
+        served.push(task.await.unwrap().unwrap().expose().to_string());
+    }
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dormant_connection_respawns_and_still_single_flights() {
+    let s = setup(|r, _| r).await;
+    assert_eq!(s.tokens.live_actors(), 0, "no actor before the first use");
+
+    let served = herd(&s.tokens, 10_000).await;
+    assert!(served.iter().all(|t| t == "AT-2"));
+    assert_eq!(s.transport.calls.load(Ordering::SeqCst), 1);
+
+    until_dormant(&s.tokens).await;
+    let cached = s
+        .tokens
+        .cached(&id())
+        .expect("a dormant slot keeps its cache");
+    assert_eq!(cached.expose(), "AT-2");
+    assert_eq!(s.tokens.live_actors(), 0, "the hot path starts no actor");
+
+    // The token expires: the next callers meet a dormant slot, a new actor (and
+    // machine, loading from the store) refreshes once for all of them. With a
+    // linger of zero, actors may retire and respawn during the herd itself.
+    s.clock.advance(hours(2));
+    assert!(s.tokens.cached(&id()).is_none());
+    let served = herd(&s.tokens, 10_000).await;
+    assert!(
+        served.iter().all(|t| t == "AT-3"),
+        "one refresh, every caller"
+    );
+    assert_eq!(s.transport.calls.load(Ordering::SeqCst), 2);
+
+    until_dormant(&s.tokens).await;
+    s.tokens.shutdown().await;
+}
+
+#[tokio::test]
+async fn reconnect_soon_is_not_repeated_by_a_respawned_machine() {
+    // The hard deadline is within the notice (60 days) from the start.
+    let s = setup(|r, now| ConnectionRecord {
+        hard_deadline: Some(now.saturating_add(days(10))),
+        ..r
+    })
+    .await;
+    let mut events = s.tokens.subscribe();
+
+    assert_eq!(s.tokens.access_token(&id()).await.unwrap().expose(), "AT-2");
+    until_dormant(&s.tokens).await;
+    let first = drain(&mut events);
+    assert_eq!(reconnect_soon(&first), 1, "{first:?}");
+
+    // Each expiry respawns an actor; the deadline (kept by every refresh) was
+    // already announced.
+    for n in 3..6 {
+        s.clock.advance(hours(2));
+        let token = s.tokens.access_token(&id()).await.unwrap();
+        assert_eq!(token.expose(), format!("AT-{n}"));
+        until_dormant(&s.tokens).await;
+    }
+    let later = drain(&mut events);
+    let refreshed = later
+        .iter()
+        .filter(|e| matches!(e, Event::Refreshed { .. }))
+        .count();
+    assert_eq!(refreshed, 3, "three respawns did work: {later:?}");
+    assert_eq!(reconnect_soon(&later), 0, "{later:?}");
+    s.tokens.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_keepalive_task_wakes_a_dormant_connection_for_its_warning() {
+    // The access token is valid for 3 hours; the notice period starts in 1 hour.
+    let s = setup(|r, now| ConnectionRecord {
+        access: Some(AccessGrant {
+            token: AccessToken::new("AT-1"),
+            expires_at: now.saturating_add(hours(3)),
+        }),
+        hard_deadline: Some(now.saturating_add(days(60) + hours(1))),
+        ..r
+    })
+    .await;
+    let mut events = s.tokens.subscribe();
+
+    assert_eq!(s.tokens.access_token(&id()).await.unwrap().expose(), "AT-1");
+    until_dormant(&s.tokens).await;
+    assert!(drain(&mut events).is_empty(), "no warning yet");
+
+    // The warning comes due while the connection is dormant and nobody asks: the
+    // next keep-alive tick (virtual time) wakes it.
+    s.clock.advance(hours(2));
+    let warned = tokio::time::timeout(Duration::from_secs(3600), events.recv())
+        .await
+        .expect("woken within the hour of virtual time")
+        .unwrap();
+    assert!(
+        matches!(warned.event, Event::ReconnectSoon { .. }),
+        "{warned:?}"
+    );
+    until_dormant(&s.tokens).await;
+    assert_eq!(
+        s.transport.calls.load(Ordering::SeqCst),
+        0,
+        "the wake refreshed nothing: the access token was still valid"
+    );
+    assert_eq!(s.tokens.cached(&id()).unwrap().expose(), "AT-1");
+
+    // Later ticks find nothing to wake.
+    s.clock.advance(hours(1));
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(drain(&mut events).is_empty());
+    assert_eq!(s.tokens.live_actors(), 0);
+    s.tokens.shutdown().await;
+}
