@@ -700,6 +700,55 @@ async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
     );
 }
 
+/// A record that says a refresh may have rotated its token unseen is due at once,
+/// whatever its keep-alive instant: a doubt left by a process that stopped must be
+/// resolved by another while the provider's grace window is open.
+async fn due_for_work_finds_records_in_doubt<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    let ids = |v: &[&str]| v.iter().map(|n| id(n)).collect::<Vec<_>>();
+    let lead = days(14);
+    // Keep-alive far away (idle deadline 100 days out, refreshed at T0).
+    let mut doubt = record("in-doubt", 0);
+    doubt.in_doubt_since = Some(at(10));
+    committed(&*s, None, &doubt).await;
+    let mut no_idle = record("in-doubt-no-idle", 0);
+    no_idle.idle_deadline = None;
+    no_idle.in_doubt_since = Some(at(10));
+    committed(&*s, None, &no_idle).await;
+    let mut dead = record("in-doubt-dead", 0);
+    dead.in_doubt_since = Some(at(10));
+    dead.status = Status::ReauthRequired {
+        reason: ReauthReason::LostRotation,
+        since: at(10),
+    };
+    committed(&*s, None, &dead).await;
+    committed(&*s, None, &record("sure", 0)).await;
+
+    assert_eq!(s.due_for_work(at(9), lead, 100).await.unwrap(), ids(&[]));
+    assert_eq!(
+        s.due_for_work(at(10), lead, 100).await.unwrap(),
+        ids(&["in-doubt", "in-doubt-no-idle"])
+    );
+    // The doubt resolved: no longer due.
+    let mut resolved = doubt.clone();
+    resolved.generation = Generation(1);
+    resolved.in_doubt_since = None;
+    committed(&*s, Some(0), &resolved).await;
+    assert_eq!(
+        s.due_for_work(at(10), lead, 100).await.unwrap(),
+        ids(&["in-doubt-no-idle"])
+    );
+    // A doubt that arises on a later write makes the row due again.
+    let mut again = resolved.clone();
+    again.generation = Generation(2);
+    again.in_doubt_since = Some(at(20));
+    committed(&*s, Some(1), &again).await;
+    assert_eq!(
+        s.due_for_work(at(20), lead, 100).await.unwrap(),
+        ids(&["in-doubt", "in-doubt-no-idle"])
+    );
+}
+
 async fn concurrent_cas_has_one_winner_per_generation<B: Backend>(b: &B) {
     const TASKS: usize = 8;
     const TARGET: u64 = 30;
@@ -1060,6 +1109,7 @@ for_backends!(
     lease_held_expired_taken_over,
     release_by_non_owner_does_nothing,
     due_for_work_finds_keepalive_and_abandoned,
+    due_for_work_finds_records_in_doubt,
     concurrent_cas_has_one_winner_per_generation,
     concurrent_lease_has_one_holder,
 );
@@ -1092,6 +1142,42 @@ async fn postgres_reencrypt_all() {
     }
 }
 
+/// A database written by a version-1 build opens under this one: the migration
+/// adds the doubt column, the old rows read back unchanged, and a doubt written
+/// after the upgrade is found by the keep-alive scan.
+#[tokio::test]
+async fn sqlite_upgrades_a_version_1_database() {
+    let b = SqliteBackend::new();
+    {
+        let v1 = SqliteStore::open(b.path(), keyring()).unwrap();
+        committed(&v1, None, &record("old", 0)).await;
+    }
+    // Take the file back to schema version 1, as a version-1 build left it.
+    {
+        let raw = b.raw();
+        raw.execute_batch(
+            "DROP INDEX tokenfence_connections_in_doubt_since; \
+             ALTER TABLE tokenfence_connections DROP COLUMN in_doubt_since; \
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(b.path(), keyring()).unwrap();
+    let version: i64 = b
+        .raw()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(s.load(&id("old")).await.unwrap(), Some(record("old", 0)));
+    let mut doubt = record("old", 1);
+    doubt.in_doubt_since = Some(at(5));
+    committed(&s, Some(0), &doubt).await;
+    assert_eq!(
+        s.due_for_work(at(5), days(14), 100).await.unwrap(),
+        vec![id("old")]
+    );
+}
+
 #[test]
 fn sqlite_many_processes_first_use_at_once() {
     let b = SqliteBackend::new();
@@ -1109,7 +1195,7 @@ fn sqlite_many_processes_first_use_at_once() {
         .raw()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     let mode: String = b
         .raw()
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -1163,7 +1249,7 @@ async fn postgres_many_processes_first_use_at_once() {
         .await
         .unwrap()
         .get::<_, i64>(0);
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2);
     b.drop_schema().await;
 }
 

@@ -330,7 +330,7 @@ impl Connection {
         if let Status::Degraded { retry_at, .. } = rec.status {
             gate = gate.max(retry_at);
         }
-        let keepalive = work_due_at(rec, s.keepalive_lead).map(|t| t.max(gate));
+        let keepalive = rec.work_due_at(s.keepalive_lead).map(|t| t.max(gate));
         let warn = rec
             .hard_deadline
             .filter(|d| self.warned_deadline != Some(*d))
@@ -548,7 +548,7 @@ impl Connection {
             }
             Phase::Idle => {
                 let lead = self.config.settings.keepalive_lead;
-                let due = self.record.as_ref().and_then(|r| work_due_at(r, lead));
+                let due = self.record.as_ref().and_then(|r| r.work_due_at(lead));
                 if due.is_some_and(|d| d <= now) {
                     self.keepalive = true;
                 }
@@ -609,7 +609,7 @@ impl Connection {
         }
         let s = &self.config.settings;
         let usable = rec.usable_access(now, s.access_margin).cloned();
-        let keepalive_due = work_due_at(rec, s.keepalive_lead).is_some_and(|d| d <= now);
+        let keepalive_due = rec.work_due_at(s.keepalive_lead).is_some_and(|d| d <= now);
         if let Some(token) = usable {
             self.deliver_all(&Ok(token));
         }
@@ -1153,19 +1153,5 @@ impl Connection {
             self.warned_deadline = Some(deadline);
             self.emit(Event::ReconnectSoon { deadline });
         }
-    }
-}
-
-/// When a refresh is due without any caller: the keep-alive instant, or at once
-/// while the record says a refresh may have rotated the token unseen. A doubt must
-/// be resolved while the provider's grace window is still open, caller or not;
-/// waiting for the next caller lost Intuit connections whose callers came after
-/// the 24-hour grace (found by the simulator). Retries still wait for the recorded
-/// retry time, so this is no storm.
-fn work_due_at(record: &ConnectionRecord, lead: Duration) -> Option<Timestamp> {
-    let keepalive = record.keepalive_due_at(lead);
-    match record.in_doubt_since.filter(|_| record.is_live()) {
-        Some(since) => Some(keepalive.map_or(since, |k| k.min(since))),
-        None => keepalive,
     }
 }

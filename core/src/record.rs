@@ -306,6 +306,22 @@ impl ConnectionRecord {
         Some(deadline.saturating_sub(lead).max(halfway))
     }
 
+    /// When a refresh is due without any caller: the keep-alive instant, or at once
+    /// while the record says a refresh may have rotated the token unseen. A doubt
+    /// must be resolved while the provider's grace window is still open, caller or
+    /// not; waiting for the next caller lost Intuit connections whose callers came
+    /// after the 24-hour grace (found by the simulator). Machines arm their timer
+    /// here and stores' `due_for_work` scans report it, so a doubt left by a process
+    /// that stopped is picked up by another. Retries still wait for the recorded
+    /// retry time, so this is no storm.
+    pub fn work_due_at(&self, lead: Duration) -> Option<Timestamp> {
+        let keepalive = self.keepalive_due_at(lead);
+        match self.in_doubt_since.filter(|_| self.is_live()) {
+            Some(since) => Some(keepalive.map_or(since, |k| k.min(since))),
+            None => keepalive,
+        }
+    }
+
     /// Whether the grant may still be refreshed (not dead, not disconnected).
     pub fn is_live(&self) -> bool {
         matches!(self.status, Status::Active | Status::Degraded { .. })

@@ -107,13 +107,13 @@ impl Store for MemoryStore {
         self.with(|rows| {
             rows.iter()
                 .filter(|(_, row)| {
-                    let keepalive = row
+                    let work = row
                         .record
                         .as_ref()
-                        .and_then(|r| r.keepalive_due_at(lead))
+                        .and_then(|r| r.work_due_at(lead))
                         .is_some_and(|t| t <= now);
                     let abandoned = row.lease.as_ref().is_some_and(|l| l.expires_at <= now);
-                    keepalive || abandoned
+                    work || abandoned
                 })
                 .map(|(id, _)| id.clone())
                 .take(limit)

@@ -97,9 +97,11 @@ pub trait Store: Send + Sync + 'static {
     /// expired holder can never release someone else's lease).
     async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError>;
 
-    /// Connections that need work without anyone asking: a keep-alive refresh is due
-    /// (`lead` before the idle deadline), or an expired lease was never released
-    /// (a refresh may be in doubt). At most `limit`, in id order.
+    /// Connections that need work without anyone asking
+    /// ([`ConnectionRecord::work_due_at`]): a keep-alive refresh is due (`lead`
+    /// before the idle deadline), the record says a refresh is in doubt, or an
+    /// expired lease was never released (a refresh may be in doubt). At most
+    /// `limit`, in id order.
     async fn due_for_work(
         &self,
         now: Timestamp,

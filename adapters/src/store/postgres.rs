@@ -35,7 +35,10 @@ use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timesta
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Schema migrations, applied in order on connect.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/postgres/0001_init.sql")),
+    (2, include_str!("migrations/postgres/0002_in_doubt.sql")),
+];
 
 /// First half of the advisory-lock key that serializes migrations ("tokn").
 const MIGRATION_LOCK: i32 = 0x746f_6b6e;
@@ -114,13 +117,13 @@ impl Sql {
             select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
             insert_record: format!(
                 "INSERT INTO {c} (id, generation, status, idle_deadline, keepalive_floor, \
-                 updated_at, sealed) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 updated_at, sealed, in_doubt_since) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                  ON CONFLICT (id) DO NOTHING"
             ),
             update_record: format!(
                 "UPDATE {c} SET generation = $2, status = $3, idle_deadline = $4, \
-                 keepalive_floor = $5, updated_at = $6, sealed = $7 \
-                 WHERE id = $1 AND generation = $8"
+                 keepalive_floor = $5, updated_at = $6, sealed = $7, in_doubt_since = $8 \
+                 WHERE id = $1 AND generation = $9"
             ),
             select_lease: format!(
                 "SELECT owner, acquired_at, expires_at, generation FROM {l} WHERE id = $1 FOR UPDATE"
@@ -134,6 +137,7 @@ impl Sql {
             delete_lease: format!("DELETE FROM {l} WHERE id = $1 AND owner = $2"),
             due: format!(
                 "SELECT id FROM {c} WHERE idle_deadline <= $1 AND keepalive_floor <= $2 \
+                 UNION SELECT id FROM {c} WHERE in_doubt_since <= $2 \
                  UNION SELECT id FROM {l} WHERE expires_at <= $2 ORDER BY id LIMIT $3"
             ),
             list: format!("SELECT id FROM {c} ORDER BY id"),
@@ -436,12 +440,13 @@ impl Store for PostgresStore {
             status,
             idle_deadline,
             keepalive_floor,
+            in_doubt_since,
             updated_at,
             sealed,
         } = row::seal(&self.inner.keyring, record)?;
         let client = self.client().await?;
         let expected = expected.map(row::generation_to_sql);
-        let columns: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        let columns: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
             &record.id.0,
             &generation,
             &status,
@@ -449,6 +454,7 @@ impl Store for PostgresStore {
             &keepalive_floor,
             &updated_at,
             &sealed,
+            &in_doubt_since,
             &expected,
         ];
         let changed = match expected {
@@ -457,7 +463,7 @@ impl Store for PostgresStore {
                     .prepare_cached(&self.inner.sql.insert_record)
                     .await
                     .map_err(pg_error)?;
-                client.execute(&stmt, &columns[..7]).await
+                client.execute(&stmt, &columns[..8]).await
             }
             Some(_) => {
                 let stmt = client
@@ -581,7 +587,8 @@ impl Store for PostgresStore {
         lead: Duration,
         limit: usize,
     ) -> Result<Vec<ConnectionId>, StoreError> {
-        // keep-alive due: idle_deadline - lead <= now, i.e. idle_deadline <= now + lead.
+        // keep-alive due: idle_deadline - lead <= now, i.e. idle_deadline <= now + lead;
+        // or in doubt (`ConnectionRecord::work_due_at`).
         let keepalive_bound = row::time_to_sql(now.saturating_add(lead));
         let now = row::time_to_sql(now);
         let limit = row::limit_to_sql(limit);

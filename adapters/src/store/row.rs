@@ -22,6 +22,8 @@ pub(crate) struct SealedRecord {
     /// The earliest instant keep-alive may be due whatever the lead, with
     /// `idle_deadline`.
     pub keepalive_floor: Option<i64>,
+    /// While the record is live and in doubt: since when (due for work at once).
+    pub in_doubt_since: Option<i64>,
     pub updated_at: i64,
     pub sealed: Vec<u8>,
 }
@@ -75,6 +77,10 @@ pub(crate) fn seal(
         status: status_name(&record.status),
         idle_deadline,
         keepalive_floor,
+        in_doubt_since: record
+            .in_doubt_since
+            .filter(|_| record.is_live())
+            .map(time_to_sql),
         updated_at: time_to_sql(record.updated_at),
         sealed,
     })

@@ -25,7 +25,10 @@ use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timesta
 
 /// Schema migrations, applied in order on open; `PRAGMA user_version` records the
 /// last one applied.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/sqlite/0001_init.sql")),
+    (2, include_str!("migrations/sqlite/0002_in_doubt.sql")),
+];
 
 /// How long a write waits for another process's transaction before failing.
 const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -248,6 +251,7 @@ impl Store for SqliteStore {
             status,
             idle_deadline,
             keepalive_floor,
+            in_doubt_since,
             updated_at,
             sealed,
         } = row::seal(&self.inner.keyring, record)?;
@@ -262,21 +266,22 @@ impl Store for SqliteStore {
                 idle_deadline,
                 keepalive_floor,
                 updated_at,
-                sealed
+                sealed,
+                in_doubt_since
             ];
             let changed = match expected {
                 None => tx
                     .prepare_cached(
                         "INSERT INTO tokenfence_connections (id, generation, status, \
-                         idle_deadline, keepalive_floor, updated_at, sealed) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+                         idle_deadline, keepalive_floor, updated_at, sealed, in_doubt_since) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
                     )
                     .and_then(|mut s| s.execute(columns)),
                 Some(g) => tx
                     .prepare_cached(
                         "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
-                         idle_deadline = ?4, keepalive_floor = ?5, updated_at = ?6, sealed = ?7 \
-                         WHERE id = ?1 AND generation = ?8",
+                         idle_deadline = ?4, keepalive_floor = ?5, updated_at = ?6, sealed = ?7, \
+                         in_doubt_since = ?8 WHERE id = ?1 AND generation = ?9",
                     )
                     .and_then(|mut s| {
                         let expected = row::generation_to_sql(g);
@@ -370,7 +375,8 @@ impl Store for SqliteStore {
         lead: Duration,
         limit: usize,
     ) -> Result<Vec<ConnectionId>, StoreError> {
-        // keep-alive due: idle_deadline - lead <= now, i.e. idle_deadline <= now + lead.
+        // keep-alive due: idle_deadline - lead <= now, i.e. idle_deadline <= now + lead;
+        // or in doubt (`ConnectionRecord::work_due_at`).
         let keepalive_bound = row::time_to_sql(now.saturating_add(lead));
         let now = row::time_to_sql(now);
         let limit = row::limit_to_sql(limit);
@@ -379,6 +385,7 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "SELECT id FROM tokenfence_connections \
                      WHERE idle_deadline <= ?1 AND keepalive_floor <= ?2 \
+                     UNION SELECT id FROM tokenfence_connections WHERE in_doubt_since <= ?2 \
                      UNION SELECT id FROM tokenfence_leases WHERE expires_at <= ?2 \
                      ORDER BY id LIMIT ?3",
                 )

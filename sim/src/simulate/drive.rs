@@ -509,7 +509,7 @@ impl World {
         let row = self.store.row(&self.conns[c].id);
         let keepalive = row
             .and_then(|r| r.record.as_ref())
-            .and_then(|r| r.keepalive_due_at(lead));
+            .and_then(|r| r.work_due_at(lead));
         let lease = row.and_then(|r| r.lease.as_ref()).map(|l| l.expires_at);
         let key = match (keepalive, lease) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -1,0 +1,11 @@
+-- tokenfence SQLite schema, version 2: a refresh in doubt is due for work at once.
+--
+-- Milliseconds since the epoch; NULL unless the record is live and says a refresh
+-- may have rotated its refresh token unseen (since when). `due_for_work` reports
+-- such rows whatever their keep-alive instant, so that a doubt left by a process
+-- that stopped is resolved by another while the provider's grace window is open.
+-- Rows written before version 2 get the column on their next write.
+ALTER TABLE tokenfence_connections ADD COLUMN in_doubt_since INTEGER;
+
+CREATE INDEX tokenfence_connections_in_doubt_since
+    ON tokenfence_connections (in_doubt_since) WHERE in_doubt_since IS NOT NULL;
