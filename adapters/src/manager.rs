@@ -14,7 +14,6 @@ use crate::gate::{Admission, Gate};
 use crate::store::{CasOutcome, LeaseOutcome, Store};
 use crate::transport::{check_url, Delivery, InsecureUrl, ReqwestTransport, Transport};
 use arc_swap::ArcSwapOption;
-use dashmap::DashMap;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -195,7 +194,8 @@ struct Inner {
     store: Arc<dyn Store>,
     transport: Arc<dyn Transport>,
     clock: Arc<dyn Clock>,
-    slots: DashMap<ConnectionId, Arc<Slot>>,
+    /// Read without locks (papaya): the hot path scales with threads.
+    slots: papaya::HashMap<ConnectionId, Arc<Slot>>,
     events: broadcast::Sender<LifecycleEvent>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -257,8 +257,8 @@ impl TokenManager {
 
     /// The hot path alone: the cached token if valid beyond the margin.
     pub fn cached(&self, id: &ConnectionId) -> Option<AccessToken> {
-        let slot = self.inner.slots.get(id)?;
-        let cached = slot.cache.load();
+        let slots = self.inner.slots.pin();
+        let cached = slots.get(id)?.cache.load();
         let cached = cached.as_ref()?;
         (cached.usable_until > self.inner.clock.now()).then(|| cached.token.clone())
     }
@@ -365,7 +365,7 @@ impl TokenManager {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
-        self.inner.slots.clear();
+        self.inner.slots.pin().clear();
     }
 
     /// How many connections have a running actor; the others are dormant (their
@@ -400,13 +400,12 @@ impl TokenManager {
     }
 
     fn slot(&self, id: &ConnectionId) -> Arc<Slot> {
-        if let Some(slot) = self.inner.slots.get(id) {
+        let slots = self.inner.slots.pin();
+        if let Some(slot) = slots.get(id) {
             return slot.clone();
         }
-        self.inner
-            .slots
-            .entry(id.clone())
-            .or_insert_with(|| {
+        slots
+            .get_or_insert_with(id.clone(), || {
                 Arc::new(Slot {
                     cache: ArcSwapOption::empty(),
                     gate: Gate::new(Dormant::default()),
@@ -443,9 +442,10 @@ impl TokenManager {
         let due: Vec<ConnectionId> = self
             .inner
             .slots
+            .pin()
             .iter()
-            .filter(|e| e.gate.dormant(|d| d.wake_at.is_some_and(|t| t <= now)) == Some(true))
-            .map(|e| e.key().clone())
+            .filter(|(_, s)| s.gate.dormant(|d| d.wake_at.is_some_and(|t| t <= now)) == Some(true))
+            .map(|(id, _)| id.clone())
             .collect();
         for id in due {
             tracing::debug!(connection = %id, "dormant timer due");
@@ -541,7 +541,7 @@ impl TokenManagerBuilder {
                 store,
                 transport,
                 clock: self.clock,
-                slots: DashMap::new(),
+                slots: papaya::HashMap::new(),
                 events: broadcast::channel(1024).0,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
