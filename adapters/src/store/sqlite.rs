@@ -73,22 +73,20 @@ impl SqliteStore {
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         create_private(&path)?;
-        let mut conn = Connection::open(&path).map_err(|e| {
-            StoreError::Unavailable(format!("cannot open SQLite file {}: {e}", path.display()))
-        })?;
-        conn.busy_timeout(busy_timeout).map_err(sql_error)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(sql_error)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Config(format!(
-                "SQLite file {} cannot use WAL (journal mode is {mode}); use a file on a local disk",
-                path.display()
-            )));
-        }
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql_error)?;
-        migrate(&mut conn)?;
+        // Processes opening a new file at once race to switch it to WAL and to
+        // migrate it; SQLite answers some of those steps with "busy" at once,
+        // without waiting for the busy timeout. Try again until the timeout.
+        let deadline = std::time::Instant::now() + busy_timeout;
+        let conn = loop {
+            match open_once(&path, busy_timeout) {
+                Err(OpenError::Busy(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(OpenError::Busy(e)) => return Err(sql_error(e)),
+                Err(OpenError::Store(e)) => return Err(e),
+                Ok(conn) => break conn,
+            }
+        };
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
@@ -174,26 +172,62 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql_error)?;
-    let current: i64 = tx
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(sql_error)?;
+/// Why one attempt to open the store failed.
+enum OpenError {
+    /// Another connection holds a lock SQLite would not wait for: try again.
+    Busy(rusqlite::Error),
+    Store(StoreError),
+}
+
+impl From<rusqlite::Error> for OpenError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                OpenError::Busy(e)
+            }
+            _ => OpenError::Store(sql_error(e)),
+        }
+    }
+}
+
+fn open_once(path: &Path, busy_timeout: Duration) -> Result<Connection, OpenError> {
+    let mut conn = Connection::open(path).map_err(|e| {
+        OpenError::Store(StoreError::Unavailable(format!(
+            "cannot open SQLite file {}: {e}",
+            path.display()
+        )))
+    })?;
+    conn.busy_timeout(busy_timeout)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(OpenError::Store(StoreError::Config(format!(
+            "SQLite file {} cannot use WAL (journal mode is {mode}); use a file on a local disk",
+            path.display()
+        ))));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
     if current > latest {
-        return Err(StoreError::Config(format!(
+        return Err(OpenError::Store(StoreError::Config(format!(
             "the SQLite schema is at version {current}, newer than this build knows ({latest}); upgrade tokenfence"
-        )));
+        ))));
     }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-        tx.execute_batch(sql)
-            .map_err(|e| StoreError::Config(format!("SQLite migration {version} failed: {e}")))?;
-        tx.pragma_update(None, "user_version", version)
-            .map_err(sql_error)?;
+        tx.execute_batch(sql).map_err(|e| {
+            OpenError::Store(StoreError::Config(format!(
+                "SQLite migration {version} failed: {e}"
+            )))
+        })?;
+        tx.pragma_update(None, "user_version", version)?;
     }
-    tx.commit().map_err(sql_error)
+    Ok(tx.commit()?)
 }
 
 fn sql_error(e: rusqlite::Error) -> StoreError {
