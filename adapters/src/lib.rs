@@ -11,7 +11,7 @@ pub mod store;
 pub mod transport;
 
 pub use manager::{
-    BuildError, ConnectionStatus, LifecycleEvent, ManagerError, Provider, TokenManager,
+    BuildError, ConnectionStatus, LifecycleEvent, ManagerError, Provider, Sweep, TokenManager,
     TokenManagerBuilder,
 };
 

@@ -351,12 +351,37 @@ impl TokenManager {
         let _ = self.submit(id, Command::Input(Box::new(Input::Maintain)));
     }
 
-    /// Connections the store reports as due for work now (keep-alive due, or an
-    /// abandoned lease): what the keep-alive task feeds to [`maintain`](Self::maintain).
-    pub async fn due_now(&self) -> Result<Vec<ConnectionId>, ManagerError> {
+    /// One keep-alive pass, what the keep-alive task does every scan period:
+    /// wakes the dormant slots whose machine's timer came; asks every connection
+    /// the store reports as due for work ([`Store::due_for_work`]: keep-alive due, a
+    /// refresh in doubt, an abandoned lease) to refresh; and wakes the connections
+    /// whose `ReconnectSoon` notice fell due after `notices_after` (`None`: all those
+    /// due by now, as on a process's first pass) so that their machines announce it.
+    /// Pass the returned [`Sweep::scanned_until`] as `notices_after` next time.
+    pub async fn sweep(&self, notices_after: Option<Timestamp>) -> Result<Sweep, ManagerError> {
+        self.wake_due();
         let now = self.inner.clock.now();
-        let lead = self.inner.config.settings.keepalive_lead;
-        Ok(self.inner.store.due_for_work(now, lead, 1000).await?)
+        let settings = &self.inner.config.settings;
+        let store = &self.inner.store;
+        let due = store
+            .due_for_work(now, settings.keepalive_lead, 1000)
+            .await?;
+        for id in &due {
+            tracing::debug!(connection = %id, "due for work");
+            self.maintain(id);
+        }
+        let notices = store
+            .notices_due(notices_after, now, settings.reconnect_notice)
+            .await?;
+        for id in &notices {
+            tracing::debug!(connection = %id, "hard-deadline notice due");
+            let _ = self.submit(id, Command::Wake);
+        }
+        Ok(Sweep {
+            due,
+            notices,
+            scanned_until: now,
+        })
     }
 
     /// Stops every task and waits for them. Outstanding callers get
@@ -565,23 +590,29 @@ impl TokenManagerBuilder {
 impl TokenManager {
     async fn keepalive_loop(self, every: Duration) {
         let mut tick = tokio::time::interval(every);
+        let mut notices_after = None;
         loop {
             tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.due_now().await {
-                Ok(due) => {
-                    for id in due {
-                        tracing::debug!(connection = %id, "keep-alive due");
-                        self.maintain(&id);
-                    }
-                }
+            match self.sweep(notices_after).await {
+                Ok(sweep) => notices_after = Some(sweep.scanned_until),
                 Err(e) => tracing::warn!(error = %e, "keep-alive scan failed"),
             }
-            self.wake_due();
         }
     }
+}
+
+/// What one [`TokenManager::sweep`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sweep {
+    /// Connections asked to refresh (due for work).
+    pub due: Vec<ConnectionId>,
+    /// Connections woken to announce their `ReconnectSoon` notice.
+    pub notices: Vec<ConnectionId>,
+    /// The instant the notice scan covered (pass it to the next sweep).
+    pub scanned_until: Timestamp,
 }
 
 /// The task that owns one connection's machine.

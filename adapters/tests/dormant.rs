@@ -1,8 +1,9 @@
 //! Dormant connections: an actor with nothing to do retires (linger zero here),
 //! its cached token is still served, the next command starts a new actor that
 //! single-flights like the first, a `ReconnectSoon` already emitted is not emitted
-//! again by the new machine, and the keep-alive task wakes a dormant connection
-//! whose warning comes due.
+//! again by the new machine, the keep-alive task wakes a dormant connection
+//! whose warning comes due, and a process that starts announces the warnings
+//! already due without waiting for a caller.
 
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -272,5 +273,44 @@ async fn the_keepalive_task_wakes_a_dormant_connection_for_its_warning() {
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert!(drain(&mut events).is_empty());
     assert_eq!(s.tokens.live_actors(), 0);
+    s.tokens.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_starting_process_announces_a_due_warning_without_a_caller() {
+    // A record left by another process: the hard deadline is 10 days away (inside
+    // the 60-day notice), the access token valid for 3 hours, and this process has
+    // never touched the connection.
+    let s = setup(|r, now| ConnectionRecord {
+        access: Some(AccessGrant {
+            token: AccessToken::new("AT-1"),
+            expires_at: now.saturating_add(hours(3)),
+        }),
+        hard_deadline: Some(now.saturating_add(days(10))),
+        ..r
+    })
+    .await;
+    let mut events = s.tokens.subscribe();
+
+    let warned = tokio::time::timeout(Duration::from_secs(60), events.recv())
+        .await
+        .expect("announced by the first keep-alive pass")
+        .unwrap();
+    assert!(
+        matches!(warned.event, Event::ReconnectSoon { .. }),
+        "{warned:?}"
+    );
+    until_dormant(&s.tokens).await;
+    assert_eq!(
+        s.transport.calls.load(Ordering::SeqCst),
+        0,
+        "nothing refreshed"
+    );
+
+    // Later passes do not announce it again.
+    s.clock.advance(hours(1));
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    until_dormant(&s.tokens).await;
+    assert_eq!(reconnect_soon(&drain(&mut events)), 0);
     s.tokens.shutdown().await;
 }

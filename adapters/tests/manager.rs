@@ -105,6 +105,14 @@ impl Store for Counting {
     ) -> Result<Vec<ConnectionId>, StoreError> {
         self.inner.due_for_work(now, lead, limit).await
     }
+    async fn notices_due(
+        &self,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        notice: Duration,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        self.inner.notices_due(after, until, notice).await
+    }
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         self.inner.list().await
     }

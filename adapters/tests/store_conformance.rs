@@ -749,6 +749,58 @@ async fn due_for_work_finds_records_in_doubt<B: Backend>(b: &B) {
     );
 }
 
+/// Live connections whose notice instant (hard deadline - notice) falls in the
+/// window, each window boundary exclusive below and inclusive above.
+async fn notices_due_reports_each_notice_in_its_window<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    let ids = |v: &[&str]| v.iter().map(|n| id(n)).collect::<Vec<_>>();
+    let notice = days(60);
+    let with_deadline = |n: &str, secs: Option<u64>| {
+        let mut r = record(n, 0);
+        r.hard_deadline = secs.map(|x| at(x).saturating_add(notice));
+        r
+    };
+    // Notice instants at T0+10 s, T0+20 s, T0+30 s; none; and a dead one at T0+10 s.
+    committed(&*s, None, &with_deadline("b-notice-20", Some(20))).await;
+    committed(&*s, None, &with_deadline("a-notice-10", Some(10))).await;
+    committed(&*s, None, &with_deadline("c-notice-30", Some(30))).await;
+    committed(&*s, None, &with_deadline("d-no-deadline", None)).await;
+    let mut dead = with_deadline("e-dead-10", Some(10));
+    dead.status = Status::ReauthRequired {
+        reason: ReauthReason::InvalidGrant,
+        since: T0,
+    };
+    committed(&*s, None, &dead).await;
+
+    // A first pass: everything due by now.
+    assert_eq!(s.notices_due(None, at(9), notice).await.unwrap(), ids(&[]));
+    assert_eq!(
+        s.notices_due(None, at(20), notice).await.unwrap(),
+        ids(&["a-notice-10", "b-notice-20"])
+    );
+    // Later passes: only what came due since.
+    assert_eq!(
+        s.notices_due(Some(at(20)), at(29), notice).await.unwrap(),
+        ids(&[])
+    );
+    assert_eq!(
+        s.notices_due(Some(at(20)), at(30), notice).await.unwrap(),
+        ids(&["c-notice-30"])
+    );
+    assert_eq!(
+        s.notices_due(Some(at(10)), at(30), notice).await.unwrap(),
+        ids(&["b-notice-20", "c-notice-30"])
+    );
+    // A reconnection moves the deadline out of the window.
+    let mut moved = with_deadline("c-notice-30", Some(1_000));
+    moved.generation = Generation(1);
+    committed(&*s, Some(0), &moved).await;
+    assert_eq!(
+        s.notices_due(Some(at(20)), at(30), notice).await.unwrap(),
+        ids(&[])
+    );
+}
+
 async fn concurrent_cas_has_one_winner_per_generation<B: Backend>(b: &B) {
     const TASKS: usize = 8;
     const TARGET: u64 = 30;
@@ -1110,6 +1162,7 @@ for_backends!(
     release_by_non_owner_does_nothing,
     due_for_work_finds_keepalive_and_abandoned,
     due_for_work_finds_records_in_doubt,
+    notices_due_reports_each_notice_in_its_window,
     concurrent_cas_has_one_winner_per_generation,
     concurrent_lease_has_one_holder,
 );
@@ -1143,8 +1196,8 @@ async fn postgres_reencrypt_all() {
 }
 
 /// A database written by a version-1 build opens under this one: the migration
-/// adds the doubt column, the old rows read back unchanged, and a doubt written
-/// after the upgrade is found by the keep-alive scan.
+/// adds the scan columns, the old rows read back unchanged, and a doubt and a hard
+/// deadline written after the upgrade are found by the scans.
 #[tokio::test]
 async fn sqlite_upgrades_a_version_1_database() {
     let b = SqliteBackend::new();
@@ -1157,7 +1210,9 @@ async fn sqlite_upgrades_a_version_1_database() {
         let raw = b.raw();
         raw.execute_batch(
             "DROP INDEX tokenfence_connections_in_doubt_since; \
+             DROP INDEX tokenfence_connections_hard_deadline; \
              ALTER TABLE tokenfence_connections DROP COLUMN in_doubt_since; \
+             ALTER TABLE tokenfence_connections DROP COLUMN hard_deadline; \
              PRAGMA user_version = 1;",
         )
         .unwrap();
@@ -1174,6 +1229,11 @@ async fn sqlite_upgrades_a_version_1_database() {
     committed(&s, Some(0), &doubt).await;
     assert_eq!(
         s.due_for_work(at(5), days(14), 100).await.unwrap(),
+        vec![id("old")]
+    );
+    let deadline = doubt.hard_deadline.unwrap();
+    assert_eq!(
+        s.notices_due(None, deadline, Duration::ZERO).await.unwrap(),
         vec![id("old")]
     );
 }

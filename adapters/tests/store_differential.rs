@@ -52,6 +52,7 @@ enum Op {
     Acquire(ConnectionId, WorkerId, Timestamp, Duration),
     Release(ConnectionId, WorkerId),
     Due(Timestamp, Duration, usize),
+    Notices(Option<Timestamp>, Timestamp, Duration),
     List,
 }
 
@@ -86,8 +87,8 @@ fn random_record(rng: &mut Rng, id: &str, generation: u64) -> ConnectionRecord {
         refresh: RefreshToken::new(format!("RT-{}", rng.next())),
         refresh_issued_at: issued,
         idle_deadline: (rng.below(4) != 0).then(|| T0.saturating_add(rng.secs(200))),
-        hard_deadline: None,
-        in_doubt_since: None,
+        hard_deadline: (rng.below(2) == 0).then(|| T0.saturating_add(rng.secs(200))),
+        in_doubt_since: (rng.below(4) == 0).then(|| T0.saturating_add(rng.secs(100))),
         status,
         last_refreshed_at: (rng.below(2) == 0).then(|| issued.saturating_add(rng.secs(50))),
         updated_at: T0,
@@ -99,7 +100,7 @@ fn random_op(rng: &mut Rng) -> Op {
     let owners = ["w1", "w2", "w3"];
     let id = ConnectionId((*rng.pick(&ids)).into());
     let now = T0.saturating_add(rng.secs(120));
-    match rng.below(10) {
+    match rng.below(11) {
         0 => Op::Load(id),
         1..=3 => {
             let expected = match rng.below(4) {
@@ -129,6 +130,11 @@ fn random_op(rng: &mut Rng) -> Op {
                 Duration::from_secs(86_400_000),
             ]),
             *rng.pick(&[0, 1, 2, 10]),
+        ),
+        9 => Op::Notices(
+            (rng.below(3) != 0).then(|| T0.saturating_add(rng.secs(60))),
+            now,
+            *rng.pick(&[Duration::ZERO, Duration::from_secs(50)]),
         ),
         _ => Op::List,
     }
@@ -160,6 +166,9 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
         }
         Op::Due(now, lead, limit) => {
             Answer::Ids(store.due_for_work(*now, *lead, *limit).await.unwrap())
+        }
+        Op::Notices(after, until, notice) => {
+            Answer::Ids(store.notices_due(*after, *until, *notice).await.unwrap())
         }
         Op::List => Answer::Ids(store.list().await.unwrap()),
     }

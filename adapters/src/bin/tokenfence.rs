@@ -56,7 +56,8 @@ enum Command {
     Status { id: String },
     /// Refresh now and print the new generation.
     Refresh { id: String },
-    /// Scan the store and refresh what is due (keep-alive, abandoned leases).
+    /// Scan the store: refresh what is due (keep-alive, refreshes in doubt, abandoned
+    /// leases) and announce hard deadlines whose notice came due.
     KeepAlive {
         /// Scan once and exit.
         #[arg(long)]
@@ -305,17 +306,16 @@ async fn keep_alive(tokens: &TokenManager, once: bool) -> ExitCode {
             println!("{}\t{:?}", e.connection, e.event);
         }
     });
+    let mut notices_after = None;
     let code = loop {
-        let due = match tokens.due_now().await {
-            Ok(d) => d,
+        let sweep = match tokens.sweep(notices_after).await {
+            Ok(s) => s,
             Err(e) => break failure(e),
         };
-        for id in &due {
-            tokens.maintain(id);
-        }
+        notices_after = Some(sweep.scanned_until);
         if once {
-            // Let the refreshes finish.
-            for id in &due {
+            // Let the refreshes and notices finish.
+            for id in sweep.due.iter().chain(&sweep.notices) {
                 let _ = tokens.access_token(id).await;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -121,6 +121,24 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn notices_due(
+        &self,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        notice: Duration,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        self.with(|rows| {
+            rows.iter()
+                .filter(|(_, row)| {
+                    row.record
+                        .as_ref()
+                        .is_some_and(|r| super::notice_due(r, after, until, notice))
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        })
+    }
+
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         self.with(|rows| {
             rows.iter()

@@ -109,8 +109,35 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ConnectionId>, StoreError>;
 
+    /// Live connections whose `ReconnectSoon` notice instant (`notice` before the
+    /// hard deadline) falls in `(after, until]` (`after: None`: any time up to
+    /// `until`), in id order: what a process announces when it starts, and then
+    /// what came due since its previous scan.
+    async fn notices_due(
+        &self,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        notice: Duration,
+    ) -> Result<Vec<ConnectionId>, StoreError>;
+
     /// Every connection id, in order.
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError>;
+}
+
+/// Whether `record`'s notice instant falls in `(after, until]` (see
+/// [`Store::notices_due`]); the in-memory store's filter and the SQL stores' bounds
+/// say the same.
+pub(crate) fn notice_due(
+    record: &ConnectionRecord,
+    after: Option<Timestamp>,
+    until: Timestamp,
+    notice: Duration,
+) -> bool {
+    let Some(deadline) = record.hard_deadline.filter(|_| record.is_live()) else {
+        return false;
+    };
+    let at = deadline.saturating_sub(notice);
+    at <= until && after.is_none_or(|a| at > a)
 }
 
 #[async_trait]
@@ -144,6 +171,14 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         limit: usize,
     ) -> Result<Vec<ConnectionId>, StoreError> {
         (**self).due_for_work(now, lead, limit).await
+    }
+    async fn notices_due(
+        &self,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        notice: Duration,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        (**self).notices_due(after, until, notice).await
     }
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         (**self).list().await

@@ -37,7 +37,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// Schema migrations, applied in order on connect.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_init.sql")),
-    (2, include_str!("migrations/postgres/0002_in_doubt.sql")),
+    (2, include_str!("migrations/postgres/0002_scans.sql")),
 ];
 
 /// First half of the advisory-lock key that serializes migrations ("tokn").
@@ -104,6 +104,7 @@ struct Sql {
     upsert_lease: String,
     delete_lease: String,
     due: String,
+    notices: String,
     list: String,
     reseal: String,
 }
@@ -117,13 +118,14 @@ impl Sql {
             select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
             insert_record: format!(
                 "INSERT INTO {c} (id, generation, status, idle_deadline, keepalive_floor, \
-                 updated_at, sealed, in_doubt_since) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 updated_at, sealed, in_doubt_since, hard_deadline) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (id) DO NOTHING"
             ),
             update_record: format!(
                 "UPDATE {c} SET generation = $2, status = $3, idle_deadline = $4, \
-                 keepalive_floor = $5, updated_at = $6, sealed = $7, in_doubt_since = $8 \
-                 WHERE id = $1 AND generation = $9"
+                 keepalive_floor = $5, updated_at = $6, sealed = $7, in_doubt_since = $8, \
+                 hard_deadline = $9 WHERE id = $1 AND generation = $10"
             ),
             select_lease: format!(
                 "SELECT owner, acquired_at, expires_at, generation FROM {l} WHERE id = $1 FOR UPDATE"
@@ -139,6 +141,9 @@ impl Sql {
                 "SELECT id FROM {c} WHERE idle_deadline <= $1 AND keepalive_floor <= $2 \
                  UNION SELECT id FROM {c} WHERE in_doubt_since <= $2 \
                  UNION SELECT id FROM {l} WHERE expires_at <= $2 ORDER BY id LIMIT $3"
+            ),
+            notices: format!(
+                "SELECT id FROM {c} WHERE hard_deadline > $1 AND hard_deadline <= $2 ORDER BY id"
             ),
             list: format!("SELECT id FROM {c} ORDER BY id"),
             reseal: format!("UPDATE {c} SET sealed = $2 WHERE id = $1 AND sealed = $3"),
@@ -441,12 +446,13 @@ impl Store for PostgresStore {
             idle_deadline,
             keepalive_floor,
             in_doubt_since,
+            hard_deadline,
             updated_at,
             sealed,
         } = row::seal(&self.inner.keyring, record)?;
         let client = self.client().await?;
         let expected = expected.map(row::generation_to_sql);
-        let columns: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+        let columns: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
             &record.id.0,
             &generation,
             &status,
@@ -455,6 +461,7 @@ impl Store for PostgresStore {
             &updated_at,
             &sealed,
             &in_doubt_since,
+            &hard_deadline,
             &expected,
         ];
         let changed = match expected {
@@ -463,7 +470,7 @@ impl Store for PostgresStore {
                     .prepare_cached(&self.inner.sql.insert_record)
                     .await
                     .map_err(pg_error)?;
-                client.execute(&stmt, &columns[..8]).await
+                client.execute(&stmt, &columns[..9]).await
             }
             Some(_) => {
                 let stmt = client
@@ -599,6 +606,18 @@ impl Store for PostgresStore {
             &[&keepalive_bound, &now, &limit],
         )
         .await
+    }
+
+    async fn notices_due(
+        &self,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        notice: Duration,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        // notice instant = hard_deadline - notice, in (after, until].
+        let (low, high) = row::notice_bounds(after, until, notice);
+        let client = self.client().await?;
+        ids(&client, &self.inner.sql.notices, &[&low, &high]).await
     }
 
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {

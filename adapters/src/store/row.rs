@@ -24,6 +24,8 @@ pub(crate) struct SealedRecord {
     pub keepalive_floor: Option<i64>,
     /// While the record is live and in doubt: since when (due for work at once).
     pub in_doubt_since: Option<i64>,
+    /// While the record is live: its hard deadline (for `notices_due`).
+    pub hard_deadline: Option<i64>,
     pub updated_at: i64,
     pub sealed: Vec<u8>,
 }
@@ -79,6 +81,10 @@ pub(crate) fn seal(
         keepalive_floor,
         in_doubt_since: record
             .in_doubt_since
+            .filter(|_| record.is_live())
+            .map(time_to_sql),
+        hard_deadline: record
+            .hard_deadline
             .filter(|_| record.is_live())
             .map(time_to_sql),
         updated_at: time_to_sql(record.updated_at),
@@ -183,6 +189,17 @@ pub(crate) fn generation_from_sql(g: i64) -> Generation {
 /// (292 million years from now), like [`Timestamp`]'s own arithmetic saturates.
 pub(crate) fn time_to_sql(t: Timestamp) -> i64 {
     i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// `hard_deadline` bounds `(low, high]` for notice instants (`hard_deadline -
+/// notice`) in `(after, until]`: `after: None` is no lower bound.
+pub(crate) fn notice_bounds(
+    after: Option<Timestamp>,
+    until: Timestamp,
+    notice: Duration,
+) -> (i64, i64) {
+    let low = after.map_or(i64::MIN, |a| time_to_sql(a.saturating_add(notice)));
+    (low, time_to_sql(until.saturating_add(notice)))
 }
 
 /// Inverse of [`time_to_sql`]; a negative value (never written) reads as the epoch.

@@ -27,7 +27,7 @@ use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timesta
 /// last one applied.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/sqlite/0001_init.sql")),
-    (2, include_str!("migrations/sqlite/0002_in_doubt.sql")),
+    (2, include_str!("migrations/sqlite/0002_scans.sql")),
 ];
 
 /// How long a write waits for another process's transaction before failing.
@@ -286,6 +286,7 @@ impl Store for SqliteStore {
             idle_deadline,
             keepalive_floor,
             in_doubt_since,
+            hard_deadline,
             updated_at,
             sealed,
         } = row::seal(&self.inner.keyring, record)?;
@@ -301,21 +302,23 @@ impl Store for SqliteStore {
                 keepalive_floor,
                 updated_at,
                 sealed,
-                in_doubt_since
+                in_doubt_since,
+                hard_deadline
             ];
             let changed = match expected {
                 None => tx
                     .prepare_cached(
                         "INSERT INTO tokenfence_connections (id, generation, status, \
-                         idle_deadline, keepalive_floor, updated_at, sealed, in_doubt_since) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
+                         idle_deadline, keepalive_floor, updated_at, sealed, in_doubt_since, \
+                         hard_deadline) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                         ON CONFLICT (id) DO NOTHING",
                     )
                     .and_then(|mut s| s.execute(columns)),
                 Some(g) => tx
                     .prepare_cached(
                         "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
                          idle_deadline = ?4, keepalive_floor = ?5, updated_at = ?6, sealed = ?7, \
-                         in_doubt_since = ?8 WHERE id = ?1 AND generation = ?9",
+                         in_doubt_since = ?8, hard_deadline = ?9 WHERE id = ?1 AND generation = ?10",
                     )
                     .and_then(|mut s| {
                         let expected = row::generation_to_sql(g);
@@ -428,6 +431,29 @@ impl Store for SqliteStore {
                 .query_map(params![keepalive_bound, now, limit], |r| {
                     r.get(0).map(ConnectionId)
                 })
+                .map_err(sql_error)?;
+            ids.collect::<Result<_, _>>().map_err(sql_error)
+        })
+        .await
+    }
+
+    async fn notices_due(
+        &self,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        notice: Duration,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        // notice instant = hard_deadline - notice, in (after, until].
+        let (low, high) = row::notice_bounds(after, until, notice);
+        self.run(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id FROM tokenfence_connections \
+                     WHERE hard_deadline > ?1 AND hard_deadline <= ?2 ORDER BY id",
+                )
+                .map_err(sql_error)?;
+            let ids = stmt
+                .query_map(params![low, high], |r| r.get(0).map(ConnectionId))
                 .map_err(sql_error)?;
             ids.collect::<Result<_, _>>().map_err(sql_error)
         })
