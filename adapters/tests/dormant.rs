@@ -5,51 +5,16 @@
 //! whose warning comes due, and a process that starts announces the warnings
 //! already due without waiting for a caller.
 
-use async_trait::async_trait;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokenfence::clock::{Clock, SystemClock};
 use tokenfence::store::{MemoryStore, Store};
-use tokenfence::transport::{Delivery, Transport};
-use tokenfence::{LifecycleEvent, Provider, TokenManager};
+use tokenfence::{LifecycleEvent, TokenManager};
 use tokenfence_core::*;
 
-/// A provider that rotates on every refresh (RT-n → AT-n+1, RT-n+1), after `delay`.
-struct Rotating {
-    calls: AtomicUsize,
-    delay: Duration,
-    current: Mutex<u32>,
-}
-
-#[async_trait]
-impl Transport for Rotating {
-    async fn send(&self, request: &HttpRequest) -> Delivery {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(self.delay).await;
-        let n = {
-            let mut current = self.current.lock().unwrap();
-            let presented = format!("refresh_token=RT-{}", *current);
-            if !request.body.expose().contains(&presented) {
-                return Delivery::Replied(HttpResponse {
-                    status: 400,
-                    headers: vec![],
-                    body: br#"{"error":"invalid_grant"}"#.to_vec(),
-                });
-            }
-            *current += 1;
-            *current
-        };
-        let body = format!(
-            r#"{{"access_token":"AT-{n}","refresh_token":"RT-{n}","token_type":"bearer","expires_in":3600,"x_refresh_token_expires_in":8726400}}"#
-        );
-        Delivery::Replied(HttpResponse {
-            status: 200,
-            headers: vec![],
-            body: body.into_bytes(),
-        })
-    }
-}
+mod common;
+use common::{id, provider, Scripted};
 
 /// A clock the test moves by hand.
 #[derive(Clone)]
@@ -71,16 +36,6 @@ impl Clock for Manual {
     }
 }
 
-fn provider() -> Provider {
-    let mut p = Provider::intuit_production("prod-client", ClientSecret::new("client-secret"));
-    p.profile.token_url = "http://127.0.0.1:9/oauth2/v1/tokens/bearer".into();
-    p
-}
-
-fn id() -> ConnectionId {
-    ConnectionId("realm-1".into())
-}
-
 fn hours(n: u64) -> Duration {
     Duration::from_secs(n * 3600)
 }
@@ -91,7 +46,7 @@ fn days(n: u64) -> Duration {
 
 struct Setup {
     tokens: TokenManager,
-    transport: Arc<Rotating>,
+    transport: Arc<Scripted>,
     clock: Manual,
 }
 
@@ -107,11 +62,7 @@ async fn setup(record: impl FnOnce(ConnectionRecord, Timestamp) -> ConnectionRec
         .compare_and_swap(None, &record(base, now))
         .await
         .unwrap();
-    let transport = Arc::new(Rotating {
-        calls: AtomicUsize::new(0),
-        delay: Duration::from_millis(20),
-        current: Mutex::new(1),
-    });
+    let transport = Scripted::new(Duration::from_millis(20));
     let tokens = TokenManager::builder()
         .provider(p)
         .store(store)
@@ -127,6 +78,20 @@ async fn setup(record: impl FnOnce(ConnectionRecord, Timestamp) -> ConnectionRec
         transport,
         clock,
     }
+}
+
+/// A manager over a connection whose access token (AT-1) is valid for 3 hours and
+/// whose hard deadline is `deadline_in` from now.
+async fn warned_in(deadline_in: Duration) -> Setup {
+    setup(|r, now| ConnectionRecord {
+        access: Some(AccessGrant {
+            token: AccessToken::new("AT-1"),
+            expires_at: now.saturating_add(hours(3)),
+        }),
+        hard_deadline: Some(now.saturating_add(deadline_in)),
+        ..r
+    })
+    .await
 }
 
 /// Lets the runtime run until every actor has retired.
@@ -234,15 +199,7 @@ async fn reconnect_soon_is_not_repeated_by_a_respawned_machine() {
 #[tokio::test(start_paused = true)]
 async fn the_keepalive_task_wakes_a_dormant_connection_for_its_warning() {
     // The access token is valid for 3 hours; the notice period starts in 1 hour.
-    let s = setup(|r, now| ConnectionRecord {
-        access: Some(AccessGrant {
-            token: AccessToken::new("AT-1"),
-            expires_at: now.saturating_add(hours(3)),
-        }),
-        hard_deadline: Some(now.saturating_add(days(60) + hours(1))),
-        ..r
-    })
-    .await;
+    let s = warned_in(days(60) + hours(1)).await;
     let mut events = s.tokens.subscribe();
 
     assert_eq!(s.tokens.access_token(&id()).await.unwrap().expose(), "AT-1");
@@ -281,15 +238,7 @@ async fn a_starting_process_announces_a_due_warning_without_a_caller() {
     // A record left by another process: the hard deadline is 10 days away (inside
     // the 60-day notice), the access token valid for 3 hours, and this process has
     // never touched the connection.
-    let s = setup(|r, now| ConnectionRecord {
-        access: Some(AccessGrant {
-            token: AccessToken::new("AT-1"),
-            expires_at: now.saturating_add(hours(3)),
-        }),
-        hard_deadline: Some(now.saturating_add(days(10))),
-        ..r
-    })
-    .await;
+    let s = warned_in(days(10)).await;
     let mut events = s.tokens.subscribe();
 
     let warned = tokio::time::timeout(Duration::from_secs(60), events.recv())

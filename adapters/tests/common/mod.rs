@@ -1,0 +1,75 @@
+//! Shared by the TokenManager tests: a scripted in-process provider, the provider
+//! configuration pointing at nothing, and the connection id.
+#![allow(dead_code)]
+
+use async_trait::async_trait;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokenfence::transport::{Delivery, Transport};
+use tokenfence::Provider;
+use tokenfence_core::*;
+
+/// A provider that rotates on every refresh, answering after `delay`.
+pub struct Scripted {
+    pub calls: AtomicUsize,
+    delay: Duration,
+    current: Mutex<u32>,
+}
+
+impl Scripted {
+    pub fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Scripted {
+            calls: AtomicUsize::new(0),
+            delay,
+            current: Mutex::new(1),
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for Scripted {
+    async fn send(&self, request: &HttpRequest) -> Delivery {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        if request.url.ends_with("/revoke") {
+            return Delivery::Replied(HttpResponse {
+                status: 200,
+                headers: vec![],
+                body: vec![],
+            });
+        }
+        let n = {
+            let mut current = self.current.lock().unwrap();
+            let presented = format!("refresh_token=RT-{}", *current);
+            if !request.body.expose().contains(&presented) {
+                return Delivery::Replied(HttpResponse {
+                    status: 400,
+                    headers: vec![],
+                    body: br#"{"error":"invalid_grant"}"#.to_vec(),
+                });
+            }
+            *current += 1;
+            *current
+        };
+        let body = format!(
+            r#"{{"access_token":"AT-{n}","refresh_token":"RT-{n}","token_type":"bearer","expires_in":3600,"x_refresh_token_expires_in":8726400}}"#
+        );
+        Delivery::Replied(HttpResponse {
+            status: 200,
+            headers: vec![],
+            body: body.into_bytes(),
+        })
+    }
+}
+
+pub fn provider() -> Provider {
+    let mut p = Provider::intuit_production("prod-client", ClientSecret::new("client-secret"));
+    p.profile.token_url = "http://127.0.0.1:9/oauth2/v1/tokens/bearer".into();
+    p.profile.revoke_url = Some("http://127.0.0.1:9/revoke".into());
+    p
+}
+
+pub fn id() -> ConnectionId {
+    ConnectionId("realm-1".into())
+}
