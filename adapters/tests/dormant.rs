@@ -94,6 +94,35 @@ async fn warned_in(deadline_in: Duration) -> Setup {
     .await
 }
 
+/// Waits (virtual time) up to `within` for one `ReconnectSoon`, checks that waking
+/// the connection refreshed nothing (its access token is valid), and that later
+/// keep-alive passes do not announce it again.
+async fn warned_once(
+    s: &Setup,
+    events: &mut tokio::sync::broadcast::Receiver<LifecycleEvent>,
+    within: Duration,
+) {
+    let warned = tokio::time::timeout(within, events.recv())
+        .await
+        .expect("announced by a keep-alive pass")
+        .unwrap();
+    assert!(
+        matches!(warned.event, Event::ReconnectSoon { .. }),
+        "{warned:?}"
+    );
+    until_dormant(&s.tokens).await;
+    assert_eq!(
+        s.transport.calls.load(Ordering::SeqCst),
+        0,
+        "the wake refreshed nothing: the access token was still valid"
+    );
+    s.clock.advance(Duration::from_secs(1800));
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    until_dormant(&s.tokens).await;
+    let later = drain(events);
+    assert_eq!(reconnect_soon(&later), 0, "{later:?}");
+}
+
 /// Lets the runtime run until every actor has retired.
 async fn until_dormant(tokens: &TokenManager) {
     while tokens.live_actors() > 0 {
@@ -209,26 +238,8 @@ async fn the_keepalive_task_wakes_a_dormant_connection_for_its_warning() {
     // The warning comes due while the connection is dormant and nobody asks: the
     // next keep-alive tick (virtual time) wakes it.
     s.clock.advance(hours(2));
-    let warned = tokio::time::timeout(Duration::from_secs(3600), events.recv())
-        .await
-        .expect("woken within the hour of virtual time")
-        .unwrap();
-    assert!(
-        matches!(warned.event, Event::ReconnectSoon { .. }),
-        "{warned:?}"
-    );
-    until_dormant(&s.tokens).await;
-    assert_eq!(
-        s.transport.calls.load(Ordering::SeqCst),
-        0,
-        "the wake refreshed nothing: the access token was still valid"
-    );
+    warned_once(&s, &mut events, Duration::from_secs(3600)).await;
     assert_eq!(s.tokens.cached(&id()).unwrap().expose(), "AT-1");
-
-    // Later ticks find nothing to wake.
-    s.clock.advance(hours(1));
-    tokio::time::sleep(Duration::from_secs(600)).await;
-    assert!(drain(&mut events).is_empty());
     assert_eq!(s.tokens.live_actors(), 0);
     s.tokens.shutdown().await;
 }
@@ -241,25 +252,6 @@ async fn a_starting_process_announces_a_due_warning_without_a_caller() {
     let s = warned_in(days(10)).await;
     let mut events = s.tokens.subscribe();
 
-    let warned = tokio::time::timeout(Duration::from_secs(60), events.recv())
-        .await
-        .expect("announced by the first keep-alive pass")
-        .unwrap();
-    assert!(
-        matches!(warned.event, Event::ReconnectSoon { .. }),
-        "{warned:?}"
-    );
-    until_dormant(&s.tokens).await;
-    assert_eq!(
-        s.transport.calls.load(Ordering::SeqCst),
-        0,
-        "nothing refreshed"
-    );
-
-    // Later passes do not announce it again.
-    s.clock.advance(hours(1));
-    tokio::time::sleep(Duration::from_secs(600)).await;
-    until_dormant(&s.tokens).await;
-    assert_eq!(reconnect_soon(&drain(&mut events)), 0);
+    warned_once(&s, &mut events, Duration::from_secs(60)).await;
     s.tokens.shutdown().await;
 }
