@@ -354,7 +354,7 @@ impl TokenManager {
     /// One keep-alive pass, what the keep-alive task does every scan period:
     /// wakes the dormant slots whose machine's timer came; asks every connection
     /// the store reports as due for work ([`Store::due_for_work`]: keep-alive due, a
-    /// refresh in doubt, an abandoned lease) to refresh; and wakes the connections
+    /// refresh in doubt, a degraded connection's retry, an abandoned lease) to refresh; and wakes the connections
     /// whose `ReconnectSoon` notice fell due after `notices_after` (`None`: all those
     /// due by now, as on a process's first pass) so that their machines announce it.
     /// Pass the returned [`Sweep::scanned_until`] as `notices_after` next time.

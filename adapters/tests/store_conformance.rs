@@ -702,7 +702,8 @@ async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
 
 /// A record that says a refresh may have rotated its token unseen is due at once,
 /// whatever its keep-alive instant: a doubt left by a process that stopped must be
-/// resolved by another while the provider's grace window is open.
+/// resolved by another while the provider's grace window is open. A degraded
+/// record is due at its retry time, so that it recovers without a caller.
 async fn due_for_work_finds_records_in_doubt<B: Backend>(b: &B) {
     let s = b.open(keyring()).await;
     let ids = |v: &[&str]| v.iter().map(|n| id(n)).collect::<Vec<_>>();
@@ -723,6 +724,13 @@ async fn due_for_work_finds_records_in_doubt<B: Backend>(b: &B) {
     };
     committed(&*s, None, &dead).await;
     committed(&*s, None, &record("sure", 0)).await;
+    let mut degraded = record("degraded-retry-15", 0);
+    degraded.status = Status::Degraded {
+        failures: 2,
+        retry_at: at(15),
+        last: FailureKind::ServerError(503),
+    };
+    committed(&*s, None, &degraded).await;
 
     assert_eq!(s.due_for_work(at(9), lead, 100).await.unwrap(), ids(&[]));
     assert_eq!(
@@ -744,8 +752,16 @@ async fn due_for_work_finds_records_in_doubt<B: Backend>(b: &B) {
     again.in_doubt_since = Some(at(20));
     committed(&*s, Some(1), &again).await;
     assert_eq!(
+        s.due_for_work(at(14), lead, 100).await.unwrap(),
+        ids(&["in-doubt-no-idle"])
+    );
+    assert_eq!(
+        s.due_for_work(at(15), lead, 100).await.unwrap(),
+        ids(&["degraded-retry-15", "in-doubt-no-idle"])
+    );
+    assert_eq!(
         s.due_for_work(at(20), lead, 100).await.unwrap(),
-        ids(&["in-doubt", "in-doubt-no-idle"])
+        ids(&["degraded-retry-15", "in-doubt", "in-doubt-no-idle"])
     );
 }
 
@@ -1209,9 +1225,9 @@ async fn sqlite_upgrades_a_version_1_database() {
     {
         let raw = b.raw();
         raw.execute_batch(
-            "DROP INDEX tokenfence_connections_in_doubt_since; \
+            "DROP INDEX tokenfence_connections_pending_work_at; \
              DROP INDEX tokenfence_connections_hard_deadline; \
-             ALTER TABLE tokenfence_connections DROP COLUMN in_doubt_since; \
+             ALTER TABLE tokenfence_connections DROP COLUMN pending_work_at; \
              ALTER TABLE tokenfence_connections DROP COLUMN hard_deadline; \
              PRAGMA user_version = 1;",
         )

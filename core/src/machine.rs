@@ -679,6 +679,20 @@ impl Connection {
             self.phase = Phase::Waiting { until: retry_at };
             return;
         }
+        if self.waiting.is_empty()
+            && self.maintain
+            && self.record.is_none()
+            && kind == FailureKind::StoreUnavailable
+        {
+            // The driver asked for this connection to be looked after and the store
+            // failed before the record could be read: keep the request and read
+            // again after the back-off. Dropping it lost a `ReconnectSoon` that a
+            // scanner reports once (found by the simulator: a notice due during a
+            // store outage was announced six days late).
+            self.release_lease();
+            self.phase = Phase::Waiting { until: retry_at };
+            return;
+        }
         let err = match config_error {
             Some(c) => AccessError::Config(c),
             None => AccessError::Transient { kind, retry_at },

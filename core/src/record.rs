@@ -306,20 +306,36 @@ impl ConnectionRecord {
         Some(deadline.saturating_sub(lead).max(halfway))
     }
 
-    /// When a refresh is due without any caller: the keep-alive instant, or at once
-    /// while the record says a refresh may have rotated the token unseen. A doubt
-    /// must be resolved while the provider's grace window is still open, caller or
-    /// not; waiting for the next caller lost Intuit connections whose callers came
-    /// after the 24-hour grace (found by the simulator). Machines arm their timer
-    /// here and stores' `due_for_work` scans report it, so a doubt left by a process
+    /// When a refresh is due without any caller: the keep-alive instant; at once
+    /// while the record says a refresh may have rotated the token unseen; or, for a
+    /// degraded connection, at its recorded retry time. A doubt must be resolved
+    /// while the provider's grace window is still open, caller or not; waiting for
+    /// the next caller lost Intuit connections whose callers came after the 24-hour
+    /// grace (found by the simulator). A degraded connection whose token was still
+    /// good stayed degraded until a caller needed a new token, long after the
+    /// provider had recovered (found by the simulator). Machines arm their timer
+    /// here and stores' `due_for_work` scans report it, so work left by a process
     /// that stopped is picked up by another. Retries still wait for the recorded
     /// retry time, so this is no storm.
     pub fn work_due_at(&self, lead: Duration) -> Option<Timestamp> {
-        let keepalive = self.keepalive_due_at(lead);
-        match self.in_doubt_since.filter(|_| self.is_live()) {
-            Some(since) => Some(keepalive.map_or(since, |k| k.min(since))),
-            None => keepalive,
+        [self.keepalive_due_at(lead), self.pending_work_at()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The part of [`work_due_at`](Self::work_due_at) that does not depend on the
+    /// keep-alive lead: since when a refresh is in doubt, or when a degraded
+    /// connection's retry is due (the earlier). `None` unless the record is live.
+    pub fn pending_work_at(&self) -> Option<Timestamp> {
+        if !self.is_live() {
+            return None;
         }
+        let retry = match self.status {
+            Status::Degraded { retry_at, .. } => Some(retry_at),
+            _ => None,
+        };
+        [self.in_doubt_since, retry].into_iter().flatten().min()
     }
 
     /// Whether the grant may still be refreshed (not dead, not disconnected).

@@ -99,8 +99,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Connections that need work without anyone asking
     /// ([`ConnectionRecord::work_due_at`]): a keep-alive refresh is due (`lead`
-    /// before the idle deadline), the record says a refresh is in doubt, or an
-    /// expired lease was never released (a refresh may be in doubt). At most
+    /// before the idle deadline), the record says a refresh is in doubt, a degraded
+    /// connection's retry time has come, or an expired lease was never released (a
+    /// refresh may be in doubt). At most
     /// `limit`, in id order.
     async fn due_for_work(
         &self,

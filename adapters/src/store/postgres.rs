@@ -118,13 +118,13 @@ impl Sql {
             select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
             insert_record: format!(
                 "INSERT INTO {c} (id, generation, status, idle_deadline, keepalive_floor, \
-                 updated_at, sealed, in_doubt_since, hard_deadline) \
+                 updated_at, sealed, pending_work_at, hard_deadline) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (id) DO NOTHING"
             ),
             update_record: format!(
                 "UPDATE {c} SET generation = $2, status = $3, idle_deadline = $4, \
-                 keepalive_floor = $5, updated_at = $6, sealed = $7, in_doubt_since = $8, \
+                 keepalive_floor = $5, updated_at = $6, sealed = $7, pending_work_at = $8, \
                  hard_deadline = $9 WHERE id = $1 AND generation = $10"
             ),
             select_lease: format!(
@@ -139,7 +139,7 @@ impl Sql {
             delete_lease: format!("DELETE FROM {l} WHERE id = $1 AND owner = $2"),
             due: format!(
                 "SELECT id FROM {c} WHERE idle_deadline <= $1 AND keepalive_floor <= $2 \
-                 UNION SELECT id FROM {c} WHERE in_doubt_since <= $2 \
+                 UNION SELECT id FROM {c} WHERE pending_work_at <= $2 \
                  UNION SELECT id FROM {l} WHERE expires_at <= $2 ORDER BY id LIMIT $3"
             ),
             notices: format!(
@@ -445,7 +445,7 @@ impl Store for PostgresStore {
             status,
             idle_deadline,
             keepalive_floor,
-            in_doubt_since,
+            pending_work_at,
             hard_deadline,
             updated_at,
             sealed,
@@ -460,7 +460,7 @@ impl Store for PostgresStore {
             &keepalive_floor,
             &updated_at,
             &sealed,
-            &in_doubt_since,
+            &pending_work_at,
             &hard_deadline,
             &expected,
         ];

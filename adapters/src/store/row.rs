@@ -22,8 +22,9 @@ pub(crate) struct SealedRecord {
     /// The earliest instant keep-alive may be due whatever the lead, with
     /// `idle_deadline`.
     pub keepalive_floor: Option<i64>,
-    /// While the record is live and in doubt: since when (due for work at once).
-    pub in_doubt_since: Option<i64>,
+    /// While the record is live: when work is due whatever the lead (a refresh in
+    /// doubt, a degraded connection's retry): `ConnectionRecord::pending_work_at`.
+    pub pending_work_at: Option<i64>,
     /// While the record is live: its hard deadline (for `notices_due`).
     pub hard_deadline: Option<i64>,
     pub updated_at: i64,
@@ -79,10 +80,7 @@ pub(crate) fn seal(
         status: status_name(&record.status),
         idle_deadline,
         keepalive_floor,
-        in_doubt_since: record
-            .in_doubt_since
-            .filter(|_| record.is_live())
-            .map(time_to_sql),
+        pending_work_at: record.pending_work_at().map(time_to_sql),
         hard_deadline: record
             .hard_deadline
             .filter(|_| record.is_live())

@@ -285,7 +285,7 @@ impl Store for SqliteStore {
             status,
             idle_deadline,
             keepalive_floor,
-            in_doubt_since,
+            pending_work_at,
             hard_deadline,
             updated_at,
             sealed,
@@ -302,14 +302,14 @@ impl Store for SqliteStore {
                 keepalive_floor,
                 updated_at,
                 sealed,
-                in_doubt_since,
+                pending_work_at,
                 hard_deadline
             ];
             let changed = match expected {
                 None => tx
                     .prepare_cached(
                         "INSERT INTO tokenfence_connections (id, generation, status, \
-                         idle_deadline, keepalive_floor, updated_at, sealed, in_doubt_since, \
+                         idle_deadline, keepalive_floor, updated_at, sealed, pending_work_at, \
                          hard_deadline) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
                          ON CONFLICT (id) DO NOTHING",
                     )
@@ -318,7 +318,7 @@ impl Store for SqliteStore {
                     .prepare_cached(
                         "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
                          idle_deadline = ?4, keepalive_floor = ?5, updated_at = ?6, sealed = ?7, \
-                         in_doubt_since = ?8, hard_deadline = ?9 WHERE id = ?1 AND generation = ?10",
+                         pending_work_at = ?8, hard_deadline = ?9 WHERE id = ?1 AND generation = ?10",
                     )
                     .and_then(|mut s| {
                         let expected = row::generation_to_sql(g);
@@ -422,7 +422,7 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "SELECT id FROM tokenfence_connections \
                      WHERE idle_deadline <= ?1 AND keepalive_floor <= ?2 \
-                     UNION SELECT id FROM tokenfence_connections WHERE in_doubt_since <= ?2 \
+                     UNION SELECT id FROM tokenfence_connections WHERE pending_work_at <= ?2 \
                      UNION SELECT id FROM tokenfence_leases WHERE expires_at <= ?2 \
                      ORDER BY id LIMIT ?3",
                 )

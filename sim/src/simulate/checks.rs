@@ -4,7 +4,7 @@
 //! L1–L5 of the heal phase.
 
 use super::workload::Usage;
-use super::world::{OpKind, Slot, World, START};
+use super::world::{Ev, OpKind, Slot, World, START};
 use crate::provider::{GrantEnd, GrantId};
 use tokenfence_core::invariants::{self, ProviderTruth};
 use tokenfence_core::{RefreshToken, Status, Timestamp};
@@ -163,8 +163,15 @@ impl World {
                 .max(deadline.saturating_since(d))
                 < tokenfence_core::days(1)
         };
+        let resume = self.outage_until.saturating_add(self.warn_slack());
         if conn.warned.iter().any(|(d, _)| close(*d)) {
             self.ledger.hard_warned += 1;
+        } else if self.outage_until > deadline.saturating_sub(self.settings.reconnect_notice)
+            && resume > now
+        {
+            // The store was down after the notice instant: a process that holds no
+            // machine for the connection cannot read the record until it is back.
+            self.push(resume, Ev::WarnCheck { c, grant });
         } else {
             self.ledger.violation("L4", c, now, || {
                 format!(

@@ -529,11 +529,15 @@ impl World {
         let warn_by = deadline.saturating_sub(notice);
         if warn_by > self.now && warn_by < self.end {
             self.ledger.hard_deadlines += 1;
-            // Clocks may disagree, and a process without a machine for the
-            // connection learns of the notice at its next store scan.
-            let slack = Duration::from_millis(2 * self.max_skew_ms as u64 + 2_000) + SCAN_EVERY;
-            self.push(warn_by.saturating_add(slack), Ev::WarnCheck { c, grant });
+            let at = warn_by.saturating_add(self.warn_slack());
+            self.push(at, Ev::WarnCheck { c, grant });
         }
+    }
+
+    /// How late `ReconnectSoon` may be: clocks may disagree, and a process without
+    /// a machine for the connection learns of the notice at its next store scan.
+    pub(super) fn warn_slack(&self) -> Duration {
+        Duration::from_millis(2 * self.max_skew_ms as u64 + 2_000) + SCAN_EVERY
     }
 
     pub(super) fn schedule_arrival(&mut self, c: usize) {
