@@ -232,9 +232,9 @@ fn a_replay_traces_the_failing_connection_without_changing_the_run() {
 }
 
 /// Seeds of a wider sweep (90 days, a 120-day hard cap on every seed) that broke a
-/// liveness property before the fixes named here; each must hold now.
+/// property before the fixes named here; each must hold now.
 #[test]
-fn liveness_finds_of_the_wider_sweep_stay_fixed() {
+fn finds_of_the_wider_sweep_stay_fixed() {
     let finds = [
         // L4: a store outage covered the notice instant; the scanners' one report
         // of the due notice failed to load and was dropped (a `Maintain` whose
@@ -245,6 +245,10 @@ fn liveness_finds_of_the_wider_sweep_stay_fixed() {
         // recovered (a degraded record is now due for work at its retry time).
         (100_612, Fleet::Github),
         (101_383, Fleet::Github),
+        // S8 (the harness): with 77 s of clock skew, more than the 30 s send
+        // safety margin, a holder displaced by a takeover still sent under its own
+        // lease; the check now allows for that for a lease after a takeover.
+        (201_874, Fleet::Google),
     ];
     for (seed, fleet) in finds {
         let opts = SimOptions {

@@ -685,7 +685,19 @@ impl World {
         if outstanding > 1 {
             self.ledger.duplicate_calls += 1;
         }
-        let honoured = self.strategy.uses_leases() && conn.last_takeover.is_none_or(|t| t < oldest);
+        // A holder stops sending `send_safety` before its lease ends by its own clock;
+        // with clocks further apart than that, a holder displaced by a takeover may
+        // still send for up to a lease (found by a wider sweep with 77 s of skew).
+        let skew = Duration::from_millis(2 * self.max_skew_ms.unsigned_abs());
+        let window = if skew > self.settings.send_safety {
+            self.settings.lease_ttl + skew
+        } else {
+            Duration::ZERO
+        };
+        let honoured = self.strategy.uses_leases()
+            && conn
+                .last_takeover
+                .is_none_or(|t| t.saturating_add(window) < oldest);
         if let Err(v) = invariants::single_flight(outstanding, honoured) {
             let now = self.now;
             self.ledger.violation("S8", c, now, || v.to_string());
