@@ -454,6 +454,8 @@ impl TokenManager {
             next_request: 0,
             warned_deadline: dormant.warned_deadline,
             heard_store: false,
+            woken: false,
+            store_failed: false,
         };
         self.inner.actors.fetch_add(1, Ordering::SeqCst);
         let span = tracing::info_span!("connection", id = %id);
@@ -628,6 +630,11 @@ struct Actor {
     /// Whether the machine has heard from the store yet: until then it knows
     /// nothing, and the cached token its predecessor left stays.
     heard_store: bool,
+    /// Whether a wake started this work (a timer of a dormant slot, or a notice
+    /// the keep-alive pass reported once).
+    woken: bool,
+    /// Whether the last store command failed.
+    store_failed: bool,
 }
 
 async fn next_pending(pending: &mut Option<PendingInput>) -> Input {
@@ -659,13 +666,14 @@ impl Actor {
                         input = next_pending(&mut pending), if pending.is_some() => {
                             pending = None;
                             self.heard_store = true;
+                            self.store_failed = matches!(input, Input::StoreFailed);
                             input
                         }
                         _ = sleep_until(sleep), if sleep.is_some() => Input::Timeout,
                         _ = sleep_until(retire), if retire.is_some() => {
                             let parting = Dormant {
                                 warned_deadline: self.warned_deadline,
-                                wake_at: self.machine.poll_timeout(),
+                                wake_at: self.wake_at(now),
                             };
                             if self.slot.gate.retire(parting) {
                                 self.inner.actors.fetch_sub(1, Ordering::SeqCst);
@@ -706,8 +714,21 @@ impl Actor {
             }
             // An access nobody waits for: the machine loads the record and acts on
             // its timers (a due warning is emitted, a due keep-alive then fires).
-            Command::Wake => Input::AccessRequested(request),
+            Command::Wake => {
+                self.woken = true;
+                Input::AccessRequested(request)
+            }
         }
+    }
+
+    /// When the dormant slot should be woken again: the machine's next timer; or,
+    /// if a wake could not read the record (the store was down), at the next pass,
+    /// so that a notice reported once is not lost with it.
+    fn wake_at(&self, now: Timestamp) -> Option<Timestamp> {
+        let m = &self.machine;
+        let unread = self.woken && self.store_failed && m.record().is_none();
+        m.poll_timeout()
+            .or_else(|| unread.then(|| m.retry_gate_at(now).unwrap_or(now)))
     }
 
     /// When this actor may retire if nothing else happens: `None` while work is

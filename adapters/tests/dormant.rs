@@ -14,7 +14,7 @@ use tokenfence::{LifecycleEvent, TokenManager};
 use tokenfence_core::*;
 
 mod common;
-use common::{id, provider, Scripted};
+use common::{id, provider, Scripted, Watched};
 
 /// A clock the test moves by hand.
 #[derive(Clone)]
@@ -53,10 +53,17 @@ struct Setup {
 /// A manager over one stored connection (RT-1, built by `record`), whose actors
 /// retire as soon as they have nothing to do, with a keep-alive scan every minute.
 async fn setup(record: impl FnOnce(ConnectionRecord, Timestamp) -> ConnectionRecord) -> Setup {
+    setup_on(Arc::new(MemoryStore::new()), record).await
+}
+
+/// [`setup`] over `store`.
+async fn setup_on(
+    store: Arc<dyn Store>,
+    record: impl FnOnce(ConnectionRecord, Timestamp) -> ConnectionRecord,
+) -> Setup {
     let p = provider();
     let clock = Manual::new();
     let now = clock.now();
-    let store = MemoryStore::new();
     let base = ConnectionRecord::new(id(), p.identity(), RefreshToken::new("RT-1"), now);
     store
         .compare_and_swap(None, &record(base, now))
@@ -65,7 +72,7 @@ async fn setup(record: impl FnOnce(ConnectionRecord, Timestamp) -> ConnectionRec
     let transport = Scripted::new(Duration::from_millis(20));
     let tokens = TokenManager::builder()
         .provider(p)
-        .store(store)
+        .shared_store(store)
         .transport(transport.clone())
         .clock(clock.clone())
         .keepalive_scan(Some(Duration::from_secs(60)))
@@ -253,5 +260,34 @@ async fn a_starting_process_announces_a_due_warning_without_a_caller() {
     let mut events = s.tokens.subscribe();
 
     warned_once(&s, &mut events, Duration::from_secs(60)).await;
+    s.tokens.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_notice_reported_while_the_store_cannot_be_read_is_announced_when_it_can() {
+    // As above, but the store refuses reads (not scans) when the process starts.
+    let store = Arc::new(Watched::default());
+    store.down.store(true, Ordering::SeqCst);
+    let s = setup_on(store.clone(), |r, now| ConnectionRecord {
+        access: Some(AccessGrant {
+            token: AccessToken::new("AT-1"),
+            expires_at: now.saturating_add(hours(3)),
+        }),
+        hard_deadline: Some(now.saturating_add(days(10))),
+        ..r
+    })
+    .await;
+    let mut events = s.tokens.subscribe();
+    // Ten minutes of failed reads: the wake's retries run out and its actor retires.
+    for _ in 0..10 {
+        s.clock.advance(Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    assert_eq!(reconnect_soon(&drain(&mut events)), 0, "nothing read yet");
+
+    // Reads work again: a later pass wakes the slot again and the notice comes.
+    store.down.store(false, Ordering::SeqCst);
+    s.clock.advance(Duration::from_secs(300));
+    warned_once(&s, &mut events, Duration::from_secs(300)).await;
     s.tokens.shutdown().await;
 }

@@ -2,76 +2,19 @@
 //! provider: single-flight, the cached hot path, lifecycle events, connect and
 //! disconnect, shutdown.
 
-use async_trait::async_trait;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenfence::clock::{Clock, SystemClock};
-use tokenfence::store::{CasOutcome, LeaseOutcome, MemoryStore, Store, StoreError};
+use tokenfence::store::{CasOutcome, MemoryStore, Store};
 use tokenfence::{LifecycleEvent, Provider, TokenManager};
 use tokenfence_core::*;
 
 mod common;
-use common::{id, provider, Scripted};
+use common::{id, provider, Scripted, Watched};
 
-/// Counts store reads so tests can see the hot path does not touch the store.
-struct Counting {
-    inner: MemoryStore,
-    loads: AtomicUsize,
-}
-
-#[async_trait]
-impl Store for Counting {
-    async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
-        self.loads.fetch_add(1, Ordering::SeqCst);
-        self.inner.load(id).await
-    }
-    async fn compare_and_swap(
-        &self,
-        expected: Option<Generation>,
-        record: &ConnectionRecord,
-    ) -> Result<CasOutcome, StoreError> {
-        self.inner.compare_and_swap(expected, record).await
-    }
-    async fn acquire_lease(
-        &self,
-        id: &ConnectionId,
-        owner: &WorkerId,
-        now: Timestamp,
-        ttl: Duration,
-    ) -> Result<LeaseOutcome, StoreError> {
-        self.loads.fetch_add(1, Ordering::SeqCst);
-        self.inner.acquire_lease(id, owner, now, ttl).await
-    }
-    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
-        self.inner.release_lease(id, owner).await
-    }
-    async fn due_for_work(
-        &self,
-        now: Timestamp,
-        lead: Duration,
-        limit: usize,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        self.inner.due_for_work(now, lead, limit).await
-    }
-    async fn notices_due(
-        &self,
-        after: Option<Timestamp>,
-        until: Timestamp,
-        notice: Duration,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        self.inner.notices_due(after, until, notice).await
-    }
-    async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
-        self.inner.list().await
-    }
-}
-
-async fn seeded_store(p: &Provider) -> Arc<Counting> {
-    let store = Arc::new(Counting {
-        inner: MemoryStore::new(),
-        loads: AtomicUsize::new(0),
-    });
+async fn seeded_store(p: &Provider) -> Arc<Watched> {
+    let store = Arc::new(Watched::default());
     let now = SystemClock.now();
     let record = ConnectionRecord {
         realm_id: Some("1".into()),
@@ -84,7 +27,7 @@ async fn seeded_store(p: &Provider) -> Arc<Counting> {
     store
 }
 
-async fn manager(store: Arc<Counting>, transport: Arc<Scripted>) -> TokenManager {
+async fn manager(store: Arc<Watched>, transport: Arc<Scripted>) -> TokenManager {
     TokenManager::builder()
         .provider(provider())
         .store(store)
@@ -190,10 +133,7 @@ async fn events_status_and_disconnect() {
 #[tokio::test]
 async fn connect_stores_an_authorization_then_serves_it() {
     let p = provider();
-    let store = Arc::new(Counting {
-        inner: MemoryStore::new(),
-        loads: AtomicUsize::new(0),
-    });
+    let store = Arc::new(Watched::default());
     let transport = Scripted::new(Duration::ZERO);
     let tokens = manager(store.clone(), transport.clone()).await;
     let grant = parse_token_reply(
@@ -224,10 +164,7 @@ async fn connect_stores_an_authorization_then_serves_it() {
 
 #[tokio::test]
 async fn unknown_connection_is_a_clear_error() {
-    let store = Arc::new(Counting {
-        inner: MemoryStore::new(),
-        loads: AtomicUsize::new(0),
-    });
+    let store = Arc::new(Watched::default());
     let tokens = manager(store, Scripted::new(Duration::ZERO)).await;
     let err = tokens
         .access_token(&ConnectionId("nope".into()))

@@ -1,11 +1,13 @@
-//! Shared by the TokenManager tests: a scripted in-process provider, the provider
-//! configuration pointing at nothing, and the connection id.
+//! Shared by the TokenManager tests: a scripted in-process provider, a store that
+//! counts and can refuse reads, the provider configuration pointing at nothing,
+//! and the connection id.
 #![allow(dead_code)]
 
 use async_trait::async_trait;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokenfence::store::{CasOutcome, LeaseOutcome, MemoryStore, Store, StoreError};
 use tokenfence::transport::{Delivery, Transport};
 use tokenfence::Provider;
 use tokenfence_core::*;
@@ -72,4 +74,70 @@ pub fn provider() -> Provider {
 
 pub fn id() -> ConnectionId {
     ConnectionId("realm-1".into())
+}
+
+/// A memory store that counts record reads (so tests can see the hot path does not
+/// touch the store) and refuses them while `down` is set; scans and writes work.
+#[derive(Default)]
+pub struct Watched {
+    pub inner: MemoryStore,
+    pub loads: AtomicUsize,
+    pub down: AtomicBool,
+}
+
+impl Watched {
+    fn read(&self) -> Result<(), StoreError> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for Watched {
+    async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
+        self.read()?;
+        self.inner.load(id).await
+    }
+    async fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        record: &ConnectionRecord,
+    ) -> Result<CasOutcome, StoreError> {
+        self.inner.compare_and_swap(expected, record).await
+    }
+    async fn acquire_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> Result<LeaseOutcome, StoreError> {
+        self.read()?;
+        self.inner.acquire_lease(id, owner, now, ttl).await
+    }
+    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
+        self.inner.release_lease(id, owner).await
+    }
+    async fn due_for_work(
+        &self,
+        now: Timestamp,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        self.inner.due_for_work(now, lead, limit).await
+    }
+    async fn notices_due(
+        &self,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        notice: Duration,
+    ) -> Result<Vec<ConnectionId>, StoreError> {
+        self.inner.notices_due(after, until, notice).await
+    }
+    async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
+        self.inner.list().await
+    }
 }
