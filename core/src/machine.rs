@@ -833,11 +833,10 @@ impl Connection {
         retry_after: Option<Duration>,
     ) {
         let failures = attempt.base.failures().saturating_add(1);
-        let delay = match kind {
-            FailureKind::ClientRejected | FailureKind::RequestRejected => {
-                self.config.settings.config_backoff
-            }
-            _ => self.backoff(failures).max(retry_after.unwrap_or_default()),
+        let delay = if kind.is_configuration() {
+            self.config.settings.config_backoff
+        } else {
+            self.backoff(failures).max(retry_after.unwrap_or_default())
         };
         let retry_at = now.saturating_add(delay);
         let first = attempt.base.status == Status::Active;

@@ -116,6 +116,17 @@ pub enum FailureKind {
     StoreUnavailable,
 }
 
+impl FailureKind {
+    /// Whether the provider refused our client or request: a configuration to fix,
+    /// not a trouble that passes with time.
+    pub fn is_configuration(self) -> bool {
+        matches!(
+            self,
+            FailureKind::ClientRejected | FailureKind::RequestRejected
+        )
+    }
+}
+
 impl core::fmt::Display for FailureKind {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
@@ -326,13 +337,16 @@ impl ConnectionRecord {
 
     /// The part of [`work_due_at`](Self::work_due_at) that does not depend on the
     /// keep-alive lead: since when a refresh is in doubt, or when a degraded
-    /// connection's retry is due (the earlier). `None` unless the record is live.
+    /// connection's retry is due (the earlier). `None` unless the record is live. A
+    /// connection degraded by a configuration error (the provider refused the
+    /// client or the request) is not retried on a timer: that needs a fix, not time,
+    /// and a wrong client presented every few minutes can get an app locked out.
     pub fn pending_work_at(&self) -> Option<Timestamp> {
         if !self.is_live() {
             return None;
         }
         let retry = match self.status {
-            Status::Degraded { retry_at, .. } => Some(retry_at),
+            Status::Degraded { retry_at, last, .. } if !last.is_configuration() => Some(retry_at),
             _ => None,
         };
         [self.in_doubt_since, retry].into_iter().flatten().min()

@@ -718,3 +718,56 @@ fn reconnect_soon_is_not_repeated_on_every_refresh() {
         .count();
     assert_eq!(warnings, 1, "{:?}", events(&world, 0));
 }
+
+#[test]
+fn a_degraded_connection_retries_at_its_retry_time_without_a_caller() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-1")));
+    world.token(0, r);
+    // A scheduler's keep-alive meets a provider outage; the access token is still
+    // good, so no caller will need a refresh for an hour.
+    world.input(0, Input::Maintain).expect("accepted");
+    world.reply(0, json_reply(503, "Service Unavailable"));
+    let Status::Degraded { retry_at, .. } = world.stored().status else {
+        panic!("degraded: {:?}", world.stored().status);
+    };
+    assert_eq!(world.workers[0].sent.len(), 2);
+    // Nobody asks; the machine's timer retries at the recorded retry time, not
+    // before, and the connection recovers.
+    let woke = world.wake(0);
+    assert!(woke >= retry_at, "no retry before the recorded time (L5)");
+    assert!(
+        woke.saturating_since(retry_at) < Duration::from_secs(60),
+        "retried at the recorded time, not at the next keep-alive"
+    );
+    assert_eq!(world.workers[0].sent.len(), 3, "retried without a caller");
+    world.reply(0, granted("AT-3", Some("RT-1")));
+    assert_eq!(world.stored().status, Status::Active);
+    assert!(world.workers[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Recovered { .. })));
+}
+
+#[test]
+fn a_connection_degraded_by_a_rejected_client_waits_for_a_caller() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-1")));
+    world.token(0, r);
+    world.input(0, Input::Maintain).expect("accepted");
+    world.reply(0, json_reply(401, r#"{"error":"invalid_client"}"#));
+    assert!(matches!(
+        world.stored().status,
+        Status::Degraded {
+            last: FailureKind::ClientRejected,
+            ..
+        }
+    ));
+    // A wrong client is a configuration to fix, not a trouble that passes: no
+    // timer presents it again (only the far keep-alive remains).
+    let next = world.workers[0].conn.poll_timeout().expect("keep-alive");
+    assert!(next > world.now.saturating_add(days(30)));
+    assert_eq!(world.stored().pending_work_at(), None);
+}
