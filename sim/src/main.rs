@@ -25,6 +25,23 @@ use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc.h (v2 and v3): how long freed memory is kept
+/// before it is returned to the OS.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory instead of returning it to the OS after 10 ms: the simulator
+/// frees tens of megabytes of machines in every process crash and allocates them
+/// again on restart, and paid page faults to get them back (a 10,000-connection
+/// year: 29.4 s → 26.4 s CPU, peak memory 347 → 374 MB).
+fn keep_freed_memory() {
+    // SAFETY: sets one integer option of the allocator; any value is valid for
+    // this option (-1: never purge) and the call may happen at any time.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "tokenfence-sim",
@@ -121,6 +138,7 @@ struct CheckArgs {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check(args),
