@@ -78,6 +78,20 @@ pub enum Input {
 }
 
 impl Input {
+    /// The generation of the stored record this input shows the machine, if any:
+    /// what harnesses track as the newest generation a worker has seen (S5).
+    pub fn shown_generation(&self) -> Option<Generation> {
+        match self {
+            Input::Loaded(Some(r))
+            | Input::LeaseGranted {
+                record: Some(r), ..
+            }
+            | Input::Conflict { current: Some(r) } => Some(r.generation),
+            Input::Committed { generation } => Some(*generation),
+            _ => None,
+        }
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Input::AccessRequested(_) => "AccessRequested",

@@ -63,14 +63,20 @@ fn settle(model: &TokenfenceModel, mut state: State) -> State {
     state
 }
 
-#[test]
-fn fork_sibling_minted_by_a_replay_in_doubt_is_not_dropped() {
-    let model = TokenfenceModel::new(ModelConfig {
+/// Two workers under a provider that forks on replays in the grace window, no
+/// faults, three time jumps: where the fork finds were made.
+fn grace_fork_without_faults() -> TokenfenceModel {
+    TokenfenceModel::new(ModelConfig {
         faults: Default::default(),
         max_ticks: 3,
         ..ModelConfig::new(BehaviourClass::GraceFork, 2)
     })
-    .expect("model");
+    .expect("model")
+}
+
+#[test]
+fn fork_sibling_minted_by_a_replay_in_doubt_is_not_dropped() {
+    let model = grace_fork_without_faults();
     use Action::*;
     let states = replay(
         &model,
@@ -173,12 +179,7 @@ fn a_doubt_another_worker_acted_on_is_not_voided_by_an_unsent_request() {
 
 #[test]
 fn taking_over_a_lease_after_another_workers_late_commit_is_still_in_doubt() {
-    let model = TokenfenceModel::new(ModelConfig {
-        faults: Default::default(),
-        max_ticks: 3,
-        ..ModelConfig::new(BehaviourClass::GraceFork, 2)
-    })
-    .expect("model");
+    let model = grace_fork_without_faults();
     use Action::*;
     let states = replay(
         &model,

@@ -594,11 +594,7 @@ impl Store for PostgresStore {
         lead: Duration,
         limit: usize,
     ) -> Result<Vec<ConnectionId>, StoreError> {
-        // keep-alive due: idle_deadline - lead <= now, i.e. idle_deadline <= now + lead;
-        // or in doubt (`ConnectionRecord::work_due_at`).
-        let keepalive_bound = row::time_to_sql(now.saturating_add(lead));
-        let now = row::time_to_sql(now);
-        let limit = row::limit_to_sql(limit);
+        let (keepalive_bound, now, limit) = row::due_bounds(now, lead, limit);
         let client = self.client().await?;
         ids(
             &client,
@@ -614,7 +610,6 @@ impl Store for PostgresStore {
         until: Timestamp,
         notice: Duration,
     ) -> Result<Vec<ConnectionId>, StoreError> {
-        // notice instant = hard_deadline - notice, in (after, until].
         let (low, high) = row::notice_bounds(after, until, notice);
         let client = self.client().await?;
         ids(&client, &self.inner.sql.notices, &[&low, &high]).await

@@ -189,6 +189,17 @@ pub(crate) fn time_to_sql(t: Timestamp) -> i64 {
     i64::try_from(t.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Parameters of the `due_for_work` query: `idle_deadline <= keepalive_bound` (keep-alive
+/// due: `idle_deadline - lead <= now`), `keepalive_floor <= now`, `pending_work_at <= now`
+/// and `expires_at <= now` (abandoned leases), at most `limit` rows.
+pub(crate) fn due_bounds(now: Timestamp, lead: Duration, limit: usize) -> (i64, i64, i64) {
+    (
+        time_to_sql(now.saturating_add(lead)),
+        time_to_sql(now),
+        limit_to_sql(limit),
+    )
+}
+
 /// `hard_deadline` bounds `(low, high]` for notice instants (`hard_deadline -
 /// notice`) in `(after, until]`: `after: None` is no lower bound.
 pub(crate) fn notice_bounds(

@@ -230,6 +230,19 @@ fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
     Ok(tx.commit()?)
 }
 
+/// The ids a query of one `id` column returns.
+fn ids(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<ConnectionId>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(sql_error)?;
+    let ids = stmt
+        .query_map(params, |r| r.get(0).map(ConnectionId))
+        .map_err(sql_error)?;
+    ids.collect::<Result<_, _>>().map_err(sql_error)
+}
+
 fn sql_error(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(format!("SQLite: {e}"))
 }
@@ -412,27 +425,17 @@ impl Store for SqliteStore {
         lead: Duration,
         limit: usize,
     ) -> Result<Vec<ConnectionId>, StoreError> {
-        // keep-alive due: idle_deadline - lead <= now, i.e. idle_deadline <= now + lead;
-        // or in doubt (`ConnectionRecord::work_due_at`).
-        let keepalive_bound = row::time_to_sql(now.saturating_add(lead));
-        let now = row::time_to_sql(now);
-        let limit = row::limit_to_sql(limit);
+        let (keepalive_bound, now, limit) = row::due_bounds(now, lead, limit);
         self.run(move |conn, _| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT id FROM tokenfence_connections \
-                     WHERE idle_deadline <= ?1 AND keepalive_floor <= ?2 \
-                     UNION SELECT id FROM tokenfence_connections WHERE pending_work_at <= ?2 \
-                     UNION SELECT id FROM tokenfence_leases WHERE expires_at <= ?2 \
-                     ORDER BY id LIMIT ?3",
-                )
-                .map_err(sql_error)?;
-            let ids = stmt
-                .query_map(params![keepalive_bound, now, limit], |r| {
-                    r.get(0).map(ConnectionId)
-                })
-                .map_err(sql_error)?;
-            ids.collect::<Result<_, _>>().map_err(sql_error)
+            ids(
+                conn,
+                "SELECT id FROM tokenfence_connections \
+                 WHERE idle_deadline <= ?1 AND keepalive_floor <= ?2 \
+                 UNION SELECT id FROM tokenfence_connections WHERE pending_work_at <= ?2 \
+                 UNION SELECT id FROM tokenfence_leases WHERE expires_at <= ?2 \
+                 ORDER BY id LIMIT ?3",
+                params![keepalive_bound, now, limit],
+            )
         })
         .await
     }
@@ -443,32 +446,25 @@ impl Store for SqliteStore {
         until: Timestamp,
         notice: Duration,
     ) -> Result<Vec<ConnectionId>, StoreError> {
-        // notice instant = hard_deadline - notice, in (after, until].
         let (low, high) = row::notice_bounds(after, until, notice);
         self.run(move |conn, _| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT id FROM tokenfence_connections \
-                     WHERE hard_deadline > ?1 AND hard_deadline <= ?2 ORDER BY id",
-                )
-                .map_err(sql_error)?;
-            let ids = stmt
-                .query_map(params![low, high], |r| r.get(0).map(ConnectionId))
-                .map_err(sql_error)?;
-            ids.collect::<Result<_, _>>().map_err(sql_error)
+            ids(
+                conn,
+                "SELECT id FROM tokenfence_connections \
+                 WHERE hard_deadline > ?1 AND hard_deadline <= ?2 ORDER BY id",
+                params![low, high],
+            )
         })
         .await
     }
 
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         self.run(|conn, _| {
-            let mut stmt = conn
-                .prepare_cached("SELECT id FROM tokenfence_connections ORDER BY id")
-                .map_err(sql_error)?;
-            let ids = stmt
-                .query_map([], |r| r.get(0).map(ConnectionId))
-                .map_err(sql_error)?;
-            ids.collect::<Result<_, _>>().map_err(sql_error)
+            ids(
+                conn,
+                "SELECT id FROM tokenfence_connections ORDER BY id",
+                params![],
+            )
         })
         .await
     }

@@ -274,16 +274,9 @@ impl World {
                 }
                 other => {
                     if let Some(answer) = self.store.apply(now, &other) {
-                        let shown = match &answer {
-                            Input::Loaded(r) | Input::LeaseGranted { record: r, .. } => {
-                                r.as_ref().map(|r| r.generation)
-                            }
-                            Input::Conflict { current } => current.as_ref().map(|r| r.generation),
-                            Input::Committed { generation } => Some(*generation),
-                            _ => None,
-                        };
+                        let shown = answer.shown_generation().unwrap_or_default();
                         let worker = &mut self.workers[w];
-                        worker.newest = worker.newest.max(shown.unwrap_or_default());
+                        worker.newest = worker.newest.max(shown);
                         self.workers[w]
                             .conn
                             .handle_input(now, answer)

@@ -198,15 +198,7 @@ impl TokenfenceModel {
     /// Feeds `input` to worker `w` and drains every output.
     pub(super) fn feed(&self, s: &mut State, w: usize, input: Input, log: &mut Log) {
         let now = s.now;
-        let seen_gen = match &input {
-            Input::Loaded(Some(r))
-            | Input::LeaseGranted {
-                record: Some(r), ..
-            }
-            | Input::Conflict { current: Some(r) } => Some(r.generation),
-            Input::Committed { generation } => Some(*generation),
-            _ => None,
-        };
+        let seen_gen = input.shown_generation();
         let ghost = &mut s.workers[w].ghost;
         if let Some(g) = seen_gen {
             ghost.newest = Some(ghost.newest.map_or(g, |n| n.max(g)));

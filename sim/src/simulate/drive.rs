@@ -153,15 +153,7 @@ impl World {
     fn feed(&mut self, w: usize, c: usize, input: Input) {
         let p = self.workers[w].process;
         let local = self.local_now(p);
-        let seen = match &input {
-            Input::Loaded(Some(r))
-            | Input::LeaseGranted {
-                record: Some(r), ..
-            }
-            | Input::Conflict { current: Some(r) } => Some(r.generation),
-            Input::Committed { generation } => Some(*generation),
-            _ => None,
-        };
+        let seen = input.shown_generation();
         let Some(slot) = self.slot(w, c) else { return };
         if let Some(g) = seen {
             slot.ghost.newest = Some(slot.ghost.newest.map_or(g, |n| n.max(g)));
