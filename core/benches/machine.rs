@@ -60,7 +60,7 @@ fn refresh_cycle(config: &Arc<Config>, record: &ConnectionRecord) -> usize {
         while let Some(out) = conn.poll_output() {
             input = match out {
                 Output::Load => Some(Input::Loaded(Some(Box::new(stored.clone())))),
-                Output::AcquireLease { owner, ttl } => Some(Input::LeaseGranted {
+                Output::AcquireLease { owner, ttl, .. } => Some(Input::LeaseGranted {
                     lease: Lease {
                         owner,
                         acquired_at: NOW,

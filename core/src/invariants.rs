@@ -54,9 +54,10 @@ pub enum Violation {
     /// S3: we replayed a rotated-away token outside its grace window.
     #[error("S3 self-inflicted replay of a rotated-away refresh token")]
     SelfInflictedReplay,
-    /// S4: re-auth flagged while the provider accepts the stored token.
+    /// S4: re-auth flagged while the provider accepts the stored token, or a lost
+    /// rotation declared although no request presenting it may have been processed.
     #[error(
-        "S4 unsound re-auth ({reason:?}): the provider still accepts the stored refresh token"
+        "S4 unsound re-auth ({reason:?}): the provider still accepts the stored refresh token, or no request presenting it may have been processed unseen"
     )]
     UnsoundReauth {
         /// The reason given.
@@ -119,9 +120,15 @@ pub fn generation_monotonic(before: Generation, after: Generation) -> Result<(),
 /// S2: unless the provider ended the grant, the stored refresh token is accepted, or
 /// a worker is resolving a refresh (`resolving`: a request outstanding or fresh tokens
 /// not yet committed, with `pending` the refresh tokens those workers hold), or the
-/// record says explicitly that the rotation was lost, or a fault took the successor.
+/// record says explicitly that the rotation was lost, or a fault took the successor
+/// where INVARIANTS.md allows it: under a provider with no grace window (the machine
+/// must then declare `LostRotation` when it next tries), or on a record that carries
+/// the doubt (its holders are resolving it). Under a grace window, a lost successor
+/// on a record with no doubt is a loss: the doubt was dropped and nobody will recover
+/// the rotation inside the window.
 pub fn no_self_inflicted_loss<'a>(
     stored: &ConnectionRecord,
+    profile: &ProviderProfile,
     resolving: bool,
     pending: impl IntoIterator<Item = &'a RefreshToken>,
     truth: &impl ProviderTruth,
@@ -135,9 +142,11 @@ pub fn no_self_inflicted_loss<'a>(
             }
     );
     // A fault (lost reply, crashed receiver) took the successor, and the stored
-    // token is no longer accepted: no grace, or every worker was paused past it.
-    // The machine must then end in an explicit LostRotation when it next tries.
-    let lost_to_fault = truth.successor_lost(&stored.refresh);
+    // token is no longer accepted: allowed with no grace window (the machine must
+    // then end in an explicit LostRotation when it next tries), or while the record
+    // says the refresh is in doubt (every worker was paused past the window).
+    let allowance = profile.rotation.grace.is_zero() || stored.in_doubt_since.is_some();
+    let lost_to_fault = allowance && truth.successor_lost(&stored.refresh);
     if truth.ended_by_provider()
         || explicit
         || resolving
@@ -160,14 +169,81 @@ pub fn no_self_inflicted_replay(truth: &impl ProviderTruth) -> Result<(), Violat
     }
 }
 
-/// S4: `ReauthRequired` only when the provider rejects the stored token, or for a
-/// lost rotation the profile cannot safely retry.
-pub fn sound_reauth(
+/// A refresh request that the harness saw leave a worker, presenting `token` under a
+/// lease granted at `lease_at`, whose outcome has not reached the store: it may
+/// still be processed, or the provider processed it and the reply was never seen
+/// (lost, unreadable, a gateway timeout, its receiver crashed), or its sender saw
+/// the outcome and has not committed it yet. Ghost state the harness owns (what was
+/// really sent, what was really answered), never the record the core wrote.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Unsettled {
+    /// The refresh token the request presented.
+    pub token: RefreshToken,
+    /// When the store granted the lease it was sent under (the earliest instant the
+    /// provider could have processed it).
+    pub lease_at: Timestamp,
+}
+
+/// One worker's refresh request as its harness tracks it for S4: sent, then
+/// answered (or not), then settled once the worker's next commit lands or the
+/// worker has nothing left to do. A request whose reply the worker never saw, or
+/// whose worker crashed before committing what it learnt, never settles: the
+/// harness keeps it at connection level ([`Unsettled`]), handed back by the methods
+/// below.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SenderGhost {
+    sent: Option<Unsettled>,
+}
+
+impl SenderGhost {
+    /// The worker sent a refresh presenting `token` under a lease granted at
+    /// `lease_at`. An earlier request of this worker whose outcome it never
+    /// committed is handed back.
+    pub fn sent(&mut self, token: RefreshToken, lease_at: Timestamp) -> Option<Unsettled> {
+        self.sent.replace(Unsettled { token, lease_at })
+    }
+
+    /// The worker got its answer: `seen` when it learnt the outcome for certain (a
+    /// complete reply the provider produced, or the request was certainly not
+    /// sent). An unseen outcome is handed back: it never settles.
+    pub fn answered(&mut self, seen: bool) -> Option<Unsettled> {
+        if seen {
+            None
+        } else {
+            self.sent.take()
+        }
+    }
+
+    /// The worker's next commit landed, or it has nothing left to do: what it
+    /// learnt is in the store or superseded.
+    pub fn settle(&mut self) {
+        self.sent = None;
+    }
+
+    /// The worker crashed: an outcome it had not committed is handed back.
+    pub fn crashed(&mut self) -> Option<Unsettled> {
+        self.sent.take()
+    }
+
+    /// The request not yet settled, if any.
+    pub fn unsettled(&self) -> Option<&Unsettled> {
+        self.sent.as_ref()
+    }
+}
+
+/// S4: `ReauthRequired` only when the provider really no longer accepts the stored
+/// token (`InvalidGrant`, `IdleExpired`, `HardExpired`), or, for `LostRotation`,
+/// when a request presenting the stored token may really have been processed by the
+/// provider without its outcome reaching the store (`unsettled`, the harness's
+/// ghost) and the profile allows no recovery for it any more. The record's own
+/// `in_doubt_since` is not consulted: the core wrote it.
+pub fn sound_reauth<'a>(
     stored: &ConnectionRecord,
     profile: &ProviderProfile,
     truth: &impl ProviderTruth,
+    unsettled: impl IntoIterator<Item = &'a Unsettled>,
 ) -> Result<(), Violation> {
-    sound_reauth_within(stored, profile, Duration::ZERO, truth)
+    sound_reauth_within(stored, profile, Duration::ZERO, truth, unsettled)
 }
 
 /// S4 with the margin the machine keeps from a grace window before presenting a
@@ -176,20 +252,30 @@ pub fn sound_reauth(
 /// token could have been a replay outside the window as the provider's clock sees
 /// it (found by the simulator: a takeover 8 minutes into Atlassian's 10-minute
 /// grace, with a 2-minute margin).
-pub fn sound_reauth_within(
+pub fn sound_reauth_within<'a>(
     stored: &ConnectionRecord,
     profile: &ProviderProfile,
     safety: Duration,
     truth: &impl ProviderTruth,
+    unsettled: impl IntoIterator<Item = &'a Unsettled>,
 ) -> Result<(), Violation> {
     let Status::ReauthRequired { reason, since } = stored.status else {
         return Ok(());
     };
-    let declined_to_present = reason == ReauthReason::LostRotation
-        && stored.in_doubt_since.is_some_and(|t| {
-            profile.rotation.in_doubt_recovery(t, since, safety) == InDoubtRecovery::DeclareLost
-        });
-    if truth.ended_by_provider() || declined_to_present || !truth.accepts(&stored.refresh) {
+    let justified = if truth.ended_by_provider() {
+        true
+    } else if reason == ReauthReason::LostRotation {
+        unsettled.into_iter().any(|u| {
+            u.token == stored.refresh
+                && profile
+                    .rotation
+                    .in_doubt_recovery(u.lease_at, since, safety)
+                    != InDoubtRecovery::PresentAgain
+        })
+    } else {
+        !truth.accepts(&stored.refresh)
+    };
+    if justified {
         Ok(())
     } else {
         Err(Violation::UnsoundReauth { reason })

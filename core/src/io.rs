@@ -1,7 +1,9 @@
 //! The machine's vocabulary: what drivers feed in, what they drain out, and the
 //! errors and events callers see.
 
-use crate::record::{ConnectionRecord, FailureKind, Generation, Lease, ReauthReason, WorkerId};
+use crate::record::{
+    ConnectionRecord, FailureKind, Generation, Lease, LeaseRequestId, ReauthReason, WorkerId,
+};
 use crate::reply::{HttpResponse, TokenGrant};
 use crate::request::HttpRequest;
 use crate::secret::AccessToken;
@@ -127,16 +129,33 @@ pub enum Output {
     /// Take the lease for `ttl` if it is free, expired, or already this owner's;
     /// answer with [`Input::LeaseGranted`], [`Input::LeaseHeld`] or
     /// [`Input::StoreFailed`].
+    ///
+    /// The store keeps `request` with the granted row, and with it the unreleased
+    /// row the grant displaced (reported as `took_over`). A request whose answer
+    /// was lost is retried under the same `request`: if the stored row is still
+    /// that earlier grant (same owner, same request), the store grants it again and
+    /// reports, as `took_over`, what that earlier grant displaced — not the
+    /// requester's own row, under which nothing was sent.
     AcquireLease {
         /// Lease owner.
         owner: WorkerId,
         /// Lease duration from the driver's now.
         ttl: Duration,
+        /// This request's name (the same on a retry after a lost answer).
+        request: LeaseRequestId,
     },
-    /// Release the lease if `owner` still holds it. No answer expected.
+    /// Release the lease if `owner` still holds it under `request`; otherwise do
+    /// nothing. No answer expected. With `restore`, put back the unreleased row the
+    /// grant displaced instead of leaving none: the machine gives up a lease it may
+    /// hold (its answer was lost) or did not act on what the grant reported, so
+    /// the displaced holder's refresh is still in doubt for the next worker.
     ReleaseLease {
         /// Lease owner.
         owner: WorkerId,
+        /// The request the lease was granted to.
+        request: LeaseRequestId,
+        /// Put back the row the grant displaced.
+        restore: bool,
     },
     /// Send this request; answer with [`Input::Replied`], [`Input::NotSent`] or
     /// [`Input::OutcomeUnknown`].

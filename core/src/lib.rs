@@ -130,7 +130,7 @@ pub use profile::{
 };
 pub use record::{
     AccessGrant, ConnectionId, ConnectionRecord, FailureKind, Generation, GrantIdentity, Lease,
-    ReauthReason, Status, WorkerId,
+    LeaseRequestId, ReauthReason, Status, WorkerId,
 };
 pub use reply::{
     parse_revoke_reply, parse_token_reply, HttpResponse, Malformation, OAuthErrorCode, ReplyError,

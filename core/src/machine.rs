@@ -5,8 +5,8 @@ use crate::io::{
 };
 use crate::profile::{ClientCredentials, GraceReplay, InDoubtRecovery, ProviderProfile, Rotation};
 use crate::record::{
-    ConnectionId, ConnectionRecord, FailureKind, GrantIdentity, Lease, ReauthReason, Status,
-    WorkerId,
+    ConnectionId, ConnectionRecord, FailureKind, GrantIdentity, Lease, LeaseRequestId,
+    ReauthReason, Status, WorkerId,
 };
 use crate::reply::{parse_revoke_reply, parse_token_reply, OAuthErrorCode, ReplyError};
 use crate::request::{refresh_request, revoke_request};
@@ -172,6 +172,14 @@ pub struct Connection {
     /// When the record was last read from (or written to) the store.
     read_at: Option<Timestamp>,
     holding_lease: bool,
+    /// The name of the lease request to make next: kept after a lost answer (we may
+    /// hold the lease) and while no request was sent under the lease, so the store
+    /// recognises its own earlier grant; drawn anew once a request was sent.
+    lease_request: Option<LeaseRequestId>,
+    /// The last lease request's answer was lost: the store may have granted it.
+    lease_unknown: bool,
+    /// A refresh request was sent under the lease held now.
+    sent_under_lease: bool,
     lease_at: Timestamp,
     took_over: Option<Lease>,
     phase: Phase,
@@ -200,6 +208,9 @@ impl Connection {
             fresh: false,
             read_at: None,
             holding_lease: false,
+            lease_request: None,
+            lease_unknown: false,
+            sent_under_lease: false,
             lease_at: Timestamp::EPOCH,
             took_over: None,
             phase: Phase::Idle,
@@ -402,6 +413,8 @@ impl Connection {
                 Phase::Leasing,
             ) => {
                 self.holding_lease = true;
+                self.lease_unknown = false;
+                self.sent_under_lease = false;
                 self.lease_at = lease.acquired_at;
                 // Any unreleased lease row counts, even one with our own name: a
                 // restarted worker may reuse its id while its previous
@@ -411,6 +424,9 @@ impl Connection {
                 self.mark_fresh(now);
             }
             (Input::LeaseHeld { holder }, Phase::Leasing) => {
+                // Whatever our earlier request did, the row is someone else's now.
+                self.lease_unknown = false;
+                self.lease_request = None;
                 let poll = now.saturating_add(self.config.settings.lease_poll);
                 let until = holder.expires_at.min(poll).max(now);
                 self.phase = Phase::Waiting { until };
@@ -495,12 +511,44 @@ impl Connection {
         self.config.settings.backoff(failures, roll)
     }
 
+    /// Releases the lease held now. If nothing was done with what its grant
+    /// reported (a displaced row whose refresh may be in flight), that row is put
+    /// back for the next worker; if no request was sent under it, its name is kept
+    /// for the next acquisition (a lost release then leaves a row the store
+    /// recognises as ours, not a takeover).
     fn release_lease(&mut self) {
-        if self.holding_lease {
-            self.holding_lease = false;
-            let owner = self.config.worker.clone();
-            self.outputs.push_back(Output::ReleaseLease { owner });
+        if !self.holding_lease {
+            return;
         }
+        self.holding_lease = false;
+        let restore = self.took_over.take().is_some();
+        self.emit_release(restore);
+        if self.sent_under_lease {
+            self.lease_request = None;
+        }
+    }
+
+    /// Ends the piece of work: releases the lease held, and gives up one that a
+    /// request whose answer was lost may have been granted, putting back what that
+    /// grant displaced (a phantom lease row must not linger, nor count as a
+    /// refresh in flight: find 18).
+    fn give_up_lease(&mut self) {
+        self.release_lease();
+        if core::mem::take(&mut self.lease_unknown) {
+            self.emit_release(true);
+        }
+    }
+
+    fn emit_release(&mut self, restore: bool) {
+        let Some(request) = self.lease_request else {
+            return;
+        };
+        let owner = self.config.worker.clone();
+        self.outputs.push_back(Output::ReleaseLease {
+            owner,
+            request,
+            restore,
+        });
     }
 
     fn deliver_all(&mut self, result: &Result<AccessToken, AccessError>) {
@@ -570,7 +618,7 @@ impl Connection {
             self.fresh = false;
             self.maintain = false;
             self.attempts = 0;
-            return self.release_lease();
+            return self.give_up_lease();
         }
         let Some(rec) = self.record.as_ref() else {
             if self.fresh {
@@ -626,7 +674,16 @@ impl Connection {
             self.phase = Phase::Leasing;
             let owner = self.config.worker.clone();
             let ttl = self.config.settings.lease_ttl;
-            self.outputs.push_back(Output::AcquireLease { owner, ttl });
+            let request = match self.lease_request {
+                Some(r) => r,
+                None => LeaseRequestId(self.next_entropy()),
+            };
+            self.lease_request = Some(request);
+            self.outputs.push_back(Output::AcquireLease {
+                owner,
+                ttl,
+                request,
+            });
         } else {
             self.load();
         }
@@ -637,7 +694,7 @@ impl Connection {
         self.keepalive = false;
         self.maintain = false;
         self.deliver_all(result);
-        self.release_lease();
+        self.give_up_lease();
         self.fresh = false;
         self.attempts = 0;
     }
@@ -700,7 +757,7 @@ impl Connection {
         self.deliver_all(&Err(err));
         self.keepalive = false;
         self.maintain = false;
-        self.release_lease();
+        self.give_up_lease();
     }
 
     fn start_refresh(&mut self, now: Timestamp) {
@@ -761,6 +818,7 @@ impl Connection {
             send_deadline,
         );
         self.outputs.push_back(Output::Send(request));
+        self.sent_under_lease = true;
         self.phase = Phase::Sending(Box::new(Attempt {
             base,
             sent_at: now,
@@ -1105,7 +1163,11 @@ impl Connection {
                     until: retry_at,
                 };
             }
-            _ => self.not_before = Some((retry_at, FailureKind::StoreUnavailable)),
+            phase => {
+                // A lost answer to a lease request: the store may have granted it.
+                self.lease_unknown |= matches!(phase, Phase::Leasing);
+                self.not_before = Some((retry_at, FailureKind::StoreUnavailable));
+            }
         }
     }
 

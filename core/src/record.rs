@@ -46,6 +46,14 @@ impl core::fmt::Display for ConnectionId {
 #[serde(transparent)]
 pub struct WorkerId(pub String);
 
+/// The name of one lease request, drawn from the machine's entropy. A request
+/// retried after its answer was lost carries the same id, so the store recognises
+/// its own earlier grant (and what that grant displaced) instead of reporting the
+/// requester's own row as a takeover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseRequestId(pub u64);
+
 /// Who authorized a connection: provider, environment and client id. A connection is
 /// only ever refreshed with credentials of the same identity (S7).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -1,7 +1,10 @@
 //! An in-memory token store with the semantics every tokenfence store must have:
 //! compare-and-swap on the record's generation, and leases with an owner and an
 //! expiry that stay in place until their owner releases them or another worker takes
-//! them over after they expired.
+//! them over after they expired. A lease row carries the name of the request it was
+//! granted to and the unreleased row it displaced: a request retried after its
+//! answer was lost recognises its own earlier grant and inherits what that grant
+//! displaced, and a release with `restore` puts the displaced row back (find 18).
 //!
 //! Deterministic and `Clone + Eq + Hash`, so it lives inside model-checker states and
 //! simulator snapshots. Time is an argument; nothing here reads a clock. Rows sit in a
@@ -11,7 +14,18 @@
 use core::hash::{BuildHasherDefault, Hash, Hasher};
 use core::time::Duration;
 use std::collections::HashMap;
-use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+use tokenfence_core::{
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
+};
+
+/// A granted lease as stored: the lease and the request it was granted to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseRow {
+    /// The lease.
+    pub lease: Lease,
+    /// The request it was granted to.
+    pub request: LeaseRequestId,
+}
 
 /// What is stored for one connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -19,7 +33,16 @@ pub struct Row {
     /// The record, if the connection exists.
     pub record: Option<ConnectionRecord>,
     /// The lease row, if one was granted and not released.
-    pub lease: Option<Lease>,
+    pub lease: Option<LeaseRow>,
+    /// The unreleased lease row the current one displaced, kept with it.
+    pub displaced: Option<LeaseRow>,
+}
+
+impl Row {
+    /// The lease, if one was granted and not released.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref().map(|l| &l.lease)
+    }
 }
 
 /// The answer to a compare-and-swap.
@@ -134,16 +157,19 @@ impl MemoryStore {
     /// Grants the lease to `owner` for `ttl` from `now` if it is free, expired, or
     /// already `owner`'s; the record is read in the same step. The unreleased lease
     /// row the grant replaces, whoever owned it, is returned as `took_over`: its
-    /// holder never released it, so its refresh may be in flight.
+    /// holder never released it, so its refresh may be in flight. If that row is
+    /// `owner`'s own earlier grant to the same `request` (whose answer was lost),
+    /// nothing was sent under it: `took_over` is what that grant displaced.
     pub fn acquire_lease(
         &mut self,
         id: &ConnectionId,
         owner: &WorkerId,
+        request: LeaseRequestId,
         ttl: Duration,
         now: Timestamp,
     ) -> LeaseOutcome {
         let row = self.row_mut(id);
-        if let Some(l) = &row.lease {
+        if let Some(l) = row.lease() {
             if l.owner != *owner && now < l.expires_at {
                 return LeaseOutcome::Held { holder: l.clone() };
             }
@@ -154,28 +180,59 @@ impl MemoryStore {
             expires_at: now.saturating_add(ttl),
             generation: row.record.as_ref().map(|r| r.generation),
         };
-        let took_over = row.lease.replace(lease.clone());
+        let granted = LeaseRow {
+            lease: lease.clone(),
+            request,
+        };
+        let old = row.lease.replace(granted);
+        let retry = old
+            .as_ref()
+            .is_some_and(|o| o.lease.owner == *owner && o.request == request);
+        if !retry {
+            let earlier = row.displaced.take();
+            row.displaced = old.map(|o| inherit(o, earlier));
+        }
         LeaseOutcome::Granted {
             lease,
             record: row.record.clone().map(Box::new),
-            took_over,
+            took_over: row.displaced.as_ref().map(|d| d.lease.clone()),
         }
     }
 
-    /// Releases the lease if `owner` holds it (expired or not). Returns whether it did.
-    pub fn release_lease(&mut self, id: &ConnectionId, owner: &WorkerId) -> bool {
+    /// Releases the lease if `owner` holds it under `request` (expired or not);
+    /// with `restore`, the row it displaced takes its place. Returns whether it did.
+    pub fn release_lease(
+        &mut self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        restore: bool,
+    ) -> bool {
         match self.rows.get_mut(id) {
-            Some(row) if row.lease.as_ref().is_some_and(|l| l.owner == *owner) => {
-                row.lease = None;
+            Some(row)
+                if row
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| l.lease.owner == *owner && l.request == request) =>
+            {
+                let displaced = row.displaced.take();
+                row.lease = if restore { displaced } else { None };
                 true
             }
             _ => false,
         }
     }
 
-    /// Replaces the lease row (harness use: renaming owners under symmetry).
-    pub fn set_lease(&mut self, id: &ConnectionId, lease: Option<Lease>) {
-        self.row_mut(id).lease = lease;
+    /// Replaces the lease rows (harness use: renaming owners under symmetry).
+    pub fn set_leases(
+        &mut self,
+        id: &ConnectionId,
+        lease: Option<LeaseRow>,
+        displaced: Option<LeaseRow>,
+    ) {
+        let row = self.row_mut(id);
+        row.lease = lease;
+        row.displaced = displaced;
     }
 
     fn row_mut(&mut self, id: &ConnectionId) -> &mut Row {
@@ -185,6 +242,22 @@ impl MemoryStore {
         self.rows
             .get_mut(id)
             .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+}
+
+/// The row a new grant displaces, `old`, with what `old` had itself displaced
+/// (`earlier`): when nothing was committed between the two grants, the doubt runs
+/// from the earlier one, so the reported row starts there. Otherwise `old` alone.
+fn inherit(old: LeaseRow, earlier: Option<LeaseRow>) -> LeaseRow {
+    match earlier {
+        Some(e) if e.lease.generation == old.lease.generation => LeaseRow {
+            lease: Lease {
+                acquired_at: e.lease.acquired_at.min(old.lease.acquired_at),
+                ..old.lease
+            },
+            request: old.request,
+        },
+        _ => old,
     }
 }
 
@@ -241,46 +314,105 @@ mod tests {
     fn leases_exclude_until_expiry_and_report_takeovers() {
         let id = ConnectionId("c".into());
         let (a, b) = (WorkerId("a".into()), WorkerId("b".into()));
+        let (ra, rb) = (LeaseRequestId(1), LeaseRequestId(2));
         let ttl = Duration::from_secs(10);
         let mut s = MemoryStore::new();
         let t = Timestamp::from_secs;
         assert!(matches!(
-            s.acquire_lease(&id, &a, ttl, t(0)),
+            s.acquire_lease(&id, &a, ra, ttl, t(0)),
             LeaseOutcome::Granted {
                 took_over: None,
                 ..
             }
         ));
         assert!(matches!(
-            s.acquire_lease(&id, &b, ttl, t(9)),
+            s.acquire_lease(&id, &b, rb, ttl, t(9)),
             LeaseOutcome::Held { .. }
         ));
         assert!(
             matches!(
-                s.acquire_lease(&id, &a, ttl, t(9)),
+                s.acquire_lease(&id, &a, LeaseRequestId(3), ttl, t(9)),
                 LeaseOutcome::Granted {
                     took_over: Some(_),
                     ..
                 }
             ),
-            "an unreleased row is reported even to its owner"
+            "an unreleased row of another request is reported even to its owner"
         );
         let LeaseOutcome::Granted {
             took_over: Some(old),
             ..
-        } = s.acquire_lease(&id, &b, ttl, t(19))
+        } = s.acquire_lease(&id, &b, rb, ttl, t(19))
         else {
             panic!("b takes over the expired lease");
         };
         assert_eq!(old.owner, a);
-        assert!(!s.release_lease(&id, &a), "a no longer holds it");
-        assert!(s.release_lease(&id, &b));
+        assert!(
+            !s.release_lease(&id, &a, LeaseRequestId(3), false),
+            "a no longer holds it"
+        );
+        assert!(
+            !s.release_lease(&id, &b, ra, false),
+            "not under that request"
+        );
+        assert!(s.release_lease(&id, &b, rb, false));
         assert!(matches!(
-            s.acquire_lease(&id, &a, ttl, t(20)),
+            s.acquire_lease(&id, &a, ra, ttl, t(20)),
             LeaseOutcome::Granted {
                 took_over: None,
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_retried_request_inherits_what_its_lost_grant_displaced_and_giving_up_restores_it() {
+        let id = ConnectionId("c".into());
+        let (a, b) = (WorkerId("a".into()), WorkerId("b".into()));
+        let ttl = Duration::from_secs(10);
+        let t = Timestamp::from_secs;
+        let mut s = MemoryStore::new();
+        let _ = s.compare_and_swap(&id, None, record("a"));
+        // b's lease expires unreleased; a's grant displaces it and the answer is lost.
+        let _ = s.acquire_lease(&id, &b, LeaseRequestId(7), ttl, t(0));
+        let first = s.acquire_lease(&id, &a, LeaseRequestId(1), ttl, t(11));
+        let LeaseOutcome::Granted {
+            took_over: Some(old),
+            ..
+        } = first
+        else {
+            panic!("a takes over b's expired row");
+        };
+        assert_eq!(old.owner, b);
+        // The retry under the same request: b's row again, not a's own.
+        let LeaseOutcome::Granted {
+            took_over: Some(again),
+            ..
+        } = s.acquire_lease(&id, &a, LeaseRequestId(1), ttl, t(12))
+        else {
+            panic!("the retry is granted");
+        };
+        assert_eq!(again, old, "the retry inherits the displaced row");
+        // Without a displaced row, a retry reports nothing: nothing was sent under it.
+        let mut fresh = MemoryStore::new();
+        let _ = fresh.acquire_lease(&id, &a, LeaseRequestId(1), ttl, t(0));
+        assert!(matches!(
+            fresh.acquire_lease(&id, &a, LeaseRequestId(1), ttl, t(1)),
+            LeaseOutcome::Granted {
+                took_over: None,
+                ..
+            }
+        ));
+        // Giving up restores b's row for the next worker.
+        assert!(s.release_lease(&id, &a, LeaseRequestId(1), true));
+        assert_eq!(s.row(&id).and_then(Row::lease), Some(&old));
+        let LeaseOutcome::Granted {
+            took_over: Some(next),
+            ..
+        } = s.acquire_lease(&id, &WorkerId("c".into()), LeaseRequestId(9), ttl, t(13))
+        else {
+            panic!("c takes over");
+        };
+        assert_eq!(next.owner, b);
     }
 }

@@ -14,8 +14,8 @@
 use crate::store::{CasOutcome, LeaseOutcome, MemoryStore};
 use core::time::Duration;
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, Lease, RefreshToken, Status, Timestamp, TokenGrant,
-    WorkerId,
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, RefreshToken, Status,
+    Timestamp, TokenGrant, WorkerId,
 };
 
 /// The refresh strategy under test: tokenfence itself, or one of the naive baselines
@@ -114,11 +114,12 @@ impl Strategy {
         store: &mut MemoryStore,
         id: &ConnectionId,
         owner: &WorkerId,
+        request: LeaseRequestId,
         ttl: Duration,
         now: Timestamp,
     ) -> LeaseOutcome {
         if self.uses_leases() {
-            return store.acquire_lease(id, owner, ttl, now);
+            return store.acquire_lease(id, owner, request, ttl, now);
         }
         let record = store.load(id);
         LeaseOutcome::Granted {
@@ -133,14 +134,17 @@ impl Strategy {
         }
     }
 
-    /// Releases the lease if the strategy uses leases and `owner` holds it.
+    /// Releases the lease if the strategy uses leases and `owner` holds it under
+    /// `request` (with `restore`, putting back the row it displaced).
     pub fn release_lease(
         self,
         store: &mut MemoryStore,
         id: &ConnectionId,
         owner: &WorkerId,
+        request: LeaseRequestId,
+        restore: bool,
     ) -> bool {
-        self.uses_leases() && store.release_lease(id, owner)
+        self.uses_leases() && store.release_lease(id, owner, request, restore)
     }
 
     /// Writes `record`, derived from generation `expected`, as the strategy does:
