@@ -200,6 +200,7 @@ impl TokenfenceModel {
             ticks_left: cfg.max_ticks,
             seen: Seen::default(),
             breaches: BTreeMap::new(),
+            unsettled: Vec::new(),
         };
         let mut model = TokenfenceModel {
             cfg,

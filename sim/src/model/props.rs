@@ -1,7 +1,7 @@
 //! The properties of INVARIANTS.md over the model, computed with the predicates of
 //! `tokenfence_core::invariants` (the one home of each predicate).
 
-use super::state::{Breach, Seen, State};
+use super::state::{Breach, Seen, State, StoreCommand};
 use super::{FaultKind, TokenfenceModel};
 use crate::provider::GrantTruth;
 use stateright::Property;
@@ -80,17 +80,24 @@ fn s2(m: &TokenfenceModel, s: &State) -> bool {
     let Some(stored) = s.stored() else {
         return true;
     };
-    let resolving = s.workers.iter().any(|w| {
-        w.net
-            .as_ref()
-            .is_some_and(|f| !f.lost && s.now <= f.request.send_deadline)
-            || w.conn.uncommitted().is_some()
-    });
+    // A worker not yet told what became of its request (even one whose reply was
+    // lost: it will learn the outcome is unknown and record the doubt), or whose
+    // write of the doubt is on its way to the store, is still resolving it.
+    let doubt_on_its_way = |w: &super::state::Worker| matches!(&w.pending, Some(StoreCommand::Cas { record, .. }) if record.in_doubt_since.is_some());
+    // So is a request presenting the stored token whose outcome never reached the
+    // store (the harness's ghost: its reply unseen, its sender crashed): the grace
+    // window may close while every worker is paused, which no client can prevent.
+    let resolving = s
+        .workers
+        .iter()
+        .any(|w| w.net.is_some() || w.conn.uncommitted().is_some() || doubt_on_its_way(w))
+        || s.all_unsettled().any(|u| u.token == stored.refresh);
     let pending = s
         .workers
         .iter()
         .filter_map(|w| w.conn.uncommitted().map(|r| &r.refresh));
-    invariants::no_self_inflicted_loss(stored, resolving, pending, &truth(m, s)).is_ok()
+    invariants::no_self_inflicted_loss(stored, &m.spec.profile, resolving, pending, &truth(m, s))
+        .is_ok()
 }
 
 fn s3(m: &TokenfenceModel, s: &State) -> bool {
@@ -101,9 +108,14 @@ fn s3(m: &TokenfenceModel, s: &State) -> bool {
     invariants::no_self_inflicted_replay(&t).is_ok()
 }
 
+/// S4 from the harness's ghost: what was really sent and never settled, not the
+/// doubt the core recorded.
 fn s4(m: &TokenfenceModel, s: &State) -> bool {
-    s.stored()
-        .is_none_or(|r| invariants::sound_reauth(r, &m.spec.profile, &truth(m, s)).is_ok())
+    let safety = m.configs[0].settings.in_doubt_safety;
+    s.stored().is_none_or(|r| {
+        invariants::sound_reauth_within(r, &m.spec.profile, safety, &truth(m, s), s.all_unsettled())
+            .is_ok()
+    })
 }
 
 fn s8(_: &TokenfenceModel, s: &State) -> bool {

@@ -5,9 +5,10 @@ use crate::provider::Provider;
 use crate::store::MemoryStore;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
+use tokenfence_core::invariants::{SenderGhost, Unsettled};
 use tokenfence_core::{
-    AccessGrant, Connection, ConnectionRecord, Generation, HttpRequest, Input, RefreshToken,
-    Status, Timestamp, TokenGrant, WorkerId,
+    AccessGrant, Connection, ConnectionRecord, Generation, HttpRequest, Input, LeaseRequestId,
+    RefreshToken, Status, Timestamp, TokenGrant, WorkerId,
 };
 
 /// A store command the machine issued and the driver has not carried out yet.
@@ -19,6 +20,8 @@ pub enum StoreCommand {
     AcquireLease {
         /// Lease duration.
         ttl: core::time::Duration,
+        /// The request's name.
+        request: LeaseRequestId,
     },
     /// `Output::CompareAndSwap` (possibly rewritten by a baseline strategy).
     Cas {
@@ -81,6 +84,10 @@ pub struct WorkerGhost {
     pub conflict: bool,
     /// The reply being committed re-delivered a successor that had been lost.
     pub recovering: bool,
+    /// When the store last granted this worker a lease.
+    pub lease_at: Timestamp,
+    /// The refresh request this worker sent, until what it learnt is settled (S4).
+    pub sender: SenderGhost,
 }
 
 /// One worker (one process's task for this connection).
@@ -198,6 +205,11 @@ pub struct State {
     pub seen: Seen,
     /// Transition properties broken on this path, with the first explanation.
     pub breaches: BTreeMap<Breach, String>,
+    /// Refresh requests really sent whose outcome never reached the store (reply
+    /// unseen, or the sender crashed), and leases taken over from another worker
+    /// with nothing committed since their grant (whoever takes one over cannot
+    /// know whether a request was sent under it), in order, for S4.
+    pub unsettled: Vec<Unsettled>,
 }
 
 impl State {
@@ -206,6 +218,24 @@ impl State {
         self.store
             .row(super::connection_id())
             .and_then(|r| r.record.as_ref())
+    }
+
+    /// Keeps a refresh request whose outcome will never reach the store (S4).
+    pub fn keep_unsettled(&mut self, u: Option<Unsettled>) {
+        if let Some(u) = u {
+            if let Err(at) = self.unsettled.binary_search(&u) {
+                self.unsettled.insert(at, u);
+            }
+        }
+    }
+
+    /// Every refresh request whose outcome has not reached the store (S4's ghost).
+    pub fn all_unsettled(&self) -> impl Iterator<Item = &Unsettled> {
+        self.unsettled.iter().chain(
+            self.workers
+                .iter()
+                .filter_map(|w| w.ghost.sender.unsettled()),
+        )
     }
 
     /// Records a transition property breach (the first explanation wins).
@@ -333,11 +363,17 @@ pub fn representative(state: &State) -> State {
         .map(|(_, i)| state.workers[*i].clone())
         .collect();
     let id = super::connection_id();
-    if let Some(mut lease) = state.store.row(id).and_then(|r| r.lease.clone()) {
-        if let Some((slot, inc)) = owner_slot(&lease.owner) {
-            lease.owner = owner_name(new_slot[slot], inc);
-        }
-        out.store.set_lease(id, Some(lease));
+    if let Some(row) = state.store.row(id) {
+        let rename = |l: &Option<crate::store::LeaseRow>| {
+            l.clone().map(|mut l| {
+                if let Some((slot, inc)) = owner_slot(&l.lease.owner) {
+                    l.lease.owner = owner_name(new_slot[slot], inc);
+                }
+                l
+            })
+        };
+        out.store
+            .set_leases(id, rename(&row.lease), rename(&row.displaced));
     }
     out
 }

@@ -8,7 +8,7 @@ use super::{connection_id, owner_name, Action, FaultKind, TokenfenceModel};
 use crate::provider::{self, GrantEnd, Outcome, RejectCause};
 use crate::store::LeaseOutcome;
 use crate::strategy::Written;
-use tokenfence_core::invariants;
+use tokenfence_core::invariants::{self, Unsettled};
 use tokenfence_core::{
     parse_token_reply, AccessError, ConfigError, Connection, ConnectionRecord, Generation, Input,
     Lease, Output, RequestId, Status, Timestamp, WorkerId,
@@ -138,6 +138,8 @@ impl TokenfenceModel {
             Action::ServerError(w) | Action::RateLimited(w) => {
                 s.faults_left -= 1;
                 s.workers[w].net.take()?;
+                // A definite answer: the provider did not process the request.
+                let _ = s.workers[w].ghost.sender.answered(true);
                 let reply = match action {
                     Action::ServerError(_) => provider::server_error(503),
                     _ => provider::rate_limited(1),
@@ -147,10 +149,13 @@ impl TokenfenceModel {
             Action::ConnectError(w) => {
                 s.faults_left -= 1;
                 s.workers[w].net.take()?;
+                let _ = s.workers[w].ghost.sender.answered(true);
                 self.feed(&mut s, w, Input::NotSent, log);
             }
             Action::GiveUp(w) => {
                 s.workers[w].net.take()?;
+                let unseen = s.workers[w].ghost.sender.answered(false);
+                s.keep_unsettled(unseen);
                 self.feed(&mut s, w, Input::OutcomeUnknown, log);
             }
             Action::Timer(w) => self.feed(&mut s, w, Input::Timeout, log),
@@ -192,6 +197,11 @@ impl TokenfenceModel {
                 s.orphans.retain(|o| o.request.send_deadline >= target);
             }
         }
+        for worker in &mut s.workers {
+            if !worker.conn.is_busy() {
+                worker.ghost.sender.settle();
+            }
+        }
         Some(s)
     }
 
@@ -219,8 +229,8 @@ impl TokenfenceModel {
         while let Some(output) = s.workers[w].conn.poll_output() {
             match output {
                 Output::Load => self.set_pending(s, w, StoreCommand::Load),
-                Output::AcquireLease { ttl, .. } => {
-                    self.set_pending(s, w, StoreCommand::AcquireLease { ttl })
+                Output::AcquireLease { ttl, request, .. } => {
+                    self.set_pending(s, w, StoreCommand::AcquireLease { ttl, request })
                 }
                 Output::CompareAndSwap {
                     expected,
@@ -258,11 +268,21 @@ impl TokenfenceModel {
                     });
                     self.set_pending(s, w, StoreCommand::Cas { expected, record });
                 }
-                Output::ReleaseLease { .. } => {
+                Output::ReleaseLease {
+                    request, restore, ..
+                } => {
                     let owner = owner_name(w, s.workers[w].incarnation);
                     let strategy = self.cfg.strategy;
-                    if strategy.release_lease(&mut s.store, connection_id(), &owner) {
-                        log.note(|| format!("w{} releases the lease", w + 1));
+                    let id = connection_id();
+                    if strategy.release_lease(&mut s.store, id, &owner, request, restore) {
+                        log.note(|| {
+                            let how = if restore {
+                                " (restoring the row it displaced)"
+                            } else {
+                                ""
+                            };
+                            format!("w{} releases the lease{how}", w + 1)
+                        });
                     }
                 }
                 Output::Send(request) => {
@@ -290,6 +310,9 @@ impl TokenfenceModel {
                         });
                     }
                     let ghost = &mut s.workers[w].ghost;
+                    let earlier = base
+                        .as_ref()
+                        .and_then(|b| ghost.sender.sent(b.refresh.clone(), ghost.lease_at));
                     ghost.in_doubt = ghost.took_over
                         || base.as_ref().is_some_and(|b| b.in_doubt_since.is_some());
                     ghost.took_over = false;
@@ -312,6 +335,7 @@ impl TokenfenceModel {
                             )
                         });
                     }
+                    s.keep_unsettled(earlier);
                     s.workers[w].net = Some(Flight {
                         request,
                         sent_at: now,
@@ -399,9 +423,9 @@ impl TokenfenceModel {
                 }
                 None => Input::Loaded(s.store.load(id).map(Box::new)),
             },
-            StoreCommand::AcquireLease { ttl } => {
+            StoreCommand::AcquireLease { ttl, request } => {
                 let strategy = self.cfg.strategy;
-                match strategy.acquire_lease(&mut s.store, id, &me, ttl, now) {
+                match strategy.acquire_lease(&mut s.store, id, &me, request, ttl, now) {
                     LeaseOutcome::Granted {
                         lease,
                         record,
@@ -411,8 +435,22 @@ impl TokenfenceModel {
                         if other.is_some() {
                             s.seen.set(Seen::LEASE_BROKEN);
                         }
-                        s.workers[w].ghost.took_over = other
-                            .is_some_and(|l| l.generation == record.as_ref().map(|r| r.generation));
+                        let stored = record.as_ref().map(|r| r.generation);
+                        // Another worker's grant, nothing committed since: whoever
+                        // takes it over cannot know whether a request was sent under
+                        // it (a pause, a lost answer, a crash); S4's ghost counts it
+                        // as possibly presented. Our own earlier grant never counts.
+                        let forced = other
+                            .filter(|l| l.generation == stored)
+                            .zip(record.as_ref())
+                            .map(|(l, r)| Unsettled {
+                                token: r.refresh.clone(),
+                                lease_at: l.acquired_at,
+                            });
+                        s.keep_unsettled(forced);
+                        s.workers[w].ghost.lease_at = now;
+                        s.workers[w].ghost.took_over =
+                            other.is_some_and(|l| l.generation == stored);
                         let took_over = took_over.map(|l| {
                             if l.owner == me {
                                 Lease {
@@ -487,6 +525,7 @@ impl TokenfenceModel {
             }
         }
         let ghost = &mut s.workers[w].ghost;
+        ghost.sender.settle();
         if refresh_commit {
             ghost.grant = None;
             s.seen.set(Seen::REFRESH_COMMITTED);
@@ -563,6 +602,9 @@ impl TokenfenceModel {
         let base = s.workers[w].conn.in_flight().cloned();
         let ghost = &mut s.workers[w].ghost;
         ghost.in_doubt = false;
+        let unseen = ghost.sender.answered(how == Delivery::Normal);
+        s.keep_unsettled(unseen);
+        let ghost = &mut s.workers[w].ghost;
         let reply = if how == Delivery::Garbled {
             ghost.bad_input = base.as_ref().map(|b| (b.refresh.clone(), b.access.clone()));
             provider::truncated(reply)
@@ -603,6 +645,8 @@ impl TokenfenceModel {
 
     fn crash(&self, s: &mut State, w: usize, log: &mut Log) {
         let stored = s.stored().map(|r| r.refresh.clone());
+        let crashed = s.workers[w].ghost.sender.crashed();
+        s.keep_unsettled(crashed);
         let worker = &mut s.workers[w];
         if let Some(f) = worker.net.take() {
             if !f.lost && s.now <= f.request.send_deadline {
@@ -694,7 +738,7 @@ impl TokenfenceModel {
             at.push(o.request.send_deadline.saturating_add(MS));
         }
         if let Some(row) = s.store.row(connection_id()) {
-            if let Some(l) = &row.lease {
+            if let Some(l) = row.lease() {
                 at.push(l.expires_at);
             }
             if let Some(r) = &row.record {

@@ -64,7 +64,13 @@ pub fn summary(m: &TokenfenceModel, s: &State) -> String {
         .unwrap_or_else(|| "no record".into());
     let lease = row
         .and_then(|r| r.lease.as_ref())
-        .map(|l| format!("lease {} until {}", l.owner.0, rel(l.expires_at)))
+        .map(|l| {
+            format!(
+                "lease {} until {}",
+                l.lease.owner.0,
+                rel(l.lease.expires_at)
+            )
+        })
         .unwrap_or_else(|| "no lease".into());
     out.push(format!("   store    {record}; {lease}"));
     let p = &s.provider;

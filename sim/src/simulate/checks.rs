@@ -6,7 +6,7 @@
 use super::workload::Usage;
 use super::world::{Ev, OpKind, Slot, World, START};
 use crate::provider::{GrantEnd, GrantId};
-use tokenfence_core::invariants::{self, ProviderTruth};
+use tokenfence_core::invariants::{self, ProviderTruth, Unsettled, Violation};
 use tokenfence_core::{RefreshToken, Status, Timestamp};
 
 impl World {
@@ -22,6 +22,41 @@ impl World {
             .or(conn.grant)
     }
 
+    /// Keeps a refresh request of connection `c` whose outcome will never reach the
+    /// store (S4's ghost).
+    pub(super) fn keep_unsettled(&mut self, c: usize, u: Option<Unsettled>) {
+        if let Some(u) = u {
+            let kept = &mut self.conns[c].unsettled;
+            if !kept.contains(&u) {
+                kept.push(u);
+            }
+        }
+    }
+
+    /// S4 for connection `c` as stored now, judged from the harness's ghost: the
+    /// provider's truth, and the refresh requests really sent whose outcome has not
+    /// reached the store (kept at connection level, or still with their sender).
+    pub(super) fn sound_reauth(&self, c: usize) -> Option<Violation> {
+        let conn = &self.conns[c];
+        let grant = self.stored_grant(c)?;
+        let stored = self.store.row(&conn.id).and_then(|r| r.record.as_ref())?;
+        let workers = &self.workers;
+        let senders = workers.iter().filter_map(|wk| {
+            wk.slots
+                .get(c)
+                .and_then(|s| s.as_deref())
+                .and_then(|s| s.ghost.sender.unsettled())
+        });
+        invariants::sound_reauth_within(
+            stored,
+            &self.spec.profile,
+            self.settings.in_doubt_safety,
+            &conn.provider.truth(grant, self.now),
+            conn.unsettled.iter().chain(senders),
+        )
+        .err()
+    }
+
     /// S2, S3 and S4 for connection `c`, after a step that touched it. A loss or a
     /// false re-auth flag is counted once per episode.
     pub(super) fn check_connection(&mut self, c: usize) {
@@ -34,6 +69,17 @@ impl World {
         let Some(stored) = self.store.row(&conn.id).and_then(|r| r.record.as_ref()) else {
             return;
         };
+        // Requests presenting a token no longer stored can justify nothing (tokens
+        // are never stored again once replaced): keep the ghost small.
+        let stored_refresh = stored.refresh.clone();
+        self.conns[c]
+            .unsettled
+            .retain(|u| u.token == stored_refresh);
+        let s4 = self.sound_reauth(c);
+        let conn = &self.conns[c];
+        let Some(stored) = self.store.row(&conn.id).and_then(|r| r.record.as_ref()) else {
+            return;
+        };
         let truth = conn.provider.truth(grant, now);
         let workers = &self.workers;
         let slot_of = |w: u16| {
@@ -42,10 +88,15 @@ impl World {
                 .get(c)
                 .and_then(|s| s.as_deref())
         };
-        let mut resolving = false;
+        // A request presenting the stored token whose outcome never reached the
+        // store (the harness's ghost) is still being resolved: a grace window may
+        // close while every worker is paused, which no client can prevent.
+        let mut resolving = conn.unsettled.iter().any(|u| u.token == stored.refresh);
         let mut pending: Vec<&RefreshToken> = Vec::new();
         for slot in conn.busy.iter().filter_map(|w| slot_of(*w)) {
-            if matches!(slot.op, Some((_, OpKind::Exchange { lost: false, .. }))) {
+            // Not yet told what became of its request, even if the reply was lost:
+            // it will learn the outcome is unknown and record the doubt.
+            if matches!(slot.op, Some((_, OpKind::Exchange { .. }))) {
                 resolving = true;
             }
             if let Some(r) = slot.conn.uncommitted() {
@@ -53,15 +104,10 @@ impl World {
                 pending.push(&r.refresh);
             }
         }
-        let s2 = invariants::no_self_inflicted_loss(stored, resolving, pending, &truth).err();
+        let profile = &self.spec.profile;
+        let s2 =
+            invariants::no_self_inflicted_loss(stored, profile, resolving, pending, &truth).err();
         let s3 = invariants::no_self_inflicted_replay(&truth).err();
-        let s4 = invariants::sound_reauth_within(
-            stored,
-            &self.spec.profile,
-            self.settings.in_doubt_safety,
-            &truth,
-        )
-        .err();
         let replayed = self.conns[c]
             .provider
             .grant(grant)
@@ -164,7 +210,10 @@ impl World {
                 < tokenfence_core::days(1)
         };
         let resume = self.outage_until.saturating_add(self.warn_slack());
+        // Counted only here, where the oracle judges: a connection no longer live on
+        // this grant, or ended by the provider, is not a miss.
         if conn.warned.iter().any(|(d, _)| close(*d)) {
+            self.ledger.hard_deadlines += 1;
             self.ledger.hard_warned += 1;
         } else if self.outage_until > deadline.saturating_sub(self.settings.reconnect_notice)
             && resume > now
@@ -173,6 +222,7 @@ impl World {
             // machine for the connection cannot read the record until it is back.
             self.push(resume, Ev::WarnCheck { c, grant });
         } else {
+            self.ledger.hard_deadlines += 1;
             self.ledger.violation("L4", c, now, || {
                 format!(
                     "no ReconnectSoon {} days before the hard deadline",
@@ -220,9 +270,13 @@ impl World {
                 && conn.grant == Some(grant)
                 && !user_ended
                 && !hard_ended
+                && live
+                && !conn.losing
             {
+                // Judged by L2 below: live, not lost by a counted S2. A connection that
+                // ended otherwise is not an idle-expiry miss.
                 self.ledger.idle_total += 1;
-                if live && accepted {
+                if accepted {
                     self.ledger.idle_kept += 1;
                 }
             }

@@ -10,7 +10,7 @@ use crate::store::LeaseOutcome;
 use crate::strategy::Written;
 use core::time::Duration;
 use rand_core::RngCore;
-use tokenfence_core::invariants;
+use tokenfence_core::invariants::{self, Unsettled};
 use tokenfence_core::{
     parse_token_reply, AccessError, AccessToken, Connection, Event, HttpRequest, HttpResponse,
     Input, OAuthErrorCode, Output, ReauthReason, ReplyError, RequestId, Status,
@@ -143,7 +143,19 @@ impl World {
             if slot.op.as_ref().map(|(id, _)| *id) != Some(op) {
                 return;
             }
-            slot.op = None;
+            // S4's ghost: did the worker learn for certain what became of its request?
+            let unseen = match slot.op.take() {
+                Some((_, OpKind::Exchange { truncated, .. })) => {
+                    let seen = match &input {
+                        Input::NotSent => true,
+                        Input::Replied(_) => !truncated,
+                        _ => false,
+                    };
+                    slot.ghost.sender.answered(seen)
+                }
+                _ => None,
+            };
+            self.keep_unsettled(c, unseen);
         }
         self.note(c, || format!("w{} ← {}", w + 1, describe_input(&input)));
         self.feed(w, c, input);
@@ -166,6 +178,9 @@ impl World {
             return;
         }
         self.drain(w, c);
+        if let Some(slot) = self.slot(w, c).filter(|s| !s.conn.is_busy()) {
+            slot.ghost.sender.settle();
+        }
         self.note_busy(w, c);
         self.check_connection(c);
         self.schedule_timer(w, c);
@@ -247,7 +262,9 @@ impl World {
             };
             match output {
                 Output::Load => self.issue(w, c, StoreCmd::Load),
-                Output::AcquireLease { ttl, .. } => self.issue(w, c, StoreCmd::Lease(ttl)),
+                Output::AcquireLease { ttl, request, .. } => {
+                    self.issue(w, c, StoreCmd::Lease(ttl, request))
+                }
                 Output::CompareAndSwap {
                     expected,
                     mut record,
@@ -274,9 +291,17 @@ impl World {
                     }
                     self.issue(w, c, StoreCmd::Cas { expected, record });
                 }
-                Output::ReleaseLease { owner } => {
+                Output::ReleaseLease {
+                    owner,
+                    request,
+                    restore,
+                } => {
                     let id = self.conns[c].id.clone();
-                    if self.strategy.release_lease(&mut self.store, &id, &owner) {
+                    let store = &mut self.store;
+                    if self
+                        .strategy
+                        .release_lease(store, &id, &owner, request, restore)
+                    {
                         self.note(c, || format!("w{} releases the lease", w + 1));
                         self.reindex(c);
                     }
@@ -348,7 +373,7 @@ impl World {
         let strategy = self.strategy;
         self.ledger.store_commands[match cmd {
             StoreCmd::Load => 0,
-            StoreCmd::Lease(_) => 1,
+            StoreCmd::Lease(..) => 1,
             StoreCmd::Cas { .. } => 2,
         }] += 1;
         let input = match cmd {
@@ -365,12 +390,12 @@ impl World {
                     None => Input::Loaded(self.store.load(&id).map(Box::new)),
                 }
             }
-            StoreCmd::Lease(ttl) => {
+            StoreCmd::Lease(ttl, request) => {
                 let Some(slot) = self.slot(w, c) else {
                     return Input::StoreFailed;
                 };
                 let me = slot.conn.config().worker.clone();
-                match strategy.acquire_lease(&mut self.store, &id, &me, ttl, local) {
+                match strategy.acquire_lease(&mut self.store, &id, &me, request, ttl, local) {
                     LeaseOutcome::Granted {
                         lease,
                         record,
@@ -380,11 +405,23 @@ impl World {
                         if other.is_some() {
                             self.conns[c].last_takeover = Some(now);
                         }
-                        let doubt = other
-                            .is_some_and(|l| l.generation == record.as_ref().map(|r| r.generation));
+                        let stored = record.as_ref().map(|r| r.generation);
+                        let doubt = other.is_some_and(|l| l.generation == stored);
+                        // S4's ghost: whoever takes over another worker's grant with
+                        // nothing committed since cannot know whether a request was
+                        // sent under it. Our own earlier grant never counts.
+                        let forced = other
+                            .filter(|l| l.generation == stored)
+                            .zip(record.as_ref())
+                            .map(|(l, r)| Unsettled {
+                                token: r.refresh.clone(),
+                                lease_at: l.acquired_at,
+                            });
+                        self.keep_unsettled(c, forced);
                         if let Some(s) = self.slot(w, c) {
                             s.ghost.took_over = doubt;
                             s.ghost.lease_at = now;
+                            s.ghost.lease_acquired = lease.acquired_at;
                         }
                         Input::LeaseGranted {
                             lease,
@@ -426,6 +463,9 @@ impl World {
                 return Input::Conflict { current };
             }
         };
+        if let Some(slot) = self.slot(w, c) {
+            slot.ghost.sender.settle();
+        }
         if let Err(v) = invariants::commit_on_current(base, before) {
             self.ledger.stale_overwrites += 1;
             self.ledger
@@ -453,27 +493,7 @@ impl World {
         }
         if was_live {
             if let Status::ReauthRequired { reason, .. } = status {
-                let truth_ok = {
-                    let conn = &self.conns[c];
-                    let Some(stored) = self.store.row(&id).and_then(|r| r.record.as_ref()) else {
-                        return Input::Committed { generation };
-                    };
-                    let grant = conn
-                        .provider
-                        .token(stored.refresh.expose())
-                        .map(|t| t.grant)
-                        .or(conn.grant);
-                    grant.is_some_and(|g| {
-                        let truth = conn.provider.truth(g, now);
-                        invariants::sound_reauth_within(
-                            stored,
-                            &self.spec.profile,
-                            self.settings.in_doubt_safety,
-                            &truth,
-                        )
-                        .is_ok()
-                    })
-                };
+                let truth_ok = self.sound_reauth(c).is_none();
                 let grace = self.spec.profile.rotation.grace;
                 if reason == ReauthReason::LostRotation && grace >= tokenfence_core::hours(1) {
                     self.ledger.violation("S2", c, now, || {
@@ -484,10 +504,11 @@ impl World {
                         )
                     });
                 }
-                if truth_ok && reason == ReauthReason::LostRotation {
-                    self.ledger.lost_rotation_flagged += 1;
-                } else if truth_ok {
-                    self.ledger.reauth_correct += 1;
+                match (reason == ReauthReason::LostRotation, truth_ok) {
+                    (true, true) => self.ledger.lost_rotation_justified += 1,
+                    (true, false) => self.ledger.lost_rotation_false += 1,
+                    (false, true) => self.ledger.reauth_correct += 1,
+                    (false, false) => {}
                 }
             }
         }
@@ -502,7 +523,7 @@ impl World {
         let keepalive = row
             .and_then(|r| r.record.as_ref())
             .and_then(|r| r.work_due_at(lead));
-        let lease = row.and_then(|r| r.lease.as_ref()).map(|l| l.expires_at);
+        let lease = row.and_then(|r| r.lease()).map(|l| l.expires_at);
         let key = match (keepalive, lease) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -550,6 +571,13 @@ impl World {
         let in_doubt = std::mem::take(&mut slot.ghost.took_over)
             || base.as_ref().is_some_and(|b| b.in_doubt_since.is_some());
         let lease_at = slot.ghost.lease_at;
+        let earlier = match &base {
+            Some(b) => {
+                let acquired = slot.ghost.lease_acquired;
+                slot.ghost.sender.sent(b.refresh.clone(), acquired)
+            }
+            None => None,
+        };
         let wrong = base
             .as_ref()
             .and_then(|b| invariants::right_credentials(slot.conn.config(), b).err());
@@ -568,8 +596,10 @@ impl World {
                 in_doubt,
                 minted: None,
                 arrived: false,
+                truncated: false,
             },
         ));
+        self.keep_unsettled(c, earlier);
         if let Some(v) = wrong {
             self.ledger
                 .violation("S7", c, now, || format!("w{} sends: {v}", w + 1));
@@ -787,6 +817,13 @@ impl World {
         let (reply, refresh) = if self.strikes(Fault::Truncated) {
             if let (Some(t), true) = (&refresh, minted) {
                 self.conns[c].provider.mark_lost(t);
+            }
+            if let Some(Some(slot)) = self.workers[w].slots.get_mut(c) {
+                if let Some((id, OpKind::Exchange { truncated, .. })) = &mut slot.op {
+                    if *id == op {
+                        *truncated = true;
+                    }
+                }
             }
             (provider::truncated(reply), None)
         } else {
@@ -1111,8 +1148,10 @@ impl World {
     }
 
     /// The process of worker `w` lost slot `(w, c)` in a crash.
-    pub(super) fn lose_slot(&mut self, c: usize, slot: Slot) {
+    pub(super) fn lose_slot(&mut self, c: usize, mut slot: Slot) {
         self.ledger.aborted_by_crash += slot.callers.len() as u64;
+        let crashed = slot.ghost.sender.crashed();
+        self.keep_unsettled(c, crashed);
         if let Some((
             _,
             OpKind::Exchange {

@@ -46,8 +46,11 @@ pub struct StrategyReport {
     pub in_doubt_probes: u64,
     /// Connections lost by our fault (S2).
     pub lost_by_our_fault: u64,
-    /// Rotations lost to faults that the profile cannot recover, flagged explicitly.
-    pub lost_rotation_flagged: u64,
+    /// `LostRotation` declared where the harness's ghost shows a request presenting
+    /// the stored token that may have been processed unseen, and no recovery.
+    pub lost_rotation_justified: u64,
+    /// `LostRotation` declared without such a request (S4; must be 0).
+    pub lost_rotation_false: u64,
     /// Re-auth flags raised when the provider had really ended the grant.
     pub reauth_correct: u64,
     /// Re-auth flags while the provider still accepted the stored token (S4).
@@ -119,7 +122,8 @@ impl StrategyReport {
             invalid_grant_provider: by("(provider)"),
             in_doubt_probes: l.in_doubt_probes,
             lost_by_our_fault: l.lost_by_us,
-            lost_rotation_flagged: l.lost_rotation_flagged,
+            lost_rotation_justified: l.lost_rotation_justified,
+            lost_rotation_false: l.lost_rotation_false,
             reauth_correct: l.reauth_correct,
             reauth_false: l.reauth_false,
             stale_overwrites: l.stale_overwrites,
@@ -238,7 +242,7 @@ impl SeedReport {
     /// The table: one row per metric, one column per strategy.
     pub fn table(&self) -> String {
         type Row = (&'static str, fn(&StrategyReport) -> String);
-        let rows: [Row; 22] = [
+        let rows: [Row; 23] = [
             ("access requests", |s| s.requests.to_string()),
             ("  served a token", |s| s.served.to_string()),
             ("  told reconnect/disconnected", |s| {
@@ -259,8 +263,11 @@ impl SeedReport {
             ("connections lost by our fault", |s| {
                 s.lost_by_our_fault.to_string()
             }),
-            ("lost rotations, flagged", |s| {
-                s.lost_rotation_flagged.to_string()
+            ("lost rotations flagged, justified", |s| {
+                s.lost_rotation_justified.to_string()
+            }),
+            ("lost rotations flagged, false", |s| {
+                s.lost_rotation_false.to_string()
             }),
             ("re-auth flagged correctly", |s| {
                 s.reauth_correct.to_string()
@@ -268,10 +275,10 @@ impl SeedReport {
             ("false re-auth flags", |s| s.reauth_false.to_string()),
             ("stale overwrites", |s| s.stale_overwrites.to_string()),
             ("CAS conflicts", |s| s.cas_conflicts.to_string()),
-            ("idle connections kept alive", |s| {
+            ("idle connections kept alive (live ones)", |s| {
                 format!("{}/{}", s.idle_kept_alive, s.idle_connections)
             }),
-            ("hard-expiry warnings in time", |s| {
+            ("hard-expiry warnings in time (live ones)", |s| {
                 format!("{}/{}", s.hard_warnings, s.hard_deadlines)
             }),
             ("acquire p50 (virtual)", |s| ms(s.latency_p50_ms)),
@@ -280,7 +287,7 @@ impl SeedReport {
             ("invariant violations", |s| s.total_violations().to_string()),
             ("events", |s| s.events.to_string()),
         ];
-        let width = 31;
+        let width = 41;
         let col = 13;
         let mut out = String::new();
         let _ = write!(out, "{:width$}", "");

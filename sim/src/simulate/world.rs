@@ -14,6 +14,7 @@ use rand_core::{RngCore, SeedableRng};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
+use tokenfence_core::invariants::{SenderGhost, Unsettled};
 use tokenfence_core::{
     days, hours, minutes, parse_token_reply, refresh_request, Config, Connection, ConnectionId,
     ConnectionRecord, Generation, HttpRequest, HttpResponse, Input, RequestId, Settings, Timestamp,
@@ -37,7 +38,7 @@ pub const HEAL_LENGTH: Duration = Duration::from_secs(86_400);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum StoreCmd {
     Load,
-    Lease(Duration),
+    Lease(Duration, tokenfence_core::LeaseRequestId),
     Cas {
         expected: Option<Generation>,
         record: Box<ConnectionRecord>,
@@ -198,6 +199,8 @@ pub(super) enum OpKind {
         minted: Option<String>,
         /// The request reached the provider (or was dropped there).
         arrived: bool,
+        /// The reply is on its way cut short: the worker will not learn the outcome.
+        truncated: bool,
     },
 }
 
@@ -217,6 +220,10 @@ pub(super) struct SlotGhost {
     pub reread_with: Option<Box<ConnectionRecord>>,
     /// B3: the next re-auth is written as a plain status update.
     pub naive_reauth: bool,
+    /// The `acquired_at` of the lease the store last granted this machine.
+    pub lease_acquired: Timestamp,
+    /// The refresh this machine sent, until what it learnt is settled (S4).
+    pub sender: SenderGhost,
 }
 
 /// One worker's machine for one connection, and what the driver keeps beside it.
@@ -282,6 +289,9 @@ pub(super) struct Conn {
     pub pending_arrival: Option<(Timestamp, Arrival)>,
     /// Grants whose family revocation (S3) was counted.
     pub replay_counted: Vec<GrantId>,
+    /// Refresh requests really sent whose outcome never reached the store (reply
+    /// unseen, or the sender crashed), presenting the stored token (S4's ghost).
+    pub unsettled: Vec<Unsettled>,
     /// S2 is failing now (a loss episode is counted once).
     pub losing: bool,
     /// S4 is failing now.
@@ -454,6 +464,7 @@ impl World {
             orphans: Vec::new(),
             pending_arrival: None,
             replay_counted: Vec::new(),
+            unsettled: Vec::new(),
             losing: false,
             false_flag: false,
             ever_lost: false,
@@ -528,7 +539,6 @@ impl World {
         let notice = self.settings.reconnect_notice;
         let warn_by = deadline.saturating_sub(notice);
         if warn_by > self.now && warn_by < self.end {
-            self.ledger.hard_deadlines += 1;
             let at = warn_by.saturating_add(self.warn_slack());
             self.push(at, Ev::WarnCheck { c, grant });
         }
