@@ -24,7 +24,7 @@ use tokenfence::store::{
 };
 use tokenfence_core::{
     days, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, Generation,
-    GrantIdentity, RefreshToken, Status, Timestamp, WorkerId,
+    GrantIdentity, LeaseRequestId, RefreshToken, Status, Timestamp, WorkerId,
 };
 
 const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
@@ -90,8 +90,9 @@ async fn refresh_cycle_run(store: &dyn Store, conn: &str, iters: u64) -> Duratio
     let start = Instant::now();
     for i in 0..iters {
         let now = T0.saturating_add(Duration::from_millis(i));
+        let request = LeaseRequestId(i);
         let lease = store
-            .acquire_lease(&id, &owner, now, Duration::from_secs(30))
+            .acquire_lease(&id, &owner, request, now, Duration::from_secs(30))
             .await
             .expect("lease");
         let LeaseOutcome::Granted {
@@ -106,7 +107,10 @@ async fn refresh_cycle_run(store: &dyn Store, conn: &str, iters: u64) -> Duratio
             .compare_and_swap(Some(Generation(g)), &record(conn, g + 1))
             .await;
         assert_eq!(outcome.expect("cas"), CasOutcome::Committed);
-        store.release_lease(&id, &owner).await.expect("release");
+        store
+            .release_lease(&id, &owner, request, false)
+            .await
+            .expect("release");
     }
     start.elapsed()
 }

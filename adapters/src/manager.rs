@@ -768,12 +768,16 @@ impl Actor {
                     }
                 }
                 Output::Event(event) => self.publish(event),
-                Output::ReleaseLease { owner } => {
+                Output::ReleaseLease {
+                    owner,
+                    request,
+                    restore,
+                } => {
                     // Awaited inline so that it cannot overtake our next acquisition.
                     if let Err(e) = self
                         .inner
                         .store
-                        .release_lease(self.machine.id(), &owner)
+                        .release_lease(self.machine.id(), &owner, request, restore)
                         .await
                     {
                         tracing::warn!(error = %e, "lease release failed; it will expire");
@@ -798,21 +802,23 @@ impl Actor {
                     Ok(r) => Input::Loaded(r.map(Box::new)),
                     Err(e) => store_failed(e),
                 },
-                Output::AcquireLease { owner, ttl } => {
-                    match store.acquire_lease(&id, &owner, now, ttl).await {
-                        Ok(LeaseOutcome::Granted {
-                            lease,
-                            record,
-                            took_over,
-                        }) => Input::LeaseGranted {
-                            lease,
-                            record: record.map(Box::new),
-                            took_over,
-                        },
-                        Ok(LeaseOutcome::Held(holder)) => Input::LeaseHeld { holder },
-                        Err(e) => store_failed(e),
-                    }
-                }
+                Output::AcquireLease {
+                    owner,
+                    ttl,
+                    request,
+                } => match store.acquire_lease(&id, &owner, request, now, ttl).await {
+                    Ok(LeaseOutcome::Granted {
+                        lease,
+                        record,
+                        took_over,
+                    }) => Input::LeaseGranted {
+                        lease,
+                        record: record.map(Box::new),
+                        took_over,
+                    },
+                    Ok(LeaseOutcome::Held(holder)) => Input::LeaseHeld { holder },
+                    Err(e) => store_failed(e),
+                },
                 Output::CompareAndSwap { expected, record } => {
                     match store.compare_and_swap(expected, &record).await {
                         Ok(CasOutcome::Committed) => Input::Committed {

@@ -17,7 +17,8 @@ use tokenfence::store::{
 };
 use tokenfence_core::{
     days, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind,
-    Generation, GrantIdentity, Lease, ReauthReason, RefreshToken, Status, Timestamp, WorkerId,
+    Generation, GrantIdentity, Lease, LeaseRequestId, ReauthReason, RefreshToken, Status,
+    Timestamp, WorkerId,
 };
 
 // ---------------------------------------------------------------------------
@@ -320,14 +321,31 @@ async fn committed(store: &impl Store, expected: Option<u64>, record: &Connectio
     assert_eq!(outcome, CasOutcome::Committed, "CAS of {:?}", record.id);
 }
 
+/// The request each owner acquires under unless a test says otherwise.
+fn req(owner: &str) -> LeaseRequestId {
+    LeaseRequestId(owner.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }))
+}
+
 async fn granted(
     store: &impl Store,
     conn: &str,
     owner: &str,
     now: Timestamp,
 ) -> (Lease, Option<ConnectionRecord>, Option<Lease>) {
+    granted_as(store, conn, owner, req(owner), now).await
+}
+
+async fn granted_as(
+    store: &impl Store,
+    conn: &str,
+    owner: &str,
+    request: LeaseRequestId,
+    now: Timestamp,
+) -> (Lease, Option<ConnectionRecord>, Option<Lease>) {
     match store
-        .acquire_lease(&id(conn), &worker(owner), now, TTL)
+        .acquire_lease(&id(conn), &worker(owner), request, now, TTL)
         .await
         .unwrap()
     {
@@ -340,15 +358,34 @@ async fn granted(
     }
 }
 
+/// What a grant reports as taken over.
+async fn took_over(
+    store: &impl Store,
+    conn: &str,
+    owner: &str,
+    request: LeaseRequestId,
+    now: Timestamp,
+) -> Option<Lease> {
+    granted_as(store, conn, owner, request, now).await.2
+}
+
 async fn held(store: &impl Store, conn: &str, owner: &str, now: Timestamp) -> Lease {
     match store
-        .acquire_lease(&id(conn), &worker(owner), now, TTL)
+        .acquire_lease(&id(conn), &worker(owner), req(owner), now, TTL)
         .await
         .unwrap()
     {
         LeaseOutcome::Held(l) => l,
         other => panic!("{owner} expected {conn}'s lease to be held, got {other:?}"),
     }
+}
+
+/// Releases `owner`'s lease of `conn` under its usual request, without restore.
+async fn release(store: &impl Store, conn: &str, owner: &str) {
+    store
+        .release_lease(&id(conn), &worker(owner), req(owner), false)
+        .await
+        .unwrap();
 }
 
 fn lease(owner: &str, acquired: Timestamp, generation: Option<u64>) -> Lease {
@@ -520,29 +557,38 @@ async fn lease_held_expired_taken_over<B: Backend>(b: &B) {
     assert_eq!(held(&*s, "a", "B", at(10)).await, lease("A", T0, Some(1)));
     let last = Timestamp::from_millis(T0.saturating_add(TTL).as_millis() - 1);
     assert_eq!(held(&*s, "a", "B", last).await, lease("A", T0, Some(1)));
-    // The same owner may take it again, and learns of its own unreleased row.
-    let (l, _, took) = granted(&*s, "a", "A", at(10)).await;
+    // The same owner may take it again under a new request (a restarted worker
+    // reusing its id), and learns of its own unreleased row (find 1).
+    let (l, _, took) = granted_as(&*s, "a", "A", LeaseRequestId(2), at(10)).await;
     assert_eq!(l, lease("A", at(10), Some(1)));
     assert_eq!(took, Some(lease("A", T0, Some(1))));
-    // Expired at exactly expires_at: B takes over and is told whose row it replaced.
+    // Expired at exactly expires_at: B takes over and is told whose row it replaced
+    // (A's second row, whose doubt runs from A's first grant: no commit between).
     let expiry = at(10).saturating_add(TTL);
     let (l, r, took) = granted(&*s, "a", "B", expiry).await;
     assert_eq!(l, lease("B", expiry, Some(1)));
     assert_eq!(r, Some(record("a", 1)));
-    assert_eq!(took, Some(lease("A", at(10), Some(1))));
+    let a_from_t0 = Lease {
+        acquired_at: T0,
+        ..lease("A", at(10), Some(1))
+    };
+    assert_eq!(took, Some(a_from_t0));
     // A's late release does not free B's lease.
-    s.release_lease(&id("a"), &worker("A")).await.unwrap();
+    s.release_lease(&id("a"), &worker("A"), LeaseRequestId(2), false)
+        .await
+        .unwrap();
+    release(&*s, "a", "A").await;
     assert_eq!(
         held(&*s, "a", "C", expiry).await,
         lease("B", expiry, Some(1))
     );
     // B's release frees it: C gets it with nothing taken over.
-    s.release_lease(&id("a"), &worker("B")).await.unwrap();
+    release(&*s, "a", "B").await;
     let (l, _, took) = granted(&*s, "a", "C", expiry).await;
     assert_eq!((l, took), (lease("C", expiry, Some(1)), None));
     // The lease records the generation read with it.
     committed(&*s, Some(1), &record("a", 2)).await;
-    s.release_lease(&id("a"), &worker("C")).await.unwrap();
+    release(&*s, "a", "C").await;
     let (l, r, _) = granted(&*s, "a", "D", expiry).await;
     assert_eq!(l.generation, Some(Generation(2)));
     assert_eq!(r, Some(record("a", 2)));
@@ -550,24 +596,264 @@ async fn lease_held_expired_taken_over<B: Backend>(b: &B) {
 
 async fn release_by_non_owner_does_nothing<B: Backend>(b: &B) {
     let s = b.open(keyring()).await;
-    s.release_lease(&id("nothing"), &worker("A")).await.unwrap();
+    release(&*s, "nothing", "A").await;
     committed(&*s, None, &record("a", 0)).await;
     granted(&*s, "a", "A", T0).await;
     for intruder in ["B", "a", "A ", ""] {
-        s.release_lease(&id("a"), &worker(intruder)).await.unwrap();
-        assert_eq!(held(&*s, "a", "B", at(1)).await, lease("A", T0, Some(0)));
+        // Under its own request or under A's, with or without restore.
+        for (request, restore) in [(req(intruder), false), (req("A"), true)] {
+            s.release_lease(&id("a"), &worker(intruder), request, restore)
+                .await
+                .unwrap();
+            assert_eq!(held(&*s, "a", "B", at(1)).await, lease("A", T0, Some(0)));
+        }
     }
     // Not even after expiry: the row stays until taken over, and the next holder
     // is told about it.
-    s.release_lease(&id("a"), &worker("B")).await.unwrap();
+    release(&*s, "a", "B").await;
     let (_, _, took) = granted(&*s, "a", "B", at(100)).await;
     assert_eq!(took, Some(lease("A", T0, Some(0))));
     // Releasing one connection's lease leaves another's alone.
     granted(&*s, "b", "B", at(100)).await;
-    s.release_lease(&id("a"), &worker("B")).await.unwrap();
+    release(&*s, "a", "B").await;
     assert_eq!(
         held(&*s, "b", "X", at(101)).await,
         lease("B", at(100), None)
+    );
+}
+
+/// Find 18: a lease request whose answer was lost is retried under the same
+/// request id. The store recognises its own earlier grant and reports what that
+/// grant displaced (B's abandoned row), never the requester's own row, under
+/// which nothing was sent.
+async fn retry_inherits_what_the_lost_grant_displaced<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("a", 0)).await;
+    granted(&*s, "a", "B", T0).await;
+    let r1 = LeaseRequestId(1);
+    // A's grant displaces B's expired row; its answer is lost.
+    let first = took_over(&*s, "a", "A", r1, at(30)).await;
+    assert_eq!(first, Some(lease("B", T0, Some(0))));
+    // The retries (before and after the lost grant expired) report B's row again.
+    let (l, r, took) = granted_as(&*s, "a", "A", r1, at(31)).await;
+    assert_eq!(l, lease("A", at(31), Some(0)));
+    assert_eq!(r, Some(record("a", 0)));
+    assert_eq!(took, first);
+    assert_eq!(took_over(&*s, "a", "A", r1, at(100)).await, first);
+    // The retried grant excludes others like any other.
+    assert_eq!(
+        held(&*s, "a", "C", at(101)).await,
+        lease("A", at(100), Some(0))
+    );
+    // Once A releases it, the row is gone with what it displaced.
+    s.release_lease(&id("a"), &worker("A"), r1, false)
+        .await
+        .unwrap();
+    assert_eq!(took_over(&*s, "a", "C", req("C"), at(101)).await, None);
+}
+
+/// A retry of a grant that displaced nothing reports nothing, even after that
+/// grant expired: nothing was sent under it.
+async fn retry_without_displaced_row_reports_none<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    let r1 = LeaseRequestId(1);
+    // With no record, and with one.
+    assert_eq!(took_over(&*s, "new", "A", r1, T0).await, None);
+    assert_eq!(took_over(&*s, "new", "A", r1, at(1)).await, None);
+    committed(&*s, None, &record("a", 0)).await;
+    assert_eq!(took_over(&*s, "a", "A", r1, T0).await, None);
+    assert_eq!(took_over(&*s, "a", "A", r1, at(1)).await, None);
+    assert_eq!(took_over(&*s, "a", "A", r1, at(500)).await, None);
+    // Another worker taking the expired row over still learns of it.
+    assert_eq!(
+        took_over(&*s, "a", "B", req("B"), at(530)).await,
+        Some(lease("A", at(500), Some(0)))
+    );
+}
+
+/// Find 1 stays closed: the same owner under a new request (a restarted worker
+/// reusing its pinned id) learns of its own unreleased row; a retry of that new
+/// request reports it again.
+async fn same_owner_new_request_reports_its_own_row<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("a", 0)).await;
+    granted_as(&*s, "a", "A", LeaseRequestId(1), T0).await;
+    let mine = Some(lease("A", T0, Some(0)));
+    // Unexpired or expired, the old row is reported.
+    assert_eq!(
+        took_over(&*s, "a", "A", LeaseRequestId(2), at(5)).await,
+        mine
+    );
+    assert_eq!(
+        took_over(&*s, "a", "A", LeaseRequestId(2), at(6)).await,
+        mine
+    );
+    // The old request's release is stale: it leaves the new grant in place.
+    s.release_lease(&id("a"), &worker("A"), LeaseRequestId(1), false)
+        .await
+        .unwrap();
+    assert_eq!(held(&*s, "a", "B", at(7)).await, lease("A", at(6), Some(0)));
+    // A third request reports the second row, its doubt running from the first
+    // grant (both granted at generation 0, whatever was committed since).
+    committed(&*s, Some(0), &record("a", 1)).await;
+    assert_eq!(
+        took_over(&*s, "a", "A", LeaseRequestId(3), at(8)).await,
+        Some(Lease {
+            acquired_at: T0,
+            ..lease("A", at(6), Some(0))
+        })
+    );
+}
+
+/// A release with restore puts back the row the grant displaced: the next worker
+/// takes it over and is told of it (find 18: a lease given up without acting on
+/// its takeover leaves the doubt to the next worker). Without a displaced row,
+/// restore leaves none.
+async fn release_with_restore_puts_back_the_displaced_row<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    let lead = days(14);
+    committed(&*s, None, &record("a", 0)).await;
+    granted(&*s, "a", "B", T0).await;
+    let r1 = LeaseRequestId(1);
+    let b_row = Some(lease("B", T0, Some(0)));
+    assert_eq!(took_over(&*s, "a", "A", r1, at(40)).await, b_row);
+    s.release_lease(&id("a"), &worker("A"), r1, true)
+        .await
+        .unwrap();
+    // B's expired row is back: abandoned again, for the scan and the next worker.
+    assert_eq!(
+        s.due_for_work(at(41), lead, 10).await.unwrap(),
+        vec![id("a")]
+    );
+    assert_eq!(took_over(&*s, "a", "C", req("C"), at(41)).await, b_row);
+    // A restored row keeps its request: released by its holder, it is gone.
+    release(&*s, "a", "C").await;
+    granted(&*s, "a", "B", at(42)).await;
+    assert_eq!(
+        took_over(&*s, "a", "A", r1, at(100)).await,
+        Some(lease("B", at(42), Some(0)))
+    );
+    s.release_lease(&id("a"), &worker("A"), r1, true)
+        .await
+        .unwrap();
+    release(&*s, "a", "B").await;
+    assert_eq!(took_over(&*s, "a", "C", req("C"), at(101)).await, None);
+    // A restored row that has not expired excludes others again.
+    committed(&*s, None, &record("b", 0)).await;
+    granted_as(&*s, "b", "A", LeaseRequestId(1), T0).await;
+    let a_first = Some(lease("A", T0, Some(0)));
+    assert_eq!(
+        took_over(&*s, "b", "A", LeaseRequestId(2), at(1)).await,
+        a_first
+    );
+    s.release_lease(&id("b"), &worker("A"), LeaseRequestId(2), true)
+        .await
+        .unwrap();
+    assert_eq!(held(&*s, "b", "B", at(2)).await, lease("A", T0, Some(0)));
+    // With nothing displaced, restore releases like a plain release.
+    granted(&*s, "c", "A", T0).await;
+    s.release_lease(&id("c"), &worker("A"), req("A"), true)
+        .await
+        .unwrap();
+    assert_eq!(took_over(&*s, "c", "B", req("B"), at(1)).await, None);
+}
+
+/// A release under another request than the row's does nothing, with or without
+/// restore, expired or not.
+async fn release_with_wrong_request_does_nothing<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("a", 0)).await;
+    granted(&*s, "a", "B", T0).await;
+    let r1 = LeaseRequestId(1);
+    let b_row = Some(lease("B", T0, Some(0)));
+    assert_eq!(took_over(&*s, "a", "A", r1, at(30)).await, b_row);
+    let a_row = lease("A", at(30), Some(0));
+    for restore in [false, true] {
+        for request in [LeaseRequestId(2), LeaseRequestId(0), req("A"), req("B")] {
+            s.release_lease(&id("a"), &worker("A"), request, restore)
+                .await
+                .unwrap();
+            assert_eq!(held(&*s, "a", "C", at(31)).await, a_row);
+        }
+    }
+    // Expired, it is still A's row, with B's behind it.
+    let a_from_t0 = Lease {
+        acquired_at: T0,
+        ..a_row
+    };
+    s.release_lease(&id("a"), &worker("A"), LeaseRequestId(2), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        took_over(&*s, "a", "C", req("C"), at(60)).await,
+        Some(a_from_t0)
+    );
+}
+
+/// Chained takeovers: a grant displacing a row that had itself displaced one
+/// granted at the same record generation (nothing committed between them)
+/// reports the displaced row from the earlier grant's start; after a commit
+/// between them, the displaced row alone.
+async fn chained_takeovers_report_the_earliest_start<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    committed(&*s, None, &record("a", 0)).await;
+    granted(&*s, "a", "B", T0).await;
+    assert_eq!(
+        took_over(&*s, "a", "A", req("A"), at(30)).await,
+        Some(lease("B", T0, Some(0)))
+    );
+    // C displaces A's row (never released): A's doubt runs from B's grant.
+    let a_from_t0 = Lease {
+        acquired_at: T0,
+        ..lease("A", at(30), Some(0))
+    };
+    assert_eq!(
+        took_over(&*s, "a", "C", req("C"), at(60)).await,
+        Some(a_from_t0.clone())
+    );
+    // And on down the chain, as long as nothing is committed.
+    assert_eq!(
+        took_over(&*s, "a", "D", req("D"), at(90)).await,
+        Some(Lease {
+            acquired_at: T0,
+            ..lease("C", at(60), Some(0))
+        })
+    );
+    // A retry in the chain inherits the chained row unchanged.
+    assert_eq!(
+        took_over(&*s, "a", "D", req("D"), at(95)).await,
+        Some(Lease {
+            acquired_at: T0,
+            ..lease("C", at(60), Some(0))
+        })
+    );
+    // A commit between two grants breaks the chain.
+    committed(&*s, None, &record("b", 0)).await;
+    granted(&*s, "b", "B", T0).await;
+    committed(&*s, Some(0), &record("b", 1)).await;
+    assert_eq!(
+        took_over(&*s, "b", "A", req("A"), at(30)).await,
+        Some(lease("B", T0, Some(0)))
+    );
+    assert_eq!(
+        took_over(&*s, "b", "C", req("C"), at(60)).await,
+        Some(lease("A", at(30), Some(1)))
+    );
+    // A restored chained row is the displaced row as reported, and chains no more.
+    committed(&*s, None, &record("c", 0)).await;
+    granted(&*s, "c", "B", T0).await;
+    granted(&*s, "c", "A", at(30)).await;
+    let r9 = LeaseRequestId(9);
+    assert_eq!(
+        took_over(&*s, "c", "C", r9, at(60)).await,
+        Some(a_from_t0.clone())
+    );
+    s.release_lease(&id("c"), &worker("C"), r9, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        took_over(&*s, "c", "D", req("D"), at(61)).await,
+        Some(a_from_t0)
     );
 }
 
@@ -666,9 +952,7 @@ async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
     granted(&*s, "lease-only", "A", T0).await;
     granted(&*s, "idle-10d", "A", T0).await;
     granted(&*s, "idle-100d", "A", T0).await;
-    s.release_lease(&id("idle-100d"), &worker("A"))
-        .await
-        .unwrap();
+    release(&*s, "idle-100d", "A").await;
     assert_eq!(
         s.due_for_work(at(29), lead, 100).await.unwrap(),
         ids(&["degraded-idle-1d", "idle-10d", "idle-1d"])
@@ -887,9 +1171,15 @@ async fn concurrent_lease_has_one_holder<B: Backend>(b: &B) {
     for t in 0..TASKS {
         let s = Arc::clone(&stores[t % 2]);
         tasks.push(tokio::spawn(async move {
-            s.acquire_lease(&id("hot"), &worker(&format!("w{t}")), T0, TTL)
-                .await
-                .unwrap()
+            s.acquire_lease(
+                &id("hot"),
+                &worker(&format!("w{t}")),
+                LeaseRequestId(t as u64),
+                T0,
+                TTL,
+            )
+            .await
+            .unwrap()
         }));
     }
     let mut winner = None;
@@ -952,9 +1242,15 @@ async fn assert_corrupt_and_unchanged<B: Backend>(b: &B, s: &B::S, conn: &str, e
     check("load", s.load(&id(conn)).await.unwrap_err());
     check(
         "acquire_lease",
-        s.acquire_lease(&id(conn), &worker("intruder"), at(10_000), TTL)
-            .await
-            .unwrap_err(),
+        s.acquire_lease(
+            &id(conn),
+            &worker("intruder"),
+            req("intruder"),
+            at(10_000),
+            TTL,
+        )
+        .await
+        .unwrap_err(),
     );
     check(
         "insert conflict",
@@ -1176,6 +1472,12 @@ for_backends!(
     list_in_id_order,
     lease_held_expired_taken_over,
     release_by_non_owner_does_nothing,
+    retry_inherits_what_the_lost_grant_displaced,
+    retry_without_displaced_row_reports_none,
+    same_owner_new_request_reports_its_own_row,
+    release_with_restore_puts_back_the_displaced_row,
+    release_with_wrong_request_does_nothing,
+    chained_takeovers_report_the_earliest_start,
     due_for_work_finds_keepalive_and_abandoned,
     due_for_work_finds_records_in_doubt,
     notices_due_reports_each_notice_in_its_window,
@@ -1224,6 +1526,7 @@ async fn sqlite_upgrades_a_version_1_database() {
     // Take the file back to schema version 1, as a version-1 build left it.
     {
         let raw = b.raw();
+        raw.execute_batch(SQLITE_DROP_V3).unwrap();
         raw.execute_batch(
             "DROP INDEX tokenfence_connections_pending_work_at; \
              DROP INDEX tokenfence_connections_hard_deadline; \
@@ -1238,7 +1541,7 @@ async fn sqlite_upgrades_a_version_1_database() {
         .raw()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     assert_eq!(s.load(&id("old")).await.unwrap(), Some(record("old", 0)));
     let mut doubt = record("old", 1);
     doubt.in_doubt_since = Some(at(5));
@@ -1252,6 +1555,146 @@ async fn sqlite_upgrades_a_version_1_database() {
         s.notices_due(None, deadline, Duration::ZERO).await.unwrap(),
         vec![id("old")]
     );
+}
+
+/// What schema version 3 added to the lease table, undone (as a version-2 build
+/// left the table).
+const SQLITE_DROP_V3: &str = "ALTER TABLE tokenfence_leases DROP COLUMN request; \
+     ALTER TABLE tokenfence_leases DROP COLUMN displaced_owner; \
+     ALTER TABLE tokenfence_leases DROP COLUMN displaced_acquired_at; \
+     ALTER TABLE tokenfence_leases DROP COLUMN displaced_expires_at; \
+     ALTER TABLE tokenfence_leases DROP COLUMN displaced_generation; \
+     ALTER TABLE tokenfence_leases DROP COLUMN displaced_request;";
+
+/// Lease rows written before version 3 (owner, times, generation only), after the
+/// upgrade: their request is 0 and they displaced nothing. Unexpired, they exclude
+/// others; expired, the next worker is told of them; their holder releases them
+/// under request 0; their owner under a new request is told of its own row.
+async fn leases_written_before_v3_read_as_request_zero(s: &impl Store) {
+    assert_eq!(held(s, "old", "B", at(10)).await, lease("A", T0, Some(0)));
+    assert_eq!(
+        took_over(s, "old", "C", req("C"), at(30)).await,
+        Some(lease("A", T0, Some(0)))
+    );
+    s.release_lease(&id("lease-only"), &worker("A"), LeaseRequestId(0), false)
+        .await
+        .unwrap();
+    assert_eq!(took_over(s, "lease-only", "B", req("B"), at(1)).await, None);
+    assert_eq!(
+        took_over(s, "other", "A", req("A"), at(1)).await,
+        Some(lease("A", T0, None))
+    );
+}
+
+/// A database written by a version-2 build, with lease rows, opens under this one:
+/// the migration gives the rows request 0 and no displaced row.
+#[tokio::test]
+async fn sqlite_upgrades_a_version_2_database_with_leases() {
+    let b = SqliteBackend::new();
+    {
+        let v2 = SqliteStore::open(b.path(), keyring()).unwrap();
+        committed(&v2, None, &record("old", 0)).await;
+    }
+    {
+        let raw = b.raw();
+        raw.execute_batch(SQLITE_DROP_V3).unwrap();
+        raw.execute_batch("PRAGMA user_version = 2;").unwrap();
+        for conn in ["old", "lease-only", "other"] {
+            let generation = (conn == "old").then_some(0_i64);
+            raw.execute(
+                "INSERT INTO tokenfence_leases (id, owner, acquired_at, expires_at, generation) \
+                 VALUES (?1, 'A', ?2, ?3, ?4)",
+                rusqlite::params![
+                    conn,
+                    T0.as_millis() as i64,
+                    T0.saturating_add(TTL).as_millis() as i64,
+                    generation
+                ],
+            )
+            .unwrap();
+        }
+    }
+    let s = SqliteStore::open(b.path(), keyring()).unwrap();
+    let raw = b.raw();
+    let version: i64 = raw
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+    let upgraded: i64 = raw
+        .query_row(
+            "SELECT count(*) FROM tokenfence_leases WHERE request = 0 \
+             AND displaced_owner IS NULL AND displaced_request IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(upgraded, 3);
+    leases_written_before_v3_read_as_request_zero(&s).await;
+}
+
+/// The same for a PostgreSQL schema written by a version-2 build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_upgrades_a_version_2_schema_with_leases() {
+    let Some(b) = PgBackend::new().await else {
+        return;
+    };
+    committed(&*b.open(keyring()).await, None, &record("old", 0)).await;
+    let raw = b.raw().await;
+    let l = format!("\"{}\".tokenfence_leases", b.schema);
+    raw.batch_execute(&format!(
+        "ALTER TABLE {l} DROP CONSTRAINT tokenfence_leases_displaced_whole, \
+         DROP COLUMN request, DROP COLUMN displaced_owner, \
+         DROP COLUMN displaced_acquired_at, DROP COLUMN displaced_expires_at, \
+         DROP COLUMN displaced_generation, DROP COLUMN displaced_request; \
+         DELETE FROM \"{}\".tokenfence_schema_version WHERE version = 3",
+        b.schema
+    ))
+    .await
+    .unwrap();
+    for conn in ["old", "lease-only", "other"] {
+        let generation = (conn == "old").then_some(0_i64);
+        raw.execute(
+            &format!(
+                "INSERT INTO {l} (id, owner, acquired_at, expires_at, generation) \
+                 VALUES ($1, 'A', $2, $3, $4)"
+            ),
+            &[
+                &conn,
+                &(T0.as_millis() as i64),
+                &(T0.saturating_add(TTL).as_millis() as i64),
+                &generation,
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let s = b.open(keyring()).await;
+    let applied: i64 = raw
+        .query_one(
+            &format!(
+                "SELECT max(version) FROM \"{}\".tokenfence_schema_version",
+                b.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 3);
+    let upgraded: i64 = raw
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {l} WHERE request = 0 \
+                 AND displaced_owner IS NULL AND displaced_request IS NULL"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(upgraded, 3);
+    leases_written_before_v3_read_as_request_zero(&*s).await;
+    b.drop_schema().await;
 }
 
 #[test]
@@ -1271,7 +1714,7 @@ fn sqlite_many_processes_first_use_at_once() {
         .raw()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let mode: String = b
         .raw()
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -1325,7 +1768,7 @@ async fn postgres_many_processes_first_use_at_once() {
         .await
         .unwrap()
         .get::<_, i64>(0);
-    assert_eq!(applied, 2);
+    assert_eq!(applied, 3);
     b.drop_schema().await;
 }
 

@@ -1,13 +1,16 @@
 //! Differential test: random sequences of store operations applied to MemoryStore
 //! (the reference) and to SqliteStore / PostgresStore must give identical answers,
-//! operation by operation. Times, leads, limits, owners, statuses and deadlines
-//! are drawn from small ranges so that leases expire, conflicts happen and
-//! keep-alive boundaries are crossed often.
+//! operation by operation. Times, leads, limits, owners, lease request ids,
+//! statuses and deadlines are drawn from small ranges so that leases expire,
+//! conflicts happen and keep-alive boundaries are crossed often; acquisitions and
+//! releases often reuse the last grant's owner and request, so that retries after a
+//! lost answer, releases with and without restore, and stale requests come up.
 //!
 //! A failure prints the seed and the operation; `TOKENFENCE_DIFF_SEED=<n>` replays
 //! one sequence. PostgreSQL follows the same rule as the conformance suite:
 //! `TOKENFENCE_PG_URL` or an explicit `TOKENFENCE_SKIP_PG=1`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
 use tokenfence::store::{
@@ -15,7 +18,7 @@ use tokenfence::store::{
 };
 use tokenfence_core::{
     AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind, Generation,
-    GrantIdentity, ReauthReason, RefreshToken, Status, Timestamp, WorkerId,
+    GrantIdentity, LeaseRequestId, ReauthReason, RefreshToken, Status, Timestamp, WorkerId,
 };
 
 const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
@@ -49,8 +52,8 @@ impl Rng {
 enum Op {
     Load(ConnectionId),
     Cas(Option<Generation>, Box<ConnectionRecord>),
-    Acquire(ConnectionId, WorkerId, Timestamp, Duration),
-    Release(ConnectionId, WorkerId),
+    Acquire(ConnectionId, WorkerId, LeaseRequestId, Timestamp, Duration),
+    Release(ConnectionId, WorkerId, LeaseRequestId, bool),
     Due(Timestamp, Duration, usize),
     Notices(Option<Timestamp>, Timestamp, Duration),
     List,
@@ -95,11 +98,23 @@ fn random_record(rng: &mut Rng, id: &str, generation: u64) -> ConnectionRecord {
     }
 }
 
-fn random_op(rng: &mut Rng) -> Op {
+/// The owner and request of the last grant of each connection.
+type Grants = BTreeMap<ConnectionId, (WorkerId, LeaseRequestId)>;
+
+fn random_op(rng: &mut Rng, grants: &Grants) -> Op {
     let ids = ["a", "b", "c"];
     let owners = ["w1", "w2", "w3"];
     let id = ConnectionId((*rng.pick(&ids)).into());
     let now = T0.saturating_add(rng.secs(120));
+    // Half the time the last grant's owner and request (a retry, a release by the
+    // holder), else any owner and request.
+    let requester = |rng: &mut Rng| match grants.get(&id) {
+        Some(last) if rng.below(2) == 0 => last.clone(),
+        _ => (
+            WorkerId((*rng.pick(&owners)).into()),
+            LeaseRequestId(rng.below(3)),
+        ),
+    };
     match rng.below(11) {
         0 => Op::Load(id),
         1..=3 => {
@@ -110,17 +125,24 @@ fn random_op(rng: &mut Rng) -> Op {
             let next = expected.map_or(0, |g| g.0 + 1);
             Op::Cas(expected, Box::new(random_record(rng, &id.0, next)))
         }
-        4..=6 => Op::Acquire(
-            id,
-            WorkerId((*rng.pick(&owners)).into()),
-            now,
-            *rng.pick(&[
-                Duration::ZERO,
-                Duration::from_secs(30),
-                Duration::from_secs(90),
-            ]),
-        ),
-        7 => Op::Release(id, WorkerId((*rng.pick(&owners)).into())),
+        4..=6 => {
+            let (owner, request) = requester(rng);
+            Op::Acquire(
+                id,
+                owner,
+                request,
+                now,
+                *rng.pick(&[
+                    Duration::ZERO,
+                    Duration::from_secs(30),
+                    Duration::from_secs(90),
+                ]),
+            )
+        }
+        7 => {
+            let (owner, request) = requester(rng);
+            Op::Release(id, owner, request, rng.below(2) == 0)
+        }
         8 => Op::Due(
             now,
             *rng.pick(&[
@@ -157,11 +179,17 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
         Op::Cas(expected, record) => {
             Answer::Cas(store.compare_and_swap(*expected, record).await.unwrap())
         }
-        Op::Acquire(id, owner, now, ttl) => {
-            Answer::Lease(store.acquire_lease(id, owner, *now, *ttl).await.unwrap())
-        }
-        Op::Release(id, owner) => {
-            store.release_lease(id, owner).await.unwrap();
+        Op::Acquire(id, owner, request, now, ttl) => Answer::Lease(
+            store
+                .acquire_lease(id, owner, *request, *now, *ttl)
+                .await
+                .unwrap(),
+        ),
+        Op::Release(id, owner, request, restore) => {
+            store
+                .release_lease(id, owner, *request, *restore)
+                .await
+                .unwrap();
             Answer::Released
         }
         Op::Due(now, lead, limit) => {
@@ -193,6 +221,10 @@ struct Seen {
     conflicts: u32,
     held: u32,
     took_over: u32,
+    /// Grants to the owner and request of the connection's last grant.
+    retries: u32,
+    /// Releases with restore by the owner and request of the last grant.
+    restores: u32,
     due: u32,
 }
 
@@ -204,14 +236,33 @@ async fn run_against(
     seen: &mut Seen,
 ) {
     let mut rng = Rng::new(seed);
+    let mut grants = Grants::new();
     for step in 0..OPS {
-        let op = random_op(&mut rng);
+        let op = random_op(&mut rng, &grants);
         let want = apply(reference, &op).await;
         let got = apply(store, &op).await;
         assert_eq!(
             got, want,
             "{name} differs from MemoryStore at seed {seed}, step {step}: {op:?}"
         );
+        match &op {
+            Op::Acquire(id, owner, request, ..)
+                if matches!(want, Answer::Lease(LeaseOutcome::Granted { .. })) =>
+            {
+                let grant = (owner.clone(), *request);
+                if grants.get(id) == Some(&grant) {
+                    seen.retries += 1;
+                }
+                grants.insert(id.clone(), grant);
+            }
+            Op::Release(id, owner, request, restore)
+                if grants.get(id) == Some(&(owner.clone(), *request)) =>
+            {
+                seen.restores += u32::from(*restore);
+                grants.remove(id);
+            }
+            _ => {}
+        }
         match want {
             Answer::Cas(CasOutcome::Committed) => seen.committed += 1,
             Answer::Cas(CasOutcome::Conflict(_)) => seen.conflicts += 1,
@@ -232,10 +283,18 @@ fn assert_reached(seen: &Seen) {
         conflicts,
         held,
         took_over,
+        retries,
+        restores,
         due,
     } = *seen;
     assert!(
-        committed >= 20 && conflicts >= 20 && held >= 10 && took_over >= 10 && due >= 10,
+        committed >= 20
+            && conflicts >= 20
+            && held >= 10
+            && took_over >= 10
+            && retries >= 10
+            && restores >= 5
+            && due >= 10,
         "the random sequences missed a case: {seen:?}"
     );
 }

@@ -1,16 +1,18 @@
 //! An in-memory store: for tests and single-process use.
 
-use super::{CasOutcome, LeaseOutcome, Store, StoreError};
+use super::{CasOutcome, LeaseOutcome, LeaseSlot, Store, StoreError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
-use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+use tokenfence_core::{
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
+};
 
 #[derive(Default)]
 struct Row {
     record: Option<ConnectionRecord>,
-    lease: Option<Lease>,
+    lease: Option<LeaseSlot>,
 }
 
 /// Records and leases in a mutex-guarded map.
@@ -63,36 +65,42 @@ impl Store for MemoryStore {
         &self,
         id: &ConnectionId,
         owner: &WorkerId,
+        request: LeaseRequestId,
         now: Timestamp,
         ttl: Duration,
     ) -> Result<LeaseOutcome, StoreError> {
         self.with(|rows| {
             let row = rows.entry(id.clone()).or_default();
-            match &row.lease {
-                Some(l) if l.owner != *owner && l.expires_at > now => LeaseOutcome::Held(l.clone()),
-                _ => {
-                    let lease = Lease {
-                        owner: owner.clone(),
-                        acquired_at: now,
-                        expires_at: now.saturating_add(ttl),
-                        generation: row.record.as_ref().map(|r| r.generation),
-                    };
-                    let took_over = row.lease.replace(lease.clone());
-                    LeaseOutcome::Granted {
-                        lease,
-                        record: row.record.clone(),
-                        took_over,
-                    }
-                }
+            if let Some(holder) = row.lease.as_ref().and_then(|l| l.held_against(owner, now)) {
+                return LeaseOutcome::Held(holder.clone());
+            }
+            let lease = Lease {
+                owner: owner.clone(),
+                acquired_at: now,
+                expires_at: now.saturating_add(ttl),
+                generation: row.record.as_ref().map(|r| r.generation),
+            };
+            let (slot, took_over) = super::grant(row.lease.take(), lease.clone(), request);
+            row.lease = Some(slot);
+            LeaseOutcome::Granted {
+                lease,
+                record: row.record.clone(),
+                took_over,
             }
         })
     }
 
-    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
+    async fn release_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        restore: bool,
+    ) -> Result<(), StoreError> {
         self.with(|rows| {
             if let Some(row) = rows.get_mut(id) {
-                if row.lease.as_ref().is_some_and(|l| l.owner == *owner) {
-                    row.lease = None;
+                if row.lease.as_ref().is_some_and(|l| l.is(owner, request)) {
+                    row.lease = row.lease.take().and_then(|l| l.released(restore));
                 }
             }
         })
@@ -112,7 +120,10 @@ impl Store for MemoryStore {
                         .as_ref()
                         .and_then(|r| r.work_due_at(lead))
                         .is_some_and(|t| t <= now);
-                    let abandoned = row.lease.as_ref().is_some_and(|l| l.expires_at <= now);
+                    let abandoned = row
+                        .lease
+                        .as_ref()
+                        .is_some_and(|l| l.row.lease.expires_at <= now);
                     work || abandoned
                 })
                 .map(|(id, _)| id.clone())

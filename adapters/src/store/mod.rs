@@ -7,6 +7,18 @@
 //! and expiry, is released only by its owner, and is kept until released or taken
 //! over after expiry; acquiring a lease reads the record in the same atomic step and
 //! reports the unreleased row it replaced (whoever owned it).
+//!
+//! A lease row also keeps the [`LeaseRequestId`] it was granted to and the
+//! unreleased row it displaced. The machine retries a lease request whose answer
+//! was lost under the same id; finding its own earlier grant (same owner, same
+//! request), the store grants again and reports what that grant displaced, not the
+//! requester's own row, under which nothing was sent. Without this, one lost answer
+//! made a worker see its own row as another's takeover, assume a refresh of its own
+//! was in flight, and end in a false `ReauthRequired(LostRotation)` (find 18). A
+//! new request of the same owner (a restarted worker reusing its pinned id) still
+//! reports the old row (find 1). Releasing takes the request id too, and with
+//! `restore` puts the displaced row back, so that a lease given up without acting
+//! on its takeover leaves the doubt to the next worker.
 
 mod memory;
 mod postgres;
@@ -19,7 +31,9 @@ pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
 use std::time::Duration;
-use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+use tokenfence_core::{
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
+};
 
 /// The result of a compare-and-swap.
 #[allow(clippy::large_enum_variant)] // returned once per store call; boxing buys nothing
@@ -84,18 +98,37 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<CasOutcome, StoreError>;
 
     /// Takes the refresh lease of `id` for `ttl` from `now` if it is free, expired or
-    /// already `owner`'s, reading the record in the same atomic step.
+    /// already `owner`'s, reading the record in the same atomic step, and keeps
+    /// `request` with the new row.
+    ///
+    /// `took_over` is the unreleased row the grant displaced, kept with the new
+    /// row. If the replaced row is `owner`'s own earlier grant to the same
+    /// `request` (a retry after a lost answer), the new row keeps that grant's
+    /// displaced row and reports it (`None` if it had none). Otherwise the replaced
+    /// row is the displaced one; if it had itself displaced a row granted at the
+    /// same record generation (nothing committed in between), it is reported with
+    /// the earlier of the two `acquired_at`s, since the doubt runs from there.
     async fn acquire_lease(
         &self,
         id: &ConnectionId,
         owner: &WorkerId,
+        request: LeaseRequestId,
         now: Timestamp,
         ttl: Duration,
     ) -> Result<LeaseOutcome, StoreError>;
 
-    /// Releases the lease of `id` if `owner` holds it; does nothing otherwise (an
-    /// expired holder can never release someone else's lease).
-    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError>;
+    /// Releases the lease of `id` if `owner` holds it under `request` (expired or
+    /// not); does nothing otherwise (an expired holder can never release someone
+    /// else's lease, nor a stale request a newer grant). With `restore`, the row
+    /// the grant displaced takes its place (with no displaced row of its own)
+    /// instead of leaving none.
+    async fn release_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        restore: bool,
+    ) -> Result<(), StoreError>;
 
     /// Connections that need work without anyone asking
     /// ([`ConnectionRecord::work_due_at`]): a keep-alive refresh is due (`lead`
@@ -141,6 +174,84 @@ pub(crate) fn notice_due(
     at <= until && after.is_none_or(|a| at > a)
 }
 
+/// A lease row as stored: the lease and the request it was granted to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LeaseRow {
+    pub lease: Lease,
+    pub request: LeaseRequestId,
+}
+
+/// What a connection's lease row holds: the granted row and the unreleased row
+/// it displaced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LeaseSlot {
+    pub row: LeaseRow,
+    pub displaced: Option<LeaseRow>,
+}
+
+impl LeaseSlot {
+    /// The holder's lease, if it excludes `owner` at `now`: another owner's,
+    /// unexpired.
+    pub(crate) fn held_against(&self, owner: &WorkerId, now: Timestamp) -> Option<&Lease> {
+        let l = &self.row.lease;
+        (l.owner != *owner && now < l.expires_at).then_some(l)
+    }
+
+    /// Whether `owner` holds this row under `request`.
+    pub(crate) fn is(&self, owner: &WorkerId, request: LeaseRequestId) -> bool {
+        self.row.lease.owner == *owner && self.row.request == request
+    }
+
+    /// What a release by the row's holder leaves: the displaced row (with none of
+    /// its own) with `restore`, else nothing.
+    pub(crate) fn released(self, restore: bool) -> Option<LeaseSlot> {
+        self.displaced.filter(|_| restore).map(|row| LeaseSlot {
+            row,
+            displaced: None,
+        })
+    }
+}
+
+/// The slot a grant of `lease` to `request` leaves in place of `old`, and the row
+/// it reports as taken over (see [`Store::acquire_lease`]); `old` must not be
+/// held against the new owner. Every store decides with this one function.
+pub(crate) fn grant(
+    old: Option<LeaseSlot>,
+    lease: Lease,
+    request: LeaseRequestId,
+) -> (LeaseSlot, Option<Lease>) {
+    let displaced = match old {
+        // A retry of the request whose answer was lost: nothing was sent under
+        // that grant, so it displaced nothing itself; what it displaced still stands.
+        Some(old) if old.is(&lease.owner, request) => old.displaced,
+        Some(old) => Some(inherit(old.row, old.displaced)),
+        None => None,
+    };
+    let took_over = displaced.as_ref().map(|d| d.lease.clone());
+    let slot = LeaseSlot {
+        row: LeaseRow { lease, request },
+        displaced,
+    };
+    (slot, took_over)
+}
+
+/// The row a new grant displaces, `old`, with what `old` had itself displaced
+/// (`earlier`): when both were granted at the same record generation (nothing
+/// committed between them), the doubt runs from the earlier one, so the reported
+/// row starts there. Otherwise `old` alone.
+fn inherit(old: LeaseRow, earlier: Option<LeaseRow>) -> LeaseRow {
+    match earlier {
+        Some(e) if e.lease.generation == old.lease.generation => LeaseRow {
+            lease: Lease {
+                acquired_at: e.lease.acquired_at.min(old.lease.acquired_at),
+                ..old.lease
+            },
+            request: old.request,
+        },
+        _ => old,
+    }
+}
+
 #[async_trait]
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
@@ -157,13 +268,20 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         &self,
         id: &ConnectionId,
         owner: &WorkerId,
+        request: LeaseRequestId,
         now: Timestamp,
         ttl: Duration,
     ) -> Result<LeaseOutcome, StoreError> {
-        (**self).acquire_lease(id, owner, now, ttl).await
+        (**self).acquire_lease(id, owner, request, now, ttl).await
     }
-    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
-        (**self).release_lease(id, owner).await
+    async fn release_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        restore: bool,
+    ) -> Result<(), StoreError> {
+        (**self).release_lease(id, owner, request, restore).await
     }
     async fn due_for_work(
         &self,

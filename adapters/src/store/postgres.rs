@@ -4,9 +4,12 @@
 //! (an `INSERT ... ON CONFLICT DO NOTHING` when no record may exist). Acquiring a
 //! lease is one transaction: a per-connection advisory lock (so two acquirers of a
 //! lease that has no row yet cannot both win), the lease row read `FOR UPDATE`, the
-//! record read, the new lease written. Releasing is `DELETE ... WHERE owner = $2`,
-//! so an expired holder can never release someone else's lease; a release racing an
-//! acquisition waits for the row lock and then finds another owner.
+//! record read, the new lease written with its request id and the row it
+//! displaced. Releasing is one statement guarded by `owner = $2 AND request = $3`
+//! (a `DELETE`, and with restore an `UPDATE` that puts the displaced row back, in
+//! one `WITH`), so an expired holder can never release someone else's lease; a
+//! release racing an acquisition waits for the row lock and then finds another
+//! owner or request.
 //!
 //! Migrations ship with the crate and run on connect, in one transaction under an
 //! advisory lock, so any number of processes may start at once. Records are sealed
@@ -23,7 +26,7 @@
 //! characters, so connection ids and worker ids containing one are refused with
 //! [`StoreError::Config`].
 
-use super::row::{self, SealedRecord};
+use super::row::{self, LeaseColumns, SealedRecord};
 use super::{CasOutcome, LeaseOutcome, Store, StoreError};
 use crate::crypto::Keyring;
 use async_trait::async_trait;
@@ -31,13 +34,19 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMe
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+use tokenfence_core::{
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Schema migrations, applied in order on connect.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/postgres/0001_init.sql")),
     (2, include_str!("migrations/postgres/0002_scans.sql")),
+    (
+        3,
+        include_str!("migrations/postgres/0003_lease_requests.sql"),
+    ),
 ];
 
 /// First half of the advisory-lock key that serializes migrations ("tokn").
@@ -102,7 +111,7 @@ struct Sql {
     update_record: String,
     select_lease: String,
     upsert_lease: String,
-    delete_lease: String,
+    release_lease: String,
     due: String,
     notices: String,
     list: String,
@@ -128,15 +137,39 @@ impl Sql {
                  hard_deadline = $9 WHERE id = $1 AND generation = $10"
             ),
             select_lease: format!(
-                "SELECT owner, acquired_at, expires_at, generation FROM {l} WHERE id = $1 FOR UPDATE"
+                "SELECT owner, acquired_at, expires_at, generation, request, displaced_owner, \
+                 displaced_acquired_at, displaced_expires_at, displaced_generation, \
+                 displaced_request FROM {l} WHERE id = $1 FOR UPDATE"
             ),
             upsert_lease: format!(
-                "INSERT INTO {l} (id, owner, acquired_at, expires_at, generation) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET \
+                "INSERT INTO {l} (id, owner, acquired_at, expires_at, generation, request, \
+                 displaced_owner, displaced_acquired_at, displaced_expires_at, \
+                 displaced_generation, displaced_request) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                 ON CONFLICT (id) DO UPDATE SET \
                  owner = EXCLUDED.owner, acquired_at = EXCLUDED.acquired_at, \
-                 expires_at = EXCLUDED.expires_at, generation = EXCLUDED.generation"
+                 expires_at = EXCLUDED.expires_at, generation = EXCLUDED.generation, \
+                 request = EXCLUDED.request, displaced_owner = EXCLUDED.displaced_owner, \
+                 displaced_acquired_at = EXCLUDED.displaced_acquired_at, \
+                 displaced_expires_at = EXCLUDED.displaced_expires_at, \
+                 displaced_generation = EXCLUDED.displaced_generation, \
+                 displaced_request = EXCLUDED.displaced_request"
             ),
-            delete_lease: format!("DELETE FROM {l} WHERE id = $1 AND owner = $2"),
+            // Both parts read the same snapshot and match complementary rows: the
+            // row goes unless it is to be restored; a row to restore becomes the
+            // one it displaced. Each rechecks its guard after waiting for a lock.
+            release_lease: format!(
+                "WITH restored AS (UPDATE {l} SET owner = displaced_owner, \
+                 acquired_at = displaced_acquired_at, expires_at = displaced_expires_at, \
+                 generation = displaced_generation, request = displaced_request, \
+                 displaced_owner = NULL, displaced_acquired_at = NULL, \
+                 displaced_expires_at = NULL, displaced_generation = NULL, \
+                 displaced_request = NULL \
+                 WHERE id = $1 AND owner = $2 AND request = $3 AND $4 \
+                 AND displaced_owner IS NOT NULL RETURNING id) \
+                 DELETE FROM {l} WHERE id = $1 AND owner = $2 AND request = $3 \
+                 AND (NOT $4 OR displaced_owner IS NULL)"
+            ),
             due: format!(
                 "SELECT id FROM {c} WHERE idle_deadline <= $1 AND keepalive_floor <= $2 \
                  UNION SELECT id FROM {c} WHERE pending_work_at <= $2 \
@@ -500,6 +533,7 @@ impl Store for PostgresStore {
         &self,
         id: &ConnectionId,
         owner: &WorkerId,
+        request: LeaseRequestId,
         now: Timestamp,
         ttl: Duration,
     ) -> Result<LeaseOutcome, StoreError> {
@@ -522,19 +556,23 @@ impl Store for PostgresStore {
             .query_opt(&select, &[&id.0])
             .await
             .map_err(pg_error)?
-            .map(|r| -> Result<Lease, StoreError> {
-                Ok(row::lease_from_sql(
-                    r.try_get(0).map_err(column_error)?,
-                    r.try_get(1).map_err(column_error)?,
-                    r.try_get(2).map_err(column_error)?,
-                    r.try_get(3).map_err(column_error)?,
-                ))
+            .map(|r| {
+                LeaseColumns {
+                    owner: r.try_get(0).map_err(column_error)?,
+                    acquired_at: r.try_get(1).map_err(column_error)?,
+                    expires_at: r.try_get(2).map_err(column_error)?,
+                    generation: r.try_get(3).map_err(column_error)?,
+                    request: r.try_get(4).map_err(column_error)?,
+                    displaced_owner: r.try_get(5).map_err(column_error)?,
+                    displaced_acquired_at: r.try_get(6).map_err(column_error)?,
+                    displaced_expires_at: r.try_get(7).map_err(column_error)?,
+                    displaced_generation: r.try_get(8).map_err(column_error)?,
+                    displaced_request: r.try_get(9).map_err(column_error)?,
+                }
+                .into_slot(id)
             })
             .transpose()?;
-        if let Some(held) = current
-            .as_ref()
-            .filter(|l| l.owner != *owner && l.expires_at > now)
-        {
+        if let Some(held) = current.as_ref().and_then(|l| l.held_against(owner, now)) {
             let held = held.clone();
             tx.rollback().await.map_err(pg_error)?;
             return Ok(LeaseOutcome::Held(held));
@@ -549,6 +587,8 @@ impl Store for PostgresStore {
             expires_at: now.saturating_add(ttl),
             generation: record.as_ref().map(|r| r.generation),
         };
+        let (slot, took_over) = super::grant(current, lease.clone(), request);
+        let c = LeaseColumns::of(&slot);
         let upsert = tx
             .prepare_cached(&self.inner.sql.upsert_lease)
             .await
@@ -557,10 +597,16 @@ impl Store for PostgresStore {
             &upsert,
             &[
                 &id.0,
-                &lease.owner.0,
-                &row::time_to_sql(lease.acquired_at),
-                &row::time_to_sql(lease.expires_at),
-                &lease.generation.map(row::generation_to_sql),
+                &c.owner,
+                &c.acquired_at,
+                &c.expires_at,
+                &c.generation,
+                &c.request,
+                &c.displaced_owner,
+                &c.displaced_acquired_at,
+                &c.displaced_expires_at,
+                &c.displaced_generation,
+                &c.displaced_request,
             ],
         )
         .await
@@ -569,20 +615,29 @@ impl Store for PostgresStore {
         Ok(LeaseOutcome::Granted {
             lease,
             record,
-            took_over: current,
+            took_over,
         })
     }
 
-    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
+    async fn release_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        restore: bool,
+    ) -> Result<(), StoreError> {
         check_text("connection id", &id.0)?;
         check_text("worker id", &owner.0)?;
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(&self.inner.sql.delete_lease)
+            .prepare_cached(&self.inner.sql.release_lease)
             .await
             .map_err(pg_error)?;
         client
-            .execute(&stmt, &[&id.0, &owner.0])
+            .execute(
+                &stmt,
+                &[&id.0, &owner.0, &row::request_to_sql(request), &restore],
+            )
             .await
             .map_err(pg_error)?;
         Ok(())

@@ -1,11 +1,11 @@
 //! How the SQL stores lay a record out in a row: a few plain columns for queries,
 //! and the whole record as JSON sealed with the keyring, bound to the connection id.
 
-use super::StoreError;
+use super::{LeaseRow, LeaseSlot, StoreError};
 use crate::crypto::Keyring;
 use std::time::Duration;
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, Lease, Status, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Status, Timestamp, WorkerId,
 };
 use zeroize::Zeroizing;
 
@@ -216,19 +216,92 @@ pub(crate) fn time_from_sql(t: i64) -> Timestamp {
     Timestamp::from_millis(u64::try_from(t).unwrap_or(0))
 }
 
-/// A lease from its row.
-pub(crate) fn lease_from_sql(
-    owner: String,
-    acquired_at: i64,
-    expires_at: i64,
-    generation: Option<i64>,
-) -> Lease {
+/// A lease row as SQL holds it (schema v3, columns in this order after `id`): the lease granted, the request it was granted to,
+/// and the row it displaced (all `displaced_*` NULL when there was none).
+#[derive(Debug)]
+pub(crate) struct LeaseColumns {
+    pub owner: String,
+    pub acquired_at: i64,
+    pub expires_at: i64,
+    pub generation: Option<i64>,
+    pub request: i64,
+    pub displaced_owner: Option<String>,
+    pub displaced_acquired_at: Option<i64>,
+    pub displaced_expires_at: Option<i64>,
+    pub displaced_generation: Option<i64>,
+    pub displaced_request: Option<i64>,
+}
+
+impl LeaseColumns {
+    /// The columns that store `slot`.
+    pub(crate) fn of(slot: &LeaseSlot) -> LeaseColumns {
+        let LeaseRow { lease, request } = &slot.row;
+        let d = slot.displaced.as_ref();
+        LeaseColumns {
+            owner: lease.owner.0.clone(),
+            acquired_at: time_to_sql(lease.acquired_at),
+            expires_at: time_to_sql(lease.expires_at),
+            generation: lease.generation.map(generation_to_sql),
+            request: request_to_sql(*request),
+            displaced_owner: d.map(|d| d.lease.owner.0.clone()),
+            displaced_acquired_at: d.map(|d| time_to_sql(d.lease.acquired_at)),
+            displaced_expires_at: d.map(|d| time_to_sql(d.lease.expires_at)),
+            displaced_generation: d.and_then(|d| d.lease.generation.map(generation_to_sql)),
+            displaced_request: d.map(|d| request_to_sql(d.request)),
+        }
+    }
+
+    /// The slot these columns store. A displaced row with some of its columns
+    /// NULL was not written by tokenfence: refused.
+    pub(crate) fn into_slot(self, id: &ConnectionId) -> Result<LeaseSlot, StoreError> {
+        let row = LeaseRow {
+            lease: lease(
+                self.owner,
+                self.acquired_at,
+                self.expires_at,
+                self.generation,
+            ),
+            request: request_from_sql(self.request),
+        };
+        let displaced = match (
+            self.displaced_owner,
+            self.displaced_acquired_at,
+            self.displaced_expires_at,
+            self.displaced_request,
+        ) {
+            (None, None, None, None) => None,
+            (Some(owner), Some(acquired_at), Some(expires_at), Some(request)) => Some(LeaseRow {
+                lease: lease(owner, acquired_at, expires_at, self.displaced_generation),
+                request: request_from_sql(request),
+            }),
+            _ => {
+                return Err(StoreError::Config(format!(
+                    "the lease row of connection {id} has a partial displaced row; \
+                     the lease table was changed by hand"
+                )))
+            }
+        };
+        Ok(LeaseSlot { row, displaced })
+    }
+}
+
+fn lease(owner: String, acquired_at: i64, expires_at: i64, generation: Option<i64>) -> Lease {
     Lease {
         owner: WorkerId(owner),
         acquired_at: time_from_sql(acquired_at),
         expires_at: time_from_sql(expires_at),
         generation: generation.map(generation_from_sql),
     }
+}
+
+/// Lease request ids are stored as the same 64 bits, like generations.
+pub(crate) fn request_to_sql(r: LeaseRequestId) -> i64 {
+    r.0 as i64
+}
+
+/// Inverse of [`request_to_sql`].
+pub(crate) fn request_from_sql(r: i64) -> LeaseRequestId {
+    LeaseRequestId(r as u64)
 }
 
 /// A `usize` limit as SQL's `LIMIT` operand.

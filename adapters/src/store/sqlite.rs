@@ -6,36 +6,41 @@
 //! busy timeout for another. The compare-and-swap is a guarded
 //! `UPDATE ... WHERE id = ? AND generation = ?` (an `INSERT` when no record may
 //! exist); acquiring a lease reads the lease row and the record and writes the new
-//! lease in one transaction; releasing deletes the lease only where the owner
-//! matches. Records are sealed with a [`Keyring`] (AES-256-GCM, bound to the
+//! lease (with its request id and the row it displaced) in one transaction;
+//! releasing deletes the lease, or puts back the row it displaced, only where the
+//! owner and the request match, in one transaction. Records are sealed with a [`Keyring`] (AES-256-GCM, bound to the
 //! connection id); the plain columns hold only what queries need.
 //!
 //! SQLite calls block, so they run on tokio's blocking pool, one at a time per
 //! store over a single connection.
 
-use super::row::{self, SealedRecord};
-use super::{CasOutcome, LeaseOutcome, Store, StoreError};
+use super::row::{self, LeaseColumns, SealedRecord};
+use super::{CasOutcome, LeaseOutcome, LeaseSlot, Store, StoreError};
 use crate::crypto::Keyring;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokenfence_core::{ConnectionId, ConnectionRecord, Generation, Lease, Timestamp, WorkerId};
+use tokenfence_core::{
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
+};
 
 /// Schema migrations, applied in order on open; `PRAGMA user_version` records the
 /// last one applied.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/sqlite/0001_init.sql")),
     (2, include_str!("migrations/sqlite/0002_scans.sql")),
+    (3, include_str!("migrations/sqlite/0003_lease_requests.sql")),
 ];
 
 /// How long a write waits for another process's transaction before failing.
 const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 const SELECT_RECORD: &str = "SELECT generation, sealed FROM tokenfence_connections WHERE id = ?1";
-const SELECT_LEASE: &str =
-    "SELECT owner, acquired_at, expires_at, generation FROM tokenfence_leases WHERE id = ?1";
+const SELECT_LEASE: &str = "SELECT owner, acquired_at, expires_at, generation, request, \
+     displaced_owner, displaced_acquired_at, displaced_expires_at, displaced_generation, \
+     displaced_request FROM tokenfence_leases WHERE id = ?1";
 
 /// Records and leases in a SQLite file.
 #[derive(Clone)]
@@ -263,20 +268,28 @@ fn read_record(
         .transpose()
 }
 
-fn read_lease(conn: &Connection, id: &ConnectionId) -> Result<Option<Lease>, StoreError> {
-    conn.prepare_cached(SELECT_LEASE)
+fn read_lease(conn: &Connection, id: &ConnectionId) -> Result<Option<LeaseSlot>, StoreError> {
+    let columns = conn
+        .prepare_cached(SELECT_LEASE)
         .and_then(|mut s| {
             s.query_row([&id.0], |r| {
-                Ok(row::lease_from_sql(
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                ))
+                Ok(LeaseColumns {
+                    owner: r.get(0)?,
+                    acquired_at: r.get(1)?,
+                    expires_at: r.get(2)?,
+                    generation: r.get(3)?,
+                    request: r.get(4)?,
+                    displaced_owner: r.get(5)?,
+                    displaced_acquired_at: r.get(6)?,
+                    displaced_expires_at: r.get(7)?,
+                    displaced_generation: r.get(8)?,
+                    displaced_request: r.get(9)?,
+                })
             })
             .optional()
         })
-        .map_err(sql_error)
+        .map_err(sql_error)?;
+    columns.map(|c| c.into_slot(id)).transpose()
 }
 
 #[async_trait]
@@ -356,6 +369,7 @@ impl Store for SqliteStore {
         &self,
         id: &ConnectionId,
         owner: &WorkerId,
+        request: LeaseRequestId,
         now: Timestamp,
         ttl: Duration,
     ) -> Result<LeaseOutcome, StoreError> {
@@ -366,10 +380,7 @@ impl Store for SqliteStore {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_error)?;
             let current = read_lease(&tx, &id)?;
-            if let Some(held) = current
-                .as_ref()
-                .filter(|l| l.owner != owner && l.expires_at > now)
-            {
+            if let Some(held) = current.as_ref().and_then(|l| l.held_against(&owner, now)) {
                 return Ok(LeaseOutcome::Held(held.clone()));
             }
             // A record that does not open fails the acquisition; the transaction
@@ -381,19 +392,34 @@ impl Store for SqliteStore {
                 expires_at: now.saturating_add(ttl),
                 generation: record.as_ref().map(|r| r.generation),
             };
+            let (slot, took_over) = super::grant(current, lease.clone(), request);
+            let c = LeaseColumns::of(&slot);
             tx.prepare_cached(
-                "INSERT INTO tokenfence_leases (id, owner, acquired_at, expires_at, generation) \
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO UPDATE SET \
+                "INSERT INTO tokenfence_leases (id, owner, acquired_at, expires_at, generation, \
+                 request, displaced_owner, displaced_acquired_at, displaced_expires_at, \
+                 displaced_generation, displaced_request) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (id) DO UPDATE SET \
                  owner = excluded.owner, acquired_at = excluded.acquired_at, \
-                 expires_at = excluded.expires_at, generation = excluded.generation",
+                 expires_at = excluded.expires_at, generation = excluded.generation, \
+                 request = excluded.request, displaced_owner = excluded.displaced_owner, \
+                 displaced_acquired_at = excluded.displaced_acquired_at, \
+                 displaced_expires_at = excluded.displaced_expires_at, \
+                 displaced_generation = excluded.displaced_generation, \
+                 displaced_request = excluded.displaced_request",
             )
             .and_then(|mut s| {
                 s.execute(params![
                     id.0,
-                    lease.owner.0,
-                    row::time_to_sql(lease.acquired_at),
-                    row::time_to_sql(lease.expires_at),
-                    lease.generation.map(row::generation_to_sql)
+                    c.owner,
+                    c.acquired_at,
+                    c.expires_at,
+                    c.generation,
+                    c.request,
+                    c.displaced_owner,
+                    c.displaced_acquired_at,
+                    c.displaced_expires_at,
+                    c.displaced_generation,
+                    c.displaced_request
                 ])
             })
             .map_err(sql_error)?;
@@ -401,20 +427,48 @@ impl Store for SqliteStore {
             Ok(LeaseOutcome::Granted {
                 lease,
                 record,
-                took_over: current,
+                took_over,
             })
         })
         .await
     }
 
-    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
+    async fn release_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        restore: bool,
+    ) -> Result<(), StoreError> {
         let id = id.clone();
         let owner = owner.clone();
+        let request = row::request_to_sql(request);
         self.run(move |conn, _| {
-            conn.prepare_cached("DELETE FROM tokenfence_leases WHERE id = ?1 AND owner = ?2")
-                .and_then(|mut s| s.execute(params![id.0, owner.0]))
-                .map(drop)
-                .map_err(sql_error)
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql_error)?;
+            // Either the row goes (no restore, or nothing to restore) or the row it
+            // displaced takes its place; both only where owner and request match.
+            tx.prepare_cached(
+                "DELETE FROM tokenfence_leases WHERE id = ?1 AND owner = ?2 AND request = ?3 \
+                 AND (NOT ?4 OR displaced_owner IS NULL)",
+            )
+            .and_then(|mut s| s.execute(params![id.0, owner.0, request, restore]))
+            .map_err(sql_error)?;
+            if restore {
+                tx.prepare_cached(
+                    "UPDATE tokenfence_leases SET owner = displaced_owner, \
+                     acquired_at = displaced_acquired_at, expires_at = displaced_expires_at, \
+                     generation = displaced_generation, request = displaced_request, \
+                     displaced_owner = NULL, displaced_acquired_at = NULL, \
+                     displaced_expires_at = NULL, displaced_generation = NULL, \
+                     displaced_request = NULL \
+                     WHERE id = ?1 AND owner = ?2 AND request = ?3 AND displaced_owner IS NOT NULL",
+                )
+                .and_then(|mut s| s.execute(params![id.0, owner.0, request]))
+                .map_err(sql_error)?;
+            }
+            tx.commit().map_err(sql_error)
         })
         .await
     }

@@ -112,14 +112,21 @@ impl Store for Watched {
         &self,
         id: &ConnectionId,
         owner: &WorkerId,
+        request: LeaseRequestId,
         now: Timestamp,
         ttl: Duration,
     ) -> Result<LeaseOutcome, StoreError> {
         self.read()?;
-        self.inner.acquire_lease(id, owner, now, ttl).await
+        self.inner.acquire_lease(id, owner, request, now, ttl).await
     }
-    async fn release_lease(&self, id: &ConnectionId, owner: &WorkerId) -> Result<(), StoreError> {
-        self.inner.release_lease(id, owner).await
+    async fn release_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        restore: bool,
+    ) -> Result<(), StoreError> {
+        self.inner.release_lease(id, owner, request, restore).await
     }
     async fn due_for_work(
         &self,
