@@ -265,8 +265,12 @@ pub fn sound_reauth_within<'a>(
     let justified = if truth.ended_by_provider() {
         true
     } else if reason == ReauthReason::LostRotation {
+        // Under a provider that forks on replays, presenting an earlier token of
+        // the family mints a sibling and demotes the stored one (found by the
+        // model checker once S4 stopped reading the record's doubt).
+        let fork = profile.rotation.grace_replay == crate::profile::GraceReplay::Fork;
         unsettled.into_iter().any(|u| {
-            u.token == stored.refresh
+            (u.token == stored.refresh || fork)
                 && profile
                     .rotation
                     .in_doubt_recovery(u.lease_at, since, safety)

@@ -37,6 +37,11 @@ pub enum Strategy {
     NaiveB3,
     /// B4: a reply without `refresh_token` wipes the stored refresh token.
     NaiveB4,
+    /// Find 18 before its fix, not a baseline (not in [`ALL`](Self::ALL)): lease
+    /// requests carry no name the store recognises, so a retry after a lost answer
+    /// sees the requester's own row as a takeover, and a release only names the
+    /// owner. Its regression test shows S4 failing with it.
+    UnnamedLeaseRequests,
 }
 
 /// Where a write landed.
@@ -72,6 +77,7 @@ impl Strategy {
             Strategy::NaiveB2 => "naive-b2",
             Strategy::NaiveB3 => "naive-b3",
             Strategy::NaiveB4 => "naive-b4",
+            Strategy::UnnamedLeaseRequests => "unnamed-lease-requests",
         }
     }
 
@@ -118,6 +124,11 @@ impl Strategy {
         ttl: Duration,
         now: Timestamp,
     ) -> LeaseOutcome {
+        if self == Strategy::UnnamedLeaseRequests {
+            // A name the store has never seen: every request is a new one.
+            let fresh = LeaseRequestId(u64::MAX - now.as_millis());
+            return store.acquire_lease(id, owner, fresh, ttl, now);
+        }
         if self.uses_leases() {
             return store.acquire_lease(id, owner, request, ttl, now);
         }
@@ -144,6 +155,13 @@ impl Strategy {
         request: LeaseRequestId,
         restore: bool,
     ) -> bool {
+        if self == Strategy::UnnamedLeaseRequests {
+            let held = store.row(id).and_then(|r| r.lease.as_ref());
+            let Some(request) = held.filter(|l| l.lease.owner == *owner).map(|l| l.request) else {
+                return false;
+            };
+            return store.release_lease(id, owner, request, false);
+        }
         self.uses_leases() && store.release_lease(id, owner, request, restore)
     }
 

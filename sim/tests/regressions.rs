@@ -150,7 +150,7 @@ fn a_doubt_another_worker_acted_on_is_not_voided_by_an_unsent_request() {
             Store(1),         // records the doubt (g1) and presents rt1
             Garble(1),        // the provider rotates rt1 -> rt2, the reply is truncated
             Store(1),         // w2 records Degraded, still in doubt (g2)
-            Tick(at(10_779)), // w2's retry time
+            Tick(at(10_890)), // w2's retry time
             Timer(1),         // w2 retries
             Store(1),         // loads g2
             Store(1),         // takes the lease, presents rt1 again
@@ -264,4 +264,43 @@ fn an_unseen_request_leaves_its_doubt_on_a_record_that_still_holds_its_token() {
                 }
             )
     );
+}
+
+/// Find 18: the store grants a lease but its answer is lost; the worker retries.
+/// Before the fix (lease requests without names, `UnnamedLeaseRequests`), the
+/// retried grant reported the worker's own row as a takeover and, under reuse
+/// detection, a healthy connection became `ReauthRequired(LostRotation)` although
+/// nothing had been sent: the ghost-based S4 fails. With named requests the store
+/// recognises its own grant and every property holds.
+#[test]
+fn a_lost_answer_to_a_lease_request_does_not_declare_a_rotation_lost() {
+    use std::collections::BTreeSet;
+    use tokenfence_sim::check::{run_check, CheckOptions};
+    use tokenfence_sim::model::Strategy;
+    let cfg = |strategy| ModelConfig {
+        strategy,
+        faults: BTreeSet::from([FaultKind::StoreFail]),
+        max_faults: 1,
+        max_ticks: 0,
+        ..ModelConfig::new(BehaviourClass::ReuseDetection, 1)
+    };
+    let before = run_check(
+        cfg(Strategy::UnnamedLeaseRequests),
+        &CheckOptions::default(),
+    )
+    .expect("a valid configuration");
+    let s4 = before
+        .failures()
+        .find(|p| p.property == "S4 sound re-auth")
+        .unwrap_or_else(|| panic!("find 18 must fail S4 before its fix\n{}", before.render()));
+    let trace = s4.trace.clone().expect("a trace").join("\n");
+    assert!(
+        trace.contains("the store fails (the command took effect)"),
+        "{trace}"
+    );
+    assert!(trace.contains("LostRotation"), "{trace}");
+    println!("find 18 before its fix:\n{trace}");
+    let after = run_check(cfg(Strategy::Tokenfence), &CheckOptions::default())
+        .expect("a valid configuration");
+    assert!(after.all_hold(), "{}", after.render());
 }

@@ -70,11 +70,15 @@ impl World {
             return;
         };
         // Requests presenting a token no longer stored can justify nothing (tokens
-        // are never stored again once replaced): keep the ghost small.
+        // are never stored again once replaced) unless the provider forks on
+        // replays (an earlier token's replay demotes the stored one): keep the
+        // ghost small.
         let stored_refresh = stored.refresh.clone();
-        self.conns[c]
-            .unsettled
-            .retain(|u| u.token == stored_refresh);
+        if self.spec.profile.rotation.grace_replay != tokenfence_core::GraceReplay::Fork {
+            self.conns[c]
+                .unsettled
+                .retain(|u| u.token == stored_refresh);
+        }
         let s4 = self.sound_reauth(c);
         let conn = &self.conns[c];
         let Some(stored) = self.store.row(&conn.id).and_then(|r| r.record.as_ref()) else {
