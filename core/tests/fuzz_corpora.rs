@@ -80,8 +80,31 @@ fn machine_inputs_seed_corpus_reaches_the_interesting_states() {
             "a caller refused for another identity",
             total(|s| s.identity_refusals),
         ),
+        (
+            "a LostRotation (S4 from the ghost)",
+            total(|s| s.lost_rotations),
+        ),
+        ("a store answer lost", total(|s| s.lost_answers)),
     ];
     for (what, n) in reached {
+        eprintln!("{what}: {n}");
         assert!(n > 0, "no seed reaches {what}");
     }
+}
+
+/// The harness's S1 check bites: with a store that writes every compare-and-swap
+/// (B1), seeds whose commits race fail S1 at the commit that lands on a newer
+/// generation than its base.
+#[test]
+fn machine_inputs_s1_bites_with_a_store_that_writes_unconditionally() {
+    let mutant = fuzz_harness::StoreMutant::WriteUnconditionally;
+    let mut caught = 0;
+    for (_, bytes) in corpus("machine_inputs") {
+        let run = std::panic::catch_unwind(|| fuzz_harness::check_machine_mutant(&bytes, mutant));
+        if let Err(panic) = run {
+            let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+            caught += usize::from(msg.starts_with("S1"));
+        }
+    }
+    assert!(caught > 0, "no seed fails S1 under a store without CAS");
 }

@@ -53,6 +53,9 @@ enum Step {
     Tick(usize),
     Crash(usize),
     StoreOutage,
+    /// The store carries out the next command but its answer is lost (a lease
+    /// granted, a commit landed, unbeknown to the worker).
+    StoreLosesAnswer,
     UserRevokes,
 }
 
@@ -110,6 +113,7 @@ impl ReferenceStateMachine for Reference {
             4 => w.clone().prop_map(Step::Tick),
             1 => w.prop_map(Step::Crash),
             1 => Just(Step::StoreOutage),
+            1 => Just(Step::StoreLosesAnswer),
             1 => Just(Step::UserRevokes),
         ]
         .boxed()
@@ -139,10 +143,12 @@ struct Sut {
     provider: MiniProvider,
     profile: ProviderProfile,
     requests: Vec<(usize, RequestId)>,
+    /// The generation stored before the last step (S1: it never goes down).
     last_generation: Generation,
     leases_broken: bool,
-    /// A worker crashed in the middle of a refresh. Under reuse detection nobody
-    /// can know whether it sent the token, so LostRotation is the honest outcome.
+    /// A worker crashed in the middle of a refresh. Under reuse detection (or with
+    /// no grace window) nobody can know whether it sent the token, so LostRotation
+    /// is the honest outcome, when S4's ghost allows it.
     crashed_mid_refresh: bool,
 }
 
@@ -192,6 +198,7 @@ impl Sut {
     /// has been answered (L1).
     fn heal(&mut self) {
         self.world.store.fail_next = 0;
+        self.world.store.lose_next = 0;
         for _ in 0..500 {
             for _ in 0..100 {
                 if !self.any_outstanding() {
@@ -232,6 +239,47 @@ impl Sut {
         panic!("L1: heal did not settle at {}: {phases:?}", self.world.now);
     }
 
+    /// S1-S4 and S8 on the world as it is now. S4 is judged from the harness's
+    /// ghost (refresh requests really sent whose outcome has not reached the
+    /// store), never from the doubt the core recorded.
+    fn check(&self) {
+        let stored = self.world.stored();
+        invariants::generation_monotonic(self.last_generation, stored.generation).expect("S1");
+        if let Some(v) = self.world.store.violations.first() {
+            panic!("{v}");
+        }
+        let workers = &self.world.workers;
+        let resolving = workers
+            .iter()
+            .any(|w| w.outstanding.is_some() || w.conn.uncommitted().is_some());
+        let pending = workers
+            .iter()
+            .filter_map(|w| w.conn.uncommitted().map(|r| &r.refresh));
+        if let Err(v) = invariants::no_self_inflicted_loss(
+            stored,
+            &self.profile,
+            resolving,
+            pending,
+            &self.provider,
+        ) {
+            panic!("{v}: stored {stored:?}");
+        }
+        invariants::no_self_inflicted_replay(&self.provider).expect("S3");
+        let safety = workers[0].conn.config().settings.in_doubt_safety;
+        if let Err(v) = invariants::sound_reauth_within(
+            stored,
+            &self.profile,
+            safety,
+            &self.provider,
+            self.world.unsettled(),
+        ) {
+            let unsettled: Vec<_> = self.world.unsettled().collect();
+            panic!("{v}: stored {stored:?}, unsettled {unsettled:?}");
+        }
+        let in_flight = workers.iter().filter(|w| w.outstanding.is_some()).count();
+        invariants::single_flight(in_flight, !self.leases_broken).expect("S8");
+    }
+
     fn all_resolved(&self) -> bool {
         self.requests
             .iter()
@@ -262,6 +310,7 @@ impl StateMachineTest for CoreAgainstReference {
     }
 
     fn apply(mut sut: Sut, _reference: &Reference, step: Step) -> Sut {
+        sut.last_generation = sut.world.stored().generation;
         match step {
             Step::Request(w) => {
                 let id = sut.world.request(w);
@@ -298,31 +347,18 @@ impl StateMachineTest for CoreAgainstReference {
                 sut.world.crash(w);
             }
             Step::StoreOutage => sut.world.store.fail_next = 1,
+            Step::StoreLosesAnswer => sut.world.store.lose_next = 1,
             Step::UserRevokes => sut.provider.revoked_by_user = true,
         }
         sut
     }
 
     fn check_invariants(sut: &Sut, _reference: &Reference) {
-        let stored = sut.world.stored();
-        invariants::generation_monotonic(sut.last_generation, stored.generation).expect("S1");
-        let workers = &sut.world.workers;
-        let resolving = workers
-            .iter()
-            .any(|w| w.outstanding.is_some() || w.conn.uncommitted().is_some());
-        let pending = workers
-            .iter()
-            .filter_map(|w| w.conn.uncommitted().map(|r| &r.refresh));
-        invariants::no_self_inflicted_loss(stored, resolving, pending, &sut.provider).expect("S2");
-        invariants::no_self_inflicted_replay(&sut.provider).expect("S3");
-        if let Err(v) = invariants::sound_reauth(stored, &sut.profile, &sut.provider) {
-            panic!("{v}: stored {stored:?}");
-        }
-        let in_flight = workers.iter().filter(|w| w.outstanding.is_some()).count();
-        invariants::single_flight(in_flight, !sut.leases_broken).expect("S8");
+        sut.check();
     }
 
     fn teardown(mut sut: Sut, reference: Reference) {
+        sut.last_generation = sut.world.stored().generation;
         sut.heal();
         // Past every retry gate and cached verdict, one more caller.
         let settings = sut.world.workers[0].conn.config().settings.clone();
@@ -332,10 +368,20 @@ impl StateMachineTest for CoreAgainstReference {
         sut.requests.push((0, id));
         sut.heal();
         let result = sut.world.result(0, id).cloned();
+        // S1-S4 and S8 once more on the healed world: in particular a final
+        // LostRotation must be justified by the ghost (S4).
+        sut.check();
         // The reference model: unless the user revoked or a fault lost a rotation,
         // the connection is alive and serves a token after healing; otherwise the
-        // answer is a token or an explicit re-auth, never a transient shrug.
-        let lost = sut.provider.lost_any() || sut.crashed_mid_refresh;
+        // answer is a token or an explicit re-auth, never a transient shrug. A
+        // successor the provider issued and nobody received excuses a LostRotation
+        // (S4 above says whether the grace window had closed). A crash alone
+        // excuses it only where the core is designed to declare a rotation lost it
+        // cannot see (reuse detection, or no grace window); under a grace window
+        // (Intuit, Xero) the doubt a crash leaves must be recovered inside it.
+        let rotation = &sut.profile.rotation;
+        let declares_lost = rotation.reuse_detection || rotation.grace.is_zero();
+        let lost = sut.provider.lost_any() || (declares_lost && sut.crashed_mid_refresh);
         match result {
             Some(Ok(_)) => {}
             Some(Err(AccessError::ReauthRequired(reason))) if reference.user_revoked || lost => {
@@ -364,4 +410,44 @@ prop_state_machine! {
     })]
     #[test]
     fn core_against_reference_model(sequential 1..60 => CoreAgainstReference);
+}
+
+/// The property test's S1 check bites: the same steps with a store that writes
+/// every compare-and-swap make `check` fail (a stale commit landed, the stored
+/// generation went down); with the faithful store they pass.
+#[test]
+fn s1_check_of_the_property_test_bites() {
+    let run = |mutation: Option<Mutation>| {
+        let reference = Reference {
+            class: Class::StrictNoGrace,
+            workers: 2,
+            user_revoked: false,
+        };
+        let mut sut = CoreAgainstReference::init_test(&reference);
+        sut.world.store.mutation = mutation;
+        let steps = [
+            Step::Request(0),
+            Step::Advance(Duration::from_secs(61)),
+            Step::Request(1),
+            Step::Answer(0),
+            Step::Answer(1),
+        ];
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            for step in steps {
+                sut = CoreAgainstReference::apply(sut, &reference, step);
+                sut.check();
+            }
+        }))
+        .map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        })
+    };
+    assert_eq!(run(None), Ok(()));
+    let err = run(Some(Mutation::WriteUnconditionally)).expect_err("S1 must fail");
+    assert!(err.contains("S1"), "{err}");
+    let err = run(Some(Mutation::RewriteExpected)).expect_err("S1 must fail");
+    assert!(err.contains("S1 stale overwrite"), "{err}");
 }

@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokenfence_core::invariants;
+use tokenfence_core::invariants::{self, ProviderTruth, SenderGhost, Unsettled};
 use tokenfence_core::*;
 
 /// Start of every run: 2027-01-15.
@@ -443,7 +443,7 @@ pub fn reply_in_flight(profile: &ProviderProfile, reply: HttpResponse) -> InFlig
     assert_eq!(expect(&mut conn, "Load"), Output::Load);
     conn.handle_input(now, Input::Loaded(Some(Box::new(before.clone()))))
         .expect("Loaded answers Load");
-    let Output::AcquireLease { owner, ttl } = expect(&mut conn, "AcquireLease") else {
+    let Output::AcquireLease { owner, ttl, .. } = expect(&mut conn, "AcquireLease") else {
         panic!("expected AcquireLease");
     };
     let mut lease = Lease {
@@ -516,7 +516,7 @@ pub fn reply_in_flight(profile: &ProviderProfile, reply: HttpResponse) -> InFlig
                     assert!(answer.is_none(), "two store commands outstanding");
                     answer = Some(Input::Loaded(Some(Box::new(store.clone()))));
                 }
-                Output::AcquireLease { owner, ttl } => {
+                Output::AcquireLease { owner, ttl, .. } => {
                     assert!(answer.is_none(), "two store commands outstanding");
                     lease = Lease {
                         owner: owner.clone(),
@@ -626,14 +626,26 @@ pub struct Stats {
     pub rejected_replies: usize,
     /// Callers refused because the record belongs to another identity (S7).
     pub identity_refusals: usize,
+    /// `ReauthRequired(LostRotation)` events (each judged by S4 from the ghost).
+    pub lost_rotations: usize,
+    /// Lease requests or commits carried out whose answer was lost.
+    pub lost_answers: usize,
 }
 
 #[derive(Debug, Clone)]
 enum Pending {
     Load,
-    Lease { owner: WorkerId, ttl: Duration },
+    Lease {
+        owner: WorkerId,
+        ttl: Duration,
+        request: LeaseRequestId,
+    },
     Cas(Option<Generation>, Box<ConnectionRecord>),
-    Send { sent_at: Timestamp },
+    /// A request sent: a refresh (S4's ghost tracks it) or a revocation.
+    Send {
+        sent_at: Timestamp,
+        refresh: bool,
+    },
 }
 
 struct Worker {
@@ -643,6 +655,74 @@ struct Worker {
     newest: Generation,
     /// Requests not yet answered.
     callers: BTreeSet<u64>,
+    /// When the store granted this worker the lease it was last told of.
+    lease_at: Option<Timestamp>,
+    /// S4's ghost: this worker's refresh request not yet settled.
+    ghost: SenderGhost,
+}
+
+/// A lease row as the store keeps it (the protocol of `sim/src/store.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LeaseRow {
+    lease: Lease,
+    request: LeaseRequestId,
+}
+
+/// `sim/src/store.rs` `release_lease`: only by owner and request; with `restore`,
+/// the displaced row takes its place.
+fn release_lease(
+    lease: &mut Option<LeaseRow>,
+    displaced: &mut Option<LeaseRow>,
+    owner: &WorkerId,
+    request: LeaseRequestId,
+    restore: bool,
+) {
+    let ours = lease
+        .as_ref()
+        .is_some_and(|l| l.lease.owner == *owner && l.request == request);
+    if ours {
+        let row = displaced.take();
+        *lease = if restore { row } else { None };
+    }
+}
+
+/// Keeps a request whose outcome will never reach the store (S4's ghost).
+fn keep(unsettled: &mut Vec<Unsettled>, u: Option<Unsettled>) {
+    if let Some(u) = u {
+        if !unsettled.contains(&u) {
+            unsettled.push(u);
+        }
+    }
+}
+
+/// A deliberately broken store, to show that the checks bite (never fuzzed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreMutant {
+    /// B1: every compare-and-swap lands, whatever generation is stored.
+    WriteUnconditionally,
+}
+
+/// What the fuzz world's provider is known to have done (ghost state for S4): the
+/// replies are arbitrary, so a token counts as rejected once a reply read as
+/// `invalid_grant` answered a refresh presenting it, or another process wrote
+/// the record dead. Nothing else is known, so nothing else is claimed.
+struct FuzzTruth<'a> {
+    rejected: &'a BTreeSet<String>,
+}
+
+impl ProviderTruth for FuzzTruth<'_> {
+    fn accepts(&self, token: &RefreshToken) -> bool {
+        !self.rejected.contains(token.expose())
+    }
+    fn ended_by_provider(&self) -> bool {
+        false
+    }
+    fn replayed_outside_grace(&self) -> bool {
+        false
+    }
+    fn successor_lost(&self, _: &RefreshToken) -> bool {
+        false
+    }
 }
 
 struct World<'a> {
@@ -651,7 +731,17 @@ struct World<'a> {
     now: Timestamp,
     profile: ProviderProfile,
     store: Option<ConnectionRecord>,
-    lease: Option<Lease>,
+    lease: Option<LeaseRow>,
+    /// The unreleased lease row the current one displaced, kept with it.
+    displaced: Option<LeaseRow>,
+    /// The generation stored after the last write (S1: never decreases).
+    last_generation: Option<Generation>,
+    mutant: Option<StoreMutant>,
+    /// Tokens the provider is known to reject (S4's truth).
+    rejected: BTreeSet<String>,
+    /// S4's ghost at connection level: refresh requests sent whose outcome will
+    /// never reach the store.
+    unsettled: Vec<Unsettled>,
     /// Every record the store has held.
     history: Vec<ConnectionRecord>,
     /// Tokens a provider reply that parsed, or an authorization, handed out.
@@ -682,6 +772,95 @@ const STATUSES: [u16; 16] = [
 ];
 
 impl World<'_> {
+    /// `sim/src/store.rs` `acquire_lease` for the one row.
+    fn acquire_lease(&mut self, owner: &WorkerId, request: LeaseRequestId, ttl: Duration) -> Input {
+        let now = self.now;
+        if let Some(l) = &self.lease {
+            if l.lease.owner != *owner && now < l.lease.expires_at {
+                return Input::LeaseHeld {
+                    holder: l.lease.clone(),
+                };
+            }
+        }
+        let lease = Lease {
+            owner: owner.clone(),
+            acquired_at: now,
+            expires_at: now.saturating_add(ttl),
+            generation: self.store.as_ref().map(|r| r.generation),
+        };
+        let old = self.lease.replace(LeaseRow {
+            lease: lease.clone(),
+            request,
+        });
+        let retry = old
+            .as_ref()
+            .is_some_and(|o| o.lease.owner == *owner && o.request == request);
+        if !retry {
+            let earlier = self.displaced.take();
+            self.displaced = old.map(|o| match earlier {
+                Some(e) if e.lease.generation == o.lease.generation => LeaseRow {
+                    lease: Lease {
+                        acquired_at: e.lease.acquired_at.min(o.lease.acquired_at),
+                        ..o.lease
+                    },
+                    request: o.request,
+                },
+                _ => o,
+            });
+        }
+        Input::LeaseGranted {
+            lease,
+            record: self.store.clone().map(Box::new),
+            took_over: self.displaced.as_ref().map(|d| d.lease.clone()),
+        }
+    }
+
+    /// S1 at every write that lands, apart from any equality check of the store:
+    /// derived from `base`, it lands on `stored`, and the generation goes up.
+    fn landed(&mut self, base: Option<Generation>, stored: Option<Generation>, now: Generation) {
+        if let Err(v) = invariants::commit_on_current(base, stored) {
+            panic!("{v}");
+        }
+        if let Some(last) = self.last_generation.or(stored) {
+            if let Err(v) = invariants::generation_monotonic(last, now) {
+                panic!("{v}");
+            }
+        }
+        self.last_generation = Some(now);
+    }
+
+    /// Keeps a request whose outcome will never reach the store (S4's ghost).
+    fn keep(&mut self, u: Option<Unsettled>) {
+        keep(&mut self.unsettled, u);
+    }
+
+    /// S4 on the stored record, judged from the ghost: the tokens the provider
+    /// rejected and the refresh requests really sent and never settled, never the
+    /// doubt the core recorded.
+    fn check_reauth(&self) {
+        let Some(stored) = &self.store else {
+            return;
+        };
+        let truth = FuzzTruth {
+            rejected: &self.rejected,
+        };
+        let senders = self.workers.iter().filter_map(|w| w.ghost.unsettled());
+        let safety = Settings::default().in_doubt_safety;
+        if let Err(v) = invariants::sound_reauth_within(
+            stored,
+            &self.profile,
+            safety,
+            &truth,
+            self.unsettled.iter().chain(senders),
+        ) {
+            let senders: Vec<_> = self.workers.iter().map(|w| w.ghost.unsettled()).collect();
+            panic!(
+                "{v}: stored {stored:?}, unsettled {:?} + {senders:?}",
+                self.unsettled
+            );
+        }
+    }
+
     fn byte(&mut self) -> Option<u8> {
         let b = self.bytes.get(self.pos).copied();
         self.pos += 1;
@@ -776,11 +955,25 @@ pub fn check_machine(data: &[u8]) {
 /// | 12 | `Disconnect` |
 /// | 13 (+1) | `Authorized` with fresh tokens (without a refresh token if `% 4 == 0`) |
 /// | 14 (+1) | a driver bug: an input the machine is not waiting for |
-/// | 15 (+1) | the store answers a `Load` with an older record (a lagging replica) |
+/// | 15 (+1) | the store answers a `Load` with an older record (a lagging replica); a lease request or a compare-and-swap it carries out, but the answer is lost (`StoreFailed`) |
 ///
 /// Inputs that do not match the outstanding command are fed anyway: the machine
 /// must refuse them and change nothing.
+///
+/// The store keeps leases as `sim/src/store.rs` does (request ids, the displaced
+/// row, release with restore). After every operation, S4 is judged from ghost
+/// state: the refresh requests really sent whose outcome never reached the store,
+/// and the tokens a reply or another process showed rejected.
 pub fn check_machine_stats(data: &[u8]) -> Stats {
+    run_machine(data, None)
+}
+
+/// [`check_machine_stats`] with a broken store, to show that the checks bite.
+pub fn check_machine_mutant(data: &[u8], mutant: StoreMutant) -> Stats {
+    run_machine(data, Some(mutant))
+}
+
+fn run_machine(data: &[u8], mutant: Option<StoreMutant>) -> Stats {
     let mut w = World {
         bytes: data,
         pos: 0,
@@ -788,6 +981,11 @@ pub fn check_machine_stats(data: &[u8]) -> Stats {
         profile: ProviderProfile::intuit(),
         store: None,
         lease: None,
+        displaced: None,
+        last_generation: None,
+        mutant,
+        rejected: BTreeSet::new(),
+        unsettled: Vec::new(),
         history: Vec::new(),
         issued: BTreeSet::new(),
         workers: Vec::new(),
@@ -817,6 +1015,18 @@ pub fn check_machine_stats(data: &[u8]) -> Stats {
     if variant != 0 {
         let r = w.record(&c1, variant);
         w.issued.insert(r.refresh.expose().to_string());
+        // What came before the run: a re-auth flag means the provider rejected
+        // the token; a doubt means a process sent it and never learnt the outcome.
+        if matches!(r.status, Status::ReauthRequired { .. }) {
+            w.rejected.insert(r.refresh.expose().to_string());
+        }
+        if let Some(since) = r.in_doubt_since {
+            w.unsettled.push(Unsettled {
+                token: r.refresh.clone(),
+                lease_at: since,
+            });
+        }
+        w.last_generation = Some(r.generation);
         w.history.push(r.clone());
         w.store = Some(r);
     }
@@ -826,12 +1036,15 @@ pub fn check_machine_stats(data: &[u8]) -> Stats {
             pending: None,
             newest: Generation(0),
             callers: BTreeSet::new(),
+            lease_at: None,
+            ghost: SenderGhost::default(),
         });
     }
     for _ in 0..400 {
         let Some(op) = w.byte() else { break };
         let i = usize::from(op / 16) % w.workers.len();
         step(&mut w, i, op % 16);
+        w.check_reauth();
     }
     w.stats
 }
@@ -903,13 +1116,20 @@ fn step(w: &mut World<'_>, i: usize, op: u8) {
 fn foreign_writer(w: &mut World<'_>) {
     let what = w.byte().unwrap_or(0) % 5;
     if what == 4 {
+        // Through the store's lease protocol, as any process must.
         let secs = u64::from(w.byte().unwrap_or(0));
-        w.lease = Some(Lease {
-            owner: WorkerId("worker-elsewhere".into()),
-            acquired_at: w.now,
-            expires_at: w.now.saturating_add(Duration::from_secs(secs)),
-            generation: w.store.as_ref().map(|r| r.generation),
-        });
+        let n = w.mint();
+        let owner = WorkerId("worker-elsewhere".into());
+        let granted = w.acquire_lease(&owner, LeaseRequestId(n), Duration::from_secs(secs));
+        if let (Input::LeaseGranted { lease, .. }, Some(stored)) = (granted, &w.store) {
+            // It may send a refresh presenting the stored token under this lease
+            // and never be heard of again.
+            let u = Unsettled {
+                token: stored.refresh.clone(),
+                lease_at: lease.acquired_at,
+            };
+            w.keep(Some(u));
+        }
         return;
     }
     let Some(current) = w.store.clone() else {
@@ -936,6 +1156,8 @@ fn foreign_writer(w: &mut World<'_>) {
             w.issued.insert(format!("rtSECRET-x{n}"));
         }
         1 => {
+            // It was told invalid_grant for the stored token.
+            w.rejected.insert(next.refresh.expose().to_string());
             next.status = Status::ReauthRequired {
                 reason: ReauthReason::InvalidGrant,
                 since: now,
@@ -944,7 +1166,11 @@ fn foreign_writer(w: &mut World<'_>) {
         2 => next.status = Status::Disconnected { at: now },
         _ => {}
     }
-    invariants::generation_monotonic(current.generation, next.generation).unwrap();
+    w.landed(
+        Some(current.generation),
+        Some(current.generation),
+        next.generation,
+    );
     w.history.push(next.clone());
     w.store = Some(next);
 }
@@ -1018,12 +1244,14 @@ fn provider_reply(w: &mut World<'_>, i: usize) -> HttpResponse {
 }
 
 /// The store's answer to worker `i`'s outstanding store command, if any. `stale`:
-/// answer a `Load` with an older record of the same identity (a lagging replica).
+/// answer a `Load` with an older record of the same identity (a lagging replica),
+/// and carry out a lease request or a compare-and-swap but lose its answer
+/// (`StoreFailed`).
 fn answer_store(w: &mut World<'_>, i: usize, stale: bool) {
     let Some(pending) = w.workers[i].pending.clone() else {
         return;
     };
-    let now = w.now;
+    let lost = stale && !matches!(pending, Pending::Load);
     let input = match pending {
         Pending::Load => {
             let pick = if stale { w.byte().unwrap_or(0) } else { 0 };
@@ -1041,38 +1269,18 @@ fn answer_store(w: &mut World<'_>, i: usize, stale: bool) {
             let record = if stale { old.or(current) } else { current };
             Input::Loaded(record.map(Box::new))
         }
-        Pending::Lease { owner, ttl } => {
-            let free = w
-                .lease
-                .as_ref()
-                .is_none_or(|l| l.owner == owner || now >= l.expires_at);
-            if free {
-                // Any unreleased lease row is reported, whoever owned it (io.rs).
-                let took_over = w.lease.take();
-                let lease = Lease {
-                    owner,
-                    acquired_at: now,
-                    expires_at: now.saturating_add(ttl),
-                    generation: w.store.as_ref().map(|r| r.generation),
-                };
-                w.lease = Some(lease.clone());
-                Input::LeaseGranted {
-                    lease,
-                    record: w.store.clone().map(Box::new),
-                    took_over,
-                }
-            } else {
-                let holder = w.lease.clone().expect("a held lease");
-                Input::LeaseHeld { holder }
-            }
-        }
+        Pending::Lease {
+            owner,
+            ttl,
+            request,
+        } => w.acquire_lease(&owner, request, ttl),
         Pending::Cas(expected, record) => {
             let stored = w.store.as_ref().map(|r| r.generation);
-            if stored == expected {
-                invariants::commit_on_current(expected, stored).unwrap();
-                if let Some(before) = stored {
-                    invariants::generation_monotonic(before, record.generation).unwrap();
-                }
+            let lands = w.mutant == Some(StoreMutant::WriteUnconditionally) || stored == expected;
+            if lands {
+                // S1 where it can fail: whatever made the store accept it, the
+                // commit's base (the machine's `expected`) is the generation stored.
+                w.landed(expected, stored, record.generation);
                 for token in [
                     Some(record.refresh.expose()),
                     record.access.as_ref().map(|a| a.token.expose()),
@@ -1101,7 +1309,12 @@ fn answer_store(w: &mut World<'_>, i: usize, stale: bool) {
         }
         Pending::Send { .. } => return,
     };
-    feed(w, i, input);
+    if lost {
+        w.stats.lost_answers += 1;
+        feed(w, i, Input::StoreFailed);
+    } else {
+        feed(w, i, input);
+    }
 }
 
 /// Feeds worker `i` an input it is NOT waiting for: it must refuse it and change
@@ -1195,13 +1408,24 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
     // S9 for provider replies: what the reply parses to, and the refresh base.
     let base = worker.conn.in_flight().cloned();
     let sent_at = match worker.pending {
-        Some(Pending::Send { sent_at }) => Some(sent_at),
+        Some(Pending::Send { sent_at, .. }) => Some(sent_at),
         _ => None,
     };
     let reply = match (&input, &base) {
         (Input::Replied(r), Some(_)) => Some(parse_token_reply(profile, r)),
         _ => None,
     };
+    // S4's truth: a reply read as invalid_grant shows the presented token rejected.
+    if let (
+        Some(Err(ReplyError::OAuth {
+            kind: OAuthErrorCode::InvalidGrant,
+            ..
+        })),
+        Some(b),
+    ) = (&reply, &base)
+    {
+        w.rejected.insert(b.refresh.expose().to_string());
+    }
     if let Some(Ok(grant)) = &reply {
         w.issued.insert(grant.access.expose().to_string());
         if let Some(r) = &grant.refresh {
@@ -1228,6 +1452,24 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                 Some(Pending::Cas(..)),
             )
     );
+    // S4's ghost: the answer to a refresh request, seen or not (a reply the
+    // machine cannot read as a definite outcome, a lost one); the lease it holds.
+    let refresh_answer =
+        answers && matches!(worker.pending, Some(Pending::Send { refresh: true, .. }));
+    let seen = match &input {
+        Input::NotSent => true,
+        Input::Replied(_) => !matches!(
+            reply,
+            Some(Err(
+                ReplyError::MalformedSuccess { .. } | ReplyError::ServerError { status: 504 }
+            ))
+        ),
+        _ => false,
+    };
+    let committed = answers && matches!(input, Input::Committed { .. });
+    if let (true, Input::LeaseGranted { lease, .. }) = (answers, &input) {
+        worker.lease_at = Some(lease.acquired_at);
+    }
     let before = worker.conn.clone();
     w.stats.inputs += 1;
     let result = worker.conn.handle_input(now, input);
@@ -1237,6 +1479,13 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
             "the answer to an outstanding command was refused"
         );
         worker.pending = None;
+    }
+    if refresh_answer {
+        let unseen = worker.ghost.answered(seen);
+        keep(&mut w.unsettled, unseen);
+    }
+    if committed {
+        worker.ghost.settle();
     }
     if let Err(err) = result {
         w.stats.refused += 1;
@@ -1254,10 +1503,18 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                 assert!(worker.pending.is_none(), "two commands outstanding");
                 worker.pending = Some(Pending::Load);
             }
-            Output::AcquireLease { owner, ttl } => {
+            Output::AcquireLease {
+                owner,
+                ttl,
+                request,
+            } => {
                 assert!(worker.pending.is_none(), "two commands outstanding");
                 assert_eq!(owner, worker.conn.config().worker);
-                worker.pending = Some(Pending::Lease { owner, ttl });
+                worker.pending = Some(Pending::Lease {
+                    owner,
+                    ttl,
+                    request,
+                });
             }
             Output::CompareAndSwap { expected, record } => {
                 assert!(worker.pending.is_none(), "two commands outstanding");
@@ -1298,13 +1555,22 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                     );
                 }
                 w.stats.sends += 1;
-                worker.pending = Some(Pending::Send { sent_at: now });
-            }
-            Output::ReleaseLease { owner } => {
-                if w.lease.as_ref().is_some_and(|l| l.owner == owner) {
-                    w.lease = None;
+                let refresh = worker.conn.in_flight().cloned();
+                worker.pending = Some(Pending::Send {
+                    sent_at: now,
+                    refresh: refresh.is_some(),
+                });
+                if let Some(base) = refresh {
+                    let lease_at = worker.lease_at.expect("a refresh sent without a lease");
+                    let earlier = worker.ghost.sent(base.refresh, lease_at);
+                    keep(&mut w.unsettled, earlier);
                 }
             }
+            Output::ReleaseLease {
+                owner,
+                request,
+                restore,
+            } => release_lease(&mut w.lease, &mut w.displaced, &owner, request, restore),
             Output::Deliver { request, result } => {
                 assert!(
                     worker.callers.remove(&request.0),
@@ -1324,11 +1590,19 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                 }
             }
             Output::Event(event) => match event {
-                Event::ReauthRequired { .. } => w.stats.reauths += 1,
+                Event::ReauthRequired { reason } => {
+                    w.stats.reauths += 1;
+                    if reason == ReauthReason::LostRotation {
+                        w.stats.lost_rotations += 1;
+                    }
+                }
                 Event::Refreshed { rotated: true, .. } => w.stats.rotations += 1,
                 _ => {}
             },
         }
+    }
+    if !w.workers[i].conn.is_busy() {
+        w.workers[i].ghost.settle();
     }
     if let (Some(r), Some(stored)) = (w.workers[i].conn.record(), &w.store) {
         assert!(

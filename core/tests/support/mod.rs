@@ -83,18 +83,57 @@ pub fn invalid_grant() -> HttpResponse {
     )
 }
 
-/// The store: one record, one lease row, optional injected outages.
+/// A lease row as stored: the lease and the request it was granted to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub lease: Lease,
+    pub request: LeaseRequestId,
+}
+
+/// A deliberately broken store, to show that the S1 checks bite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// B1: every compare-and-swap lands, whatever generation is stored.
+    WriteUnconditionally,
+    /// A driver that "helps" by rewriting `expected` to the generation stored now,
+    /// so the store's own equality check passes.
+    RewriteExpected,
+}
+
+/// The store: one record, one lease row (with the row it displaced), optional
+/// injected outages. The lease protocol is the one of `sim/src/store.rs`: a row
+/// keeps the request it was granted to and the unreleased row it displaced; the
+/// same owner retrying the same request (its answer was lost) is granted again and
+/// told what the earlier grant displaced; a release only by owner AND request, with
+/// `restore` putting the displaced row back.
 #[derive(Default)]
 pub struct Store {
     pub record: Option<ConnectionRecord>,
-    pub lease: Option<Lease>,
-    /// Fail this many of the next store commands.
+    pub lease: Option<LeaseRow>,
+    /// The unreleased lease row the current one displaced, kept with it.
+    pub displaced: Option<LeaseRow>,
+    /// Fail this many of the next store commands (not carried out).
     pub fail_next: u32,
+    /// Carry out this many of the next store commands, then answer `StoreFailed`
+    /// (the answer was lost: a lease granted, a commit landed, unbeknown).
+    pub lose_next: u32,
     pub commits: u32,
     pub conflicts: u32,
+    /// A broken store (tests that the checks bite); `None` in every real test.
+    pub mutation: Option<Mutation>,
+    /// S1 violations seen at commits that landed (the `World` panics on the first
+    /// unless the store is a mutant).
+    pub violations: Vec<invariants::Violation>,
+    /// The generation stored by the last commit that landed (S1: never decreases).
+    pub last_generation: Option<Generation>,
 }
 
 impl Store {
+    /// The lease, if one was granted and not released.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref().map(|l| &l.lease)
+    }
+
     /// Carries out a store command; `None` for commands without an answer.
     pub fn apply(&mut self, now: Timestamp, output: &Output) -> Option<Input> {
         let is_store_cmd = matches!(
@@ -105,56 +144,149 @@ impl Store {
             self.fail_next -= 1;
             return Some(Input::StoreFailed);
         }
-        match output {
+        let answer = match output {
             Output::Load => Some(Input::Loaded(self.record.clone().map(Box::new))),
-            Output::AcquireLease { owner, ttl } => {
-                let generation = self.record.as_ref().map(|r| r.generation);
-                match &self.lease {
-                    Some(l) if l.owner != *owner && l.expires_at > now => {
-                        Some(Input::LeaseHeld { holder: l.clone() })
-                    }
-                    previous => {
-                        let took_over = previous.clone();
-                        let lease = Lease {
-                            owner: owner.clone(),
-                            acquired_at: now,
-                            expires_at: now.saturating_add(*ttl),
-                            generation,
-                        };
-                        self.lease = Some(lease.clone());
-                        Some(Input::LeaseGranted {
-                            lease,
-                            record: self.record.clone().map(Box::new),
-                            took_over,
-                        })
-                    }
-                }
-            }
-            Output::ReleaseLease { owner } => {
-                if self.lease.as_ref().is_some_and(|l| l.owner == *owner) {
-                    self.lease = None;
-                }
+            Output::AcquireLease {
+                owner,
+                ttl,
+                request,
+            } => Some(self.acquire_lease(owner, *request, *ttl, now)),
+            Output::ReleaseLease {
+                owner,
+                request,
+                restore,
+            } => {
+                self.release_lease(owner, *request, *restore);
                 None
             }
             Output::CompareAndSwap { expected, record } => {
-                let stored = self.record.as_ref().map(|r| r.generation);
-                if stored == *expected {
-                    invariants::commit_on_current(*expected, stored).expect("S1");
-                    self.commits += 1;
-                    self.record = Some((**record).clone());
-                    Some(Input::Committed {
-                        generation: record.generation,
-                    })
-                } else {
-                    self.conflicts += 1;
-                    Some(Input::Conflict {
-                        current: self.record.clone().map(Box::new),
-                    })
-                }
+                Some(self.compare_and_swap(*expected, record))
             }
             _ => None,
+        };
+        if is_store_cmd && self.lose_next > 0 {
+            self.lose_next -= 1;
+            return Some(Input::StoreFailed);
+        }
+        answer
+    }
+
+    /// `sim/src/store.rs` `acquire_lease`, for this store's one row.
+    fn acquire_lease(
+        &mut self,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        ttl: std::time::Duration,
+        now: Timestamp,
+    ) -> Input {
+        if let Some(l) = self.lease() {
+            if l.owner != *owner && now < l.expires_at {
+                return Input::LeaseHeld { holder: l.clone() };
+            }
+        }
+        let lease = Lease {
+            owner: owner.clone(),
+            acquired_at: now,
+            expires_at: now.saturating_add(ttl),
+            generation: self.record.as_ref().map(|r| r.generation),
+        };
+        let granted = LeaseRow {
+            lease: lease.clone(),
+            request,
+        };
+        let old = self.lease.replace(granted);
+        let retry = old
+            .as_ref()
+            .is_some_and(|o| o.lease.owner == *owner && o.request == request);
+        if !retry {
+            let earlier = self.displaced.take();
+            self.displaced = old.map(|o| inherit(o, earlier));
+        }
+        Input::LeaseGranted {
+            lease,
+            record: self.record.clone().map(Box::new),
+            took_over: self.displaced.as_ref().map(|d| d.lease.clone()),
         }
     }
+
+    /// `sim/src/store.rs` `release_lease`: only by owner and request; with
+    /// `restore`, the displaced row takes its place.
+    fn release_lease(&mut self, owner: &WorkerId, request: LeaseRequestId, restore: bool) -> bool {
+        let ours = self
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.lease.owner == *owner && l.request == request);
+        if ours {
+            let displaced = self.displaced.take();
+            self.lease = if restore { displaced } else { None };
+        }
+        ours
+    }
+
+    /// Compare-and-swap on generation. S1 is judged apart from the store's own
+    /// equality check: at every commit that lands, the generation it was derived
+    /// from (the machine's `expected`) must be the one stored at that moment, and
+    /// the stored generation must not go down.
+    fn compare_and_swap(
+        &mut self,
+        expected: Option<Generation>,
+        record: &ConnectionRecord,
+    ) -> Input {
+        let stored = self.record.as_ref().map(|r| r.generation);
+        let told = match self.mutation {
+            Some(Mutation::RewriteExpected) => stored,
+            _ => expected,
+        };
+        let lands = self.mutation == Some(Mutation::WriteUnconditionally) || stored == told;
+        if !lands {
+            self.conflicts += 1;
+            return Input::Conflict {
+                current: self.record.clone().map(Box::new),
+            };
+        }
+        if let Err(v) = invariants::commit_on_current(expected, stored) {
+            self.violations.push(v);
+        }
+        // As every store does: the generation follows from the one it was told.
+        let generation = told.map_or(Generation(0), Generation::next);
+        if let Some(last) = self.last_generation.or(stored) {
+            if let Err(v) = invariants::generation_monotonic(last, generation) {
+                self.violations.push(v);
+            }
+        }
+        self.last_generation = Some(generation);
+        self.commits += 1;
+        self.record = Some(ConnectionRecord {
+            generation,
+            ..record.clone()
+        });
+        Input::Committed { generation }
+    }
+}
+
+/// `sim/src/store.rs` `inherit`: the row a new grant displaces, `old`, with what
+/// `old` had itself displaced (`earlier`): when nothing was committed between the
+/// two grants, the doubt runs from the earlier one.
+fn inherit(old: LeaseRow, earlier: Option<LeaseRow>) -> LeaseRow {
+    match earlier {
+        Some(e) if e.lease.generation == old.lease.generation => LeaseRow {
+            lease: Lease {
+                acquired_at: e.lease.acquired_at.min(old.lease.acquired_at),
+                ..old.lease
+            },
+            request: old.request,
+        },
+        _ => old,
+    }
+}
+
+/// Whether a provider reply left its receiver knowing the outcome (S4's ghost): a
+/// reply the machine reads as "in doubt" (a 2xx it cannot use, a 504) is unseen.
+pub fn reply_seen(profile: &ProviderProfile, reply: &HttpResponse) -> bool {
+    !matches!(
+        parse_token_reply(profile, reply),
+        Err(ReplyError::MalformedSuccess { .. } | ReplyError::ServerError { status: 504 })
+    )
 }
 
 /// One worker: a machine plus what it delivered, emitted and sent.
@@ -167,6 +299,10 @@ pub struct Worker {
     pub outstanding: Option<HttpRequest>,
     /// Newest generation the store has shown this worker.
     pub newest: Generation,
+    /// When the store granted this worker the lease it holds (as it was told).
+    pub lease_at: Option<Timestamp>,
+    /// S4's ghost: this worker's refresh request not yet settled.
+    pub ghost: invariants::SenderGhost,
 }
 
 impl Worker {
@@ -178,6 +314,8 @@ impl Worker {
             sent: vec![],
             outstanding: None,
             newest: Generation(0),
+            lease_at: None,
+            ghost: invariants::SenderGhost::default(),
         }
     }
 
@@ -196,7 +334,12 @@ pub struct World {
     pub now: Timestamp,
     pub store: Store,
     pub workers: Vec<Worker>,
+    /// S4's ghost at connection level: refresh requests really sent whose outcome
+    /// will never reach the store (an unseen reply, a crashed sender).
+    pub ghosts: Vec<invariants::Unsettled>,
     next_request: u64,
+    /// The entropy of the last machine made: every incarnation gets a new one.
+    entropy: u64,
 }
 
 impl World {
@@ -216,19 +359,30 @@ impl World {
         stored: impl FnOnce(&Config) -> ConnectionRecord,
     ) -> World {
         let record = stored(&configs[0]);
-        World {
+        let mut world = World {
             now: T0,
             store: Store {
+                last_generation: Some(record.generation),
                 record: Some(record),
                 ..Store::default()
             },
-            workers: configs
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| Worker::new(Connection::new(conn_id(), c, i as u64 + 1)))
-                .collect(),
+            workers: vec![],
+            ghosts: vec![],
             next_request: 0,
+            entropy: 0,
+        };
+        for c in configs {
+            let conn = world.machine(c);
+            world.workers.push(Worker::new(conn));
         }
+        world
+    }
+
+    /// A new machine (a worker, or a restarted one) with its own entropy, as the
+    /// run-loop contract asks: a restarted worker keeps its id, never its entropy.
+    fn machine(&mut self, config: Arc<Config>) -> Connection {
+        self.entropy += 1;
+        Connection::new(conn_id(), config, self.entropy)
     }
 
     /// Intuit, one worker, a stored record with an expired access token.
@@ -240,6 +394,21 @@ impl World {
 
     pub fn advance(&mut self, by: std::time::Duration) {
         self.now = self.now.saturating_add(by);
+    }
+
+    /// Every refresh request sent whose outcome has not reached the store (S4).
+    pub fn unsettled(&self) -> impl Iterator<Item = &invariants::Unsettled> {
+        self.ghosts
+            .iter()
+            .chain(self.workers.iter().filter_map(|w| w.ghost.unsettled()))
+    }
+
+    fn keep(&mut self, u: Option<invariants::Unsettled>) {
+        if let Some(u) = u {
+            if !self.ghosts.contains(&u) {
+                self.ghosts.push(u);
+            }
+        }
     }
 
     /// Feeds `input` to worker `w` and runs the store until the machine waits.
@@ -269,21 +438,45 @@ impl World {
                     )
                     .expect("S7");
                     assert!(worker.outstanding.is_none(), "one request at a time");
+                    if let Some(base) = worker.conn.in_flight() {
+                        // A refresh presenting `base.refresh` under the lease the
+                        // store granted this worker.
+                        let lease_at = worker.lease_at.expect("a refresh without a lease");
+                        let earlier = worker.ghost.sent(base.refresh.clone(), lease_at);
+                        self.keep(earlier);
+                    }
+                    let worker = &mut self.workers[w];
                     worker.sent.push(req.clone());
                     worker.outstanding = Some(req);
                 }
                 other => {
                     if let Some(answer) = self.store.apply(now, &other) {
+                        if self.store.mutation.is_none() {
+                            if let Some(v) = self.store.violations.first() {
+                                panic!("{v}");
+                            }
+                        }
                         let shown = answer.shown_generation().unwrap_or_default();
                         let worker = &mut self.workers[w];
                         worker.newest = worker.newest.max(shown);
-                        self.workers[w]
+                        let committed = matches!(answer, Input::Committed { .. });
+                        if let Input::LeaseGranted { lease, .. } = &answer {
+                            worker.lease_at = Some(lease.acquired_at);
+                        }
+                        worker
                             .conn
                             .handle_input(now, answer)
                             .expect("store answers are expected");
+                        if committed {
+                            worker.ghost.settle();
+                        }
                     }
                 }
             }
+        }
+        let worker = &mut self.workers[w];
+        if !worker.conn.is_busy() {
+            worker.ghost.settle();
         }
     }
 
@@ -296,23 +489,29 @@ impl World {
         id
     }
 
-    /// The provider answers worker `w`'s outstanding request.
+    /// The provider answers worker `w`'s outstanding request. A reply the machine
+    /// cannot read as a definite outcome (a 2xx it cannot use, a 504) counts as
+    /// unseen for S4's ghost.
     pub fn reply(&mut self, w: usize, reply: HttpResponse) {
-        self.workers[w]
-            .outstanding
-            .take()
-            .expect("a request is outstanding");
-        self.input(w, Input::Replied(reply))
-            .expect("reply expected");
+        let seen = reply_seen(&self.workers[w].conn.config().profile, &reply);
+        self.answer(w, Input::Replied(reply), seen);
     }
 
-    /// Worker `w`'s outstanding request ends without a reply.
+    /// Worker `w`'s outstanding request ends without a reply: `NotSent` (seen: it
+    /// certainly was not processed) or `OutcomeUnknown` (unseen).
     pub fn lose(&mut self, w: usize, how: Input) {
-        self.workers[w]
-            .outstanding
-            .take()
-            .expect("a request is outstanding");
-        self.input(w, how).expect("expected");
+        let seen = matches!(how, Input::NotSent);
+        self.answer(w, how, seen);
+    }
+
+    fn answer(&mut self, w: usize, input: Input, seen: bool) {
+        let worker = &mut self.workers[w];
+        worker.outstanding.take().expect("a request is outstanding");
+        if worker.conn.in_flight().is_some() {
+            let unseen = worker.ghost.answered(seen);
+            self.keep(unseen);
+        }
+        self.input(w, input).expect("expected");
     }
 
     /// Fires worker `w`'s timer if it is due.
@@ -351,8 +550,13 @@ impl World {
         }
     }
 
+    /// Worker `w` crashes and restarts under the same worker id (its unreleased
+    /// lease stays in the store), with new entropy.
     pub fn crash(&mut self, w: usize) {
+        let crashed = self.workers[w].ghost.crashed();
+        self.keep(crashed);
         let config = Arc::new(self.workers[w].conn.config().clone());
-        self.workers[w] = Worker::new(Connection::new(conn_id(), config, 99 + w as u64));
+        let conn = self.machine(config);
+        self.workers[w] = Worker::new(conn);
     }
 }
