@@ -201,6 +201,7 @@ impl TokenfenceModel {
             seen: Seen::default(),
             breaches: BTreeMap::new(),
             unsettled: Vec::new(),
+            taken_over: Vec::new(),
         };
         let mut model = TokenfenceModel {
             cfg,

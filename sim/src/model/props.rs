@@ -1,7 +1,7 @@
 //! The properties of INVARIANTS.md over the model, computed with the predicates of
 //! `tokenfence_core::invariants` (the one home of each predicate).
 
-use super::state::{Breach, Seen, State, StoreCommand};
+use super::state::{Breach, Seen, State};
 use super::{FaultKind, TokenfenceModel};
 use crate::provider::GrantTruth;
 use stateright::Property;
@@ -80,18 +80,12 @@ fn s2(m: &TokenfenceModel, s: &State) -> bool {
     let Some(stored) = s.stored() else {
         return true;
     };
-    // A worker not yet told what became of its request (even one whose reply was
-    // lost: it will learn the outcome is unknown and record the doubt), or whose
-    // write of the doubt is on its way to the store, is still resolving it.
-    let doubt_on_its_way = |w: &super::state::Worker| matches!(&w.pending, Some(StoreCommand::Cas { record, .. }) if record.in_doubt_since.is_some());
-    // So is a request presenting the stored token whose outcome never reached the
-    // store (the harness's ghost: its reply unseen, its sender crashed): the grace
-    // window may close while every worker is paused, which no client can prevent.
-    let resolving = s
-        .workers
-        .iter()
-        .any(|w| w.net.is_some() || w.conn.uncommitted().is_some() || doubt_on_its_way(w))
-        || s.all_unsettled().any(|u| u.token == stored.refresh);
+    let resolving = s.workers.iter().any(|w| {
+        w.net
+            .as_ref()
+            .is_some_and(|f| !f.lost && s.now <= f.request.send_deadline)
+            || w.conn.uncommitted().is_some()
+    });
     let pending = s
         .workers
         .iter()
@@ -113,8 +107,14 @@ fn s3(m: &TokenfenceModel, s: &State) -> bool {
 fn s4(m: &TokenfenceModel, s: &State) -> bool {
     let safety = m.configs[0].settings.in_doubt_safety;
     s.stored().is_none_or(|r| {
-        invariants::sound_reauth_within(r, &m.spec.profile, safety, &truth(m, s), s.all_unsettled())
-            .is_ok()
+        invariants::sound_reauth_within(
+            r,
+            &m.spec.profile,
+            safety,
+            &truth(m, s),
+            s.may_have_rotated(),
+        )
+        .is_ok()
     })
 }
 

@@ -206,10 +206,12 @@ pub struct State {
     /// Transition properties broken on this path, with the first explanation.
     pub breaches: BTreeMap<Breach, String>,
     /// Refresh requests really sent whose outcome never reached the store (reply
-    /// unseen, or the sender crashed), and leases taken over from another worker
-    /// with nothing committed since their grant (whoever takes one over cannot
-    /// know whether a request was sent under it), in order, for S4.
+    /// unseen, or the sender crashed), in order, for S2 and S4.
     pub unsettled: Vec<Unsettled>,
+    /// Leases taken over from another worker with nothing committed since their
+    /// grant (whoever takes one over cannot know whether a request was sent under
+    /// it), as the requests they may stand for, in order, for S4 only.
+    pub taken_over: Vec<Unsettled>,
 }
 
 impl State {
@@ -220,16 +222,17 @@ impl State {
             .and_then(|r| r.record.as_ref())
     }
 
-    /// Keeps a refresh request whose outcome will never reach the store (S4).
+    /// Keeps a refresh request whose outcome will never reach the store.
     pub fn keep_unsettled(&mut self, u: Option<Unsettled>) {
-        if let Some(u) = u {
-            if let Err(at) = self.unsettled.binary_search(&u) {
-                self.unsettled.insert(at, u);
-            }
-        }
+        keep_sorted(&mut self.unsettled, u);
     }
 
-    /// Every refresh request whose outcome has not reached the store (S4's ghost).
+    /// Keeps a lease taken over from another worker (S4).
+    pub fn keep_taken_over(&mut self, u: Option<Unsettled>) {
+        keep_sorted(&mut self.taken_over, u);
+    }
+
+    /// Every refresh request really sent whose outcome has not reached the store.
     pub fn all_unsettled(&self) -> impl Iterator<Item = &Unsettled> {
         self.unsettled.iter().chain(
             self.workers
@@ -238,9 +241,23 @@ impl State {
         )
     }
 
+    /// What may justify a lost rotation (S4): every unsettled request, and every
+    /// lease taken over from another worker.
+    pub fn may_have_rotated(&self) -> impl Iterator<Item = &Unsettled> {
+        self.all_unsettled().chain(&self.taken_over)
+    }
+
     /// Records a transition property breach (the first explanation wins).
     pub fn breach(&mut self, what: Breach, why: impl FnOnce() -> String) {
         self.breaches.entry(what).or_insert_with(why);
+    }
+}
+
+fn keep_sorted(list: &mut Vec<Unsettled>, u: Option<Unsettled>) {
+    if let Some(u) = u {
+        if let Err(at) = list.binary_search(&u) {
+            list.insert(at, u);
+        }
     }
 }
 

@@ -447,7 +447,7 @@ impl TokenfenceModel {
                                 token: r.refresh.clone(),
                                 lease_at: l.acquired_at,
                             });
-                        s.keep_unsettled(forced);
+                        s.keep_taken_over(forced);
                         s.workers[w].ghost.lease_at = now;
                         s.workers[w].ghost.took_over =
                             other.is_some_and(|l| l.generation == stored);

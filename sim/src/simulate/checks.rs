@@ -52,7 +52,7 @@ impl World {
             &self.spec.profile,
             self.settings.in_doubt_safety,
             &conn.provider.truth(grant, self.now),
-            conn.unsettled.iter().chain(senders),
+            conn.unsettled.iter().chain(&conn.taken_over).chain(senders),
         )
         .err()
     }
@@ -75,9 +75,9 @@ impl World {
         // ghost small.
         let stored_refresh = stored.refresh.clone();
         if self.spec.profile.rotation.grace_replay != tokenfence_core::GraceReplay::Fork {
-            self.conns[c]
-                .unsettled
-                .retain(|u| u.token == stored_refresh);
+            let conn = &mut self.conns[c];
+            conn.unsettled.retain(|u| u.token == stored_refresh);
+            conn.taken_over.retain(|u| u.token == stored_refresh);
         }
         let s4 = self.sound_reauth(c);
         let conn = &self.conns[c];
@@ -92,15 +92,10 @@ impl World {
                 .get(c)
                 .and_then(|s| s.as_deref())
         };
-        // A request presenting the stored token whose outcome never reached the
-        // store (the harness's ghost) is still being resolved: a grace window may
-        // close while every worker is paused, which no client can prevent.
-        let mut resolving = conn.unsettled.iter().any(|u| u.token == stored.refresh);
+        let mut resolving = false;
         let mut pending: Vec<&RefreshToken> = Vec::new();
         for slot in conn.busy.iter().filter_map(|w| slot_of(*w)) {
-            // Not yet told what became of its request, even if the reply was lost:
-            // it will learn the outcome is unknown and record the doubt.
-            if matches!(slot.op, Some((_, OpKind::Exchange { .. }))) {
+            if matches!(slot.op, Some((_, OpKind::Exchange { lost: false, .. }))) {
                 resolving = true;
             }
             if let Some(r) = slot.conn.uncommitted() {

@@ -417,7 +417,9 @@ impl World {
                                 token: r.refresh.clone(),
                                 lease_at: l.acquired_at,
                             });
-                        self.keep_unsettled(c, forced);
+                        if let Some(u) = forced.filter(|u| !self.conns[c].taken_over.contains(u)) {
+                            self.conns[c].taken_over.push(u);
+                        }
                         if let Some(s) = self.slot(w, c) {
                             s.ghost.took_over = doubt;
                             s.ghost.lease_at = now;

@@ -292,6 +292,9 @@ pub(super) struct Conn {
     /// Refresh requests really sent whose outcome never reached the store (reply
     /// unseen, or the sender crashed), presenting the stored token (S4's ghost).
     pub unsettled: Vec<Unsettled>,
+    /// Leases taken over from another worker with nothing committed since their
+    /// grant, as the requests they may stand for (S4 only).
+    pub taken_over: Vec<Unsettled>,
     /// S2 is failing now (a loss episode is counted once).
     pub losing: bool,
     /// S4 is failing now.
@@ -465,6 +468,7 @@ impl World {
             pending_arrival: None,
             replay_counted: Vec::new(),
             unsettled: Vec::new(),
+            taken_over: Vec::new(),
             losing: false,
             false_flag: false,
             ever_lost: false,
