@@ -771,3 +771,123 @@ fn a_connection_degraded_by_a_rejected_client_waits_for_a_caller() {
     assert!(next > world.now.saturating_add(days(30)));
     assert_eq!(world.stored().pending_work_at(), None);
 }
+
+#[test]
+fn restarted_worker_sees_its_own_unreleased_lease_as_a_takeover() {
+    // Find 1: a worker restarted under the same id (new entropy, so a new lease
+    // request id) re-acquires its previous incarnation's unreleased lease. That
+    // incarnation's refresh may be in flight: under reuse detection the rotation
+    // is declared lost, the token never replayed.
+    let profile = ProviderProfile::strict_reuse_detecting("strict", "https://auth.example/token");
+    let mut world = World::new(profile, 1, |c| record(c, "RT-1", T0));
+    world.request(0);
+    let before = world.store.lease.clone().expect("w0's lease row");
+    world.crash(0);
+    let r = world.request(0);
+    assert!(world.workers[0].sent.is_empty(), "never replay RT-1");
+    assert_ne!(
+        world.workers[0].requests.first(),
+        Some(&before.request),
+        "a new incarnation names its lease requests anew"
+    );
+    assert_eq!(
+        world.result(0, r),
+        Some(&Err(AccessError::ReauthRequired(
+            ReauthReason::LostRotation
+        )))
+    );
+}
+
+#[test]
+fn a_lease_request_whose_answer_was_lost_is_recognised_on_retry() {
+    // The store granted the lease but the answer was lost. The retry names the
+    // same request: the store grants it again and reports what that grant
+    // displaced (nothing), not the requester's own row: no doubt, no detour.
+    let mut world = World::intuit(1);
+    world.store.lose_next = 1;
+    let r = world.request(0);
+    assert!(world.store.lease.is_some(), "granted, unbeknown to w0");
+    assert!(world.workers[0].sent.is_empty());
+    world.wake(0);
+    assert_eq!(world.store.lease_retries, 1, "recognised as a retry");
+    assert_eq!(world.workers[0].sent.len(), 1);
+    assert_eq!(
+        world.stored().in_doubt_since,
+        None,
+        "its own grant is no doubt"
+    );
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, r), "AT-2");
+    assert!(world.store.lease.is_none());
+}
+
+#[test]
+fn a_retry_after_a_lost_grant_inherits_the_row_it_displaced() {
+    // w0 sends and crashes; w1's grant displaces w0's row but its answer is lost.
+    // The retry must still learn of w0's row: under reuse detection, presenting
+    // RT-1 would revoke the family.
+    let profile = ProviderProfile::strict_reuse_detecting("strict", "https://auth.example/token");
+    let mut world = World::new(profile, 2, |c| record(c, "RT-1", T0));
+    world.request(0);
+    world.crash(0);
+    world.advance(Duration::from_secs(61));
+    world.store.lose_next = 1;
+    let r = world.request(1);
+    assert_eq!(
+        world
+            .store
+            .displaced
+            .as_ref()
+            .map(|d| d.lease.owner.0.as_str()),
+        Some("w0")
+    );
+    world.wake(1);
+    assert_eq!(world.store.lease_retries, 1);
+    assert!(world.workers[1].sent.is_empty(), "never replay RT-1");
+    assert_eq!(
+        world.result(1, r),
+        Some(&Err(AccessError::ReauthRequired(
+            ReauthReason::LostRotation
+        )))
+    );
+}
+
+#[test]
+fn giving_up_a_lost_grant_restores_the_row_it_displaced() {
+    // w0 sends and crashes; w1's grant displaces w0's row, its answer is lost,
+    // and the store stays down until w1 gives up: its release restores w0's row,
+    // so the next worker still sees the refresh that may be in flight.
+    let mut world = World::intuit(3);
+    world.request(0);
+    world.crash(0);
+    world.advance(Duration::from_secs(61));
+    world.store.lose_next = 1;
+    let r = world.request(1);
+    assert!(world.workers[1].conn.is_busy(), "w1 waits to retry");
+    world.store.fail_next = 100;
+    for _ in 0..10 {
+        if world.result(1, r).is_some() {
+            break;
+        }
+        world.wake(1);
+    }
+    assert!(matches!(
+        world.result(1, r),
+        Some(Err(AccessError::Transient { .. }))
+    ));
+    assert_eq!(world.store.restores, 1);
+    assert_eq!(
+        world
+            .store
+            .lease()
+            .map(|l| (l.owner.0.as_str(), l.acquired_at)),
+        Some(("w0", T0)),
+        "w0's row is back"
+    );
+    world.store.fail_next = 0;
+    world.request(2);
+    assert!(
+        world.stored().in_doubt_since.is_some(),
+        "w2 took over w0's row: the doubt is recorded before presenting"
+    );
+}

@@ -249,9 +249,13 @@ impl Sut {
             panic!("{v}");
         }
         let workers = &self.world.workers;
+        // Resolving: a request outstanding, fresh tokens not committed, or (the
+        // ghost) a request presenting the stored token whose outcome never reached
+        // the store: the grace window may close while every worker is paused.
         let resolving = workers
             .iter()
-            .any(|w| w.outstanding.is_some() || w.conn.uncommitted().is_some());
+            .any(|w| w.outstanding.is_some() || w.conn.uncommitted().is_some())
+            || self.world.unsettled().any(|u| u.token == stored.refresh);
         let pending = workers
             .iter()
             .filter_map(|w| w.conn.uncommitted().map(|r| &r.refresh));
@@ -271,9 +275,9 @@ impl Sut {
             &self.profile,
             safety,
             &self.provider,
-            self.world.unsettled(),
+            self.world.may_have_rotated(),
         ) {
-            let unsettled: Vec<_> = self.world.unsettled().collect();
+            let unsettled: Vec<_> = self.world.may_have_rotated().collect();
             panic!("{v}: stored {stored:?}, unsettled {unsettled:?}");
         }
         let in_flight = workers.iter().filter(|w| w.outstanding.is_some()).count();
@@ -450,4 +454,88 @@ fn s1_check_of_the_property_test_bites() {
     assert!(err.contains("S1"), "{err}");
     let err = run(Some(Mutation::RewriteExpected)).expect_err("S1 must fail");
     assert!(err.contains("S1 stale overwrite"), "{err}");
+}
+
+/// The end check no longer excuses a LostRotation by a crash under a grace window:
+/// a worker sends, the provider answers 503 (nothing rotated), the commit of the
+/// failure fails, the worker crashes, a day passes, and the connection is found
+/// declared lost (as a core that gave up would leave it). S4 from the ghost allows
+/// the flag (a request was sent and never settled, the grace window has closed),
+/// but nothing was lost: under Intuit the end check fails; where the core is
+/// designed to declare lost rotations (no grace window) the crash still excuses it.
+#[test]
+fn end_check_does_not_excuse_a_lost_rotation_by_a_crash_under_grace() {
+    let run = |class: Class| {
+        let reference = Reference {
+            class,
+            workers: 1,
+            user_revoked: false,
+        };
+        let mut sut = CoreAgainstReference::init_test(&reference);
+        let steps = [
+            Step::Request(0),
+            Step::StoreOutage,
+            Step::Fail(0, Fault::ServerError),
+            Step::Crash(0),
+            Step::Advance(hours(25)),
+        ];
+        for step in steps {
+            sut = CoreAgainstReference::apply(sut, &reference, step);
+            sut.check();
+        }
+        assert!(sut.crashed_mid_refresh && !sut.provider.lost_any());
+        let now = sut.world.now;
+        let stored = sut.world.store.record.as_mut().expect("stored");
+        stored.status = Status::ReauthRequired {
+            reason: ReauthReason::LostRotation,
+            since: now,
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            CoreAgainstReference::teardown(sut, reference)
+        }))
+        .map_err(|e| e.downcast_ref::<String>().cloned().unwrap_or_default())
+    };
+    let err = run(Class::Intuit).expect_err("not excused under a grace window");
+    assert!(err.contains("after healing"), "{err}");
+    assert_eq!(run(Class::StrictNoGrace), Ok(()));
+}
+
+/// The property test's S4 check bites: a record declared lost with a doubt the
+/// core wrote but no request really sent fails it; once a request presenting the
+/// stored token was lost after processing (and the grace window closed), the same
+/// declaration passes.
+#[test]
+fn s4_check_of_the_property_test_bites() {
+    let reference = Reference {
+        class: Class::Intuit,
+        workers: 1,
+        user_revoked: false,
+    };
+    let declare_lost = |sut: &mut Sut| {
+        let now = sut.world.now;
+        let stored = sut.world.store.record.as_mut().expect("stored");
+        stored.in_doubt_since = Some(T0);
+        stored.status = Status::ReauthRequired {
+            reason: ReauthReason::LostRotation,
+            since: now,
+        };
+    };
+    let mut sut = CoreAgainstReference::init_test(&reference);
+    sut = CoreAgainstReference::apply(sut, &reference, Step::Advance(hours(25)));
+    declare_lost(&mut sut);
+    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sut.check()))
+        .map_err(|e| e.downcast_ref::<String>().cloned().unwrap_or_default())
+        .expect_err("S4 must fail");
+    assert!(err.starts_with("S4 unsound re-auth"), "{err}");
+
+    let mut sut = CoreAgainstReference::init_test(&reference);
+    for step in [
+        Step::Request(0),
+        Step::Fail(0, Fault::LostAfterProcessing),
+        Step::Advance(hours(25)),
+    ] {
+        sut = CoreAgainstReference::apply(sut, &reference, step);
+    }
+    declare_lost(&mut sut);
+    sut.check();
 }

@@ -742,6 +742,10 @@ struct World<'a> {
     /// S4's ghost at connection level: refresh requests sent whose outcome will
     /// never reach the store.
     unsettled: Vec<Unsettled>,
+    /// Leases of another owner taken over with nothing committed since their grant
+    /// (nobody can know whether a request was sent under them): S4 only, the rule
+    /// of the model checker and the simulator.
+    taken_over: Vec<Unsettled>,
     /// Every record the store has held.
     history: Vec<ConnectionRecord>,
     /// Tokens a provider reply that parsed, or an authorization, handed out.
@@ -851,12 +855,12 @@ impl World<'_> {
             &self.profile,
             safety,
             &truth,
-            self.unsettled.iter().chain(senders),
+            self.unsettled.iter().chain(&self.taken_over).chain(senders),
         ) {
             let senders: Vec<_> = self.workers.iter().map(|w| w.ghost.unsettled()).collect();
             panic!(
-                "{v}: stored {stored:?}, unsettled {:?} + {senders:?}",
-                self.unsettled
+                "{v}: stored {stored:?}, unsettled {:?} + {senders:?}, taken over {:?}",
+                self.unsettled, self.taken_over
             );
         }
     }
@@ -986,6 +990,7 @@ fn run_machine(data: &[u8], mutant: Option<StoreMutant>) -> Stats {
         mutant,
         rejected: BTreeSet::new(),
         unsettled: Vec::new(),
+        taken_over: Vec::new(),
         history: Vec::new(),
         issued: BTreeSet::new(),
         workers: Vec::new(),
@@ -1120,16 +1125,7 @@ fn foreign_writer(w: &mut World<'_>) {
         let secs = u64::from(w.byte().unwrap_or(0));
         let n = w.mint();
         let owner = WorkerId("worker-elsewhere".into());
-        let granted = w.acquire_lease(&owner, LeaseRequestId(n), Duration::from_secs(secs));
-        if let (Input::LeaseGranted { lease, .. }, Some(stored)) = (granted, &w.store) {
-            // It may send a refresh presenting the stored token under this lease
-            // and never be heard of again.
-            let u = Unsettled {
-                token: stored.refresh.clone(),
-                lease_at: lease.acquired_at,
-            };
-            w.keep(Some(u));
-        }
+        let _ = w.acquire_lease(&owner, LeaseRequestId(n), Duration::from_secs(secs));
         return;
     }
     let Some(current) = w.store.clone() else {
@@ -1467,9 +1463,29 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
         _ => false,
     };
     let committed = answers && matches!(input, Input::Committed { .. });
-    if let (true, Input::LeaseGranted { lease, .. }) = (answers, &input) {
+    if let (
+        true,
+        Input::LeaseGranted {
+            lease,
+            record,
+            took_over,
+        },
+    ) = (answers, &input)
+    {
         worker.lease_at = Some(lease.acquired_at);
+        let me = &worker.conn.config().worker;
+        let stored = record.as_ref().map(|r| r.generation);
+        let forced = took_over
+            .as_ref()
+            .filter(|l| l.owner != *me && l.generation == stored)
+            .zip(record.as_ref())
+            .map(|(l, r)| Unsettled {
+                token: r.refresh.clone(),
+                lease_at: l.acquired_at,
+            });
+        keep(&mut w.taken_over, forced);
     }
+    let worker = &mut w.workers[i];
     let before = worker.conn.clone();
     w.stats.inputs += 1;
     let result = worker.conn.handle_input(now, input);

@@ -114,11 +114,16 @@ pub struct Store {
     pub displaced: Option<LeaseRow>,
     /// Fail this many of the next store commands (not carried out).
     pub fail_next: u32,
-    /// Carry out this many of the next store commands, then answer `StoreFailed`
-    /// (the answer was lost: a lease granted, a commit landed, unbeknown).
+    /// Carry out this many of the next lease requests or compare-and-swaps, then
+    /// answer `StoreFailed` (the answer was lost: a lease granted, a commit landed,
+    /// unbeknown). A lost `Load` answer would be no more than a failure.
     pub lose_next: u32,
     pub commits: u32,
     pub conflicts: u32,
+    /// Lease requests recognised as a retry of their own earlier grant.
+    pub lease_retries: u32,
+    /// Releases that put the displaced row back.
+    pub restores: u32,
     /// A broken store (tests that the checks bite); `None` in every real test.
     pub mutation: Option<Mutation>,
     /// S1 violations seen at commits that landed (the `World` panics on the first
@@ -164,7 +169,11 @@ impl Store {
             }
             _ => None,
         };
-        if is_store_cmd && self.lose_next > 0 {
+        let losable = matches!(
+            output,
+            Output::AcquireLease { .. } | Output::CompareAndSwap { .. }
+        );
+        if losable && self.lose_next > 0 {
             self.lose_next -= 1;
             return Some(Input::StoreFailed);
         }
@@ -198,7 +207,9 @@ impl Store {
         let retry = old
             .as_ref()
             .is_some_and(|o| o.lease.owner == *owner && o.request == request);
-        if !retry {
+        if retry {
+            self.lease_retries += 1;
+        } else {
             let earlier = self.displaced.take();
             self.displaced = old.map(|o| inherit(o, earlier));
         }
@@ -218,6 +229,7 @@ impl Store {
             .is_some_and(|l| l.lease.owner == *owner && l.request == request);
         if ours {
             let displaced = self.displaced.take();
+            self.restores += u32::from(restore && displaced.is_some());
             self.lease = if restore { displaced } else { None };
         }
         ours
@@ -303,6 +315,9 @@ pub struct Worker {
     pub lease_at: Option<Timestamp>,
     /// S4's ghost: this worker's refresh request not yet settled.
     pub ghost: invariants::SenderGhost,
+    /// The lease requests this incarnation made (a restarted worker keeps its id,
+    /// not its requests).
+    pub requests: Vec<LeaseRequestId>,
 }
 
 impl Worker {
@@ -316,6 +331,7 @@ impl Worker {
             newest: Generation(0),
             lease_at: None,
             ghost: invariants::SenderGhost::default(),
+            requests: vec![],
         }
     }
 
@@ -337,6 +353,13 @@ pub struct World {
     /// S4's ghost at connection level: refresh requests really sent whose outcome
     /// will never reach the store (an unseen reply, a crashed sender).
     pub ghosts: Vec<invariants::Unsettled>,
+    /// Leases of another worker taken over with nothing committed since their
+    /// grant, as the requests they may stand for: whoever takes one over cannot
+    /// know whether a request was sent under it (S4 only; the rule of the model
+    /// checker and the simulator). A grant to an earlier incarnation of the same
+    /// worker id counts as another worker's (a restarted worker cannot know what
+    /// its previous incarnation sent: find 1); this incarnation's own never does.
+    pub taken_over: Vec<invariants::Unsettled>,
     next_request: u64,
     /// The entropy of the last machine made: every incarnation gets a new one.
     entropy: u64,
@@ -368,6 +391,7 @@ impl World {
             },
             workers: vec![],
             ghosts: vec![],
+            taken_over: vec![],
             next_request: 0,
             entropy: 0,
         };
@@ -396,11 +420,17 @@ impl World {
         self.now = self.now.saturating_add(by);
     }
 
-    /// Every refresh request sent whose outcome has not reached the store (S4).
+    /// Every refresh request sent whose outcome has not reached the store.
     pub fn unsettled(&self) -> impl Iterator<Item = &invariants::Unsettled> {
         self.ghosts
             .iter()
             .chain(self.workers.iter().filter_map(|w| w.ghost.unsettled()))
+    }
+
+    /// What may justify a lost rotation (S4): every unsettled request, and every
+    /// lease of another worker taken over with nothing committed since its grant.
+    pub fn may_have_rotated(&self) -> impl Iterator<Item = &invariants::Unsettled> {
+        self.unsettled().chain(&self.taken_over)
     }
 
     fn keep(&mut self, u: Option<invariants::Unsettled>) {
@@ -450,6 +480,9 @@ impl World {
                     worker.outstanding = Some(req);
                 }
                 other => {
+                    if let Output::AcquireLease { request, .. } = &other {
+                        self.workers[w].requests.push(*request);
+                    }
                     if let Some(answer) = self.store.apply(now, &other) {
                         if self.store.mutation.is_none() {
                             if let Some(v) = self.store.violations.first() {
@@ -460,8 +493,30 @@ impl World {
                         let worker = &mut self.workers[w];
                         worker.newest = worker.newest.max(shown);
                         let committed = matches!(answer, Input::Committed { .. });
-                        if let Input::LeaseGranted { lease, .. } = &answer {
+                        let mut forced = None;
+                        if let Input::LeaseGranted {
+                            lease,
+                            record,
+                            took_over,
+                        } = &answer
+                        {
                             worker.lease_at = Some(lease.acquired_at);
+                            let me = &worker.conn.config().worker;
+                            let stored = record.as_ref().map(|r| r.generation);
+                            // The row reported is the store's displaced row.
+                            let ours = self
+                                .store
+                                .displaced
+                                .as_ref()
+                                .is_some_and(|d| worker.requests.contains(&d.request));
+                            forced = took_over
+                                .as_ref()
+                                .filter(|l| (l.owner != *me || !ours) && l.generation == stored)
+                                .zip(record.as_ref())
+                                .map(|(l, r)| invariants::Unsettled {
+                                    token: r.refresh.clone(),
+                                    lease_at: l.acquired_at,
+                                });
                         }
                         worker
                             .conn
@@ -469,6 +524,9 @@ impl World {
                             .expect("store answers are expected");
                         if committed {
                             worker.ghost.settle();
+                        }
+                        if let Some(u) = forced.filter(|u| !self.taken_over.contains(u)) {
+                            self.taken_over.push(u);
                         }
                     }
                 }
