@@ -56,6 +56,7 @@ fn record(conn: &str, generation: u64) -> ConnectionRecord {
         idle_deadline: Some(T0.saturating_add(days(100))),
         hard_deadline: Some(T0.saturating_add(days(5 * 365))),
         in_doubt_since: None,
+        in_doubt_holder: None,
         status: Status::Active,
         last_refreshed_at: Some(T0),
         updated_at: T0,

@@ -63,6 +63,7 @@
 //!     idle_deadline: None,
 //!     hard_deadline: None,
 //!     in_doubt_since: None,
+//!     in_doubt_holder: None,
 //!     status: Status::Active,
 //!     last_refreshed_at: None,
 //!     updated_at: now,

@@ -112,6 +112,24 @@ enum Intent {
     Disconnected {
         revoked: bool,
     },
+    /// Undo a lost rotation declared only because another worker took over the
+    /// lease our lost lease request had been granted: nothing was sent under it.
+    Revived,
+}
+
+/// A lease request whose answer was lost: the store may have granted it. Nothing
+/// is sent under such a grant; if another worker takes it over after it expired,
+/// it must assume a refresh may be in flight and, under reuse detection, declares
+/// the rotation lost. This worker knows better and may undo that declaration.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct UnknownGrant {
+    /// When the lease was asked for (a grant is stamped no earlier).
+    asked_at: Timestamp,
+    /// When the loss of the answer was seen (a grant is stamped no later).
+    lost_at: Timestamp,
+    /// The record as read before asking.
+    generation: Option<crate::Generation>,
+    refresh: Option<crate::RefreshToken>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -180,6 +198,10 @@ pub struct Connection {
     lease_unknown: bool,
     /// A refresh request was sent under the lease held now.
     sent_under_lease: bool,
+    /// When the last lease request was made.
+    lease_asked_at: Timestamp,
+    /// A lease request whose answer was lost, until a request is sent.
+    unknown_grant: Option<Box<UnknownGrant>>,
     lease_at: Timestamp,
     took_over: Option<Lease>,
     phase: Phase,
@@ -211,6 +233,8 @@ impl Connection {
             lease_request: None,
             lease_unknown: false,
             sent_under_lease: false,
+            lease_asked_at: Timestamp::EPOCH,
+            unknown_grant: None,
             lease_at: Timestamp::EPOCH,
             took_over: None,
             phase: Phase::Idle,
@@ -639,6 +663,9 @@ impl Connection {
             Status::Disconnected { .. } => Some(AccessError::Disconnected),
             _ => None,
         };
+        if let Some(revived) = self.revivable(now, rec) {
+            return self.commit(revived, Intent::Revived);
+        }
         if let Some(err) = dead {
             let recheck = self.config.settings.dead_recheck;
             let stale = self
@@ -674,11 +701,13 @@ impl Connection {
             self.phase = Phase::Leasing;
             let owner = self.config.worker.clone();
             let ttl = self.config.settings.lease_ttl;
+            // 0 names rows a store restored: never recognised as a retry.
             let request = match self.lease_request {
                 Some(r) => r,
-                None => LeaseRequestId(self.next_entropy()),
+                None => LeaseRequestId(self.next_entropy().max(1)),
             };
             self.lease_request = Some(request);
+            self.lease_asked_at = now;
             self.outputs.push_back(Output::AcquireLease {
                 owner,
                 ttl,
@@ -687,6 +716,40 @@ impl Connection {
         } else {
             self.load();
         }
+    }
+
+    /// The record with a lost rotation undone, if `rec` declares one only because
+    /// of our lease grant whose answer was lost: the declaration is the one commit
+    /// since the record we read before asking, on the same token, and its doubt
+    /// starts at a lease of ours (`in_doubt_holder`) stamped inside the interval in
+    /// which our grant could have been made (a doubt merged from anything earlier
+    /// starts before it). Nothing was sent under
+    /// that grant, and under reuse detection the taker declared the loss without
+    /// presenting the token (found by the property test: one lost store answer and
+    /// a pause killed a healthy connection for good).
+    fn revivable(&self, now: Timestamp, rec: &ConnectionRecord) -> Option<ConnectionRecord> {
+        let u = self.unknown_grant.as_deref()?;
+        let lost = matches!(
+            rec.status,
+            Status::ReauthRequired {
+                reason: ReauthReason::LostRotation,
+                ..
+            }
+        );
+        let ours = rec.in_doubt_holder.as_ref() == Some(&self.config.worker)
+            && rec
+                .in_doubt_since
+                .is_some_and(|t| u.asked_at <= t && t <= u.lost_at);
+        let one_commit = u.generation.map(crate::Generation::next) == Some(rec.generation);
+        (lost && ours && one_commit && u.refresh.as_ref() == Some(&rec.refresh)).then(|| {
+            ConnectionRecord {
+                status: Status::Active,
+                in_doubt_since: None,
+                in_doubt_holder: None,
+                updated_at: now,
+                ..rec.clone()
+            }
+        })
     }
 
     /// Answers every waiting caller with `result` and ends the piece of work.
@@ -765,6 +828,7 @@ impl Connection {
             return self.release_lease();
         };
         let mut in_doubt_since = base.in_doubt_since;
+        let mut holder = base.in_doubt_holder.clone();
         if let Some(prev) = self.took_over.take() {
             // The previous holder never released its lease: its refresh may be in
             // flight, unless what is stored now came from its own exchange. Nothing
@@ -775,8 +839,10 @@ impl Connection {
             let older_tokens = base.status == Status::Active
                 && base.last_refreshed_at.is_none_or(|t| t < prev.acquired_at);
             if prev.generation == Some(base.generation) || older_tokens {
-                in_doubt_since =
-                    Some(in_doubt_since.map_or(prev.acquired_at, |t| t.min(prev.acquired_at)));
+                if in_doubt_since.is_none_or(|t| prev.acquired_at < t) {
+                    in_doubt_since = Some(prev.acquired_at);
+                    holder = Some(prev.owner);
+                }
             }
         }
         let s = &self.config.settings;
@@ -787,6 +853,7 @@ impl Connection {
             {
                 let base = ConnectionRecord {
                     in_doubt_since,
+                    in_doubt_holder: holder,
                     ..base
                 };
                 return self.commit_reauth(now, &base, ReauthReason::LostRotation);
@@ -797,6 +864,7 @@ impl Connection {
             // this worker's crash too (found by proptest).
             let proposal = ConnectionRecord {
                 in_doubt_since,
+                in_doubt_holder: holder,
                 updated_at: now,
                 ..base
             };
@@ -819,6 +887,7 @@ impl Connection {
         );
         self.outputs.push_back(Output::Send(request));
         self.sent_under_lease = true;
+        self.unknown_grant = None;
         self.phase = Phase::Sending(Box::new(Attempt {
             base,
             sent_at: now,
@@ -1012,6 +1081,10 @@ impl Connection {
                 self.disconnect = false;
                 self.emit(Event::Disconnected { revoked });
             }
+            Intent::Revived => {
+                self.unknown_grant = None;
+                self.emit(Event::Recovered { generation });
+            }
         }
     }
 
@@ -1088,7 +1161,9 @@ impl Connection {
                     && stored.last_refreshed_at.is_some_and(|t| t < *sent_at);
                 stored.is_live() && stored.identity == proposal.identity && (same_token || demoted)
             }
-            Intent::Failed { .. } | Intent::Reauth { .. } | Intent::Doubt => false,
+            Intent::Failed { .. } | Intent::Reauth { .. } | Intent::Doubt | Intent::Revived => {
+                false
+            }
         };
         if !rebase {
             // Someone else's newer write stands; decide again from it.
@@ -1105,6 +1180,7 @@ impl Connection {
             // (found by proptest under Intuit's periodic rotation).
             Intent::Refreshed { rotated: false, .. } => ConnectionRecord {
                 in_doubt_since: stored.in_doubt_since,
+                in_doubt_holder: stored.in_doubt_holder.clone(),
                 ..*proposal
             },
             // Under a forking provider, an unseen replay recorded meanwhile may have
@@ -1115,20 +1191,27 @@ impl Connection {
             {
                 ConnectionRecord {
                     in_doubt_since: stored.in_doubt_since,
+                    in_doubt_holder: stored.in_doubt_holder.clone(),
                     ..*proposal
                 }
             }
             Intent::Failed {
                 unseen: Some(_), ..
-            } => ConnectionRecord {
-                status: proposal.status,
-                in_doubt_since: match (stored.in_doubt_since, proposal.in_doubt_since) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                },
-                updated_at: now,
-                ..stored.clone()
-            },
+            } => {
+                // The earlier doubt wins, with the holder it came from.
+                let ours = match (stored.in_doubt_since, proposal.in_doubt_since) {
+                    (Some(a), Some(b)) => b < a,
+                    (a, b) => a.is_none() && b.is_some(),
+                };
+                let from = if ours { &*proposal } else { stored };
+                ConnectionRecord {
+                    status: proposal.status,
+                    in_doubt_since: from.in_doubt_since,
+                    in_doubt_holder: from.in_doubt_holder.clone(),
+                    updated_at: now,
+                    ..stored.clone()
+                }
+            }
             _ => *proposal,
         };
         let expected = Some(stored.generation);
@@ -1165,7 +1248,15 @@ impl Connection {
             }
             phase => {
                 // A lost answer to a lease request: the store may have granted it.
-                self.lease_unknown |= matches!(phase, Phase::Leasing);
+                if matches!(phase, Phase::Leasing) {
+                    self.lease_unknown = true;
+                    self.unknown_grant = Some(Box::new(UnknownGrant {
+                        asked_at: self.lease_asked_at,
+                        lost_at: now,
+                        generation: self.record.as_ref().map(|r| r.generation),
+                        refresh: self.record.as_ref().map(|r| r.refresh.clone()),
+                    }));
+                }
                 self.not_before = Some((retry_at, FailureKind::StoreUnavailable));
             }
         }

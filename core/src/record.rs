@@ -202,6 +202,12 @@ pub struct ConnectionRecord {
     /// A refresh from this record may have been processed by the provider without
     /// the reply being seen (lost reply, dead lease holder) since this instant.
     pub in_doubt_since: Option<Timestamp>,
+    /// When the doubt starts at another worker's unreleased lease that was taken
+    /// over, that lease's owner. A worker whose lease request lost its answer (so
+    /// nothing was sent under the grant) recognises its own name here and undoes a
+    /// rotation declared lost because of it. Absent in records written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_doubt_holder: Option<WorkerId>,
     /// Lifecycle status.
     pub status: Status,
     /// Last successful refresh.
@@ -231,6 +237,7 @@ impl ConnectionRecord {
             idle_deadline: None,
             hard_deadline: None,
             in_doubt_since: None,
+            in_doubt_holder: None,
             status: Status::Active,
             last_refreshed_at: None,
             updated_at: now,
@@ -292,6 +299,7 @@ impl ConnectionRecord {
                 self.hard_deadline,
             ),
             in_doubt_since: None,
+            in_doubt_holder: None,
             status: Status::Active,
             last_refreshed_at: Some(sent_at),
             updated_at: sent_at,

@@ -203,10 +203,15 @@ impl LeaseSlot {
     }
 
     /// What a release by the row's holder leaves: the displaced row (with none of
-    /// its own) with `restore`, else nothing.
+    /// its own) with `restore`, else nothing. A restored row is never recognised as
+    /// its owner's retry (request 0, which no machine draws): what it had displaced
+    /// is gone, so its owner must see it as taken over (found by the property test).
     pub(crate) fn released(self, restore: bool) -> Option<LeaseSlot> {
         self.displaced.filter(|_| restore).map(|row| LeaseSlot {
-            row,
+            row: LeaseRow {
+                request: LeaseRequestId(0),
+                ..row
+            },
             displaced: None,
         })
     }

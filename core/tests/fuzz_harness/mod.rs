@@ -406,6 +406,7 @@ pub fn stored_record(config: &Config, now: Timestamp) -> ConnectionRecord {
         idle_deadline: Some(now.saturating_add(days(90))),
         hard_deadline: Some(now.saturating_add(days(4 * 365))),
         in_doubt_since: None,
+        in_doubt_holder: None,
         status: Status::Active,
         last_refreshed_at: Some(now.saturating_sub(minutes(61))),
         updated_at: now.saturating_sub(minutes(61)),
@@ -682,7 +683,15 @@ fn release_lease(
         .is_some_and(|l| l.lease.owner == *owner && l.request == request);
     if ours {
         let row = displaced.take();
-        *lease = if restore { row } else { None };
+        // A restored row is never its owner's retry (request 0: sim/src/store.rs).
+        *lease = if restore {
+            row.map(|r| LeaseRow {
+                request: LeaseRequestId(0),
+                ..r
+            })
+        } else {
+            None
+        };
     }
 }
 
@@ -892,6 +901,7 @@ impl World<'_> {
             idle_deadline: self.profile.idle_window.map(|d| now.saturating_add(d)),
             hard_deadline: self.profile.hard_lifetime.map(|d| now.saturating_add(d)),
             in_doubt_since: None,
+            in_doubt_holder: None,
             status: Status::Active,
             last_refreshed_at: None,
             updated_at: now,

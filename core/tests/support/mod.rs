@@ -230,7 +230,15 @@ impl Store {
         if ours {
             let displaced = self.displaced.take();
             self.restores += u32::from(restore && displaced.is_some());
-            self.lease = if restore { displaced } else { None };
+            // A restored row is never its owner's retry (request 0: sim/src/store.rs).
+            self.lease = if restore {
+                displaced.map(|d| LeaseRow {
+                    request: LeaseRequestId(0),
+                    ..d
+                })
+            } else {
+                None
+            };
         }
         ours
     }
