@@ -74,7 +74,8 @@
 //! conn.handle_input(now, Input::Loaded(Some(Box::new(stored.clone()))))?;
 //! assert!(matches!(conn.poll_output(), Some(Output::AcquireLease { .. })));
 //! let lease = Lease { owner: config.worker.clone(), acquired_at: now,
-//!     expires_at: now.saturating_add(config.settings.lease_ttl), generation: Some(Generation(3)) };
+//!     expires_at: now.saturating_add(config.settings.lease_ttl), generation: Some(Generation(3)),
+//!     request: LeaseRequestId(1) };
 //! conn.handle_input(now, Input::LeaseGranted { lease, record: Some(Box::new(stored.clone())), took_over: None })?;
 //! let Some(Output::Send(request)) = conn.poll_output() else { panic!("expected a request") };
 //! assert_eq!(request.url, "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer");
@@ -112,6 +113,7 @@ extern crate std;
 
 pub mod invariants;
 mod io;
+pub mod lease;
 mod machine;
 mod profile;
 mod record;

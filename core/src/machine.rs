@@ -117,16 +117,15 @@ enum Intent {
     Revived,
 }
 
-/// A lease request whose answer was lost: the store may have granted it. Nothing
-/// is sent under such a grant; if another worker takes it over after it expired,
-/// it must assume a refresh may be in flight and, under reuse detection, declares
-/// the rotation lost. This worker knows better and may undo that declaration.
+/// Lease requests whose answer was lost since a refresh was last sent: the store
+/// may have granted them. Nothing is sent under such a grant; if another worker
+/// takes one over after it expired, it must assume a refresh may be in flight and,
+/// under reuse detection, declares the rotation lost. This worker knows better and
+/// may undo that declaration.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct UnknownGrant {
-    /// When the lease was asked for (a grant is stamped no earlier).
-    asked_at: Timestamp,
-    /// When the loss of the answer was seen (a grant is stamped no later).
-    lost_at: Timestamp,
+    /// The requests.
+    requests: alloc::vec::Vec<LeaseRequestId>,
     /// The record as read before asking.
     generation: Option<crate::Generation>,
     refresh: Option<crate::RefreshToken>,
@@ -198,8 +197,6 @@ pub struct Connection {
     lease_unknown: bool,
     /// A refresh request was sent under the lease held now.
     sent_under_lease: bool,
-    /// When the last lease request was made.
-    lease_asked_at: Timestamp,
     /// A lease request whose answer was lost, until a request is sent.
     unknown_grant: Option<Box<UnknownGrant>>,
     lease_at: Timestamp,
@@ -233,7 +230,6 @@ impl Connection {
             lease_request: None,
             lease_unknown: false,
             sent_under_lease: false,
-            lease_asked_at: Timestamp::EPOCH,
             unknown_grant: None,
             lease_at: Timestamp::EPOCH,
             took_over: None,
@@ -370,10 +366,10 @@ impl Connection {
             .hard_deadline
             .filter(|d| self.warned_deadline != Some(*d))
             .map(|d| d.saturating_sub(s.reconnect_notice));
-        match (keepalive, warn) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // A lease request whose answer was lost is resolved as soon as the retry
+        // gate allows, callers or not.
+        let unknown = self.unknown_grant.as_ref().map(|_| gate);
+        [keepalive, warn, unknown].into_iter().flatten().min()
     }
 
     /// Feed one input stamped with the current time.
@@ -624,6 +620,16 @@ impl Connection {
                 if due.is_some_and(|d| d <= now) {
                     self.keepalive = true;
                 }
+                // Resolve a lease request whose answer was lost: re-read, undo a
+                // lost rotation declared because of it, or take the lease again
+                // under the same name (the store then reports what the lost grant
+                // displaced) and refresh. Giving up instead left a connection
+                // declared dead for good (found by the property test).
+                if self.unknown_grant.is_some() {
+                    self.keepalive = true;
+                    self.maintain = true;
+                    self.fresh = false;
+                }
             }
             phase => self.phase = phase,
         }
@@ -666,6 +672,10 @@ impl Connection {
         if let Some(revived) = self.revivable(now, rec) {
             return self.commit(revived, Intent::Revived);
         }
+        if dead.is_some() && self.fresh {
+            // Read just now and nothing of ours to undo: the unknown grant is moot.
+            self.unknown_grant = None;
+        }
         if let Some(err) = dead {
             let recheck = self.config.settings.dead_recheck;
             let stale = self
@@ -707,7 +717,6 @@ impl Connection {
                 None => LeaseRequestId(self.next_entropy().max(1)),
             };
             self.lease_request = Some(request);
-            self.lease_asked_at = now;
             self.outputs.push_back(Output::AcquireLease {
                 owner,
                 ttl,
@@ -721,9 +730,8 @@ impl Connection {
     /// The record with a lost rotation undone, if `rec` declares one only because
     /// of our lease grant whose answer was lost: the declaration is the one commit
     /// since the record we read before asking, on the same token, and its doubt
-    /// starts at a lease of ours (`in_doubt_holder`) stamped inside the interval in
-    /// which our grant could have been made (a doubt merged from anything earlier
-    /// starts before it). Nothing was sent under
+    /// starts at one of those grants (`in_doubt_holder`: our name and request; a
+    /// doubt merged from anything earlier names its own holder). Nothing was sent under
     /// that grant, and under reuse detection the taker declared the loss without
     /// presenting the token (found by the property test: one lost store answer and
     /// a pause killed a healthy connection for good).
@@ -736,10 +744,10 @@ impl Connection {
                 ..
             }
         );
-        let ours = rec.in_doubt_holder.as_ref() == Some(&self.config.worker)
-            && rec
-                .in_doubt_since
-                .is_some_and(|t| u.asked_at <= t && t <= u.lost_at);
+        let ours = rec
+            .in_doubt_holder
+            .as_ref()
+            .is_some_and(|(owner, r)| *owner == self.config.worker && u.requests.contains(r));
         let one_commit = u.generation.map(crate::Generation::next) == Some(rec.generation);
         (lost && ours && one_commit && u.refresh.as_ref() == Some(&rec.refresh)).then(|| {
             ConnectionRecord {
@@ -841,7 +849,7 @@ impl Connection {
             if prev.generation == Some(base.generation) || older_tokens {
                 if in_doubt_since.is_none_or(|t| prev.acquired_at < t) {
                     in_doubt_since = Some(prev.acquired_at);
-                    holder = Some(prev.owner);
+                    holder = Some((prev.owner, prev.request));
                 }
             }
         }
@@ -1250,9 +1258,16 @@ impl Connection {
                 // A lost answer to a lease request: the store may have granted it.
                 if matches!(phase, Phase::Leasing) {
                     self.lease_unknown = true;
+                    // Nothing was sent since an earlier unknown grant either: any
+                    // of them may be the one taken over.
+                    let mut requests = self
+                        .unknown_grant
+                        .take()
+                        .map(|u| u.requests)
+                        .unwrap_or_default();
+                    requests.extend(self.lease_request.filter(|r| !requests.contains(r)));
                     self.unknown_grant = Some(Box::new(UnknownGrant {
-                        asked_at: self.lease_asked_at,
-                        lost_at: now,
+                        requests,
                         generation: self.record.as_ref().map(|r| r.generation),
                         refresh: self.record.as_ref().map(|r| r.refresh.clone()),
                     }));

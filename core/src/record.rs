@@ -50,7 +50,9 @@ pub struct WorkerId(pub String);
 /// retried after its answer was lost carries the same id, so the store recognises
 /// its own earlier grant (and what that grant displaced) instead of reporting the
 /// requester's own row as a takeover.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct LeaseRequestId(pub u64);
 
@@ -202,12 +204,12 @@ pub struct ConnectionRecord {
     /// A refresh from this record may have been processed by the provider without
     /// the reply being seen (lost reply, dead lease holder) since this instant.
     pub in_doubt_since: Option<Timestamp>,
-    /// When the doubt starts at another worker's unreleased lease that was taken
-    /// over, that lease's owner. A worker whose lease request lost its answer (so
-    /// nothing was sent under the grant) recognises its own name here and undoes a
-    /// rotation declared lost because of it. Absent in records written before.
+    /// When the doubt starts at an unreleased lease that was taken over, that
+    /// lease's owner and request. A worker whose lease request lost its answer (so
+    /// nothing was sent under the grant) recognises its own request here and undoes
+    /// a rotation declared lost because of it. Absent in records written before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub in_doubt_holder: Option<WorkerId>,
+    pub in_doubt_holder: Option<(WorkerId, LeaseRequestId)>,
     /// Lifecycle status.
     pub status: Status,
     /// Last successful refresh.
@@ -409,4 +411,7 @@ pub struct Lease {
     pub expires_at: Timestamp,
     /// The record generation at the moment it was granted (`None`: no record).
     pub generation: Option<Generation>,
+    /// The request it was granted to (0: unknown, or a row a store restored).
+    #[serde(default)]
+    pub request: LeaseRequestId,
 }

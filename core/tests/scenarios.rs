@@ -787,7 +787,7 @@ fn restarted_worker_sees_its_own_unreleased_lease_as_a_takeover() {
     assert!(world.workers[0].sent.is_empty(), "never replay RT-1");
     assert_ne!(
         world.workers[0].requests.first(),
-        Some(&before.request),
+        Some(&before.lease.request),
         "a new incarnation names its lease requests anew"
     );
     assert_eq!(
@@ -836,9 +836,10 @@ fn a_retry_after_a_lost_grant_inherits_the_row_it_displaced() {
     assert_eq!(
         world
             .store
-            .displaced
+            .lease
             .as_ref()
-            .map(|d| d.lease.owner.0.as_str()),
+            .and_then(|s| s.displaced.as_ref())
+            .map(|d| d.owner.0.as_str()),
         Some("w0")
     );
     world.wake(1);

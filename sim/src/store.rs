@@ -1,10 +1,8 @@
 //! An in-memory token store with the semantics every tokenfence store must have:
 //! compare-and-swap on the record's generation, and leases with an owner and an
 //! expiry that stay in place until their owner releases them or another worker takes
-//! them over after they expired. A lease row carries the name of the request it was
-//! granted to and the unreleased row it displaced: a request retried after its
-//! answer was lost recognises its own earlier grant and inherits what that grant
-//! displaced, and a release with `restore` puts the displaced row back (find 18).
+//! them over after they expired, as `tokenfence_core::lease` (the one home of the
+//! lease protocol, find 18) decides.
 //!
 //! Deterministic and `Clone + Eq + Hash`, so it lives inside model-checker states and
 //! simulator snapshots. Time is an argument; nothing here reads a clock. Rows sit in a
@@ -14,18 +12,10 @@
 use core::hash::{BuildHasherDefault, Hash, Hasher};
 use core::time::Duration;
 use std::collections::HashMap;
+use tokenfence_core::lease::{self, Acquired, LeaseSlot};
 use tokenfence_core::{
     ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
 };
-
-/// A granted lease as stored: the lease and the request it was granted to.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct LeaseRow {
-    /// The lease.
-    pub lease: Lease,
-    /// The request it was granted to.
-    pub request: LeaseRequestId,
-}
 
 /// What is stored for one connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -33,9 +23,7 @@ pub struct Row {
     /// The record, if the connection exists.
     pub record: Option<ConnectionRecord>,
     /// The lease row, if one was granted and not released.
-    pub lease: Option<LeaseRow>,
-    /// The unreleased lease row the current one displaced, kept with it.
-    pub displaced: Option<LeaseRow>,
+    pub lease: Option<LeaseSlot>,
 }
 
 impl Row {
@@ -169,33 +157,18 @@ impl MemoryStore {
         now: Timestamp,
     ) -> LeaseOutcome {
         let row = self.row_mut(id);
-        if let Some(l) = row.lease() {
-            if l.owner != *owner && now < l.expires_at {
-                return LeaseOutcome::Held { holder: l.clone() };
+        let generation = row.record.as_ref().map(|r| r.generation);
+        match lease::acquire(row.lease.as_ref(), owner, request, generation, now, ttl) {
+            Acquired::Held(holder) => LeaseOutcome::Held { holder },
+            Acquired::Granted { slot, took_over } => {
+                let lease = slot.lease.clone();
+                row.lease = Some(slot);
+                LeaseOutcome::Granted {
+                    lease,
+                    record: row.record.clone().map(Box::new),
+                    took_over,
+                }
             }
-        }
-        let lease = Lease {
-            owner: owner.clone(),
-            acquired_at: now,
-            expires_at: now.saturating_add(ttl),
-            generation: row.record.as_ref().map(|r| r.generation),
-        };
-        let granted = LeaseRow {
-            lease: lease.clone(),
-            request,
-        };
-        let old = row.lease.replace(granted);
-        let retry = old
-            .as_ref()
-            .is_some_and(|o| o.lease.owner == *owner && o.request == request);
-        if !retry {
-            let earlier = row.displaced.take();
-            row.displaced = old.map(|o| inherit(o, earlier));
-        }
-        LeaseOutcome::Granted {
-            lease,
-            record: row.record.clone().map(Box::new),
-            took_over: row.displaced.as_ref().map(|d| d.lease.clone()),
         }
     }
 
@@ -208,35 +181,21 @@ impl MemoryStore {
         request: LeaseRequestId,
         restore: bool,
     ) -> bool {
-        match self.rows.get_mut(id) {
-            Some(row)
-                if row
-                    .lease
-                    .as_ref()
-                    .is_some_and(|l| l.lease.owner == *owner && l.request == request) =>
-            {
-                let displaced = row.displaced.take();
-                row.lease = if restore {
-                    displaced.map(restored)
-                } else {
-                    None
-                };
+        let Some(row) = self.rows.get_mut(id) else {
+            return false;
+        };
+        match lease::release(row.lease.as_ref(), owner, request, restore) {
+            Some(left) => {
+                row.lease = left;
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
-    /// Replaces the lease rows (harness use: renaming owners under symmetry).
-    pub fn set_leases(
-        &mut self,
-        id: &ConnectionId,
-        lease: Option<LeaseRow>,
-        displaced: Option<LeaseRow>,
-    ) {
-        let row = self.row_mut(id);
-        row.lease = lease;
-        row.displaced = displaced;
+    /// Replaces the lease row (harness use: renaming owners under symmetry).
+    pub fn set_lease(&mut self, id: &ConnectionId, lease: Option<LeaseSlot>) {
+        self.row_mut(id).lease = lease;
     }
 
     fn row_mut(&mut self, id: &ConnectionId) -> &mut Row {
@@ -246,35 +205,6 @@ impl MemoryStore {
         self.rows
             .get_mut(id)
             .unwrap_or_else(|| unreachable!("inserted above"))
-    }
-}
-
-/// A displaced row put back by a release with `restore`. What it had displaced
-/// itself is not kept (its start is already folded into it, see [`inherit`]), so
-/// it must never be recognised as its owner's retry: a retry would then report
-/// nothing taken over and present a token a lost row may have rotated (found by
-/// the property test). Request 0 is never drawn by a machine; its owner's next
-/// request sees the row as taken over, the safe side.
-fn restored(row: LeaseRow) -> LeaseRow {
-    LeaseRow {
-        request: LeaseRequestId(0),
-        ..row
-    }
-}
-
-/// The row a new grant displaces, `old`, with what `old` had itself displaced
-/// (`earlier`): when nothing was committed between the two grants, the doubt runs
-/// from the earlier one, so the reported row starts there. Otherwise `old` alone.
-fn inherit(old: LeaseRow, earlier: Option<LeaseRow>) -> LeaseRow {
-    match earlier {
-        Some(e) if e.lease.generation == old.lease.generation => LeaseRow {
-            lease: Lease {
-                acquired_at: e.lease.acquired_at.min(old.lease.acquired_at),
-                ..old.lease
-            },
-            request: old.request,
-        },
-        _ => old,
     }
 }
 
@@ -381,56 +311,5 @@ mod tests {
                 ..
             }
         ));
-    }
-
-    #[test]
-    fn a_retried_request_inherits_what_its_lost_grant_displaced_and_giving_up_restores_it() {
-        let id = ConnectionId("c".into());
-        let (a, b) = (WorkerId("a".into()), WorkerId("b".into()));
-        let ttl = Duration::from_secs(10);
-        let t = Timestamp::from_secs;
-        let mut s = MemoryStore::new();
-        let _ = s.compare_and_swap(&id, None, record("a"));
-        // b's lease expires unreleased; a's grant displaces it and the answer is lost.
-        let _ = s.acquire_lease(&id, &b, LeaseRequestId(7), ttl, t(0));
-        let first = s.acquire_lease(&id, &a, LeaseRequestId(1), ttl, t(11));
-        let LeaseOutcome::Granted {
-            took_over: Some(old),
-            ..
-        } = first
-        else {
-            panic!("a takes over b's expired row");
-        };
-        assert_eq!(old.owner, b);
-        // The retry under the same request: b's row again, not a's own.
-        let LeaseOutcome::Granted {
-            took_over: Some(again),
-            ..
-        } = s.acquire_lease(&id, &a, LeaseRequestId(1), ttl, t(12))
-        else {
-            panic!("the retry is granted");
-        };
-        assert_eq!(again, old, "the retry inherits the displaced row");
-        // Without a displaced row, a retry reports nothing: nothing was sent under it.
-        let mut fresh = MemoryStore::new();
-        let _ = fresh.acquire_lease(&id, &a, LeaseRequestId(1), ttl, t(0));
-        assert!(matches!(
-            fresh.acquire_lease(&id, &a, LeaseRequestId(1), ttl, t(1)),
-            LeaseOutcome::Granted {
-                took_over: None,
-                ..
-            }
-        ));
-        // Giving up restores b's row for the next worker.
-        assert!(s.release_lease(&id, &a, LeaseRequestId(1), true));
-        assert_eq!(s.row(&id).and_then(Row::lease), Some(&old));
-        let LeaseOutcome::Granted {
-            took_over: Some(next),
-            ..
-        } = s.acquire_lease(&id, &WorkerId("c".into()), LeaseRequestId(9), ttl, t(13))
-        else {
-            panic!("c takes over");
-        };
-        assert_eq!(next.owner, b);
     }
 }

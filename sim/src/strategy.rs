@@ -139,6 +139,7 @@ impl Strategy {
                 acquired_at: now,
                 expires_at: now.saturating_add(ttl),
                 generation: record.as_ref().map(|r| r.generation),
+                request,
             },
             record: record.map(Box::new),
             took_over: None,
@@ -156,8 +157,8 @@ impl Strategy {
         restore: bool,
     ) -> bool {
         if self == Strategy::UnnamedLeaseRequests {
-            let held = store.row(id).and_then(|r| r.lease.as_ref());
-            let Some(request) = held.filter(|l| l.lease.owner == *owner).map(|l| l.request) else {
+            let held = store.row(id).and_then(|r| r.lease());
+            let Some(request) = held.filter(|l| l.owner == *owner).map(|l| l.request) else {
                 return false;
             };
             return store.release_lease(id, owner, request, false);

@@ -1,12 +1,13 @@
 //! An in-memory store: for tests and single-process use.
 
-use super::{CasOutcome, LeaseOutcome, LeaseSlot, Store, StoreError};
+use super::{CasOutcome, LeaseOutcome, Store, StoreError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
+use tokenfence_core::lease::{self, Acquired, LeaseSlot};
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, Timestamp, WorkerId,
 };
 
 #[derive(Default)]
@@ -71,16 +72,13 @@ impl Store for MemoryStore {
     ) -> Result<LeaseOutcome, StoreError> {
         self.with(|rows| {
             let row = rows.entry(id.clone()).or_default();
-            if let Some(holder) = row.lease.as_ref().and_then(|l| l.held_against(owner, now)) {
-                return LeaseOutcome::Held(holder.clone());
-            }
-            let lease = Lease {
-                owner: owner.clone(),
-                acquired_at: now,
-                expires_at: now.saturating_add(ttl),
-                generation: row.record.as_ref().map(|r| r.generation),
-            };
-            let (slot, took_over) = super::grant(row.lease.take(), lease.clone(), request);
+            let generation = row.record.as_ref().map(|r| r.generation);
+            let (slot, took_over) =
+                match lease::acquire(row.lease.as_ref(), owner, request, generation, now, ttl) {
+                    Acquired::Held(holder) => return LeaseOutcome::Held(holder),
+                    Acquired::Granted { slot, took_over } => (slot, took_over),
+                };
+            let lease = slot.lease.clone();
             row.lease = Some(slot);
             LeaseOutcome::Granted {
                 lease,
@@ -99,8 +97,8 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         self.with(|rows| {
             if let Some(row) = rows.get_mut(id) {
-                if row.lease.as_ref().is_some_and(|l| l.is(owner, request)) {
-                    row.lease = row.lease.take().and_then(|l| l.released(restore));
+                if let Some(left) = lease::release(row.lease.as_ref(), owner, request, restore) {
+                    row.lease = left;
                 }
             }
         })
@@ -123,7 +121,7 @@ impl Store for MemoryStore {
                     let abandoned = row
                         .lease
                         .as_ref()
-                        .is_some_and(|l| l.row.lease.expires_at <= now);
+                        .is_some_and(|l| l.lease.expires_at <= now);
                     work || abandoned
                 })
                 .map(|(id, _)| id.clone())

@@ -8,7 +8,8 @@
 //! over after expiry; acquiring a lease reads the record in the same atomic step and
 //! reports the unreleased row it replaced (whoever owned it).
 //!
-//! A lease row also keeps the [`LeaseRequestId`] it was granted to and the
+//! The lease protocol itself lives in `tokenfence_core::lease` (one home for
+//! every store). A lease row also keeps the [`LeaseRequestId`] it was granted to and the
 //! unreleased row it displaced. The machine retries a lease request whose answer
 //! was lost under the same id; finding its own earlier grant (same owner, same
 //! request), the store grants again and reports what that grant displaced, not the
@@ -172,89 +173,6 @@ pub(crate) fn notice_due(
     };
     let at = deadline.saturating_sub(notice);
     at <= until && after.is_none_or(|a| at > a)
-}
-
-/// A lease row as stored: the lease and the request it was granted to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct LeaseRow {
-    pub lease: Lease,
-    pub request: LeaseRequestId,
-}
-
-/// What a connection's lease row holds: the granted row and the unreleased row
-/// it displaced.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct LeaseSlot {
-    pub row: LeaseRow,
-    pub displaced: Option<LeaseRow>,
-}
-
-impl LeaseSlot {
-    /// The holder's lease, if it excludes `owner` at `now`: another owner's,
-    /// unexpired.
-    pub(crate) fn held_against(&self, owner: &WorkerId, now: Timestamp) -> Option<&Lease> {
-        let l = &self.row.lease;
-        (l.owner != *owner && now < l.expires_at).then_some(l)
-    }
-
-    /// Whether `owner` holds this row under `request`.
-    pub(crate) fn is(&self, owner: &WorkerId, request: LeaseRequestId) -> bool {
-        self.row.lease.owner == *owner && self.row.request == request
-    }
-
-    /// What a release by the row's holder leaves: the displaced row (with none of
-    /// its own) with `restore`, else nothing. A restored row is never recognised as
-    /// its owner's retry (request 0, which no machine draws): what it had displaced
-    /// is gone, so its owner must see it as taken over (found by the property test).
-    pub(crate) fn released(self, restore: bool) -> Option<LeaseSlot> {
-        self.displaced.filter(|_| restore).map(|row| LeaseSlot {
-            row: LeaseRow {
-                request: LeaseRequestId(0),
-                ..row
-            },
-            displaced: None,
-        })
-    }
-}
-
-/// The slot a grant of `lease` to `request` leaves in place of `old`, and the row
-/// it reports as taken over (see [`Store::acquire_lease`]); `old` must not be
-/// held against the new owner. Every store decides with this one function.
-pub(crate) fn grant(
-    old: Option<LeaseSlot>,
-    lease: Lease,
-    request: LeaseRequestId,
-) -> (LeaseSlot, Option<Lease>) {
-    let displaced = match old {
-        // A retry of the request whose answer was lost: nothing was sent under
-        // that grant, so it displaced nothing itself; what it displaced still stands.
-        Some(old) if old.is(&lease.owner, request) => old.displaced,
-        Some(old) => Some(inherit(old.row, old.displaced)),
-        None => None,
-    };
-    let took_over = displaced.as_ref().map(|d| d.lease.clone());
-    let slot = LeaseSlot {
-        row: LeaseRow { lease, request },
-        displaced,
-    };
-    (slot, took_over)
-}
-
-/// The row a new grant displaces, `old`, with what `old` had itself displaced
-/// (`earlier`): when both were granted at the same record generation (nothing
-/// committed between them), the doubt runs from the earlier one, so the reported
-/// row starts there. Otherwise `old` alone.
-fn inherit(old: LeaseRow, earlier: Option<LeaseRow>) -> LeaseRow {
-    match earlier {
-        Some(e) if e.lease.generation == old.lease.generation => LeaseRow {
-            lease: Lease {
-                acquired_at: e.lease.acquired_at.min(old.lease.acquired_at),
-                ..old.lease
-            },
-            request: old.request,
-        },
-        _ => old,
-    }
 }
 
 #[async_trait]

@@ -34,8 +34,9 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMe
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokenfence_core::lease::{self, Acquired};
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, Timestamp, WorkerId,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -581,13 +582,13 @@ impl Store for PostgresStore {
         // dropped, so rolled back, and the lease row stays as it was.
         let record =
             read_record(&tx, &self.inner.sql.select_record, &self.inner.keyring, id).await?;
-        let lease = Lease {
-            owner: owner.clone(),
-            acquired_at: now,
-            expires_at: now.saturating_add(ttl),
-            generation: record.as_ref().map(|r| r.generation),
-        };
-        let (slot, took_over) = super::grant(current, lease.clone(), request);
+        let generation = record.as_ref().map(|r| r.generation);
+        let (slot, took_over) =
+            match lease::acquire(current.as_ref(), owner, request, generation, now, ttl) {
+                Acquired::Held(held) => return Ok(LeaseOutcome::Held(held)),
+                Acquired::Granted { slot, took_over } => (slot, took_over),
+            };
+        let lease = slot.lease.clone();
         let c = LeaseColumns::of(&slot);
         let upsert = tx
             .prepare_cached(&self.inner.sql.upsert_lease)

@@ -1,9 +1,10 @@
 //! How the SQL stores lay a record out in a row: a few plain columns for queries,
 //! and the whole record as JSON sealed with the keyring, bound to the connection id.
 
-use super::{LeaseRow, LeaseSlot, StoreError};
+use super::StoreError;
 use crate::crypto::Keyring;
 use std::time::Duration;
+use tokenfence_core::lease::LeaseSlot;
 use tokenfence_core::{
     ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Status, Timestamp, WorkerId,
 };
@@ -235,18 +236,18 @@ pub(crate) struct LeaseColumns {
 impl LeaseColumns {
     /// The columns that store `slot`.
     pub(crate) fn of(slot: &LeaseSlot) -> LeaseColumns {
-        let LeaseRow { lease, request } = &slot.row;
+        let lease = &slot.lease;
         let d = slot.displaced.as_ref();
         LeaseColumns {
             owner: lease.owner.0.clone(),
             acquired_at: time_to_sql(lease.acquired_at),
             expires_at: time_to_sql(lease.expires_at),
             generation: lease.generation.map(generation_to_sql),
-            request: request_to_sql(*request),
-            displaced_owner: d.map(|d| d.lease.owner.0.clone()),
-            displaced_acquired_at: d.map(|d| time_to_sql(d.lease.acquired_at)),
-            displaced_expires_at: d.map(|d| time_to_sql(d.lease.expires_at)),
-            displaced_generation: d.and_then(|d| d.lease.generation.map(generation_to_sql)),
+            request: request_to_sql(lease.request),
+            displaced_owner: d.map(|d| d.owner.0.clone()),
+            displaced_acquired_at: d.map(|d| time_to_sql(d.acquired_at)),
+            displaced_expires_at: d.map(|d| time_to_sql(d.expires_at)),
+            displaced_generation: d.and_then(|d| d.generation.map(generation_to_sql)),
             displaced_request: d.map(|d| request_to_sql(d.request)),
         }
     }
@@ -254,15 +255,13 @@ impl LeaseColumns {
     /// The slot these columns store. A displaced row with some of its columns
     /// NULL was not written by tokenfence: refused.
     pub(crate) fn into_slot(self, id: &ConnectionId) -> Result<LeaseSlot, StoreError> {
-        let row = LeaseRow {
-            lease: lease(
-                self.owner,
-                self.acquired_at,
-                self.expires_at,
-                self.generation,
-            ),
-            request: request_from_sql(self.request),
-        };
+        let row = lease(
+            self.owner,
+            self.acquired_at,
+            self.expires_at,
+            self.generation,
+            self.request,
+        );
         let displaced = match (
             self.displaced_owner,
             self.displaced_acquired_at,
@@ -270,10 +269,13 @@ impl LeaseColumns {
             self.displaced_request,
         ) {
             (None, None, None, None) => None,
-            (Some(owner), Some(acquired_at), Some(expires_at), Some(request)) => Some(LeaseRow {
-                lease: lease(owner, acquired_at, expires_at, self.displaced_generation),
-                request: request_from_sql(request),
-            }),
+            (Some(owner), Some(acquired_at), Some(expires_at), Some(request)) => Some(lease(
+                owner,
+                acquired_at,
+                expires_at,
+                self.displaced_generation,
+                request,
+            )),
             _ => {
                 return Err(StoreError::Config(format!(
                     "the lease row of connection {id} has a partial displaced row; \
@@ -281,16 +283,26 @@ impl LeaseColumns {
                 )))
             }
         };
-        Ok(LeaseSlot { row, displaced })
+        Ok(LeaseSlot {
+            lease: row,
+            displaced,
+        })
     }
 }
 
-fn lease(owner: String, acquired_at: i64, expires_at: i64, generation: Option<i64>) -> Lease {
+fn lease(
+    owner: String,
+    acquired_at: i64,
+    expires_at: i64,
+    generation: Option<i64>,
+    request: i64,
+) -> Lease {
     Lease {
         owner: WorkerId(owner),
         acquired_at: time_from_sql(acquired_at),
         expires_at: time_from_sql(expires_at),
         generation: generation.map(generation_from_sql),
+        request: request_from_sql(request),
     }
 }
 

@@ -15,15 +15,16 @@
 //! store over a single connection.
 
 use super::row::{self, LeaseColumns, SealedRecord};
-use super::{CasOutcome, LeaseOutcome, LeaseSlot, Store, StoreError};
+use super::{CasOutcome, LeaseOutcome, Store, StoreError};
 use crate::crypto::Keyring;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokenfence_core::lease::{self, Acquired, LeaseSlot};
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, Timestamp, WorkerId,
 };
 
 /// Schema migrations, applied in order on open; `PRAGMA user_version` records the
@@ -386,13 +387,13 @@ impl Store for SqliteStore {
             // A record that does not open fails the acquisition; the transaction
             // rolls back and the lease row stays as it was.
             let record = read_record(&tx, keyring, &id)?;
-            let lease = Lease {
-                owner,
-                acquired_at: now,
-                expires_at: now.saturating_add(ttl),
-                generation: record.as_ref().map(|r| r.generation),
-            };
-            let (slot, took_over) = super::grant(current, lease.clone(), request);
+            let generation = record.as_ref().map(|r| r.generation);
+            let (slot, took_over) =
+                match lease::acquire(current.as_ref(), &owner, request, generation, now, ttl) {
+                    Acquired::Held(held) => return Ok(LeaseOutcome::Held(held)),
+                    Acquired::Granted { slot, took_over } => (slot, took_over),
+                };
+            let lease = slot.lease.clone();
             let c = LeaseColumns::of(&slot);
             tx.prepare_cached(
                 "INSERT INTO tokenfence_leases (id, owner, acquired_at, expires_at, generation, \

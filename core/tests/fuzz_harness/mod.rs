@@ -19,6 +19,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokenfence_core::invariants::{self, ProviderTruth, SenderGhost, Unsettled};
+use tokenfence_core::lease::{self, LeaseSlot};
 use tokenfence_core::*;
 
 /// Start of every run: 2027-01-15.
@@ -452,6 +453,7 @@ pub fn reply_in_flight(profile: &ProviderProfile, reply: HttpResponse) -> InFlig
         acquired_at: now,
         expires_at: now.saturating_add(ttl),
         generation: Some(before.generation),
+        request: LeaseRequestId(1),
     };
     conn.handle_input(
         now,
@@ -517,13 +519,18 @@ pub fn reply_in_flight(profile: &ProviderProfile, reply: HttpResponse) -> InFlig
                     assert!(answer.is_none(), "two store commands outstanding");
                     answer = Some(Input::Loaded(Some(Box::new(store.clone()))));
                 }
-                Output::AcquireLease { owner, ttl, .. } => {
+                Output::AcquireLease {
+                    owner,
+                    ttl,
+                    request,
+                } => {
                     assert!(answer.is_none(), "two store commands outstanding");
                     lease = Lease {
                         owner: owner.clone(),
                         acquired_at: reply_at,
                         expires_at: reply_at.saturating_add(*ttl),
                         generation: Some(store.generation),
+                        request: *request,
                     };
                     answer = Some(Input::LeaseGranted {
                         lease: lease.clone(),
@@ -662,39 +669,6 @@ struct Worker {
     ghost: SenderGhost,
 }
 
-/// A lease row as the store keeps it (the protocol of `sim/src/store.rs`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct LeaseRow {
-    lease: Lease,
-    request: LeaseRequestId,
-}
-
-/// `sim/src/store.rs` `release_lease`: only by owner and request; with `restore`,
-/// the displaced row takes its place.
-fn release_lease(
-    lease: &mut Option<LeaseRow>,
-    displaced: &mut Option<LeaseRow>,
-    owner: &WorkerId,
-    request: LeaseRequestId,
-    restore: bool,
-) {
-    let ours = lease
-        .as_ref()
-        .is_some_and(|l| l.lease.owner == *owner && l.request == request);
-    if ours {
-        let row = displaced.take();
-        // A restored row is never its owner's retry (request 0: sim/src/store.rs).
-        *lease = if restore {
-            row.map(|r| LeaseRow {
-                request: LeaseRequestId(0),
-                ..r
-            })
-        } else {
-            None
-        };
-    }
-}
-
 /// Keeps a request whose outcome will never reach the store (S4's ghost).
 fn keep(unsettled: &mut Vec<Unsettled>, u: Option<Unsettled>) {
     if let Some(u) = u {
@@ -740,9 +714,8 @@ struct World<'a> {
     now: Timestamp,
     profile: ProviderProfile,
     store: Option<ConnectionRecord>,
-    lease: Option<LeaseRow>,
-    /// The unreleased lease row the current one displaced, kept with it.
-    displaced: Option<LeaseRow>,
+    /// The lease row, as `tokenfence_core::lease` keeps it.
+    lease: Option<LeaseSlot>,
     /// The generation stored after the last write (S1: never decreases).
     last_generation: Option<Generation>,
     mutant: Option<StoreMutant>,
@@ -785,46 +758,27 @@ const STATUSES: [u16; 16] = [
 ];
 
 impl World<'_> {
-    /// `sim/src/store.rs` `acquire_lease` for the one row.
+    /// `tokenfence_core::lease::acquire` for the one row.
     fn acquire_lease(&mut self, owner: &WorkerId, request: LeaseRequestId, ttl: Duration) -> Input {
-        let now = self.now;
-        if let Some(l) = &self.lease {
-            if l.lease.owner != *owner && now < l.lease.expires_at {
-                return Input::LeaseHeld {
-                    holder: l.lease.clone(),
-                };
-            }
-        }
-        let lease = Lease {
-            owner: owner.clone(),
-            acquired_at: now,
-            expires_at: now.saturating_add(ttl),
-            generation: self.store.as_ref().map(|r| r.generation),
-        };
-        let old = self.lease.replace(LeaseRow {
-            lease: lease.clone(),
+        let generation = self.store.as_ref().map(|r| r.generation);
+        match lease::acquire(
+            self.lease.as_ref(),
+            owner,
             request,
-        });
-        let retry = old
-            .as_ref()
-            .is_some_and(|o| o.lease.owner == *owner && o.request == request);
-        if !retry {
-            let earlier = self.displaced.take();
-            self.displaced = old.map(|o| match earlier {
-                Some(e) if e.lease.generation == o.lease.generation => LeaseRow {
-                    lease: Lease {
-                        acquired_at: e.lease.acquired_at.min(o.lease.acquired_at),
-                        ..o.lease
-                    },
-                    request: o.request,
-                },
-                _ => o,
-            });
-        }
-        Input::LeaseGranted {
-            lease,
-            record: self.store.clone().map(Box::new),
-            took_over: self.displaced.as_ref().map(|d| d.lease.clone()),
+            generation,
+            self.now,
+            ttl,
+        ) {
+            lease::Acquired::Held(holder) => Input::LeaseHeld { holder },
+            lease::Acquired::Granted { slot, took_over } => {
+                let lease = slot.lease.clone();
+                self.lease = Some(slot);
+                Input::LeaseGranted {
+                    lease,
+                    record: self.store.clone().map(Box::new),
+                    took_over,
+                }
+            }
         }
     }
 
@@ -974,7 +928,7 @@ pub fn check_machine(data: &[u8]) {
 /// Inputs that do not match the outstanding command are fed anyway: the machine
 /// must refuse them and change nothing.
 ///
-/// The store keeps leases as `sim/src/store.rs` does (request ids, the displaced
+/// The store keeps leases as `tokenfence_core::lease` says (request ids, the displaced
 /// row, release with restore). After every operation, S4 is judged from ghost
 /// state: the refresh requests really sent whose outcome never reached the store,
 /// and the tokens a reply or another process showed rejected.
@@ -995,7 +949,6 @@ fn run_machine(data: &[u8], mutant: Option<StoreMutant>) -> Stats {
         profile: ProviderProfile::intuit(),
         store: None,
         lease: None,
-        displaced: None,
         last_generation: None,
         mutant,
         rejected: BTreeSet::new(),
@@ -1333,6 +1286,7 @@ fn driver_bug(w: &mut World<'_>, i: usize) {
         acquired_at: w.now,
         expires_at: w.now.saturating_add(Duration::from_secs(60)),
         generation: None,
+        request: LeaseRequestId(1),
     };
     let candidates: Vec<Input> = match w.workers[i].pending {
         // Idle, waiting, or retrying a commit later: no answer is expected.
@@ -1596,7 +1550,11 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                 owner,
                 request,
                 restore,
-            } => release_lease(&mut w.lease, &mut w.displaced, &owner, request, restore),
+            } => {
+                if let Some(left) = lease::release(w.lease.as_ref(), &owner, request, restore) {
+                    w.lease = left;
+                }
+            }
             Output::Deliver { request, result } => {
                 assert!(
                     worker.callers.remove(&request.0),

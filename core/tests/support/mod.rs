@@ -6,6 +6,7 @@
 pub mod provider;
 
 use std::sync::Arc;
+use tokenfence_core::lease::{self, LeaseSlot};
 use tokenfence_core::*;
 
 pub const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
@@ -83,13 +84,6 @@ pub fn invalid_grant() -> HttpResponse {
     )
 }
 
-/// A lease row as stored: the lease and the request it was granted to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeaseRow {
-    pub lease: Lease,
-    pub request: LeaseRequestId,
-}
-
 /// A deliberately broken store, to show that the S1 checks bite.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mutation {
@@ -101,23 +95,25 @@ pub enum Mutation {
 }
 
 /// The store: one record, one lease row (with the row it displaced), optional
-/// injected outages. The lease protocol is the one of `sim/src/store.rs`: a row
-/// keeps the request it was granted to and the unreleased row it displaced; the
-/// same owner retrying the same request (its answer was lost) is granted again and
-/// told what the earlier grant displaced; a release only by owner AND request, with
-/// `restore` putting the displaced row back.
+/// injected outages. The lease protocol is `tokenfence_core::lease`, as in every
+/// store.
 #[derive(Default)]
 pub struct Store {
     pub record: Option<ConnectionRecord>,
-    pub lease: Option<LeaseRow>,
-    /// The unreleased lease row the current one displaced, kept with it.
-    pub displaced: Option<LeaseRow>,
+    pub lease: Option<LeaseSlot>,
     /// Fail this many of the next store commands (not carried out).
     pub fail_next: u32,
     /// Carry out this many of the next lease requests or compare-and-swaps, then
     /// answer `StoreFailed` (the answer was lost: a lease granted, a commit landed,
     /// unbeknown). A lost `Load` answer would be no more than a failure.
     pub lose_next: u32,
+    /// Lease grants whose answer was lost (owner, request), for the chain below.
+    pub phantoms: Vec<(WorkerId, LeaseRequestId)>,
+    /// A grant whose answer was lost displaced another such grant: two workers
+    /// would have to vouch that neither sent; the record names one holder, so a
+    /// lost rotation declared over such a chain is not undone (a documented
+    /// limit, excused by the end check).
+    pub phantom_chain: bool,
     pub commits: u32,
     pub conflicts: u32,
     /// Lease requests recognised as a retry of their own earlier grant.
@@ -175,12 +171,27 @@ impl Store {
         );
         if losable && self.lose_next > 0 {
             self.lose_next -= 1;
+            if let (Some(Input::LeaseGranted { .. }), Output::AcquireLease { owner, request, .. }) =
+                (&answer, output)
+            {
+                let displaced = self
+                    .lease
+                    .as_ref()
+                    .and_then(|s| s.displaced.as_ref())
+                    .map(|d| (d.owner.clone(), d.request));
+                self.phantom_chain |= displaced.is_some_and(|d| self.phantoms.contains(&d));
+                self.phantoms.push((owner.clone(), *request));
+            }
             return Some(Input::StoreFailed);
+        }
+        if let Output::AcquireLease { owner, request, .. } = output {
+            // Granted with its answer delivered: no longer a phantom.
+            self.phantoms.retain(|(o, r)| !(o == owner && r == request));
         }
         answer
     }
 
-    /// `sim/src/store.rs` `acquire_lease`, for this store's one row.
+    /// `tokenfence_core::lease::acquire`, for this store's one row.
     fn acquire_lease(
         &mut self,
         owner: &WorkerId,
@@ -188,59 +199,35 @@ impl Store {
         ttl: std::time::Duration,
         now: Timestamp,
     ) -> Input {
-        if let Some(l) = self.lease() {
-            if l.owner != *owner && now < l.expires_at {
-                return Input::LeaseHeld { holder: l.clone() };
+        let retry = self.lease.as_ref().is_some_and(|s| s.is(owner, request));
+        let generation = self.record.as_ref().map(|r| r.generation);
+        match lease::acquire(self.lease.as_ref(), owner, request, generation, now, ttl) {
+            lease::Acquired::Held(holder) => Input::LeaseHeld { holder },
+            lease::Acquired::Granted { slot, took_over } => {
+                self.lease_retries += u32::from(retry);
+                let lease = slot.lease.clone();
+                self.lease = Some(slot);
+                Input::LeaseGranted {
+                    lease,
+                    record: self.record.clone().map(Box::new),
+                    took_over,
+                }
             }
-        }
-        let lease = Lease {
-            owner: owner.clone(),
-            acquired_at: now,
-            expires_at: now.saturating_add(ttl),
-            generation: self.record.as_ref().map(|r| r.generation),
-        };
-        let granted = LeaseRow {
-            lease: lease.clone(),
-            request,
-        };
-        let old = self.lease.replace(granted);
-        let retry = old
-            .as_ref()
-            .is_some_and(|o| o.lease.owner == *owner && o.request == request);
-        if retry {
-            self.lease_retries += 1;
-        } else {
-            let earlier = self.displaced.take();
-            self.displaced = old.map(|o| inherit(o, earlier));
-        }
-        Input::LeaseGranted {
-            lease,
-            record: self.record.clone().map(Box::new),
-            took_over: self.displaced.as_ref().map(|d| d.lease.clone()),
         }
     }
 
-    /// `sim/src/store.rs` `release_lease`: only by owner and request; with
+    /// `tokenfence_core::lease::release`: only by owner and request; with
     /// `restore`, the displaced row takes its place.
     fn release_lease(&mut self, owner: &WorkerId, request: LeaseRequestId, restore: bool) -> bool {
-        let ours = self
-            .lease
-            .as_ref()
-            .is_some_and(|l| l.lease.owner == *owner && l.request == request);
-        if ours {
-            let displaced = self.displaced.take();
-            self.restores += u32::from(restore && displaced.is_some());
-            // A restored row is never its owner's retry (request 0: sim/src/store.rs).
-            self.lease = if restore {
-                displaced.map(|d| LeaseRow {
-                    request: LeaseRequestId(0),
-                    ..d
-                })
-            } else {
-                None
-            };
+        let displaced = self.lease.as_ref().is_some_and(|s| s.displaced.is_some());
+        match lease::release(self.lease.as_ref(), owner, request, restore) {
+            Some(left) => {
+                self.restores += u32::from(restore && displaced);
+                self.lease = left;
+                true
+            }
+            None => false,
         }
-        ours
     }
 
     /// Compare-and-swap on generation. S1 is judged apart from the store's own
@@ -281,22 +268,6 @@ impl Store {
             ..record.clone()
         });
         Input::Committed { generation }
-    }
-}
-
-/// `sim/src/store.rs` `inherit`: the row a new grant displaces, `old`, with what
-/// `old` had itself displaced (`earlier`): when nothing was committed between the
-/// two grants, the doubt runs from the earlier one.
-fn inherit(old: LeaseRow, earlier: Option<LeaseRow>) -> LeaseRow {
-    match earlier {
-        Some(e) if e.lease.generation == old.lease.generation => LeaseRow {
-            lease: Lease {
-                acquired_at: e.lease.acquired_at.min(old.lease.acquired_at),
-                ..old.lease
-            },
-            request: old.request,
-        },
-        _ => old,
     }
 }
 
@@ -511,15 +482,15 @@ impl World {
                             worker.lease_at = Some(lease.acquired_at);
                             let me = &worker.conn.config().worker;
                             let stored = record.as_ref().map(|r| r.generation);
-                            // The row reported is the store's displaced row.
-                            let ours = self
-                                .store
-                                .displaced
-                                .as_ref()
-                                .is_some_and(|d| worker.requests.contains(&d.request));
+                            // Our own incarnation's grant never counts; an earlier
+                            // incarnation's under the same pinned id does.
                             forced = took_over
                                 .as_ref()
-                                .filter(|l| (l.owner != *me || !ours) && l.generation == stored)
+                                .filter(|l| {
+                                    let ours =
+                                        l.owner == *me && worker.requests.contains(&l.request);
+                                    !ours && l.generation == stored
+                                })
                                 .zip(record.as_ref())
                                 .map(|(l, r)| invariants::Unsettled {
                                     token: r.refresh.clone(),

@@ -380,17 +380,17 @@ pub fn representative(state: &State) -> State {
         .map(|(_, i)| state.workers[*i].clone())
         .collect();
     let id = super::connection_id();
-    if let Some(row) = state.store.row(id) {
-        let rename = |l: &Option<crate::store::LeaseRow>| {
-            l.clone().map(|mut l| {
-                if let Some((slot, inc)) = owner_slot(&l.lease.owner) {
-                    l.lease.owner = owner_name(new_slot[slot], inc);
-                }
-                l
-            })
+    if let Some(mut slot) = state.store.row(id).and_then(|r| r.lease.clone()) {
+        let rename = |l: &mut tokenfence_core::Lease| {
+            if let Some((slot, inc)) = owner_slot(&l.owner) {
+                l.owner = owner_name(new_slot[slot], inc);
+            }
         };
-        out.store
-            .set_leases(id, rename(&row.lease), rename(&row.displaced));
+        rename(&mut slot.lease);
+        if let Some(d) = &mut slot.displaced {
+            rename(d);
+        }
+        out.store.set_lease(id, Some(slot));
     }
     out
 }
