@@ -389,12 +389,35 @@ async fn release(store: &impl Store, conn: &str, owner: &str) {
         .unwrap();
 }
 
+/// `owner`'s lease under `request`.
+fn lease_as(
+    owner: &str,
+    request: LeaseRequestId,
+    acquired: Timestamp,
+    generation: Option<u64>,
+) -> Lease {
+    Lease {
+        request,
+        ..lease(owner, acquired, generation)
+    }
+}
+
+/// A chain of rows granted at one generation, as reported: the earliest row,
+/// until the expiry of the latest one (`via`).
+fn folded(earliest: Lease, via: &Lease) -> Lease {
+    Lease {
+        expires_at: via.expires_at,
+        ..earliest
+    }
+}
+
 fn lease(owner: &str, acquired: Timestamp, generation: Option<u64>) -> Lease {
     Lease {
         owner: worker(owner),
         acquired_at: acquired,
         expires_at: acquired.saturating_add(TTL),
         generation: generation.map(Generation),
+        request: req(owner),
     }
 }
 
@@ -561,7 +584,7 @@ async fn lease_held_expired_taken_over<B: Backend>(b: &B) {
     // The same owner may take it again under a new request (a restarted worker
     // reusing its id), and learns of its own unreleased row (find 1).
     let (l, _, took) = granted_as(&*s, "a", "A", LeaseRequestId(2), at(10)).await;
-    assert_eq!(l, lease("A", at(10), Some(1)));
+    assert_eq!(l, lease_as("A", LeaseRequestId(2), at(10), Some(1)));
     assert_eq!(took, Some(lease("A", T0, Some(1))));
     // Expired at exactly expires_at: B takes over and is told whose row it replaced
     // (A's second row, whose doubt runs from A's first grant: no commit between).
@@ -569,10 +592,7 @@ async fn lease_held_expired_taken_over<B: Backend>(b: &B) {
     let (l, r, took) = granted(&*s, "a", "B", expiry).await;
     assert_eq!(l, lease("B", expiry, Some(1)));
     assert_eq!(r, Some(record("a", 1)));
-    let a_from_t0 = Lease {
-        acquired_at: T0,
-        ..lease("A", at(10), Some(1))
-    };
+    let a_from_t0 = folded(lease("A", T0, Some(1)), &lease("A", at(10), Some(1)));
     assert_eq!(took, Some(a_from_t0));
     // A's late release does not free B's lease.
     s.release_lease(&id("a"), &worker("A"), LeaseRequestId(2), false)
@@ -637,14 +657,14 @@ async fn retry_inherits_what_the_lost_grant_displaced<B: Backend>(b: &B) {
     assert_eq!(first, Some(lease("B", T0, Some(0))));
     // The retries (before and after the lost grant expired) report B's row again.
     let (l, r, took) = granted_as(&*s, "a", "A", r1, at(31)).await;
-    assert_eq!(l, lease("A", at(31), Some(0)));
+    assert_eq!(l, lease_as("A", r1, at(31), Some(0)));
     assert_eq!(r, Some(record("a", 0)));
     assert_eq!(took, first);
     assert_eq!(took_over(&*s, "a", "A", r1, at(100)).await, first);
     // The retried grant excludes others like any other.
     assert_eq!(
         held(&*s, "a", "C", at(101)).await,
-        lease("A", at(100), Some(0))
+        lease_as("A", r1, at(100), Some(0))
     );
     // Once A releases it, the row is gone with what it displaced.
     s.release_lease(&id("a"), &worker("A"), r1, false)
@@ -668,7 +688,7 @@ async fn retry_without_displaced_row_reports_none<B: Backend>(b: &B) {
     // Another worker taking the expired row over still learns of it.
     assert_eq!(
         took_over(&*s, "a", "B", req("B"), at(530)).await,
-        Some(lease("A", at(500), Some(0)))
+        Some(lease_as("A", r1, at(500), Some(0)))
     );
 }
 
@@ -679,7 +699,7 @@ async fn same_owner_new_request_reports_its_own_row<B: Backend>(b: &B) {
     let s = b.open(keyring()).await;
     committed(&*s, None, &record("a", 0)).await;
     granted_as(&*s, "a", "A", LeaseRequestId(1), T0).await;
-    let mine = Some(lease("A", T0, Some(0)));
+    let mine = Some(lease_as("A", LeaseRequestId(1), T0, Some(0)));
     // Unexpired or expired, the old row is reported.
     assert_eq!(
         took_over(&*s, "a", "A", LeaseRequestId(2), at(5)).await,
@@ -693,16 +713,19 @@ async fn same_owner_new_request_reports_its_own_row<B: Backend>(b: &B) {
     s.release_lease(&id("a"), &worker("A"), LeaseRequestId(1), false)
         .await
         .unwrap();
-    assert_eq!(held(&*s, "a", "B", at(7)).await, lease("A", at(6), Some(0)));
+    assert_eq!(
+        held(&*s, "a", "B", at(7)).await,
+        lease_as("A", LeaseRequestId(2), at(6), Some(0))
+    );
     // A third request reports the second row, its doubt running from the first
     // grant (both granted at generation 0, whatever was committed since).
     committed(&*s, Some(0), &record("a", 1)).await;
     assert_eq!(
         took_over(&*s, "a", "A", LeaseRequestId(3), at(8)).await,
-        Some(Lease {
-            acquired_at: T0,
-            ..lease("A", at(6), Some(0))
-        })
+        Some(folded(
+            lease_as("A", LeaseRequestId(1), T0, Some(0)),
+            &lease("A", at(6), Some(0))
+        ))
     );
 }
 
@@ -742,7 +765,7 @@ async fn release_with_restore_puts_back_the_displaced_row<B: Backend>(b: &B) {
     // A restored row that has not expired excludes others again.
     committed(&*s, None, &record("b", 0)).await;
     granted_as(&*s, "b", "A", LeaseRequestId(1), T0).await;
-    let a_first = Some(lease("A", T0, Some(0)));
+    let a_first = Some(lease_as("A", LeaseRequestId(1), T0, Some(0)));
     assert_eq!(
         took_over(&*s, "b", "A", LeaseRequestId(2), at(1)).await,
         a_first
@@ -750,7 +773,10 @@ async fn release_with_restore_puts_back_the_displaced_row<B: Backend>(b: &B) {
     s.release_lease(&id("b"), &worker("A"), LeaseRequestId(2), true)
         .await
         .unwrap();
-    assert_eq!(held(&*s, "b", "B", at(2)).await, lease("A", T0, Some(0)));
+    assert_eq!(
+        held(&*s, "b", "B", at(2)).await,
+        lease_as("A", LeaseRequestId(1), T0, Some(0))
+    );
     // With nothing displaced, restore releases like a plain release.
     granted(&*s, "c", "A", T0).await;
     s.release_lease(&id("c"), &worker("A"), req("A"), true)
@@ -768,7 +794,7 @@ async fn release_with_wrong_request_does_nothing<B: Backend>(b: &B) {
     let r1 = LeaseRequestId(1);
     let b_row = Some(lease("B", T0, Some(0)));
     assert_eq!(took_over(&*s, "a", "A", r1, at(30)).await, b_row);
-    let a_row = lease("A", at(30), Some(0));
+    let a_row = lease_as("A", r1, at(30), Some(0));
     for restore in [false, true] {
         for request in [LeaseRequestId(2), LeaseRequestId(0), req("A"), req("B")] {
             s.release_lease(&id("a"), &worker("A"), request, restore)
@@ -777,11 +803,8 @@ async fn release_with_wrong_request_does_nothing<B: Backend>(b: &B) {
             assert_eq!(held(&*s, "a", "C", at(31)).await, a_row);
         }
     }
-    // Expired, it is still A's row, with B's behind it.
-    let a_from_t0 = Lease {
-        acquired_at: T0,
-        ..a_row
-    };
+    // Expired, it is still A's row, with B's behind it: the chain, from B's grant.
+    let a_from_t0 = folded(lease("B", T0, Some(0)), &a_row);
     s.release_lease(&id("a"), &worker("A"), LeaseRequestId(2), true)
         .await
         .unwrap();
@@ -793,8 +816,8 @@ async fn release_with_wrong_request_does_nothing<B: Backend>(b: &B) {
 
 /// Chained takeovers: a grant displacing a row that had itself displaced one
 /// granted at the same record generation (nothing committed between them)
-/// reports the displaced row from the earlier grant's start; after a commit
-/// between them, the displaced row alone.
+/// reports the earliest row (its holder and request, from its start), until the
+/// displaced row's expiry; after a commit between them, the displaced row alone.
 async fn chained_takeovers_report_the_earliest_start<B: Backend>(b: &B) {
     let s = b.open(keyring()).await;
     committed(&*s, None, &record("a", 0)).await;
@@ -803,11 +826,9 @@ async fn chained_takeovers_report_the_earliest_start<B: Backend>(b: &B) {
         took_over(&*s, "a", "A", req("A"), at(30)).await,
         Some(lease("B", T0, Some(0)))
     );
-    // C displaces A's row (never released): A's doubt runs from B's grant.
-    let a_from_t0 = Lease {
-        acquired_at: T0,
-        ..lease("A", at(30), Some(0))
-    };
+    // C displaces A's row (never released): the doubt runs from B's grant, and
+    // only B can say whether it sent: B's row is reported, until A's expiry.
+    let a_from_t0 = folded(lease("B", T0, Some(0)), &lease("A", at(30), Some(0)));
     assert_eq!(
         took_over(&*s, "a", "C", req("C"), at(60)).await,
         Some(a_from_t0.clone())
@@ -815,18 +836,18 @@ async fn chained_takeovers_report_the_earliest_start<B: Backend>(b: &B) {
     // And on down the chain, as long as nothing is committed.
     assert_eq!(
         took_over(&*s, "a", "D", req("D"), at(90)).await,
-        Some(Lease {
-            acquired_at: T0,
-            ..lease("C", at(60), Some(0))
-        })
+        Some(folded(
+            lease("B", T0, Some(0)),
+            &lease("C", at(60), Some(0))
+        ))
     );
     // A retry in the chain inherits the chained row unchanged.
     assert_eq!(
         took_over(&*s, "a", "D", req("D"), at(95)).await,
-        Some(Lease {
-            acquired_at: T0,
-            ..lease("C", at(60), Some(0))
-        })
+        Some(folded(
+            lease("B", T0, Some(0)),
+            &lease("C", at(60), Some(0))
+        ))
     );
     // A commit between two grants breaks the chain.
     committed(&*s, None, &record("b", 0)).await;
@@ -1572,10 +1593,13 @@ const SQLITE_DROP_V3: &str = "ALTER TABLE tokenfence_leases DROP COLUMN request;
 /// others; expired, the next worker is told of them; their holder releases them
 /// under request 0; their owner under a new request is told of its own row.
 async fn leases_written_before_v3_read_as_request_zero(s: &impl Store) {
-    assert_eq!(held(s, "old", "B", at(10)).await, lease("A", T0, Some(0)));
+    assert_eq!(
+        held(s, "old", "B", at(10)).await,
+        lease_as("A", LeaseRequestId(0), T0, Some(0))
+    );
     assert_eq!(
         took_over(s, "old", "C", req("C"), at(30)).await,
-        Some(lease("A", T0, Some(0)))
+        Some(lease_as("A", LeaseRequestId(0), T0, Some(0)))
     );
     s.release_lease(&id("lease-only"), &worker("A"), LeaseRequestId(0), false)
         .await
@@ -1583,7 +1607,7 @@ async fn leases_written_before_v3_read_as_request_zero(s: &impl Store) {
     assert_eq!(took_over(s, "lease-only", "B", req("B"), at(1)).await, None);
     assert_eq!(
         took_over(s, "other", "A", req("A"), at(1)).await,
-        Some(lease("A", T0, None))
+        Some(lease_as("A", LeaseRequestId(0), T0, None))
     );
 }
 

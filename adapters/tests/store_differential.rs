@@ -92,7 +92,8 @@ fn random_record(rng: &mut Rng, id: &str, generation: u64) -> ConnectionRecord {
         idle_deadline: (rng.below(4) != 0).then(|| T0.saturating_add(rng.secs(200))),
         hard_deadline: (rng.below(2) == 0).then(|| T0.saturating_add(rng.secs(200))),
         in_doubt_since: (rng.below(4) == 0).then(|| T0.saturating_add(rng.secs(100))),
-        in_doubt_holder: (rng.below(4) == 0).then(|| WorkerId("w".into())),
+        in_doubt_holder: (rng.below(4) == 0)
+            .then(|| (WorkerId("w".into()), LeaseRequestId(rng.below(9)))),
         status,
         last_refreshed_at: (rng.below(2) == 0).then(|| issued.saturating_add(rng.secs(50))),
         updated_at: T0,

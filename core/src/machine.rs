@@ -711,7 +711,7 @@ impl Connection {
             self.phase = Phase::Leasing;
             let owner = self.config.worker.clone();
             let ttl = self.config.settings.lease_ttl;
-            // 0 names rows a store restored: never recognised as a retry.
+            // 0 is the request of rows written before requests had names.
             let request = match self.lease_request {
                 Some(r) => r,
                 None => LeaseRequestId(self.next_entropy().max(1)),

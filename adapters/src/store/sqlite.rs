@@ -460,7 +460,7 @@ impl Store for SqliteStore {
                 tx.prepare_cached(
                     "UPDATE tokenfence_leases SET owner = displaced_owner, \
                      acquired_at = displaced_acquired_at, expires_at = displaced_expires_at, \
-                     generation = displaced_generation, request = 0, \
+                     generation = displaced_generation, request = displaced_request, \
                      displaced_owner = NULL, displaced_acquired_at = NULL, \
                      displaced_expires_at = NULL, displaced_generation = NULL, \
                      displaced_request = NULL \
