@@ -60,12 +60,17 @@ fn refresh_cycle(config: &Arc<Config>, record: &ConnectionRecord) -> usize {
         while let Some(out) = conn.poll_output() {
             input = match out {
                 Output::Load => Some(Input::Loaded(Some(Box::new(stored.clone())))),
-                Output::AcquireLease { owner, ttl, .. } => Some(Input::LeaseGranted {
+                Output::AcquireLease {
+                    owner,
+                    ttl,
+                    request,
+                } => Some(Input::LeaseGranted {
                     lease: Lease {
                         owner,
                         acquired_at: NOW,
                         expires_at: NOW.saturating_add(ttl),
                         generation: Some(stored.generation),
+                        request,
                     },
                     record: Some(Box::new(stored.clone())),
                     took_over: None,

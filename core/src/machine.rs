@@ -846,11 +846,10 @@ impl Connection {
             // was found by the model checker under a forking provider).
             let older_tokens = base.status == Status::Active
                 && base.last_refreshed_at.is_none_or(|t| t < prev.acquired_at);
-            if prev.generation == Some(base.generation) || older_tokens {
-                if in_doubt_since.is_none_or(|t| prev.acquired_at < t) {
-                    in_doubt_since = Some(prev.acquired_at);
-                    holder = Some((prev.owner, prev.request));
-                }
+            let in_doubt = prev.generation == Some(base.generation) || older_tokens;
+            if in_doubt && in_doubt_since.is_none_or(|t| prev.acquired_at < t) {
+                in_doubt_since = Some(prev.acquired_at);
+                holder = Some((prev.owner, prev.request));
             }
         }
         let s = &self.config.settings;
