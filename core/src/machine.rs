@@ -1102,6 +1102,13 @@ impl Connection {
         intent: Intent,
         current: Option<ConnectionRecord>,
     ) {
+        // The record stored is exactly our proposal: our earlier attempt of this
+        // commit landed and only its answer was lost (the retry after
+        // `StoreFailed` conflicts with itself). It is committed: its events are
+        // emitted now, once, and nothing is decided again (no second refresh).
+        if current.as_ref() == Some(&*proposal) {
+            return self.on_committed(now, *proposal, intent);
+        }
         self.adopt(current);
         self.mark_fresh(now);
         let Some(stored) = self.record.as_ref() else {

@@ -892,3 +892,31 @@ fn giving_up_a_lost_grant_restores_the_row_it_displaced() {
         "w2 took over w0's row: the doubt is recorded before presenting"
     );
 }
+
+#[test]
+fn a_commit_whose_answer_was_lost_is_recognised_on_retry() {
+    // The rotated tokens are committed but the store's answer is lost. The retry
+    // of the same compare-and-swap finds exactly its own record stored: it is
+    // committed, `Refreshed` is emitted once, and no second refresh is sent.
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.store.lose_next = 1;
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, r), "AT-2", "the caller is served meanwhile");
+    assert_eq!(world.stored().refresh.expose(), "RT-2", "the commit landed");
+    let generation = world.stored().generation;
+    let refreshed = |w: &World| {
+        w.workers[0]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Refreshed { .. }))
+            .count()
+    };
+    assert_eq!(refreshed(&world), 0, "not yet known to have landed");
+    world.wake(0);
+    assert_eq!(refreshed(&world), 1, "emitted once, on the retry");
+    assert_eq!(world.stored().generation, generation, "no second write");
+    assert_eq!(world.workers[0].sent.len(), 1, "no second refresh");
+    assert!(!world.workers[0].conn.is_busy());
+    assert!(world.store.lease().is_none(), "lease released");
+}
