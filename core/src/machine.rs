@@ -197,6 +197,11 @@ pub struct Connection {
     lease_unknown: bool,
     /// A refresh request was sent under the lease held now.
     sent_under_lease: bool,
+    /// When (on this machine's clock) the lease held now was asked for: the
+    /// store granted it no earlier, so a send deadline counted from here ends
+    /// before the lease does whatever the store's clock says (stores decide
+    /// expiry on their own clock: PostgreSQL's `now()`).
+    lease_asked_at: Timestamp,
     /// A lease request whose answer was lost, until a request is sent.
     unknown_grant: Option<Box<UnknownGrant>>,
     lease_at: Timestamp,
@@ -230,6 +235,7 @@ impl Connection {
             lease_request: None,
             lease_unknown: false,
             sent_under_lease: false,
+            lease_asked_at: Timestamp::EPOCH,
             unknown_grant: None,
             lease_at: Timestamp::EPOCH,
             took_over: None,
@@ -717,6 +723,7 @@ impl Connection {
                 None => LeaseRequestId(self.next_entropy().max(1)),
             };
             self.lease_request = Some(request);
+            self.lease_asked_at = now;
             self.outputs.push_back(Output::AcquireLease {
                 owner,
                 ttl,
@@ -878,7 +885,7 @@ impl Connection {
             return self.commit(proposal, Intent::Doubt);
         }
         let send_deadline = self
-            .lease_at
+            .lease_asked_at
             .saturating_add(s.lease_ttl.saturating_sub(s.send_safety));
         if send_deadline <= now {
             // Too little of the lease is left to send safely: take it anew.

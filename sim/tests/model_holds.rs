@@ -97,3 +97,47 @@ fn misconfigured_worker_never_sends_with_the_wrong_credentials() {
         assert_all_hold(cfg, Search::Bfs);
     }
 }
+
+/// Deeper bounds (issue 9): two faults per behaviour. The known core bugs needed
+/// two faults; 2 workers, DFS with symmetry (sound: every worker has the same
+/// configuration).
+fn two_faults(class: BehaviourClass, max_ticks: u8) {
+    let cfg = ModelConfig {
+        max_faults: 2,
+        ..config(class, 2, max_ticks)
+    };
+    let report = assert_all_hold(cfg, Search::Dfs);
+    assert!(report.unique_states > 50_000, "{}", report.unique_states);
+}
+
+#[test]
+fn non_rotating_two_faults() {
+    two_faults(NonRotating, 1);
+}
+
+#[test]
+fn strict_rotation_two_faults() {
+    two_faults(StrictRotation, 1);
+}
+
+#[test]
+fn grace_idempotent_two_faults() {
+    two_faults(GraceIdempotent, 1);
+}
+
+#[test]
+fn grace_fork_two_faults() {
+    two_faults(GraceFork, 1);
+}
+
+#[test]
+fn periodic_intuit_two_faults() {
+    two_faults(Periodic, 1);
+}
+
+/// Where lost lease answers, takeovers and declared lost rotations meet (finds
+/// 18, 20, 21): two faults and two time jumps.
+#[test]
+fn reuse_detection_two_faults_two_jumps() {
+    two_faults(ReuseDetection, 2);
+}

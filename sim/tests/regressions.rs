@@ -84,8 +84,8 @@ fn fork_sibling_minted_by_a_replay_in_doubt_is_not_dropped() {
             Store(0),         // w1 loads g0 (rt1, access expired)
             Store(0),         // w1 takes the lease and sends rt1
             Reply(0),         // provider: rt1 -> rt2; w1 is slow to commit
-            Store(1),         // w2 loads g0
             Tick(at(10_000)), // w1's lease expires
+            Store(1),         // w2 loads g0 (and asks for the lease now)
             Store(1),         // w2 takes over the lease: in doubt, records the doubt (g1)
             Store(1),         // committed; w2 presents rt1 again (inside the grace window)
             Store(0),         // w1's CAS conflicts on g1, its tokens descend from rt1: rebase
@@ -105,8 +105,8 @@ fn fork_sibling_minted_by_a_replay_in_doubt_is_not_dropped() {
             Store(0),
             Store(0),
             Reply(0),
-            Store(1),
             Tick(at(10_000)),
+            Store(1),
             Store(1),
             Store(1),
             Store(0),
@@ -187,8 +187,8 @@ fn taking_over_a_lease_after_another_workers_late_commit_is_still_in_doubt() {
             Store(0),         // w1 loads g0
             Store(0),         // w1 takes the lease and sends rt1
             Reply(0),         // rt1 -> rt2; w1 is slow to commit
-            Store(1),         // w2 loads g0
             Tick(at(10_000)), // w1's lease expires
+            Store(1),         // w2 loads g0 (and asks for the lease now)
             Store(1),         // w2 takes it over: in doubt, records the doubt (g1)
             Store(1),         // and presents rt1 again
             Store(0),         // w1's CAS conflicts on g1; rebases rt2

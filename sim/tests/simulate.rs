@@ -4,7 +4,8 @@
 
 use tokenfence_core::days;
 use tokenfence_sim::simulate::{
-    replay_target, run_seed, Fault, FaultChoice, Fleet, SeedReport, SimOptions, StrategyReport,
+    replay_target, run_seed, Fault, FaultChoice, Fleet, LeaseClock, SeedReport, SimOptions,
+    StrategyReport,
 };
 use tokenfence_sim::strategy::Strategy;
 
@@ -21,6 +22,7 @@ fn small(seed: u64, fleet: Fleet, strategies: &[Strategy]) -> SimOptions {
         // Every fourth seed: a cap short enough for deadlines to fall in the run.
         hard_lifetime: (seed % 4 == 0).then(|| days(120)),
         strategies: strategies.to_vec(),
+        lease_clock: LeaseClock::Store,
     }
 }
 
@@ -109,6 +111,17 @@ fn harm(s: &StrategyReport) -> u64 {
 /// Runs `strategy` and tokenfence on seeds from 1 until the baseline does harm;
 /// tokenfence must hold on that same seed.
 fn caught(strategy: Strategy, fleet: Fleet, faults: &[Fault], connections: usize) -> u64 {
+    caught_on(strategy, fleet, faults, connections, LeaseClock::Store)
+}
+
+/// As [`caught`], with leases decided on `clock`.
+fn caught_on(
+    strategy: Strategy,
+    fleet: Fleet,
+    faults: &[Fault],
+    connections: usize,
+    clock: LeaseClock,
+) -> u64 {
     for seed in 1..=12u64 {
         let opts = SimOptions {
             connections,
@@ -116,6 +129,7 @@ fn caught(strategy: Strategy, fleet: Fleet, faults: &[Fault], connections: usize
             processes: 4,
             days: 60,
             faults: FaultChoice::Only(faults.to_vec()),
+            lease_clock: clock,
             ..small(seed, fleet, &[Strategy::Tokenfence, strategy])
         };
         let report = run(&opts);
@@ -164,21 +178,29 @@ fn b1_unconditional_writes_overwrite_stale_tokens_and_lose_connections() {
 
 #[test]
 fn b2_a_lease_that_expires_under_a_paused_worker_lets_it_overwrite() {
+    // On the store's clock, a lease expires under a worker paused or held up by
+    // store outages while it commits.
     caught(
         Strategy::NaiveB2,
         Fleet::Intuit,
-        &[Fault::Herd, Fault::Pause, Fault::ClockSkew],
+        &[Fault::Herd, Fault::Pause, Fault::StoreOutage],
         60,
     );
 }
 
 #[test]
 fn b3_trusting_invalid_grant_flags_live_connections_for_reauth() {
-    caught(
+    // B3's race (a takeover presenting the old token while the holder commits)
+    // needs the holder's lease to end while it is busy: with leases on the
+    // processes' skewed clocks it is common; on the store's clock it needs a pause
+    // ending within milliseconds of the takeover's invalid_grant, and 12 seeds do
+    // not find one (the model checker finds it: sim/tests/baselines.rs).
+    caught_on(
         Strategy::NaiveB3,
         Fleet::Github,
         &[Fault::Herd, Fault::ClockSkew, Fault::Pause],
         80,
+        LeaseClock::Process,
     );
 }
 

@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tokenfence_sim::simulate::{
-    replay_target, run_seed, FaultChoice, Fleet, SeedReport, SimOptions, TraceTarget,
+    replay_target, run_seed, FaultChoice, Fleet, LeaseClock, SeedReport, SimOptions, TraceTarget,
 };
 use tokenfence_sim::strategy::Strategy;
 
@@ -58,6 +58,10 @@ pub struct SimulateArgs {
     /// With --replay: trace this connection (1-based, as in realm-000042) instead.
     #[arg(long)]
     connection: Option<usize>,
+    /// Whose clock decides lease expiry: store (the default; PostgreSQL's now(),
+    /// one host for SQLite) or process (each caller's skewed clock).
+    #[arg(long, default_value = "store")]
+    lease_clock: String,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -101,6 +105,15 @@ fn options(args: &SimulateArgs) -> Result<SimOptions, String> {
         faults: FaultChoice::parse(&args.faults)?,
         hard_lifetime: args.hard_lifetime.map(tokenfence_core::days),
         strategies,
+        lease_clock: match args.lease_clock.as_str() {
+            "store" => LeaseClock::Store,
+            "process" => LeaseClock::Process,
+            other => {
+                return Err(format!(
+                    "unknown lease clock `{other}`; known: store, process"
+                ))
+            }
+        },
     };
     opts.validate()?;
     if args.seeds == 0 || args.seeds > 1_000_000 {

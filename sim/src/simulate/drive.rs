@@ -2,7 +2,7 @@
 //! out store commands as the strategy does, and the exchanges with the provider
 //! over a faulty network. Every output is checked as it is carried out.
 
-use super::options::Fault;
+use super::options::{Fault, LeaseClock};
 use super::workload::Trigger;
 use super::world::{Caller, Ev, OpKind, Slot, SlotGhost, StoreCmd, World};
 use crate::provider::{self, Outcome, RejectCause};
@@ -367,8 +367,6 @@ impl World {
 
     fn execute(&mut self, w: usize, c: usize, cmd: StoreCmd) -> Input {
         let id = self.conns[c].id.clone();
-        let p = self.workers[w].process;
-        let local = self.local_now(p);
         let now = self.now;
         let strategy = self.strategy;
         self.ledger.store_commands[match cmd {
@@ -395,7 +393,14 @@ impl World {
                     return Input::StoreFailed;
                 };
                 let me = slot.conn.config().worker.clone();
-                match strategy.acquire_lease(&mut self.store, &id, &me, request, ttl, local) {
+                // Leases on the store's own clock (PostgreSQL's `now()`; SQLite
+                // and memory stores live on one host), or, to show what skew does,
+                // on the requester's.
+                let clock = match self.opts.lease_clock {
+                    LeaseClock::Store => now,
+                    LeaseClock::Process => self.local_now(self.workers[w].process),
+                };
+                match strategy.acquire_lease(&mut self.store, &id, &me, request, ttl, clock) {
                     LeaseOutcome::Granted {
                         lease,
                         record,
@@ -709,14 +714,17 @@ impl World {
         if outstanding > 1 {
             self.ledger.duplicate_calls += 1;
         }
-        // A holder stops sending `send_safety` before its lease ends by its own clock;
-        // with clocks further apart than that, a holder displaced by a takeover may
-        // still send for up to a lease (found by a wider sweep with 77 s of skew).
+        // On the store's clock, a holder stops sending `send_safety` before a
+        // lease counted from when it asked, on its own clock: no allowance for
+        // skew. On the processes' clocks, a holder displaced by a takeover may
+        // still send for up to a lease when clocks disagree by more than that
+        // margin (found by a sweep with 77 s of skew).
         let skew = Duration::from_millis(2 * self.max_skew_ms.unsigned_abs());
-        let window = if skew > self.settings.send_safety {
-            self.settings.lease_ttl + skew
-        } else {
-            Duration::ZERO
+        let window = match self.opts.lease_clock {
+            LeaseClock::Process if skew > self.settings.send_safety => {
+                self.settings.lease_ttl + skew
+            }
+            _ => Duration::ZERO,
         };
         let honoured = self.strategy.uses_leases()
             && conn

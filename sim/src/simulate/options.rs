@@ -253,6 +253,21 @@ pub struct SimOptions {
     pub hard_lifetime: Option<Duration>,
     /// Strategies run on the same seed, side by side.
     pub strategies: Vec<Strategy>,
+    /// Whose clock decides lease expiry.
+    pub lease_clock: LeaseClock,
+}
+
+/// Whose clock a store decides lease expiry on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LeaseClock {
+    /// The store's own (PostgreSQL's `now()`; SQLite and the in-memory store live
+    /// on one host): skew between processes cannot break a lease.
+    #[default]
+    Store,
+    /// The requesting process's (a store shared across hosts that trusts its
+    /// callers' clocks): with skew beyond the send safety margin, a displaced
+    /// holder may still send. Kept to show what skew does to naive strategies.
+    Process,
 }
 
 impl Default for SimOptions {
@@ -269,6 +284,7 @@ impl Default for SimOptions {
             faults: FaultChoice::Swarm,
             hard_lifetime: None,
             strategies: Strategy::ALL.to_vec(),
+            lease_clock: LeaseClock::Store,
         }
     }
 }
