@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
 use tokenfence::store::{
-    CasOutcome, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore, SqliteStore, Store,
-    StoreError,
+    CasOutcome, LeaseClock, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore, SqliteStore,
+    Store, StoreError,
 };
 use tokenfence_core::{
     days, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind,
@@ -243,9 +243,12 @@ impl PgBackend {
 impl Backend for PgBackend {
     type S = PostgresStore;
     async fn open(&self, keyring: Keyring) -> Arc<PostgresStore> {
+        // The suite injects time: leases on the callers' `now` (the database's
+        // clock is the default, tested on its own below).
         let options = PostgresOptions {
             schema: self.schema.clone(),
             max_connections: 4,
+            lease_clock: LeaseClock::Caller,
             ..PostgresOptions::default()
         };
         Arc::new(
@@ -1797,6 +1800,73 @@ async fn postgres_many_processes_first_use_at_once() {
     b.drop_schema().await;
 }
 
+/// Issue 9, part 3: on PostgreSQL (the default options), lease expiry is decided
+/// by the database's clock, whatever the callers' clocks say: a caller a day
+/// ahead cannot take an unexpired lease, and a caller a day behind takes an
+/// expired one.
+#[tokio::test]
+async fn postgres_leases_expire_on_the_database_clock() {
+    let Some(b) = PgBackend::new().await else {
+        return;
+    };
+    let options = PostgresOptions {
+        schema: b.schema.clone(),
+        max_connections: 2,
+        ..PostgresOptions::default()
+    };
+    assert_eq!(options.lease_clock, LeaseClock::Database);
+    let s = PostgresStore::connect_with(&b.url, keyring(), options)
+        .await
+        .unwrap();
+    let wall = Timestamp::from_millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    );
+    let ahead = wall.saturating_add(days(1));
+    let behind = wall.saturating_sub(days(1));
+    let ttl = Duration::from_millis(1_500);
+    let granted = s
+        .acquire_lease(&id("a"), &worker("A"), req("A"), behind, ttl)
+        .await
+        .unwrap();
+    let LeaseOutcome::Granted { lease, .. } = granted else {
+        panic!("a free lease is granted: {granted:?}");
+    };
+    // Stamped on the database's clock, not the caller's day-old one.
+    assert!(lease.acquired_at.saturating_since(behind) > Duration::from_secs(3_600));
+    let early = s
+        .acquire_lease(&id("a"), &worker("B"), req("B"), ahead, ttl)
+        .await
+        .unwrap();
+    assert!(
+        matches!(early, LeaseOutcome::Held(_)),
+        "a caller a day ahead must not take an unexpired lease: {early:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let late = s
+        .acquire_lease(&id("a"), &worker("B"), req("B"), behind, ttl)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            late,
+            LeaseOutcome::Granted {
+                took_over: Some(_),
+                ..
+            }
+        ),
+        "a caller a day behind takes over an expired lease: {late:?}"
+    );
+    // The scan for abandoned leases judges expiry on the same clock.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let due = s.due_for_work(behind, days(14), 10).await.unwrap();
+    assert_eq!(due, vec![id("a")]);
+    drop(s);
+    b.drop_schema().await;
+}
+
 #[tokio::test]
 async fn postgres_refuses_bad_configuration_clearly() {
     let Some(b) = PgBackend::new().await else {
@@ -1870,6 +1940,7 @@ async fn postgres_tls_verifies_the_server() {
         max_connections: 2,
         timeout: Duration::from_secs(10),
         tls_root_certificates: roots,
+        lease_clock: LeaseClock::Database,
     };
     // Verified against the CA that signed the server's certificate: works, and
     // sslmode=require means it is TLS or nothing.

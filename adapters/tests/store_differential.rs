@@ -14,7 +14,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
 use tokenfence::store::{
-    CasOutcome, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore, SqliteStore, Store,
+    CasOutcome, LeaseClock, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore, SqliteStore,
+    Store,
 };
 use tokenfence_core::{
     AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind, Generation,
@@ -337,6 +338,7 @@ async fn postgres_answers_like_memory() {
         let options = PostgresOptions {
             schema: schema.clone(),
             max_connections: 2,
+            lease_clock: LeaseClock::Caller,
             ..PostgresOptions::default()
         };
         let pg = PostgresStore::connect_with(&url, keyring(), options)

@@ -27,7 +27,7 @@ mod row;
 mod sqlite;
 
 pub use memory::MemoryStore;
-pub use postgres::{PostgresOptions, PostgresStore};
+pub use postgres::{LeaseClock, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;

@@ -69,6 +69,21 @@ pub struct PostgresOptions {
     pub timeout: Duration,
     /// A PEM file of CA certificates to trust for TLS, besides the Mozilla roots.
     pub tls_root_certificates: Option<PathBuf>,
+    /// Whose clock decides lease expiry.
+    pub lease_clock: LeaseClock,
+}
+
+/// Whose clock decides whether a lease has expired.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LeaseClock {
+    /// The database server's (`clock_timestamp()`), the default: processes on
+    /// machines whose clocks disagree still exclude each other, and a holder's
+    /// send deadline (counted from when it asked, on its own clock) ends before
+    /// the lease does.
+    #[default]
+    Database,
+    /// The `now` each caller passes (for tests that inject time).
+    Caller,
 }
 
 impl Default for PostgresOptions {
@@ -78,6 +93,7 @@ impl Default for PostgresOptions {
             max_connections: 8,
             timeout: Duration::from_secs(10),
             tls_root_certificates: None,
+            lease_clock: LeaseClock::Database,
         }
     }
 }
@@ -92,6 +108,7 @@ struct Inner {
     pool: Pool,
     keyring: Keyring,
     sql: Sql,
+    lease_clock: LeaseClock,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -174,7 +191,7 @@ impl Sql {
             due: format!(
                 "SELECT id FROM {c} WHERE idle_deadline <= $1 AND keepalive_floor <= $2 \
                  UNION SELECT id FROM {c} WHERE pending_work_at <= $2 \
-                 UNION SELECT id FROM {l} WHERE expires_at <= $2 ORDER BY id LIMIT $3"
+                 UNION SELECT id FROM {l} WHERE expires_at <= $4 ORDER BY id LIMIT $3"
             ),
             notices: format!(
                 "SELECT id FROM {c} WHERE hard_deadline > $1 AND hard_deadline <= $2 ORDER BY id"
@@ -240,6 +257,7 @@ impl PostgresStore {
                 pool,
                 keyring,
                 sql: Sql::new(&options.schema),
+                lease_clock: options.lease_clock,
             }),
         };
         store.migrate().await?;
@@ -249,6 +267,29 @@ impl PostgresStore {
     /// The schema that holds the tables.
     pub fn schema(&self) -> &str {
         &self.inner.sql.schema
+    }
+
+    /// The instant leases are judged at: the database's clock, or the caller's
+    /// `now` ([`LeaseClock`]).
+    async fn lease_now(
+        &self,
+        client: &impl GenericClient,
+        caller: Timestamp,
+    ) -> Result<Timestamp, StoreError> {
+        match self.inner.lease_clock {
+            LeaseClock::Caller => Ok(caller),
+            LeaseClock::Database => {
+                let row = client
+                    .query_one(
+                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let ms: i64 = row.try_get(0).map_err(column_error)?;
+                Ok(row::time_from_sql(ms))
+            }
+        }
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -549,6 +590,7 @@ impl Store for PostgresStore {
         )
         .await
         .map_err(pg_error)?;
+        let now = self.lease_now(&tx, now).await?;
         let select = tx
             .prepare_cached(&self.inner.sql.select_lease)
             .await
@@ -650,12 +692,13 @@ impl Store for PostgresStore {
         lead: Duration,
         limit: usize,
     ) -> Result<Vec<ConnectionId>, StoreError> {
-        let (keepalive_bound, now, limit) = row::due_bounds(now, lead, limit);
+        let (keepalive_bound, due, limit) = row::due_bounds(now, lead, limit);
         let client = self.client().await?;
+        let leases = row::time_to_sql(self.lease_now(&client, now).await?);
         ids(
             &client,
             &self.inner.sql.due,
-            &[&keepalive_bound, &now, &limit],
+            &[&keepalive_bound, &due, &limit, &leases],
         )
         .await
     }
