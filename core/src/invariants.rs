@@ -8,7 +8,7 @@
 
 use crate::machine::Config;
 use crate::profile::{InDoubtRecovery, ProviderProfile};
-use crate::record::{ConnectionRecord, Generation, ReauthReason, Status};
+use crate::record::{ConnectionRecord, Generation, Lease, ReauthReason, Status};
 use crate::reply::TokenGrant;
 use crate::secret::RefreshToken;
 use crate::time::Timestamp;
@@ -181,6 +181,22 @@ pub struct Unsettled {
     /// When the store granted the lease it was sent under (the earliest instant the
     /// provider could have processed it).
     pub lease_at: Timestamp,
+}
+
+impl Unsettled {
+    /// A lease of another worker (or of an earlier incarnation) taken over by a
+    /// grant that read `record`: with nothing committed since that lease was
+    /// granted, whoever takes it over cannot know whether a request presenting
+    /// the stored token was sent under it (a pause, a lost answer, a crash), so it
+    /// counts as one for S4. The harness decides whose lease it was: a worker's
+    /// own earlier grant never counts.
+    pub fn taken_over(lease: &Lease, record: Option<&ConnectionRecord>) -> Option<Unsettled> {
+        let record = record?;
+        (lease.generation == Some(record.generation)).then(|| Unsettled {
+            token: record.refresh.clone(),
+            lease_at: lease.acquired_at,
+        })
+    }
 }
 
 /// One worker's refresh request as its harness tracks it for S4: sent, then

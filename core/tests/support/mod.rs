@@ -481,20 +481,15 @@ impl World {
                         {
                             worker.lease_at = Some(lease.acquired_at);
                             let me = &worker.conn.config().worker;
-                            let stored = record.as_ref().map(|r| r.generation);
                             // Our own incarnation's grant never counts; an earlier
                             // incarnation's under the same pinned id does.
                             forced = took_over
                                 .as_ref()
                                 .filter(|l| {
-                                    let ours =
-                                        l.owner == *me && worker.requests.contains(&l.request);
-                                    !ours && l.generation == stored
+                                    !(l.owner == *me && worker.requests.contains(&l.request))
                                 })
-                                .zip(record.as_ref())
-                                .map(|(l, r)| invariants::Unsettled {
-                                    token: r.refresh.clone(),
-                                    lease_at: l.acquired_at,
+                                .and_then(|l| {
+                                    invariants::Unsettled::taken_over(l, record.as_deref())
                                 });
                         }
                         worker

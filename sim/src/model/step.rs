@@ -440,13 +440,8 @@ impl TokenfenceModel {
                         // takes it over cannot know whether a request was sent under
                         // it (a pause, a lost answer, a crash); S4's ghost counts it
                         // as possibly presented. Our own earlier grant never counts.
-                        let forced = other
-                            .filter(|l| l.generation == stored)
-                            .zip(record.as_ref())
-                            .map(|(l, r)| Unsettled {
-                                token: r.refresh.clone(),
-                                lease_at: l.acquired_at,
-                            });
+                        let forced =
+                            other.and_then(|l| Unsettled::taken_over(l, record.as_deref()));
                         s.keep_taken_over(forced);
                         s.workers[w].ghost.lease_at = now;
                         s.workers[w].ghost.took_over =

@@ -415,13 +415,8 @@ impl World {
                         // S4's ghost: whoever takes over another worker's grant with
                         // nothing committed since cannot know whether a request was
                         // sent under it. Our own earlier grant never counts.
-                        let forced = other
-                            .filter(|l| l.generation == stored)
-                            .zip(record.as_ref())
-                            .map(|(l, r)| Unsettled {
-                                token: r.refresh.clone(),
-                                lease_at: l.acquired_at,
-                            });
+                        let forced =
+                            other.and_then(|l| Unsettled::taken_over(l, record.as_deref()));
                         if let Some(u) = forced.filter(|u| !self.conns[c].taken_over.contains(u)) {
                             self.conns[c].taken_over.push(u);
                         }
