@@ -232,7 +232,10 @@ mod tests {
             (reported.owner, reported.request, reported.acquired_at),
             (a, LeaseRequestId(1), t(0))
         );
-        assert_eq!(reported.expires_at, b_row.lease.expires_at, "until b's expiry");
+        assert_eq!(
+            reported.expires_at, b_row.lease.expires_at,
+            "until b's expiry"
+        );
         // Something committed between the grants: b's row alone.
         let (b_row, _) = granted(acquire(
             Some(&a_row),
