@@ -124,11 +124,14 @@ enum Intent {
 /// may undo that declaration.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct UnknownGrant {
-    /// The requests.
-    requests: alloc::vec::Vec<LeaseRequestId>,
-    /// The record as read before asking.
-    generation: Option<crate::Generation>,
-    refresh: Option<crate::RefreshToken>,
+    /// The requests, each with the record as read before it was first made (a
+    /// grant to it was stamped with that generation; a later retry under the same
+    /// name only finds the row still ours).
+    requests: alloc::vec::Vec<(
+        LeaseRequestId,
+        Option<crate::Generation>,
+        Option<crate::RefreshToken>,
+    )>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -751,19 +754,23 @@ impl Connection {
                 ..
             }
         );
-        let ours = rec
-            .in_doubt_holder
-            .as_ref()
-            .is_some_and(|(owner, r)| *owner == self.config.worker && u.requests.contains(r));
-        let one_commit = u.generation.map(crate::Generation::next) == Some(rec.generation);
-        (lost && ours && one_commit && u.refresh.as_ref() == Some(&rec.refresh)).then(|| {
-            ConnectionRecord {
-                status: Status::Active,
-                in_doubt_since: None,
-                in_doubt_holder: None,
-                updated_at: now,
-                ..rec.clone()
-            }
+        // The declaration is the one commit since the read before that request
+        // (found by the property test: a retry's later read let a declaration made
+        // after another worker had presented the token pass for the one commit).
+        let ours = rec.in_doubt_holder.as_ref().is_some_and(|(owner, r)| {
+            *owner == self.config.worker
+                && u.requests.iter().any(|(known, generation, refresh)| {
+                    known == r
+                        && generation.map(crate::Generation::next) == Some(rec.generation)
+                        && refresh.as_ref() == Some(&rec.refresh)
+                })
+        });
+        (lost && ours).then(|| ConnectionRecord {
+            status: Status::Active,
+            in_doubt_since: None,
+            in_doubt_holder: None,
+            updated_at: now,
+            ..rec.clone()
         })
     }
 
@@ -1278,12 +1285,18 @@ impl Connection {
                         .take()
                         .map(|u| u.requests)
                         .unwrap_or_default();
-                    requests.extend(self.lease_request.filter(|r| !requests.contains(r)));
-                    self.unknown_grant = Some(Box::new(UnknownGrant {
-                        requests,
-                        generation: self.record.as_ref().map(|r| r.generation),
-                        refresh: self.record.as_ref().map(|r| r.refresh.clone()),
-                    }));
+                    let read = self.record.as_ref();
+                    if let Some(r) = self
+                        .lease_request
+                        .filter(|r| requests.iter().all(|(known, ..)| known != r))
+                    {
+                        requests.push((
+                            r,
+                            read.map(|rec| rec.generation),
+                            read.map(|rec| rec.refresh.clone()),
+                        ));
+                    }
+                    self.unknown_grant = Some(Box::new(UnknownGrant { requests }));
                 }
                 self.not_before = Some((retry_at, FailureKind::StoreUnavailable));
             }
