@@ -199,6 +199,16 @@ impl Unsettled {
     }
 }
 
+/// Adds `u`, if any, to a harness's list of unsettled requests, once, keeping the
+/// list in order (so that equal ghost states compare and hash alike).
+pub fn keep_unsettled(list: &mut alloc::vec::Vec<Unsettled>, u: Option<Unsettled>) {
+    if let Some(u) = u {
+        if let Err(at) = list.binary_search(&u) {
+            list.insert(at, u);
+        }
+    }
+}
+
 /// One worker's refresh request as its harness tracks it for S4: sent, then
 /// answered (or not), then settled once the worker's next commit lands or the
 /// worker has nothing left to do. A request whose reply the worker never saw, or

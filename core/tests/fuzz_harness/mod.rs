@@ -669,15 +669,6 @@ struct Worker {
     ghost: SenderGhost,
 }
 
-/// Keeps a request whose outcome will never reach the store (S4's ghost).
-fn keep(unsettled: &mut Vec<Unsettled>, u: Option<Unsettled>) {
-    if let Some(u) = u {
-        if !unsettled.contains(&u) {
-            unsettled.push(u);
-        }
-    }
-}
-
 /// A deliberately broken store, to show that the checks bite (never fuzzed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreMutant {
@@ -798,7 +789,7 @@ impl World<'_> {
 
     /// Keeps a request whose outcome will never reach the store (S4's ghost).
     fn keep(&mut self, u: Option<Unsettled>) {
-        keep(&mut self.unsettled, u);
+        invariants::keep_unsettled(&mut self.unsettled, u);
     }
 
     /// S4 on the stored record, judged from the ghost: the tokens the provider
@@ -1438,16 +1429,11 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
     {
         worker.lease_at = Some(lease.acquired_at);
         let me = &worker.conn.config().worker;
-        let stored = record.as_ref().map(|r| r.generation);
         let forced = took_over
             .as_ref()
-            .filter(|l| l.owner != *me && l.generation == stored)
-            .zip(record.as_ref())
-            .map(|(l, r)| Unsettled {
-                token: r.refresh.clone(),
-                lease_at: l.acquired_at,
-            });
-        keep(&mut w.taken_over, forced);
+            .filter(|l| l.owner != *me)
+            .and_then(|l| Unsettled::taken_over(l, record.as_deref()));
+        invariants::keep_unsettled(&mut w.taken_over, forced);
     }
     let worker = &mut w.workers[i];
     let before = worker.conn.clone();
@@ -1462,7 +1448,7 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
     }
     if refresh_answer {
         let unseen = worker.ghost.answered(seen);
-        keep(&mut w.unsettled, unseen);
+        invariants::keep_unsettled(&mut w.unsettled, unseen);
     }
     if committed {
         worker.ghost.settle();
@@ -1543,7 +1529,7 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                 if let Some(base) = refresh {
                     let lease_at = worker.lease_at.expect("a refresh sent without a lease");
                     let earlier = worker.ghost.sent(base.refresh, lease_at);
-                    keep(&mut w.unsettled, earlier);
+                    invariants::keep_unsettled(&mut w.unsettled, earlier);
                 }
             }
             Output::ReleaseLease {

@@ -413,11 +413,7 @@ impl World {
     }
 
     fn keep(&mut self, u: Option<invariants::Unsettled>) {
-        if let Some(u) = u {
-            if !self.ghosts.contains(&u) {
-                self.ghosts.push(u);
-            }
-        }
+        invariants::keep_unsettled(&mut self.ghosts, u);
     }
 
     /// Feeds `input` to worker `w` and runs the store until the machine waits.

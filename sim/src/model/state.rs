@@ -5,7 +5,7 @@ use crate::provider::Provider;
 use crate::store::MemoryStore;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use tokenfence_core::invariants::{SenderGhost, Unsettled};
+use tokenfence_core::invariants::{keep_unsettled, SenderGhost, Unsettled};
 use tokenfence_core::{
     AccessGrant, Connection, ConnectionRecord, Generation, HttpRequest, Input, LeaseRequestId,
     RefreshToken, Status, Timestamp, TokenGrant, WorkerId,
@@ -224,12 +224,12 @@ impl State {
 
     /// Keeps a refresh request whose outcome will never reach the store.
     pub fn keep_unsettled(&mut self, u: Option<Unsettled>) {
-        keep_sorted(&mut self.unsettled, u);
+        keep_unsettled(&mut self.unsettled, u);
     }
 
     /// Keeps a lease taken over from another worker (S4).
     pub fn keep_taken_over(&mut self, u: Option<Unsettled>) {
-        keep_sorted(&mut self.taken_over, u);
+        keep_unsettled(&mut self.taken_over, u);
     }
 
     /// Every refresh request really sent whose outcome has not reached the store.
@@ -250,14 +250,6 @@ impl State {
     /// Records a transition property breach (the first explanation wins).
     pub fn breach(&mut self, what: Breach, why: impl FnOnce() -> String) {
         self.breaches.entry(what).or_insert_with(why);
-    }
-}
-
-fn keep_sorted(list: &mut Vec<Unsettled>, u: Option<Unsettled>) {
-    if let Some(u) = u {
-        if let Err(at) = list.binary_search(&u) {
-            list.insert(at, u);
-        }
     }
 }
 

@@ -25,12 +25,7 @@ impl World {
     /// Keeps a refresh request of connection `c` whose outcome will never reach the
     /// store (S4's ghost).
     pub(super) fn keep_unsettled(&mut self, c: usize, u: Option<Unsettled>) {
-        if let Some(u) = u {
-            let kept = &mut self.conns[c].unsettled;
-            if !kept.contains(&u) {
-                kept.push(u);
-            }
-        }
+        invariants::keep_unsettled(&mut self.conns[c].unsettled, u);
     }
 
     /// S4 for connection `c` as stored now, judged from the harness's ghost: the

@@ -417,9 +417,7 @@ impl World {
                         // sent under it. Our own earlier grant never counts.
                         let forced =
                             other.and_then(|l| Unsettled::taken_over(l, record.as_deref()));
-                        if let Some(u) = forced.filter(|u| !self.conns[c].taken_over.contains(u)) {
-                            self.conns[c].taken_over.push(u);
-                        }
+                        invariants::keep_unsettled(&mut self.conns[c].taken_over, forced);
                         if let Some(s) = self.slot(w, c) {
                             s.ghost.took_over = doubt;
                             s.ghost.lease_at = now;
