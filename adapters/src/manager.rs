@@ -879,6 +879,12 @@ impl Actor {
             Event::Degraded { kind, retry_at } => {
                 tracing::warn!(%kind, %retry_at, "refresh failing")
             }
+            Event::IgnoredReplyFields { fields } => {
+                tracing::warn!(
+                    ?fields,
+                    "provider sent unusable optional fields; treated as absent"
+                )
+            }
             other => tracing::info!(event = ?other, "lifecycle"),
         }
         if matches!(event, Event::Connected { .. } | Event::Disconnected { .. }) {
@@ -944,6 +950,7 @@ fn status_class(status: u16) -> &'static str {
 fn event_labels(event: &Event) -> (&'static str, String) {
     match event {
         Event::Connected { .. } => ("connected", String::new()),
+        Event::IgnoredReplyFields { fields } => ("ignored_reply_fields", fields.join(",")),
         Event::Refreshed { rotated, .. } => (
             "refreshed",
             if *rotated { "rotated" } else { "same" }.into(),

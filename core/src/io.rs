@@ -10,6 +10,7 @@ use crate::secret::AccessToken;
 use crate::time::Timestamp;
 use alloc::boxed::Box;
 use alloc::string::String;
+use alloc::vec::Vec;
 use core::time::Duration;
 
 /// The driver's handle for one caller waiting for an access token.
@@ -187,6 +188,12 @@ pub enum Event {
     Connected {
         /// Stored generation.
         generation: Generation,
+    },
+    /// A grant was accepted although some of its optional members were unusable;
+    /// they were treated as absent (see [`TokenGrant::ignored`]).
+    IgnoredReplyFields {
+        /// The members' names as the provider sent them.
+        fields: Vec<&'static str>,
     },
     /// A refresh committed.
     Refreshed {

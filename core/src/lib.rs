@@ -111,6 +111,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+mod httpdate;
 pub mod invariants;
 mod io;
 pub mod lease;
@@ -137,7 +138,8 @@ pub use record::{
 };
 pub use reply::{
     parse_revoke_reply, parse_token_reply, HttpResponse, Malformation, OAuthErrorCode, ReplyError,
-    TokenGrant, MAX_ACCESS_TTL, MAX_REFRESH_TTL, MAX_REPLY_BYTES, MAX_TOKEN_BYTES,
+    RetryAfter, TokenGrant, MAX_ACCESS_TTL, MAX_REFRESH_TTL, MAX_REPLY_BYTES, MAX_RETRY_AFTER,
+    MAX_TOKEN_BYTES,
 };
 pub use request::{
     authorization_code_request, refresh_request, revoke_request, Header, HttpRequest,

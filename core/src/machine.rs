@@ -464,7 +464,7 @@ impl Connection {
             (Input::NotSent, Phase::Sending(attempt)) => {
                 self.fail(now, *attempt, FailureKind::NotSent, None)
             }
-            (Input::OutcomeUnknown, Phase::Sending(attempt)) => self.in_doubt(now, *attempt),
+            (Input::OutcomeUnknown, Phase::Sending(attempt)) => self.in_doubt(now, *attempt, None),
             (Input::Replied(reply), Phase::Revoking) => {
                 let revoked = parse_revoke_reply(&self.config.profile, &reply).unwrap_or(false);
                 self.commit_disconnect(now, revoked);
@@ -920,6 +920,12 @@ impl Connection {
     fn on_reply(&mut self, now: Timestamp, attempt: Attempt, reply: crate::HttpResponse) {
         match parse_token_reply(&self.config.profile, &reply) {
             Ok(grant) => {
+                if !grant.ignored.is_empty() {
+                    self.outputs
+                        .push_back(Output::Event(Event::IgnoredReplyFields {
+                            fields: grant.ignored.clone(),
+                        }));
+                }
                 let rotated = grant
                     .refresh
                     .as_ref()
@@ -940,10 +946,16 @@ impl Connection {
                 self.outputs.push_back(Output::Load);
             }
             // A gateway timeout: the provider behind it may have processed it.
-            Err(ReplyError::MalformedSuccess { .. } | ReplyError::ServerError { status: 504 }) => {
-                self.in_doubt(now, attempt)
-            }
-            Err(err @ ReplyError::RateLimited { retry_after }) => {
+            Err(ReplyError::MalformedSuccess { .. }) => self.in_doubt(now, attempt, None),
+            Err(ReplyError::ServerError {
+                status: 504,
+                retry_after,
+            }) => self.in_doubt(now, attempt, retry_after.map(|r| r.delay_from(now))),
+            Err(
+                ref err @ (ReplyError::RateLimited { retry_after }
+                | ReplyError::ServerError { retry_after, .. }),
+            ) => {
+                let retry_after = retry_after.map(|r| r.delay_from(now));
                 self.fail(now, attempt, err.failure_kind(), retry_after)
             }
             Err(err) => self.fail(now, attempt, err.failure_kind(), None),
@@ -951,7 +963,7 @@ impl Connection {
     }
 
     /// The request may have rotated the token without us seeing the reply.
-    fn in_doubt(&mut self, now: Timestamp, mut attempt: Attempt) {
+    fn in_doubt(&mut self, now: Timestamp, mut attempt: Attempt, retry_after: Option<Duration>) {
         let since = attempt
             .in_doubt_since
             .map_or(attempt.sent_at, |t| t.min(attempt.sent_at));
@@ -968,7 +980,7 @@ impl Connection {
             };
             return self.commit_reauth(now, &base, ReauthReason::LostRotation);
         }
-        self.fail(now, attempt, FailureKind::OutcomeUnknown, None)
+        self.fail(now, attempt, FailureKind::OutcomeUnknown, retry_after)
     }
 
     /// A transient or configuration failure: record it (so other processes back

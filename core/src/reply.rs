@@ -4,11 +4,19 @@
 //! Parsing never panics and never trusts a value it has not checked: bodies are
 //! capped, tokens must be RFC 6749 `VSCHAR`s (so they are safe in a header), and
 //! lifetimes must be positive and plausible.
+//!
+//! **The tokens decide.** A success reply whose access token (and refresh token, if
+//! sent) is usable is a grant, whatever its informational members say: an optional
+//! member that is present but unusable (a lifetime of 0, -1, `"soon"` or `{}`, a
+//! `token_type` other than bearer) is treated as absent and named in
+//! [`TokenGrant::ignored`]. Throwing the reply away instead would throw away a
+//! rotated refresh token. Only a missing or unusable access token, an unusable
+//! refresh token, or a body that is not a token reply make a success unusable.
 
 use crate::profile::ProviderProfile;
 use crate::record::FailureKind;
 use crate::secret::{AccessToken, RefreshToken};
-use crate::time::days;
+use crate::time::{days, Timestamp};
 use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -80,6 +88,29 @@ pub struct TokenGrant {
     /// Time until the refresh token's hard deadline (Intuit
     /// `x_refresh_token_hard_expires_in`).
     pub hard_expires_in: Option<Duration>,
+    /// Optional members that were present but unusable and so were treated as
+    /// absent, by their names in the reply (for a warning and a metric).
+    pub ignored: Vec<&'static str>,
+}
+
+/// When a provider asked to be called again (RFC 9110 §10.2.3 `Retry-After`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RetryAfter {
+    /// `delay-seconds`, capped at [`MAX_RETRY_AFTER`].
+    Delay(Duration),
+    /// An `HTTP-date`, as a wall-clock instant.
+    At(Timestamp),
+}
+
+impl RetryAfter {
+    /// How long to wait from `now`, capped at [`MAX_RETRY_AFTER`] (a date in the
+    /// past is no wait).
+    pub fn delay_from(self, now: Timestamp) -> Duration {
+        match self {
+            RetryAfter::Delay(d) => d.min(MAX_RETRY_AFTER),
+            RetryAfter::At(t) => t.saturating_since(now).min(MAX_RETRY_AFTER),
+        }
+    }
 }
 
 /// The standard OAuth error codes, and the rest.
@@ -153,12 +184,23 @@ pub enum ReplyError {
     /// HTTP 429.
     #[error("rate limited (HTTP 429)")]
     RateLimited {
-        /// The Retry-After delay, if given in seconds and plausible.
-        retry_after: Option<Duration>,
+        /// The `Retry-After` header, if it was readable.
+        retry_after: Option<RetryAfter>,
     },
     /// HTTP 5xx or 408: the provider is in trouble.
     #[error("provider server error (HTTP {status})")]
     ServerError {
+        /// HTTP status.
+        status: u16,
+        /// The `Retry-After` header, if it was readable.
+        retry_after: Option<RetryAfter>,
+    },
+    /// HTTP 401 without an OAuth error body: client authentication failed at the
+    /// door (RFC 6749 §5.2 allows a bare `WWW-Authenticate` challenge). A
+    /// configuration problem: retried only on the slow configuration timer, since
+    /// repeated bad-client attempts can get an app locked out.
+    #[error("client authentication refused (HTTP {status}, no OAuth error body)")]
+    Unauthorized {
         /// HTTP status.
         status: u16,
     },
@@ -196,8 +238,9 @@ impl ReplyError {
                 ..
             } => FailureKind::ServerError(*status),
             ReplyError::OAuth { .. } => FailureKind::RequestRejected,
+            ReplyError::Unauthorized { .. } => FailureKind::ClientRejected,
             ReplyError::RateLimited { .. } => FailureKind::RateLimited,
-            ReplyError::ServerError { status } => FailureKind::ServerError(*status),
+            ReplyError::ServerError { status, .. } => FailureKind::ServerError(*status),
             ReplyError::Unreadable { .. } => FailureKind::UnreadableReply,
             ReplyError::MalformedSuccess { .. } => FailureKind::OutcomeUnknown,
         }
@@ -210,13 +253,19 @@ pub fn parse_token_reply(
     reply: &HttpResponse,
 ) -> Result<TokenGrant, ReplyError> {
     let status = reply.status;
+    let retry_after = || reply.header("retry-after").and_then(parse_retry_after);
     match status {
         429 => {
             return Err(ReplyError::RateLimited {
-                retry_after: reply.header("retry-after").and_then(parse_retry_after),
+                retry_after: retry_after(),
             })
         }
-        408 | 500..=599 => return Err(ReplyError::ServerError { status }),
+        408 | 500..=599 => {
+            return Err(ReplyError::ServerError {
+                status,
+                retry_after: retry_after(),
+            })
+        }
         _ => {}
     }
     let success = (200..300).contains(&status);
@@ -227,14 +276,22 @@ pub fn parse_token_reply(
             ReplyError::Unreadable { status, problem }
         }
     };
-    let object = json_object(&reply.body).map_err(fail)?;
+    let object = match json_object(&reply.body) {
+        Ok(object) => object,
+        Err(_) if status == 401 => return Err(ReplyError::Unauthorized { status }),
+        Err(problem) => return Err(fail(problem)),
+    };
     if success && object.access_token.is_none() && object.error.is_some() {
         // GitHub answers token-endpoint errors with HTTP 200 and an RFC 6749 body.
         Err(oauth_error(profile, status, &object).map_err(fail)?)
     } else if success {
         grant_from(&object).map_err(fail)
     } else if (400..500).contains(&status) {
-        Err(oauth_error(profile, status, &object).map_err(fail)?)
+        match oauth_error(profile, status, &object) {
+            Ok(err) => Err(err),
+            Err(_) if status == 401 => Err(ReplyError::Unauthorized { status }),
+            Err(problem) => Err(fail(problem)),
+        }
     } else {
         Err(fail(Malformation::Missing("error")))
     }
@@ -512,30 +569,45 @@ impl<'de> Visitor<'de> for RawVisitor {
 fn grant_from(o: &Fields<'_>) -> Result<TokenGrant, Malformation> {
     let access =
         token(&o.access_token, "access_token")?.ok_or(Malformation::Missing("access_token"))?;
+    let refresh = token(&o.refresh_token, "refresh_token")?
+        .filter(|t| !t.is_empty())
+        .map(RefreshToken::new);
+    let mut ignored = Vec::new();
     match &o.token_type {
         None | Some(Raw::Null) => {}
         Some(Raw::Str(t)) if t.eq_ignore_ascii_case("bearer") => {}
-        Some(Raw::Str(_)) => return Err(Malformation::NotBearer),
-        Some(_) => return Err(Malformation::WrongType("token_type")),
+        Some(_) => ignored.push("token_type"),
     }
-    let refresh_ttl = |raw, name| lifetime(raw, name, MAX_REFRESH_TTL);
+    let mut optional = |raw: &Option<Raw<'_>>, field, max| match lifetime(raw, field, max) {
+        Ok(d) => d,
+        Err(_) => {
+            ignored.push(field);
+            None
+        }
+    };
+    let expires_in = optional(&o.expires_in, "expires_in", MAX_ACCESS_TTL);
+    let x_idle = optional(
+        &o.x_refresh_token_expires_in,
+        "x_refresh_token_expires_in",
+        MAX_REFRESH_TTL,
+    );
+    let idle = optional(
+        &o.refresh_token_expires_in,
+        "refresh_token_expires_in",
+        MAX_REFRESH_TTL,
+    );
+    let hard_expires_in = optional(
+        &o.x_refresh_token_hard_expires_in,
+        "x_refresh_token_hard_expires_in",
+        MAX_REFRESH_TTL,
+    );
     Ok(TokenGrant {
         access: AccessToken::new(access),
-        refresh: token(&o.refresh_token, "refresh_token")?
-            .filter(|t| !t.is_empty())
-            .map(RefreshToken::new),
-        expires_in: lifetime(&o.expires_in, "expires_in", MAX_ACCESS_TTL)?,
-        refresh_expires_in: match refresh_ttl(
-            &o.x_refresh_token_expires_in,
-            "x_refresh_token_expires_in",
-        )? {
-            Some(d) => Some(d),
-            None => refresh_ttl(&o.refresh_token_expires_in, "refresh_token_expires_in")?,
-        },
-        hard_expires_in: refresh_ttl(
-            &o.x_refresh_token_hard_expires_in,
-            "x_refresh_token_hard_expires_in",
-        )?,
+        refresh,
+        expires_in,
+        refresh_expires_in: x_idle.or(idle),
+        hard_expires_in,
+        ignored,
     })
 }
 
@@ -615,9 +687,18 @@ fn oauth_error(
     })
 }
 
-fn parse_retry_after(v: &str) -> Option<Duration> {
-    let secs: u64 = v.trim().parse().ok()?;
-    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+/// `delay-seconds` or an `HTTP-date` in any of the three forms RFC 9110 §5.6.7
+/// requires a recipient to accept. Anything else is no `Retry-After`.
+fn parse_retry_after(v: &str) -> Option<RetryAfter> {
+    let v = v.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than a u64 holds is still "a very long time".
+        let secs = v.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(RetryAfter::Delay(
+            Duration::from_secs(secs).min(MAX_RETRY_AFTER),
+        ));
+    }
+    crate::httpdate::parse(v).map(RetryAfter::At)
 }
 
 /// Printable ASCII only, at most [`MAX_TEXT`] characters: safe for any log line.

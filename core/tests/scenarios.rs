@@ -920,3 +920,85 @@ fn a_commit_whose_answer_was_lost_is_recognised_on_retry() {
     assert!(!world.workers[0].conn.is_busy());
     assert!(world.store.lease().is_none(), "lease released");
 }
+
+#[test]
+fn server_error_503_honours_retry_after_as_an_http_date() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(T0.as_millis() + 600_000);
+    let mut reply = json_reply(503, "");
+    reply
+        .headers
+        .push(("Retry-After".into(), httpdate::fmt_http_date(at)));
+    world.reply(0, reply);
+    let Some(Err(AccessError::Transient { kind, retry_at })) = world.result(0, r).cloned() else {
+        panic!("expected a transient error, got {:?}", world.result(0, r));
+    };
+    assert_eq!(kind, FailureKind::ServerError(503));
+    assert!(retry_at >= T0.saturating_add(Duration::from_secs(600)));
+    // Nothing is sent before the date, however often callers ask.
+    world.advance(Duration::from_secs(300));
+    let again = world.request(0);
+    assert!(matches!(
+        world.result(0, again),
+        Some(Err(AccessError::Transient { .. }))
+    ));
+    assert_eq!(world.workers[0].sent.len(), 1);
+}
+
+#[test]
+fn a_retry_after_date_in_the_past_means_the_usual_backoff() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    let mut reply = json_reply(503, "");
+    reply
+        .headers
+        .push(("Retry-After".into(), "Thu, 01 Jan 2015 00:00:00 GMT".into()));
+    world.reply(0, reply);
+    // No wait is added: the caller may be answered after an inline retry, or
+    // told to come back within the ordinary backoff (well under a minute).
+    if let Some(Err(AccessError::Transient { retry_at, .. })) = world.result(0, r).cloned() {
+        assert!(retry_at < T0.saturating_add(Duration::from_secs(60)));
+    }
+    let stored = world.stored();
+    let Status::Degraded { retry_at, .. } = stored.status else {
+        panic!("expected Degraded, got {:?}", stored.status);
+    };
+    assert!(retry_at < T0.saturating_add(Duration::from_secs(60)));
+}
+
+#[test]
+fn a_bare_401_is_a_configuration_error_not_retried_on_a_short_timer() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(
+        0,
+        HttpResponse {
+            status: 401,
+            headers: vec![("www-authenticate".into(), "Basic realm=\"oauth\"".into())],
+            body: Vec::new(),
+        },
+    );
+    assert!(
+        matches!(
+            world.result(0, r),
+            Some(Err(AccessError::Config(ConfigError::ClientRejected)))
+        ),
+        "{:?}",
+        world.result(0, r)
+    );
+    let Status::Degraded { retry_at, last, .. } = world.stored().status else {
+        panic!("expected Degraded");
+    };
+    assert_eq!(last, FailureKind::ClientRejected);
+    let backoff = Settings::default().config_backoff;
+    assert!(retry_at >= T0.saturating_add(backoff));
+    world.advance(Duration::from_secs(120));
+    let again = world.request(0);
+    assert!(world.result(0, again).is_some_and(|r| r.is_err()));
+    assert_eq!(
+        world.workers[0].sent.len(),
+        1,
+        "not retried on a short timer"
+    );
+}

@@ -166,15 +166,34 @@ fn unescape(data: &[u8]) -> Vec<u8> {
 /// The kind of a reply error, as written in a corpus file's `# expect:` line:
 /// `OAuth InvalidGrant`, `RateLimited 86400s`, `RateLimited none`, `ServerError`,
 /// `Unreadable NotJson`, `MalformedSuccess BadToken(access_token)`, ...
+/// How a reply file's `# expect:` line names an outcome: [`describe`] for an error,
+/// `Grant` for a grant, `Grant ignoring a,b` when optional members were ignored.
+pub fn describe_parsed(parsed: &Result<TokenGrant, ReplyError>) -> String {
+    match parsed {
+        Ok(grant) if grant.ignored.is_empty() => "Grant".into(),
+        Ok(grant) => format!("Grant ignoring {}", grant.ignored.join(",")),
+        Err(err) => describe(err),
+    }
+}
+
+/// Names a reply error the way a reply file's `# expect:` line does.
 pub fn describe(err: &ReplyError) -> String {
+    let retry = |r: &Option<RetryAfter>| match r {
+        Some(RetryAfter::Delay(d)) => format!("{}s", d.as_secs()),
+        Some(RetryAfter::At(t)) => format!("at {}", t.as_millis() / 1000),
+        None => "none".into(),
+    };
     let problem = |p: &Malformation| format!("{p:?}").replace('"', "");
     match err {
         ReplyError::OAuth { kind, .. } => format!("OAuth {kind:?}"),
-        ReplyError::RateLimited {
-            retry_after: Some(d),
-        } => format!("RateLimited {}s", d.as_secs()),
-        ReplyError::RateLimited { retry_after: None } => "RateLimited none".into(),
-        ReplyError::ServerError { .. } => "ServerError".into(),
+        ReplyError::RateLimited { retry_after } => format!("RateLimited {}", retry(retry_after)),
+        ReplyError::ServerError {
+            retry_after: None, ..
+        } => "ServerError".into(),
+        ReplyError::ServerError { retry_after, .. } => {
+            format!("ServerError {}", retry(retry_after))
+        }
+        ReplyError::Unauthorized { .. } => "Unauthorized".into(),
         ReplyError::Unreadable { problem: p, .. } => format!("Unreadable {}", problem(p)),
         ReplyError::MalformedSuccess { problem: p, .. } => {
             format!("MalformedSuccess {}", problem(p))
@@ -233,6 +252,34 @@ fn assert_token(field: &str, t: &str) {
     );
 }
 
+/// The `Retry-After` the parser read, against what the harness reads itself: digits
+/// are seconds (capped at a day), a date is what the `httpdate` crate reads.
+fn assert_retry_after(reply: &HttpResponse, parsed: &Option<RetryAfter>) {
+    let header = reply.header("retry-after").map(str::trim);
+    let expected = header.and_then(|h| {
+        if !h.is_empty() && h.bytes().all(|b| b.is_ascii_digit()) {
+            let secs = h.parse::<u64>().unwrap_or(u64::MAX);
+            return Some(RetryAfter::Delay(
+                Duration::from_secs(secs).min(MAX_RETRY_AFTER),
+            ));
+        }
+        // httpdate does not check the space between the date and the time of the
+        // RFC 850 form ("Sunday, 06-Nov-94:08:49:37 GMT" passes): the core does.
+        let rfc850_time = h
+            .split_once("day, ")
+            .map(|(_, rest)| rest.as_bytes().get(9));
+        if rfc850_time.is_some_and(|b| b != Some(&b' ')) {
+            return None;
+        }
+        let at = httpdate::parse_http_date(h).ok()?;
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Some(RetryAfter::At(Timestamp::from_secs(secs)))
+    });
+    assert_eq!(*parsed, expected, "Retry-After {header:?}");
+}
+
 fn assert_lifetime(field: &str, d: Option<Duration>, max: Duration) {
     if let Some(d) = d {
         assert!(
@@ -283,11 +330,19 @@ pub fn check_parsed(
             match err {
                 ReplyError::RateLimited { retry_after } => {
                     assert_eq!(status, 429);
-                    assert!(retry_after.is_none_or(|d| d <= days(1)), "{retry_after:?}");
+                    assert_retry_after(reply, retry_after);
                 }
-                ReplyError::ServerError { status: s } => {
+                ReplyError::ServerError {
+                    status: s,
+                    retry_after,
+                } => {
                     assert_eq!(*s, status);
                     assert!(server_trouble, "ServerError for HTTP {status}");
+                    assert_retry_after(reply, retry_after);
+                }
+                ReplyError::Unauthorized { status: s } => {
+                    assert_eq!((*s, status), (401, 401));
+                    assert_eq!(err.failure_kind(), FailureKind::ClientRejected);
                 }
                 ReplyError::OAuth {
                     status: s,
@@ -1053,6 +1108,7 @@ fn step(w: &mut World<'_>, i: usize, op: u8) {
                 expires_in: Some(hours(1)),
                 refresh_expires_in: Some(days(100)),
                 hard_expires_in: None,
+                ignored: Vec::new(),
             };
             w.issued.insert(format!("atSECRET-{n}"));
             w.issued.insert(format!("rtSECRET-{n}"));
@@ -1412,7 +1468,7 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
         Input::Replied(_) => !matches!(
             reply,
             Some(Err(
-                ReplyError::MalformedSuccess { .. } | ReplyError::ServerError { status: 504 }
+                ReplyError::MalformedSuccess { .. } | ReplyError::ServerError { status: 504, .. }
             ))
         ),
         _ => false,

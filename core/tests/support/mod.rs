@@ -276,7 +276,7 @@ impl Store {
 pub fn reply_seen(profile: &ProviderProfile, reply: &HttpResponse) -> bool {
     !matches!(
         parse_token_reply(profile, reply),
-        Err(ReplyError::MalformedSuccess { .. } | ReplyError::ServerError { status: 504 })
+        Err(ReplyError::MalformedSuccess { .. } | ReplyError::ServerError { status: 504, .. })
     )
 }
 
