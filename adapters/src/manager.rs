@@ -915,7 +915,7 @@ impl Actor {
             let access = r.access.as_ref()?;
             Some(Arc::new(Cached {
                 token: access.token.clone(),
-                usable_until: access.expires_at.saturating_sub(margin),
+                usable_until: access.expires_at.saturating_sub(r.access_margin(margin)),
                 generation: r.generation,
             }))
         });

@@ -215,6 +215,10 @@ pub struct Connection {
     /// The keep-alive was asked for by a scheduler: refresh even if not due.
     maintain: bool,
     attempts: u32,
+    /// When this machine last saw one of its refreshes commit (the floor between
+    /// refreshes counts from here too: a reply can take longer than the token's
+    /// margin).
+    refreshed_at: Option<Timestamp>,
     not_before: Option<(Timestamp, FailureKind)>,
     authorized: Option<Box<ConnectionRecord>>,
     disconnect: bool,
@@ -247,6 +251,7 @@ impl Connection {
             keepalive: false,
             maintain: false,
             attempts: 0,
+            refreshed_at: None,
             not_before: None,
             authorized: None,
             disconnect: false,
@@ -704,6 +709,14 @@ impl Connection {
         let s = &self.config.settings;
         let usable = rec.usable_access(now, s.access_margin).cloned();
         let keepalive_due = rec.work_due_at(s.keepalive_lead).is_some_and(|d| d <= now);
+        // No caller's refresh sooner than the floor after the last success, as the
+        // record dates it (sent) or as this machine saw it commit (a slow reply).
+        let floor = [rec.last_refreshed_at, self.refreshed_at]
+            .into_iter()
+            .flatten()
+            .max()
+            .map(|t| t.saturating_add(s.min_refresh_interval))
+            .filter(|until| *until > now && rec.in_doubt_since.is_none());
         if let Some(token) = usable {
             self.deliver_all(&Ok(token));
         }
@@ -713,6 +726,17 @@ impl Connection {
         }
         if let Some((retry_at, kind)) = self.retry_gate(now) {
             return self.hold_off(now, retry_at, kind);
+        }
+        if let Some(until) = floor.filter(|_| !self.keepalive) {
+            // A refresh committed moments ago and its token is already inside the
+            // margin: answer callers now rather than refresh in a loop. (A due
+            // keep-alive or a scheduler's request is not held up: they have their
+            // own pace.)
+            self.deliver_all(&Err(AccessError::Transient {
+                kind: FailureKind::RefreshThrottled,
+                retry_at: until,
+            }));
+            return self.advance(now);
         }
         if self.holding_lease {
             self.start_refresh(now);
@@ -1078,6 +1102,7 @@ impl Connection {
         match intent {
             Intent::Doubt => {}
             Intent::Refreshed { attempt, rotated } => {
+                self.refreshed_at = Some(now);
                 self.attempts = 0;
                 self.keepalive = false;
                 self.maintain = false;

@@ -124,6 +124,10 @@ pub enum FailureKind {
     RequestRejected,
     /// The store could not be read or written.
     StoreUnavailable,
+    /// A refresh succeeded less than `min_refresh_interval` ago and its token is
+    /// already inside the margin (a lifetime of a second or two, or a reply slower
+    /// than half the lifetime): no second refresh so soon. Never stored.
+    RefreshThrottled,
 }
 
 impl FailureKind {
@@ -148,6 +152,9 @@ impl core::fmt::Display for FailureKind {
             FailureKind::ClientRejected => f.write_str("client credentials rejected"),
             FailureKind::RequestRejected => f.write_str("request rejected by the provider"),
             FailureKind::StoreUnavailable => f.write_str("token store unavailable"),
+            FailureKind::RefreshThrottled => {
+                f.write_str("refreshed moments ago; the provider's tokens live too briefly")
+            }
         }
     }
 }
@@ -309,17 +316,31 @@ impl ConnectionRecord {
         }
     }
 
-    /// The access token, if it stays valid for more than `margin` after `now` and
-    /// the connection is usable (S5).
+    /// The access token, if it stays valid for more than the margin after `now` and
+    /// the connection is usable (S5). The margin is `margin` adapted to the token's
+    /// lifetime ([`access_margin`](Self::access_margin)).
     pub fn usable_access(&self, now: Timestamp, margin: Duration) -> Option<&AccessToken> {
         match self.status {
             Status::Active | Status::Degraded { .. } => {}
             Status::ReauthRequired { .. } | Status::Disconnected { .. } => return None,
         }
+        let margin = self.access_margin(margin);
         self.access
             .as_ref()
             .filter(|a| a.expires_at > now.saturating_add(margin))
             .map(|a| &a.token)
+    }
+
+    /// The margin kept before this record's access token expires: `margin`, but
+    /// never more than half of the lifetime the provider granted (counted from the
+    /// refresh that obtained it). A margin as long as the lifetime would make every
+    /// new token unusable at once: a refresh storm that serves nobody (found with
+    /// 60-second tokens and the default 5-minute margin).
+    pub fn access_margin(&self, margin: Duration) -> Duration {
+        match (&self.access, self.last_refreshed_at) {
+            (Some(a), Some(issued)) => margin.min(a.expires_at.saturating_since(issued) / 2),
+            _ => margin,
+        }
     }
 
     /// When a keep-alive refresh is due: `lead` before the idle deadline, but never

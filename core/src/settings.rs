@@ -7,8 +7,13 @@ use core::time::Duration;
 /// 100-day idle window, 5-year cap) and most providers.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Settings {
-    /// An access token is served only while it stays valid this much longer (S5).
+    /// An access token is served only while it stays valid this much longer (S5);
+    /// never more than half of the token's lifetime, whatever is set here.
     pub access_margin: Duration,
+    /// No caller starts a refresh sooner than this after the last successful one;
+    /// callers are answered with a transient error instead. Only tokens that live a
+    /// couple of seconds (or replies slower than half a lifetime) meet it.
+    pub min_refresh_interval: Duration,
     /// How long a refresh lease lasts.
     pub lease_ttl: Duration,
     /// How often a worker waiting for another's lease re-reads the store.
@@ -43,6 +48,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             access_margin: minutes(5),
+            min_refresh_interval: Duration::from_secs(1),
             lease_ttl: Duration::from_secs(60),
             lease_poll: Duration::from_millis(500),
             send_safety: Duration::from_secs(30),

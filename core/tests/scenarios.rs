@@ -1002,3 +1002,67 @@ fn a_bare_401_is_a_configuration_error_not_retried_on_a_short_timer() {
         "not retried on a short timer"
     );
 }
+
+/// An Intuit-style grant whose access token lives `secs` seconds.
+fn granted_for(access: &str, refresh: &str, secs: u64) -> HttpResponse {
+    json_reply(
+        200,
+        &format!(
+            r#"{{"access_token":"{access}","refresh_token":"{refresh}","token_type":"bearer","expires_in":{secs},"x_refresh_token_expires_in":8726400}}"#
+        ),
+    )
+}
+
+/// Callers every second for ten minutes against a provider granting `lifetime`
+/// second tokens, default settings, replies after `latency`: every caller is
+/// answered at once, and the number of refreshes is what the lifetime allows.
+fn short_lived(lifetime: u64, latency: Duration) -> (usize, usize, usize) {
+    let mut world = World::intuit(1);
+    let (mut refreshes, mut served, mut throttled) = (0, 0, 0);
+    for second in 0..600u64 {
+        let r = world.request(0);
+        if world.result(0, r).is_none() {
+            world.advance(latency);
+            refreshes += 1;
+            let n = refreshes;
+            world.reply(0, granted_for(&format!("AT-{n}"), &format!("RT-{n}"), lifetime));
+        }
+        match world.result(0, r) {
+            Some(Ok(_)) => served += 1,
+            Some(Err(AccessError::Transient {
+                kind: FailureKind::RefreshThrottled,
+                ..
+            })) => throttled += 1,
+            other => panic!("second {second}: caller answered with {other:?}"),
+        }
+        world.now = world.now.max(T0.saturating_add(Duration::from_secs(second + 1)));
+    }
+    (refreshes, served, throttled)
+}
+
+#[test]
+fn the_margin_adapts_to_short_lifetimes_and_callers_are_served() {
+    // 1 h tokens: the 5-minute margin, one refresh (the stored token is expired).
+    assert_eq!(short_lived(3600, Duration::ZERO), (1, 600, 0));
+    // 60 s tokens: a margin of 30 s, so a refresh every 30 s (the margin used to
+    // equal the lifetime and made a refresh storm that served nobody).
+    assert_eq!(short_lived(60, Duration::ZERO), (20, 600, 0));
+    // 5 s tokens: every 2-3 s.
+    let (refreshes, served, _) = short_lived(5, Duration::ZERO);
+    assert_eq!(served, 600);
+    assert!((200..=300).contains(&refreshes), "{refreshes}");
+}
+
+#[test]
+fn a_token_inside_its_margin_on_arrival_is_not_refreshed_again_at_once() {
+    // 2 s tokens whose reply takes 1.5 s: each new token is inside its 1 s margin
+    // when it arrives. Callers are answered (throttled, with a time to come back),
+    // and refreshes stay at most one per `min_refresh_interval` plus latency.
+    let (refreshes, served, throttled) = short_lived(2, Duration::from_millis(1500));
+    assert_eq!(served + throttled, 600);
+    assert!(throttled > 0);
+    // At most one refresh per floor (1 s) plus reply time (1.5 s).
+    assert!(refreshes <= 600 * 2 / 5 + 1, "{refreshes}");
+    // Without the floor the machine refreshed again at once, and again: every
+    // token arrived inside its margin, the caller was never answered.
+}

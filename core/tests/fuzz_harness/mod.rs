@@ -530,6 +530,20 @@ pub fn reply_in_flight(profile: &ProviderProfile, reply: HttpResponse) -> InFlig
     assert_eq!(conn.poll_output(), None);
 
     let parsed = parse_token_reply(profile, &reply);
+    // The access lifetime as the harness reads the body itself: a positive whole
+    // number of seconds up to a year (or such a digit string), else the default.
+    let granted_lifetime = serde_json::from_slice::<serde_json::Value>(&reply.body)
+        .ok()
+        .and_then(|body| match &body["expires_in"] {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) if s.bytes().all(|b| b.is_ascii_digit()) => {
+                s.parse().ok()
+            }
+            _ => None,
+        })
+        .map(Duration::from_secs)
+        .filter(|d| !d.is_zero() && *d <= MAX_ACCESS_TTL)
+        .unwrap_or(profile.default_access_ttl);
     let reply_at = now.saturating_add(Duration::from_secs(1));
     conn.handle_input(reply_at, Input::Replied(reply))
         .expect("Replied answers Send");
@@ -603,7 +617,7 @@ pub fn reply_in_flight(profile: &ProviderProfile, reply: HttpResponse) -> InFlig
                         store.generation,
                         access.expires_at,
                         reply_at,
-                        config.settings.access_margin,
+                        config.settings.access_margin.min(granted_lifetime / 2),
                         store.generation,
                     )
                     .unwrap();

@@ -6,6 +6,7 @@
 pub mod provider;
 
 use std::sync::Arc;
+use std::time::Duration;
 use tokenfence_core::lease::{self, LeaseSlot};
 use tokenfence_core::*;
 
@@ -315,12 +316,14 @@ impl Worker {
     }
 
     /// S5 for a token just delivered: find its expiry and generation in the machine.
-    fn check_serve(&self, now: Timestamp, token: &AccessToken) {
+    fn check_serve(&self, now: Timestamp, token: &AccessToken, lifetime: Option<Duration>) {
         let (generation, expires_at) = self
             .conn
             .access_source(token)
             .expect("a served token comes from the machine's record");
+        // The margin, never more than half the lifetime the harness granted.
         let margin = self.conn.config().settings.access_margin;
+        let margin = lifetime.map_or(margin, |l| margin.min(l / 2));
         invariants::fresh_serve(generation, expires_at, now, margin, self.newest).expect("S5");
     }
 }
@@ -339,6 +342,8 @@ pub struct World {
     /// worker id counts as another worker's (a restarted worker cannot know what
     /// its previous incarnation sent: find 1); this incarnation's own never does.
     pub taken_over: Vec<invariants::Unsettled>,
+    /// The `expires_in` of every access token replied, as the harness read it.
+    pub lifetimes: std::collections::HashMap<String, Duration>,
     next_request: u64,
     /// The entropy of the last machine made: every incarnation gets a new one.
     entropy: u64,
@@ -371,6 +376,7 @@ impl World {
             workers: vec![],
             ghosts: vec![],
             taken_over: vec![],
+            lifetimes: Default::default(),
             next_request: 0,
             entropy: 0,
         };
@@ -427,11 +433,12 @@ impl World {
     fn pump(&mut self, w: usize) {
         let now = self.now;
         while let Some(out) = self.workers[w].conn.poll_output() {
+            let lifetimes = &self.lifetimes;
             let worker = &mut self.workers[w];
             match out {
                 Output::Deliver { request, result } => {
                     if let Ok(token) = &result {
-                        worker.check_serve(now, token);
+                        worker.check_serve(now, token, lifetimes.get(token.expose()).copied());
                     }
                     worker.delivered.push((request, result));
                 }
@@ -521,6 +528,14 @@ impl World {
     /// cannot read as a definite outcome (a 2xx it cannot use, a 504) counts as
     /// unseen for S4's ghost.
     pub fn reply(&mut self, w: usize, reply: HttpResponse) {
+        if let Ok(body) = serde_json::from_slice::<serde_json::Value>(&reply.body) {
+            if let (Some(access), Some(secs)) =
+                (body["access_token"].as_str(), body["expires_in"].as_u64())
+            {
+                self.lifetimes
+                    .insert(access.to_string(), Duration::from_secs(secs));
+            }
+        }
         let seen = reply_seen(&self.workers[w].conn.config().profile, &reply);
         self.answer(w, Input::Replied(reply), seen);
     }

@@ -70,6 +70,7 @@ pub fn model_settings() -> Settings {
     let s = Duration::from_secs;
     Settings {
         access_margin: s(5),
+        min_refresh_interval: s(1),
         lease_ttl: s(10),
         lease_poll: s(2),
         send_safety: s(4),
