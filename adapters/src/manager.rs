@@ -24,7 +24,7 @@ use tokenfence_core::{
     authorization_code_request, parse_token_reply, AccessError, AccessToken, ClientCredentials,
     ClientSecret, Config, Connection, ConnectionId, ConnectionRecord, Environment, Event,
     Generation, GrantIdentity, Input, InputError, Output, ProviderProfile, ReplyError, RequestId,
-    SecretString, Settings, Status, Timestamp, WorkerId,
+    SecretString, Settings, SettingsError, Status, Timestamp, WorkerId,
 };
 use tokio::sync::{broadcast, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -155,6 +155,13 @@ pub enum BuildError {
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// The settings cannot work with the provider.
+    #[error("settings: {0}")]
+    Settings(#[from] SettingsError),
+    /// The operating system gave no randomness for this process's worker id (no
+    /// fixed fallback: two processes must never share one).
+    #[error("no randomness for the worker id: {0}")]
+    Entropy(String),
 }
 
 type PendingInput = Pin<Box<dyn Future<Output = Input> + Send>>;
@@ -544,6 +551,7 @@ impl TokenManagerBuilder {
     pub async fn build(self) -> Result<TokenManager, BuildError> {
         let provider = self.provider.ok_or(BuildError::Missing("provider"))?;
         let store = self.store.ok_or(BuildError::Missing("store"))?;
+        self.settings.check(&provider.profile)?;
         check_url(&provider.profile.token_url)?;
         if let Some(url) = &provider.profile.revoke_url {
             check_url(url)?;
@@ -552,7 +560,7 @@ impl TokenManagerBuilder {
             Some(t) => t,
             None => Arc::new(ReqwestTransport::new(self.clock.clone())?),
         };
-        let seed = getrandom::u64().unwrap_or(0x5EED) ^ u64::from(std::process::id());
+        let seed = getrandom::u64().map_err(|e| BuildError::Entropy(e.to_string()))?;
         let worker = self
             .worker
             .unwrap_or_else(|| WorkerId(format!("pid{}-{:016x}", std::process::id(), seed)));

@@ -194,6 +194,26 @@ async fn insecure_endpoints_are_refused_at_build() {
 }
 
 #[tokio::test]
+async fn settings_that_cannot_work_with_the_provider_are_refused_at_build() {
+    let settings = tokenfence_core::Settings {
+        send_safety: std::time::Duration::from_secs(90),
+        ..Default::default()
+    };
+    let result = TokenManager::builder()
+        .provider(provider())
+        .store(MemoryStore::new())
+        .settings(settings)
+        .keepalive_scan(None)
+        .build()
+        .await;
+    let Err(err) = result else {
+        panic!("built with send_safety longer than the lease");
+    };
+    assert!(matches!(err, tokenfence::BuildError::Settings(_)), "{err}");
+    assert!(err.to_string().contains("send_safety"), "{err}");
+}
+
+#[tokio::test]
 async fn shutdown_stops_every_task() {
     let p = provider();
     let store = seeded_store(&p).await;

@@ -145,5 +145,5 @@ pub use request::{
     authorization_code_request, refresh_request, revoke_request, Header, HttpRequest,
 };
 pub use secret::{AccessToken, ClientSecret, RefreshToken, SecretString};
-pub use settings::Settings;
+pub use settings::{Settings, SettingsError};
 pub use time::{days, hours, minutes, Timestamp};

@@ -1,7 +1,60 @@
 //! Margins, lease and retry settings, with defaults chosen for Intuit.
 
+use crate::profile::ProviderProfile;
 use crate::time::{days, minutes};
+use alloc::string::String;
 use core::time::Duration;
+
+/// Settings that cannot work with a provider, found before anything is sent.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// `send_safety` leaves no time to send under a lease.
+    #[error("send_safety ({send_safety:?}) must be shorter than lease_ttl ({lease_ttl:?}): no refresh could ever be sent under a lease")]
+    SendSafetyNotInsideLease {
+        /// The setting.
+        send_safety: Duration,
+        /// The setting.
+        lease_ttl: Duration,
+    },
+    /// Waiting workers would never re-read the store before the lease ends.
+    #[error("lease_poll ({lease_poll:?}) must be more than zero and shorter than lease_ttl ({lease_ttl:?})")]
+    LeasePoll {
+        /// The setting.
+        lease_poll: Duration,
+        /// The setting.
+        lease_ttl: Duration,
+    },
+    /// A refresh in doubt could never be presented again inside the provider's
+    /// grace window: every lost reply would end in re-authorization.
+    #[error("in_doubt_safety ({in_doubt_safety:?}) must be shorter than {provider}'s grace window ({grace:?})")]
+    InDoubtSafetyNotInsideGrace {
+        /// The profile.
+        provider: String,
+        /// The setting.
+        in_doubt_safety: Duration,
+        /// The profile's grace window.
+        grace: Duration,
+    },
+    /// Callers would be throttled for most of every token's life.
+    #[error("min_refresh_interval ({floor:?}) must be shorter than half of {provider}'s access-token lifetime ({lifetime:?})")]
+    RefreshFloorTooLong {
+        /// The profile.
+        provider: String,
+        /// The setting.
+        floor: Duration,
+        /// The profile's default access lifetime.
+        lifetime: Duration,
+    },
+    /// The retry schedule is empty or inverted.
+    #[error("backoff_base ({base:?}) must be more than zero and at most backoff_max ({max:?}), and max_attempts at least 1")]
+    Backoff {
+        /// The setting.
+        base: Duration,
+        /// The setting.
+        max: Duration,
+    },
+}
 
 /// Tunable timings of the lifecycle. The defaults suit Intuit (1 h access tokens,
 /// 100-day idle window, 5-year cap) and most providers.
@@ -66,6 +119,50 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// Checks these settings against `profile`: what cannot work is an error
+    /// naming the conflict. (The access margin needs no check: it never exceeds
+    /// half of a token's lifetime, whatever is set.)
+    pub fn check(&self, profile: &ProviderProfile) -> Result<(), SettingsError> {
+        if self.send_safety >= self.lease_ttl {
+            return Err(SettingsError::SendSafetyNotInsideLease {
+                send_safety: self.send_safety,
+                lease_ttl: self.lease_ttl,
+            });
+        }
+        if self.lease_poll.is_zero() || self.lease_poll >= self.lease_ttl {
+            return Err(SettingsError::LeasePoll {
+                lease_poll: self.lease_poll,
+                lease_ttl: self.lease_ttl,
+            });
+        }
+        let grace = profile.rotation.grace;
+        if !grace.is_zero() && self.in_doubt_safety >= grace {
+            return Err(SettingsError::InDoubtSafetyNotInsideGrace {
+                provider: profile.name.clone(),
+                in_doubt_safety: self.in_doubt_safety,
+                grace,
+            });
+        }
+        let lifetime = profile.default_access_ttl;
+        if self.min_refresh_interval >= lifetime / 2 {
+            return Err(SettingsError::RefreshFloorTooLong {
+                provider: profile.name.clone(),
+                floor: self.min_refresh_interval,
+                lifetime,
+            });
+        }
+        if self.backoff_base.is_zero()
+            || self.backoff_base > self.backoff_max
+            || self.max_attempts == 0
+        {
+            return Err(SettingsError::Backoff {
+                base: self.backoff_base,
+                max: self.backoff_max,
+            });
+        }
+        Ok(())
+    }
+
     /// Delay before retry number `failures` (1-based): exponential from
     /// `backoff_base`, capped at `backoff_max`, with "equal jitter" drawn from
     /// `roll` (half fixed, half random), so retries of many workers spread out.
@@ -91,5 +188,63 @@ mod tests {
         assert!(s.backoff(5, 0) >= Duration::from_secs(8));
         assert!(s.backoff(1000, u64::MAX) <= s.backoff_max);
         assert_ne!(s.backoff(4, 1), s.backoff(4, 2));
+    }
+
+    #[test]
+    fn the_defaults_suit_every_built_in_profile_and_conflicts_are_named() {
+        let profiles = [
+            ProviderProfile::intuit(),
+            ProviderProfile::xero(),
+            ProviderProfile::atlassian(),
+            ProviderProfile::google(),
+            ProviderProfile::github_app(),
+            ProviderProfile::strict_reuse_detecting("s", "https://s.example/t"),
+        ];
+        for p in &profiles {
+            assert_eq!(Settings::default().check(p), Ok(()), "{}", p.name);
+        }
+        let intuit = &profiles[0];
+        let bad = |s: Settings| s.check(intuit).unwrap_err();
+        let d = Settings::default();
+        assert!(matches!(
+            bad(Settings {
+                send_safety: d.lease_ttl,
+                ..d.clone()
+            }),
+            SettingsError::SendSafetyNotInsideLease { .. }
+        ));
+        assert!(matches!(
+            bad(Settings {
+                lease_poll: Duration::ZERO,
+                ..d.clone()
+            }),
+            SettingsError::LeasePoll { .. }
+        ));
+        assert!(matches!(
+            bad(Settings {
+                in_doubt_safety: days(1),
+                ..d.clone()
+            }),
+            SettingsError::InDoubtSafetyNotInsideGrace { .. }
+        ));
+        assert!(matches!(
+            bad(Settings {
+                min_refresh_interval: minutes(30),
+                ..d.clone()
+            }),
+            SettingsError::RefreshFloorTooLong { .. }
+        ));
+        assert!(matches!(
+            bad(Settings {
+                max_attempts: 0,
+                ..d.clone()
+            }),
+            SettingsError::Backoff { .. }
+        ));
+        let err = bad(Settings {
+            in_doubt_safety: days(1),
+            ..d
+        });
+        assert!(alloc::format!("{err}").contains("intuit"), "{err}");
     }
 }

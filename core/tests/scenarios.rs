@@ -1025,7 +1025,10 @@ fn short_lived(lifetime: u64, latency: Duration) -> (usize, usize, usize) {
             world.advance(latency);
             refreshes += 1;
             let n = refreshes;
-            world.reply(0, granted_for(&format!("AT-{n}"), &format!("RT-{n}"), lifetime));
+            world.reply(
+                0,
+                granted_for(&format!("AT-{n}"), &format!("RT-{n}"), lifetime),
+            );
         }
         match world.result(0, r) {
             Some(Ok(_)) => served += 1,
@@ -1035,7 +1038,9 @@ fn short_lived(lifetime: u64, latency: Duration) -> (usize, usize, usize) {
             })) => throttled += 1,
             other => panic!("second {second}: caller answered with {other:?}"),
         }
-        world.now = world.now.max(T0.saturating_add(Duration::from_secs(second + 1)));
+        world.now = world
+            .now
+            .max(T0.saturating_add(Duration::from_secs(second + 1)));
     }
     (refreshes, served, throttled)
 }

@@ -536,9 +536,7 @@ pub fn reply_in_flight(profile: &ProviderProfile, reply: HttpResponse) -> InFlig
         .ok()
         .and_then(|body| match &body["expires_in"] {
             serde_json::Value::Number(n) => n.as_u64(),
-            serde_json::Value::String(s) if s.bytes().all(|b| b.is_ascii_digit()) => {
-                s.parse().ok()
-            }
+            serde_json::Value::String(s) if s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
             _ => None,
         })
         .map(Duration::from_secs)

@@ -35,7 +35,7 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 365)]
     days: u64,
     /// Provider of the fleet: intuit, xero, atlassian, google, github,
-    /// reuse-detection.
+    /// reuse-detection, short-lived (60-second access tokens).
     #[arg(long, default_value = "intuit")]
     provider: String,
     /// Faults: all (every kind, intensities drawn from the seed), swarm (a random

@@ -1074,7 +1074,8 @@ impl World {
         let now = self.now;
         let p = self.workers[w].process;
         let local = self.local_now(p);
-        let margin = self.settings.access_margin;
+        // The margin, never more than half the lifetime the provider grants.
+        let margin = self.settings.access_margin.min(self.spec.access_ttl / 2);
         let Some(slot) = self.slot(w, c) else { return };
         let Some(i) = slot.callers.iter().position(|k| k.id == request) else {
             self.ledger.violation("contract", c, now, || {

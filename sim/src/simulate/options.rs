@@ -29,17 +29,21 @@ pub enum Fleet {
     Github,
     /// Strict rotation with reuse detection (Auth0 without leeway, RFC 9700).
     Reuse,
+    /// Xero's rotation and windows with access tokens that live 60 s: shorter than
+    /// the default 5-minute margin, which must adapt.
+    ShortLived,
 }
 
 impl Fleet {
     /// Every fleet, in a stable order.
-    pub const ALL: [Fleet; 6] = [
+    pub const ALL: [Fleet; 7] = [
         Fleet::Intuit,
         Fleet::Xero,
         Fleet::Atlassian,
         Fleet::Google,
         Fleet::Github,
         Fleet::Reuse,
+        Fleet::ShortLived,
     ];
 
     /// The command-line name.
@@ -51,6 +55,7 @@ impl Fleet {
             Fleet::Google => "google",
             Fleet::Github => "github",
             Fleet::Reuse => "reuse-detection",
+            Fleet::ShortLived => "short-lived",
         }
     }
 
@@ -64,6 +69,11 @@ impl Fleet {
         let base = match self {
             Fleet::Intuit => return with_cap(ProviderSpec::intuit(), hard_lifetime),
             Fleet::Xero => ProviderProfile::xero(),
+            Fleet::ShortLived => ProviderProfile {
+                name: "short-lived".into(),
+                default_access_ttl: Duration::from_secs(60),
+                ..ProviderProfile::xero()
+            },
             Fleet::Atlassian => ProviderProfile::atlassian(),
             Fleet::Google => ProviderProfile::google(),
             Fleet::Github => ProviderProfile::github_app(),
