@@ -168,6 +168,11 @@ type PendingInput = Pin<Box<dyn Future<Output = Input> + Send>>;
 
 enum Command {
     Access(oneshot::Sender<Result<AccessToken, AccessError>>),
+    /// Refresh now and answer with the outcome ([`Input::RefreshNow`]).
+    RefreshNow {
+        tx: oneshot::Sender<Result<AccessToken, AccessError>>,
+        clear_block: bool,
+    },
     Input(Box<Input>),
     Notify(Box<Input>, oneshot::Sender<Event>),
     /// A dormant connection's timer came: load the record and let the machine act.
@@ -259,6 +264,23 @@ impl TokenManager {
         }
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::Access(tx))?;
+        Ok(rx.await.map_err(|_| ManagerError::ShutDown)??)
+    }
+
+    /// Refreshes now, whatever the cached token says, and says what happened: the
+    /// token of a refresh that committed after the call, or why there is none
+    /// (client rejected and until when, re-authorization required, ...).
+    ///
+    /// With `clear_block`, a configuration failure recorded with these same
+    /// credentials does not hold the refresh back (an operator fixed the app's
+    /// settings at the provider). Other credentials are never held back by it.
+    pub async fn refresh_now(
+        &self,
+        id: &ConnectionId,
+        clear_block: bool,
+    ) -> Result<AccessToken, ManagerError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(id, Command::RefreshNow { tx, clear_block })?;
         Ok(rx.await.map_err(|_| ManagerError::ShutDown)??)
     }
 
@@ -714,6 +736,13 @@ impl Actor {
             Command::Access(tx) => {
                 self.waiters.insert(request, tx);
                 Input::AccessRequested(request)
+            }
+            Command::RefreshNow { tx, clear_block } => {
+                self.waiters.insert(request, tx);
+                Input::RefreshNow {
+                    request,
+                    clear_block,
+                }
             }
             Command::Input(input) => *input,
             Command::Notify(input, tx) => {

@@ -11,6 +11,7 @@ struct Env {
     base: String,
     store: String,
     keyring: String,
+    secret: &'static str,
     _dir: tempfile::TempDir,
 }
 
@@ -25,7 +26,7 @@ async fn run(env: &Env, args: &[&str]) -> (i32, String) {
         .args(args)
         .env("TOKENFENCE_KEYRING", &env.keyring)
         .env("TOKENFENCE_CLIENT_ID", "prod-app")
-        .env("TOKENFENCE_CLIENT_SECRET", "prod-secret")
+        .env("TOKENFENCE_CLIENT_SECRET", env.secret)
         .output()
         .await
         .expect("run tokenfence");
@@ -35,7 +36,7 @@ async fn run(env: &Env, args: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        !text.contains("prod-secret"),
+        !text.contains("prod-secret") && !text.contains(env.secret),
         "the client secret leaked: {text}"
     );
     (out.status.code().unwrap_or(-1), text)
@@ -62,6 +63,7 @@ async fn operate_a_connection_from_the_command_line() {
             "1:{}",
             EncryptionKey::generate().unwrap().to_base64().as_str()
         ),
+        secret: "prod-secret",
         _dir: dir,
     };
 
@@ -84,6 +86,32 @@ async fn operate_a_connection_from_the_command_line() {
         .split('&')
         .next()
         .unwrap();
+    let connect = |code: &str| {
+        [
+            "connect",
+            "realm-1",
+            "--code",
+            code,
+            "--redirect-uri",
+            "http://127.0.0.1:1/cb",
+            "--realm",
+            "123",
+        ]
+        .map(str::to_owned)
+    };
+    // A wrong secret does not connect (the mock checks it on the code exchange
+    // as on refresh): said at once, nothing stored.
+    let wrong = Env {
+        secret: "not-the-secret",
+        ..env
+    };
+    let (status, out) = run(&wrong, &connect(code).each_ref().map(String::as_str)).await;
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains("invalid_client"), "{out}");
+    let env = Env {
+        secret: "prod-secret",
+        ..wrong
+    };
     let (status, out) = run(
         &env,
         &[
@@ -110,6 +138,45 @@ async fn operate_a_connection_from_the_command_line() {
     assert!(out.contains("refreshed realm-1: g1"), "{out}");
     assert_eq!(mock.stats().refreshes, 1);
 
+    // A rejected secret: the real outcome, at once (it used to wait 60 s and
+    // say "the token is valid"), and the block is the wrong secret's only.
+    let wrong = Env {
+        secret: "not-the-secret",
+        ..env
+    };
+    let started = std::time::Instant::now();
+    let (status, out) = run(&wrong, &["refresh", "realm-1"]).await;
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains("rejected the client credentials"), "{out}");
+    assert!(out.contains("tried again at"), "{out}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let (_, out) = run(&wrong, &["status", "realm-1"]).await;
+    assert!(
+        out.contains("degraded(1x client credentials rejected)"),
+        "{out}"
+    );
+    // The same wrong secret again: held back, nothing sent.
+    let requests = mock.stats().token_requests;
+    let (status, out) = run(&wrong, &["refresh", "realm-1"]).await;
+    assert_eq!(status, 1, "{out}");
+    assert_eq!(
+        mock.stats().token_requests,
+        requests,
+        "sent despite the block"
+    );
+    // ...unless an operator clears the block (still refused: the secret is wrong).
+    let (status, _) = run(&wrong, &["refresh", "realm-1", "--clear-block"]).await;
+    assert_eq!(status, 1);
+    assert_eq!(mock.stats().token_requests, requests + 1);
+    // The right secret is not held back by the wrong one's block.
+    let env = Env {
+        secret: "prod-secret",
+        ..wrong
+    };
+    let (status, out) = run(&env, &["refresh", "realm-1"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("refreshed realm-1: g4"), "{out}");
+
     // Key rotation: add key 2, re-seal, then the old key can go.
     let new_key = format!(
         "2:{}",
@@ -127,7 +194,7 @@ async fn operate_a_connection_from_the_command_line() {
         ..env
     };
     let (status, out) = run(&env, &["list"]).await;
-    assert!(status == 0 && out.contains("realm-1\tactive\tg1"), "{out}");
+    assert!(status == 0 && out.contains("realm-1\tactive\tg4"), "{out}");
 
     let (status, out) = run(&env, &["revoke", "realm-1"]).await;
     assert_eq!(status, 0, "{out}");
@@ -150,6 +217,7 @@ async fn bad_arguments_exit_2() {
             "1:{}",
             EncryptionKey::generate().unwrap().to_base64().as_str()
         ),
+        secret: "prod-secret",
         _dir: dir,
     };
     let (status, out) = run(&env, &["list"]).await;

@@ -78,6 +78,16 @@ pub enum Input {
     /// caller: a keep-alive refresh is due, or a lease was abandoned (a refresh may
     /// be in doubt). Refresh now for liveness, whatever the cached record says.
     Maintain,
+    /// Refresh now, whatever the cached token says, and answer `request` with
+    /// the outcome: the token of a refresh that committed after this input, or why
+    /// there is none (what an operator's "refresh" command reports).
+    RefreshNow {
+        /// Who to answer.
+        request: RequestId,
+        /// An operator says the configuration is fixed: refresh even if a
+        /// configuration failure recorded with these same credentials says to wait.
+        clear_block: bool,
+    },
 }
 
 impl Input {
@@ -108,6 +118,7 @@ impl Input {
             Input::Conflict { .. } => "Conflict",
             Input::StoreFailed => "StoreFailed",
             Input::StoreChanged => "StoreChanged",
+            Input::RefreshNow { .. } => "RefreshNow",
             Input::Timeout => "Timeout",
             Input::Authorized { .. } => "Authorized",
             Input::Disconnect => "Disconnect",
@@ -257,14 +268,19 @@ pub enum ConfigError {
         /// Configured value.
         configured: String,
     },
-    /// The provider rejected the client credentials (`invalid_client`).
-    #[error("the provider rejected the client credentials; check the client id and secret for this environment")]
-    ClientRejected,
+    /// The provider rejected the client credentials (`invalid_client`, or a 401
+    /// without an OAuth body).
+    #[error("the provider rejected the client credentials; check the client id and secret for this environment (these credentials are tried again at {retry_at}, other credentials at once, or clear the block)")]
+    ClientRejected {
+        /// When these same credentials are tried again.
+        retry_at: Timestamp,
+    },
     /// The provider rejected the request itself (`invalid_request`, `invalid_scope`...).
-    #[error(
-        "the provider rejected the refresh request as malformed or unauthorized for this client"
-    )]
-    RequestRejected,
+    #[error("the provider rejected the refresh request as malformed or unauthorized for this client (tried again at {retry_at}, or clear the block)")]
+    RequestRejected {
+        /// When these same credentials are tried again.
+        retry_at: Timestamp,
+    },
 }
 
 /// Why a caller got no access token. Carries no secret.

@@ -65,6 +65,7 @@
 //!     in_doubt_since: None,
 //!     in_doubt_holder: None,
 //!     status: Status::Active,
+//!     blocked_client: None,
 //!     last_refreshed_at: None,
 //!     updated_at: now,
 //! };
@@ -129,8 +130,8 @@ pub use io::{
 };
 pub use machine::{Config, Connection};
 pub use profile::{
-    ClientAuth, ClientCredentials, Environment, GraceReplay, InDoubtRecovery, ProviderProfile,
-    RevokeStyle, Rotation, RotationPolicy,
+    ClientAuth, ClientCredentials, ClientFingerprint, Environment, GraceReplay, InDoubtRecovery,
+    ProviderProfile, RevokeStyle, Rotation, RotationPolicy,
 };
 pub use record::{
     AccessGrant, ConnectionId, ConnectionRecord, FailureKind, Generation, GrantIdentity, Lease,

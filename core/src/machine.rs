@@ -3,7 +3,9 @@
 use crate::io::{
     AccessError, ConfigError, Event, IdentityField, Input, InputError, Output, RequestId,
 };
-use crate::profile::{ClientCredentials, GraceReplay, InDoubtRecovery, ProviderProfile, Rotation};
+use crate::profile::{
+    ClientCredentials, ClientFingerprint, GraceReplay, InDoubtRecovery, ProviderProfile, Rotation,
+};
 use crate::record::{
     ConnectionId, ConnectionRecord, FailureKind, GrantIdentity, Lease, LeaseRequestId,
     ReauthReason, Status, WorkerId,
@@ -17,6 +19,7 @@ use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::ToString;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::time::Duration;
 
 /// What a machine is configured with: shared by all connections of one client.
@@ -215,6 +218,15 @@ pub struct Connection {
     /// The keep-alive was asked for by a scheduler: refresh even if not due.
     maintain: bool,
     attempts: u32,
+    /// Callers of [`Input::RefreshNow`] (also in `waiting`): answered with a token
+    /// only once a refresh committed after they asked.
+    forced: Vec<RequestId>,
+    /// A refresh committed since the oldest of `forced` asked.
+    forced_answerable: bool,
+    /// An operator's [`Input::RefreshNow`] clears a configuration block.
+    retry_now: bool,
+    /// Which credentials this machine sends ([`ClientCredentials::fingerprint`]).
+    client_fingerprint: ClientFingerprint,
     /// When this machine last saw one of its refreshes commit (the floor between
     /// refreshes counts from here too: a reply can take longer than the token's
     /// margin).
@@ -230,6 +242,7 @@ impl Connection {
     /// A machine for connection `id`. `entropy` seeds the retry jitter: give each
     /// machine a different random value (the simulator derives it from its seed).
     pub fn new(id: ConnectionId, config: Arc<Config>, entropy: u64) -> Self {
+        let client_fingerprint = config.client.fingerprint();
         Connection {
             id,
             config,
@@ -251,6 +264,10 @@ impl Connection {
             keepalive: false,
             maintain: false,
             attempts: 0,
+            forced: Vec::new(),
+            forced_answerable: false,
+            retry_now: false,
+            client_fingerprint,
             refreshed_at: None,
             not_before: None,
             authorized: None,
@@ -423,6 +440,23 @@ impl Connection {
                 self.phase = phase;
                 self.disconnect = true;
             }
+            (
+                Input::RefreshNow {
+                    request,
+                    clear_block,
+                },
+                phase,
+            ) => {
+                self.phase = phase;
+                self.waiting.push_back(request);
+                self.forced.push(request);
+                self.retry_now |= clear_block;
+                self.keepalive = true;
+                self.maintain = true;
+                if matches!(self.phase, Phase::Idle) {
+                    self.fresh = false;
+                }
+            }
             (Input::Maintain, phase) => {
                 self.phase = phase;
                 self.keepalive = true;
@@ -586,10 +620,22 @@ impl Connection {
     }
 
     fn deliver_all(&mut self, result: &Result<AccessToken, AccessError>) {
+        // A token for a `RefreshNow` caller must come from a refresh after it asked.
+        let hold = result.is_ok() && !self.forced.is_empty() && !self.forced_answerable;
+        let mut held = VecDeque::new();
         while let Some(request) = self.waiting.pop_front() {
+            if hold && self.forced.contains(&request) {
+                held.push_back(request);
+                continue;
+            }
             let result = result.clone();
             self.outputs.push_back(Output::Deliver { request, result });
         }
+        if held.is_empty() {
+            self.forced.clear();
+            self.forced_answerable = false;
+        }
+        self.waiting = held;
     }
 
     fn emit(&mut self, event: Event) {
@@ -815,11 +861,22 @@ impl Connection {
 
     /// The earliest instant a refresh may be tried, if that is in the future.
     fn retry_gate(&self, now: Timestamp) -> Option<(Timestamp, FailureKind)> {
-        let mut gate = self.not_before.filter(|(t, _)| *t > now);
-        if let Some(Status::Degraded { retry_at, last, .. }) =
-            self.record.as_ref().map(|r| r.status)
-        {
-            if retry_at > now && gate.is_none_or(|(t, _)| retry_at > t) {
+        let mut gate = self
+            .not_before
+            .filter(|(t, kind)| *t > now && !(self.retry_now && kind.is_configuration()));
+        let Some(record) = self.record.as_ref() else {
+            return gate;
+        };
+        if let Status::Degraded { retry_at, last, .. } = record.status {
+            // A configuration failure holds back only the credentials it came
+            // from (a record from before fingerprints: every one), and not an
+            // operator's explicit retry.
+            let held = !last.is_configuration()
+                || (!self.retry_now
+                    && record
+                        .blocked_client
+                        .is_none_or(|c| c == self.client_fingerprint));
+            if held && retry_at > now && gate.is_none_or(|(t, _)| retry_at > t) {
                 gate = Some((retry_at, last));
             }
         }
@@ -831,8 +888,8 @@ impl Connection {
     fn hold_off(&mut self, now: Timestamp, retry_at: Timestamp, kind: FailureKind) {
         let s = &self.config.settings;
         let config_error = match kind {
-            FailureKind::ClientRejected => Some(ConfigError::ClientRejected),
-            FailureKind::RequestRejected => Some(ConfigError::RequestRejected),
+            FailureKind::ClientRejected => Some(ConfigError::ClientRejected { retry_at }),
+            FailureKind::RequestRejected => Some(ConfigError::RequestRejected { retry_at }),
             _ => None,
         };
         let soon = retry_at.saturating_since(now) <= s.max_inline_delay;
@@ -931,6 +988,7 @@ impl Connection {
             send_deadline,
         );
         self.outputs.push_back(Output::Send(request));
+        self.retry_now = false;
         self.sent_under_lease = true;
         self.unknown_grant = None;
         self.phase = Phase::Sending(Box::new(Attempt {
@@ -1035,6 +1093,7 @@ impl Connection {
                 retry_at,
                 last: kind,
             },
+            blocked_client: kind.is_configuration().then_some(self.client_fingerprint),
             in_doubt_since: attempt.in_doubt_since,
             updated_at: now,
             ..attempt.base
@@ -1103,6 +1162,7 @@ impl Connection {
             Intent::Doubt => {}
             Intent::Refreshed { attempt, rotated } => {
                 self.refreshed_at = Some(now);
+                self.forced_answerable = true;
                 self.attempts = 0;
                 self.keepalive = false;
                 self.maintain = false;
@@ -1304,6 +1364,7 @@ impl Connection {
                         retry_at,
                     }),
                 };
+                self.forced_answerable |= matches!(intent, Intent::Refreshed { .. });
                 self.deliver_all(&result);
                 self.phase = Phase::RetryingCommit {
                     proposal,

@@ -299,6 +299,36 @@ pub struct ClientCredentials {
     pub environment: Environment,
 }
 
+impl ClientCredentials {
+    /// A fingerprint of the client id and secret (SHA-256, first 8 bytes): what a
+    /// record keeps to say which credentials a configuration failure belongs to.
+    /// It identifies credentials; it does not reveal the secret.
+    pub fn fingerprint(&self) -> ClientFingerprint {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"tokenfence client fingerprint v1\0");
+        h.update(self.client_id.as_bytes());
+        h.update(b"\0");
+        h.update(self.client_secret.expose().as_bytes());
+        let digest = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        ClientFingerprint(u64::from_be_bytes(first))
+    }
+}
+
+/// Which client credentials something belongs to: see
+/// [`ClientCredentials::fingerprint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct ClientFingerprint(pub u64);
+
+impl core::fmt::Display for ClientFingerprint {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

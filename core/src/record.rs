@@ -1,6 +1,6 @@
 //! The connection record: what the store keeps for one connection, and the lease.
 
-use crate::profile::{Environment, ProviderProfile};
+use crate::profile::{ClientFingerprint, Environment, ProviderProfile};
 use crate::reply::TokenGrant;
 use crate::secret::{AccessToken, RefreshToken};
 use crate::time::Timestamp;
@@ -219,6 +219,12 @@ pub struct ConnectionRecord {
     pub in_doubt_holder: Option<(WorkerId, LeaseRequestId)>,
     /// Lifecycle status.
     pub status: Status,
+    /// When the status is a configuration failure (the provider refused the
+    /// client or the request): the credentials it belongs to. Others are not held
+    /// back by it. Absent in records written before, and then the failure holds
+    /// back every client as it used to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_client: Option<ClientFingerprint>,
     /// Last successful refresh.
     pub last_refreshed_at: Option<Timestamp>,
     /// Last committed change.
@@ -248,6 +254,7 @@ impl ConnectionRecord {
             in_doubt_since: None,
             in_doubt_holder: None,
             status: Status::Active,
+            blocked_client: None,
             last_refreshed_at: None,
             updated_at: now,
         }
@@ -310,6 +317,7 @@ impl ConnectionRecord {
             in_doubt_since: None,
             in_doubt_holder: None,
             status: Status::Active,
+            blocked_client: None,
             last_refreshed_at: Some(sent_at),
             updated_at: sent_at,
             ..self.clone()

@@ -107,13 +107,17 @@ fn a_request_the_provider_refuses_is_a_configuration_error_at_once() {
     );
     assert_eq!(
         world.result(0, r),
-        Some(&Err(AccessError::Config(ConfigError::RequestRejected)))
+        Some(&Err(AccessError::Config(ConfigError::RequestRejected {
+            retry_at: T0.saturating_add(Settings::default().config_backoff)
+        })))
     );
     // Not retried on a timer either: a fix is needed, not time.
     let r = world.request(0);
     assert_eq!(
         world.result(0, r),
-        Some(&Err(AccessError::Config(ConfigError::RequestRejected)))
+        Some(&Err(AccessError::Config(ConfigError::RequestRejected {
+            retry_at: T0.saturating_add(Settings::default().config_backoff)
+        })))
     );
     assert_eq!(world.workers[0].sent.len(), 1);
 }

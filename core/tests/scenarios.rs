@@ -536,7 +536,9 @@ fn invalid_client_is_a_configuration_error_not_reauth() {
     world.reply(0, json_reply(401, r#"{"error":"invalid_client"}"#));
     assert_eq!(
         world.result(0, r),
-        Some(&Err(AccessError::Config(ConfigError::ClientRejected)))
+        Some(&Err(AccessError::Config(ConfigError::ClientRejected {
+            retry_at: T0.saturating_add(Settings::default().config_backoff)
+        })))
     );
     assert!(world.stored().is_live());
     let again = world.request(0);
@@ -982,7 +984,7 @@ fn a_bare_401_is_a_configuration_error_not_retried_on_a_short_timer() {
     assert!(
         matches!(
             world.result(0, r),
-            Some(Err(AccessError::Config(ConfigError::ClientRejected)))
+            Some(Err(AccessError::Config(ConfigError::ClientRejected { .. })))
         ),
         "{:?}",
         world.result(0, r)
@@ -1070,4 +1072,178 @@ fn a_token_inside_its_margin_on_arrival_is_not_refreshed_again_at_once() {
     assert!(refreshes <= 600 * 2 / 5 + 1, "{refreshes}");
     // Without the floor the machine refreshed again at once, and again: every
     // token arrived inside its margin, the caller was never answered.
+}
+
+fn with_secret(profile: &ProviderProfile, worker: &str, secret: &str) -> std::sync::Arc<Config> {
+    let mut config = (*config(profile.clone(), worker)).clone();
+    config.client.client_secret = ClientSecret::new(secret);
+    std::sync::Arc::new(config)
+}
+
+#[test]
+fn a_configuration_block_belongs_to_the_credentials_that_caused_it() {
+    let intuit = ProviderProfile::intuit();
+    // w0 has a wrong secret; w1 (a new process with the corrected secret) and w2
+    // (another process still with the wrong one) come later.
+    let mut world = World::with_configs(
+        vec![
+            with_secret(&intuit, "w0", "wrong-secret"),
+            with_secret(&intuit, "w1", "fixed-secret"),
+            with_secret(&intuit, "w2", "wrong-secret"),
+        ],
+        |c| record(c, "RT-1", T0),
+    );
+    let r = world.request(0);
+    world.reply(0, json_reply(401, r#"{"error":"invalid_client"}"#));
+    let retry_at = T0.saturating_add(Settings::default().config_backoff);
+    assert_eq!(
+        world.result(0, r),
+        Some(&Err(AccessError::Config(ConfigError::ClientRejected {
+            retry_at
+        })))
+    );
+    let stored = world.stored();
+    let wrong = world.workers[0].conn.config().client.fingerprint();
+    assert_eq!(stored.blocked_client, Some(wrong));
+    assert_ne!(
+        wrong,
+        world.workers[1].conn.config().client.fingerprint(),
+        "another secret, another fingerprint"
+    );
+    // The fingerprint does not show the secret.
+    let shown = format!("{stored:?} {}", wrong);
+    assert!(!shown.contains("wrong-secret"), "{shown}");
+    world.advance(Duration::from_secs(60));
+    // Same credentials elsewhere: held back, told when, nothing sent.
+    let held = world.request(2);
+    assert_eq!(
+        world.result(2, held),
+        Some(&Err(AccessError::Config(ConfigError::ClientRejected {
+            retry_at
+        })))
+    );
+    assert!(world.workers[2].sent.is_empty());
+    // The corrected credentials: sent at once, and the connection recovers.
+    let fixed = world.request(1);
+    assert_eq!(
+        world.workers[1].sent.len(),
+        1,
+        "other credentials try at once"
+    );
+    world.reply(1, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(1, fixed), "AT-2");
+    assert_eq!(world.stored().status, Status::Active);
+    assert_eq!(world.stored().blocked_client, None);
+}
+
+#[test]
+fn an_operator_can_retry_now_despite_a_block_and_is_told_the_outcome() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(0, json_reply(401, r#"{"error":"invalid_client"}"#));
+    assert!(matches!(
+        world.result(0, r),
+        Some(Err(AccessError::Config(ConfigError::ClientRejected { .. })))
+    ));
+    world.advance(Duration::from_secs(60));
+    // An ordinary request is held back, and so is a refresh asked for without
+    // clearing the block: both told until when, nothing sent...
+    let held = world.request(0);
+    assert!(world.result(0, held).is_some());
+    let asked = RequestId(899);
+    world
+        .input(
+            0,
+            Input::RefreshNow {
+                request: asked,
+                clear_block: false,
+            },
+        )
+        .expect("accepted");
+    assert!(matches!(
+        world.result(0, asked),
+        Some(Err(AccessError::Config(ConfigError::ClientRejected { .. })))
+    ));
+    assert_eq!(world.workers[0].sent.len(), 1);
+    // ...an operator's retry is sent, and answered with what happened: refused
+    // again (and the block renewed)...
+    let op = RequestId(900);
+    world
+        .input(
+            0,
+            Input::RefreshNow {
+                request: op,
+                clear_block: true,
+            },
+        )
+        .expect("accepted");
+    assert_eq!(world.workers[0].sent.len(), 2);
+    world.reply(0, json_reply(401, r#"{"error":"invalid_client"}"#));
+    assert!(matches!(
+        world.result(0, op),
+        Some(Err(AccessError::Config(ConfigError::ClientRejected { .. })))
+    ));
+    assert_eq!(world.workers[0].sent.len(), 2, "one retry, not a loop");
+    // ...or, once the provider accepts, the new token.
+    let op = RequestId(901);
+    world
+        .input(
+            0,
+            Input::RefreshNow {
+                request: op,
+                clear_block: true,
+            },
+        )
+        .expect("accepted");
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, op), "AT-2");
+    assert_eq!(world.stored().status, Status::Active);
+}
+
+#[test]
+fn refresh_now_answers_with_the_token_of_a_refresh_made_after_it_asked() {
+    let mut world = World::intuit(1);
+    let r = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, r), "AT-2");
+    world.advance(Duration::from_secs(600));
+    // The cached token is good for 50 more minutes; a plain request gets it...
+    let plain = world.request(0);
+    assert_eq!(world.token(0, plain), "AT-2");
+    // ...a refresh-now does not: it waits for the refresh it asked for.
+    let op = RequestId(900);
+    world
+        .input(
+            0,
+            Input::RefreshNow {
+                request: op,
+                clear_block: false,
+            },
+        )
+        .expect("accepted");
+    assert!(world.result(0, op).is_none(), "answered before refreshing");
+    assert_eq!(world.workers[0].sent.len(), 2);
+    // A plain caller meanwhile is served the still-good token at once.
+    let meanwhile = world.request(0);
+    assert_eq!(world.token(0, meanwhile), "AT-2");
+    world.reply(0, granted("AT-3", Some("RT-3")));
+    assert_eq!(world.token(0, op), "AT-3");
+    assert_eq!(world.stored().refresh.expose(), "RT-3");
+    // And the outcome of a refused refresh is said at once, not after a timeout.
+    world.advance(Duration::from_secs(5));
+    let op = RequestId(901);
+    world
+        .input(
+            0,
+            Input::RefreshNow {
+                request: op,
+                clear_block: false,
+            },
+        )
+        .expect("accepted");
+    world.reply(0, json_reply(401, r#"{"error":"invalid_client"}"#));
+    assert!(matches!(
+        world.result(0, op),
+        Some(Err(AccessError::Config(ConfigError::ClientRejected { .. })))
+    ));
 }

@@ -20,7 +20,6 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -272,7 +271,14 @@ async fn token(State(mock): State<MockProvider>, headers: HeaderMap, body: Strin
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     if form.get("grant_type").map(String::as_str) == Some("authorization_code") {
-        return mock.with(|s| exchange_code(s, &headers, &form));
+        return mock.with(|s| {
+            let request = to_request(format!("{}{TOKEN_PATH}", s.base_url), &headers, body);
+            let client = s
+                .provider
+                .authenticated(&request)
+                .map(|c| c.client_id.clone());
+            exchange_code(s, client, &form)
+        });
     }
     let (fault, reply, tid) = mock.with(|s| {
         s.stats.token_requests += 1;
@@ -360,20 +366,11 @@ fn cause_name(cause: RejectCause) -> &'static str {
     }
 }
 
-fn basic_client_id(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get("authorization")?.to_str().ok()?;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(value.strip_prefix("Basic ")?)
-        .ok()?;
-    let raw = String::from_utf8(raw).ok()?;
-    Some(raw.split_once(':')?.0.to_owned())
-}
-
 /// The authorization-code exchange. A code works once; presenting it again
 /// revokes what it issued (as Intuit staff describe).
 fn exchange_code(
     s: &mut MockState,
-    headers: &HeaderMap,
+    client: Option<String>,
     form: &BTreeMap<String, String>,
 ) -> Response {
     let invalid = || {
@@ -386,7 +383,8 @@ fn exchange_code(
     let Some(code) = form.get("code").and_then(|c| s.codes.get_mut(c)) else {
         return invalid();
     };
-    if basic_client_id(headers).as_deref() != Some(code.client_id.as_str()) {
+    // The client must authenticate (id and secret) as the one the code was issued to.
+    if client.as_deref() != Some(code.client_id.as_str()) {
         return (
             StatusCode::UNAUTHORIZED,
             Json(serde_json::json!({ "error": "invalid_client" })),

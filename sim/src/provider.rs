@@ -551,6 +551,15 @@ impl Provider {
         self.refresh(&presented, &client_id, now)
     }
 
+    /// The registered client a form-encoded token request authenticates as (id
+    /// and secret, by the profile's client authentication), if any.
+    pub fn authenticated(&self, request: &HttpRequest) -> Option<&RegisteredClient> {
+        let form: Vec<(String, String)> = form_urlencoded::parse(request.body.expose().as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        self.authenticate(request, &form)
+    }
+
     fn authenticate(
         &self,
         request: &HttpRequest,

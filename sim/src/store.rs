@@ -231,6 +231,7 @@ mod tests {
             in_doubt_since: None,
             in_doubt_holder: None,
             status: Status::Active,
+            blocked_client: None,
             last_refreshed_at: None,
             updated_at: Timestamp::EPOCH,
         }

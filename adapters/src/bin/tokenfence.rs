@@ -5,7 +5,7 @@
 //!            [--token-url URL --revoke-url URL] COMMAND
 //!   list                      every connection with its status and deadlines
 //!   status ID                 one connection
-//!   refresh ID                refresh now (keep-alive), print the new generation
+//!   refresh ID [--clear-block] refresh now, print the new generation or why not
 //!   keep-alive [--once]       scan the store and refresh what is due, forever or once
 //!   revoke ID                 revoke at the provider and mark disconnected
 //!   connect ID --code CODE --redirect-uri URI [--realm REALM]
@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokenfence::crypto::Keyring;
 use tokenfence::store::{PostgresStore, SqliteStore, Store};
 use tokenfence::{ConnectionStatus, Provider, TokenManager};
-use tokenfence_core::{ClientSecret, ConnectionId, Event, SecretString, Status, Timestamp};
+use tokenfence_core::{ClientSecret, ConnectionId, SecretString, Status, Timestamp};
 
 #[derive(Parser)]
 #[command(
@@ -54,8 +54,15 @@ enum Command {
     List,
     /// One connection.
     Status { id: String },
-    /// Refresh now and print the new generation.
-    Refresh { id: String },
+    /// Refresh now and print the new generation, or why there is none.
+    Refresh {
+        id: String,
+        /// Refresh even if a configuration failure recorded with these same
+        /// client credentials says to wait (the app's settings were fixed at the
+        /// provider). Other credentials are never held back by it.
+        #[arg(long)]
+        clear_block: bool,
+    },
     /// Scan the store: refresh what is due (keep-alive, refreshes in doubt, abandoned
     /// leases) and announce hard deadlines whose notice came due.
     KeepAlive {
@@ -222,43 +229,18 @@ async fn run(tokens: &TokenManager, command: Command) -> ExitCode {
             Ok(None) => failure(format!("no connection `{id}`")),
             Err(e) => failure(e),
         },
-        Command::Refresh { id } => {
+        Command::Refresh { id, clear_block } => {
             let id = ConnectionId(id);
-            let mut events = tokens.subscribe();
-            tokens.maintain(&id);
-            let outcome = tokio::time::timeout(Duration::from_secs(60), async {
-                while let Ok(e) = events.recv().await {
-                    match e.event {
-                        Event::Refreshed {
-                            generation,
-                            rotated,
-                        } => return Ok((generation, rotated)),
-                        Event::ReauthRequired { reason } => {
-                            return Err(format!("re-authorization required: {reason}"))
-                        }
-                        _ => {}
+            match tokens.refresh_now(&id, clear_block).await {
+                Ok(_) => match tokens.status(&id).await {
+                    Ok(Some(s)) => {
+                        println!("refreshed {id}: {}", s.generation);
+                        ExitCode::SUCCESS
                     }
-                }
-                Err("stopped".into())
-            })
-            .await;
-            match outcome {
-                Ok(Ok((generation, rotated))) => {
-                    println!(
-                        "refreshed {id}: {generation}{}",
-                        if rotated {
-                            ", refresh token rotated"
-                        } else {
-                            ""
-                        }
-                    );
-                    ExitCode::SUCCESS
-                }
-                Ok(Err(e)) => failure(e),
-                Err(_) => match tokens.access_token(&id).await {
-                    Ok(_) => failure("no refresh within 60 s (the token is valid)"),
+                    Ok(None) => failure(format!("no connection `{id}`")),
                     Err(e) => failure(e),
                 },
+                Err(e) => failure(e),
             }
         }
         Command::KeepAlive { once } => keep_alive(tokens, once).await,

@@ -464,6 +464,7 @@ pub fn stored_record(config: &Config, now: Timestamp) -> ConnectionRecord {
         in_doubt_since: None,
         in_doubt_holder: None,
         status: Status::Active,
+        blocked_client: None,
         last_refreshed_at: Some(now.saturating_sub(minutes(61))),
         updated_at: now.saturating_sub(minutes(61)),
     }
@@ -915,6 +916,7 @@ impl World<'_> {
             in_doubt_since: None,
             in_doubt_holder: None,
             status: Status::Active,
+            blocked_client: None,
             last_refreshed_at: None,
             updated_at: now,
         };
