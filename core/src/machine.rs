@@ -223,6 +223,8 @@ pub struct Connection {
     forced: Vec<RequestId>,
     /// A refresh committed since the oldest of `forced` asked.
     forced_answerable: bool,
+    /// Since when the oldest caller in `waiting` waits.
+    waiting_since: Option<Timestamp>,
     /// An operator's [`Input::RefreshNow`] clears a configuration block.
     retry_now: bool,
     /// Which credentials this machine sends ([`ClientCredentials::fingerprint`]).
@@ -266,6 +268,7 @@ impl Connection {
             attempts: 0,
             forced: Vec::new(),
             forced_answerable: false,
+            waiting_since: None,
             retry_now: false,
             client_fingerprint,
             refreshed_at: None,
@@ -417,7 +420,10 @@ impl Connection {
                         let result = Ok(t.clone());
                         self.outputs.push_back(Output::Deliver { request, result });
                     }
-                    None => self.waiting.push_back(request),
+                    None => {
+                        self.waiting.push_back(request);
+                        self.waiting_since.get_or_insert(now);
+                    }
                 }
             }
             (Input::Timeout, phase) => self.on_timeout(now, phase),
@@ -449,6 +455,7 @@ impl Connection {
             ) => {
                 self.phase = phase;
                 self.waiting.push_back(request);
+                self.waiting_since.get_or_insert(now);
                 self.forced.push(request);
                 self.retry_now |= clear_block;
                 self.keepalive = true;
@@ -495,8 +502,18 @@ impl Connection {
                 // Whatever our earlier request did, the row is someone else's now.
                 self.lease_unknown = false;
                 self.lease_request = None;
-                let poll = now.saturating_add(self.config.settings.lease_poll);
+                let s = &self.config.settings;
+                let poll = now.saturating_add(s.lease_poll);
                 let until = holder.expires_at.min(poll).max(now);
+                let waited = self.waiting_since.map(|t| now.saturating_since(t));
+                if waited.is_some_and(|w| w >= s.max_inline_delay) {
+                    // The holder may be dead: its lease can run for a minute.
+                    // Callers are not kept that long; the next one looks again.
+                    self.deliver_all(&Err(AccessError::Transient {
+                        kind: FailureKind::RefreshInProgress,
+                        retry_at: poll,
+                    }));
+                }
                 self.phase = Phase::Waiting { until };
             }
             (Input::Replied(reply), Phase::Sending(attempt)) => self.on_reply(now, *attempt, reply),
@@ -634,6 +651,7 @@ impl Connection {
         if held.is_empty() {
             self.forced.clear();
             self.forced_answerable = false;
+            self.waiting_since = None;
         }
         self.waiting = held;
     }

@@ -124,6 +124,10 @@ pub enum FailureKind {
     RequestRejected,
     /// The store could not be read or written.
     StoreUnavailable,
+    /// Another worker holds the refresh lease (its refresh is in flight, or it
+    /// died and its lease has not expired yet) and callers have waited
+    /// `max_inline_delay`: come back shortly. Never stored.
+    RefreshInProgress,
     /// A refresh succeeded less than `min_refresh_interval` ago and its token is
     /// already inside the margin (a lifetime of a second or two, or a reply slower
     /// than half the lifetime): no second refresh so soon. Never stored.
@@ -152,6 +156,9 @@ impl core::fmt::Display for FailureKind {
             FailureKind::ClientRejected => f.write_str("client credentials rejected"),
             FailureKind::RequestRejected => f.write_str("request rejected by the provider"),
             FailureKind::StoreUnavailable => f.write_str("token store unavailable"),
+            FailureKind::RefreshInProgress => {
+                f.write_str("a refresh is in progress in another worker")
+            }
             FailureKind::RefreshThrottled => {
                 f.write_str("refreshed moments ago; the provider's tokens live too briefly")
             }

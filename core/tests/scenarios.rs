@@ -1247,3 +1247,44 @@ fn refresh_now_answers_with_the_token_of_a_refresh_made_after_it_asked() {
         Some(Err(AccessError::Config(ConfigError::ClientRejected { .. })))
     ));
 }
+
+#[test]
+fn callers_waiting_on_a_dead_lease_holder_are_answered_within_the_inline_delay() {
+    let mut world = World::intuit(2);
+    // w1 takes the lease and sends its refresh, then dies without a word: its
+    // lease runs for a minute.
+    let _ = world.request(1);
+    assert_eq!(world.workers[1].sent.len(), 1);
+    let s = Settings::default();
+    let r = world.request(0);
+    assert!(world.result(0, r).is_none(), "waits for the holder first");
+    while world.result(0, r).is_none() {
+        world.wake(0);
+        assert!(world.now <= T0.saturating_add(s.lease_ttl), "no answer");
+    }
+    let waited = world.now.saturating_since(T0);
+    assert!(
+        waited >= s.max_inline_delay && waited <= s.max_inline_delay + s.lease_poll,
+        "answered after {waited:?}"
+    );
+    let Some(Err(AccessError::Transient { kind, retry_at })) = world.result(0, r).cloned() else {
+        panic!("{:?}", world.result(0, r));
+    };
+    assert_eq!(kind, FailureKind::RefreshInProgress);
+    assert!(retry_at <= world.now.saturating_add(s.lease_poll));
+    assert!(
+        world.workers[0].sent.is_empty(),
+        "never sent under another's lease"
+    );
+    // Once the lease expires, a caller takes it over and the connection recovers
+    // (the holder's request may have rotated the token: presented again inside
+    // Intuit's grace window).
+    world.now = T0.saturating_add(s.lease_ttl + Duration::from_secs(1));
+    let later = world.request(0);
+    if world.workers[0].sent.is_empty() {
+        world.wake(0); // the poll timer, overdue
+    }
+    assert_eq!(world.workers[0].sent.len(), 1);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, later), "AT-2");
+}
