@@ -176,6 +176,18 @@ impl<C, D: Clone, L: Lock<State<C, D>>> Gate<C, D, L> {
         })
     }
 
+    /// The running actor died (it panicked): hands back what was queued for it and
+    /// makes the gate dormant with `parting`, so that the next command starts a
+    /// fresh actor. A closed gate stays closed.
+    pub(crate) fn abandon(&self, parting: D) -> VecDeque<C> {
+        self.state.with(|s| {
+            if matches!(s.actor, Actor::Running) {
+                s.actor = Actor::Dormant(parting);
+            }
+            std::mem::take(&mut s.queue)
+        })
+    }
+
     /// Refuses every later command and hands back the queued ones (shutdown).
     pub(crate) fn close(&self) -> VecDeque<C> {
         self.state.with(|s| {

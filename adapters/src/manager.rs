@@ -140,6 +140,10 @@ pub enum ManagerError {
     /// The manager is shutting down.
     #[error("the token manager is shut down")]
     ShutDown,
+    /// The connection's actor failed unexpectedly (it panicked); the next call
+    /// starts a fresh one from the store.
+    #[error("the connection's worker failed unexpectedly; retry")]
+    ActorFailed,
 }
 
 /// Why a `TokenManager` could not be built.
@@ -264,7 +268,7 @@ impl TokenManager {
         }
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::Access(tx))?;
-        Ok(rx.await.map_err(|_| ManagerError::ShutDown)??)
+        Ok(rx.await.map_err(|_| self.lost_answer())??)
     }
 
     /// Refreshes now, whatever the cached token says, and says what happened: the
@@ -281,7 +285,7 @@ impl TokenManager {
     ) -> Result<AccessToken, ManagerError> {
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::RefreshNow { tx, clear_block })?;
-        Ok(rx.await.map_err(|_| ManagerError::ShutDown)??)
+        Ok(rx.await.map_err(|_| self.lost_answer())??)
     }
 
     /// The hot path alone: the cached token if valid beyond the margin.
@@ -436,7 +440,16 @@ impl TokenManager {
     async fn notify(&self, id: &ConnectionId, input: Input) -> Result<Event, ManagerError> {
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::Notify(Box::new(input), tx))?;
-        rx.await.map_err(|_| ManagerError::ShutDown)
+        rx.await.map_err(|_| self.lost_answer())
+    }
+
+    /// Why an answer never came: shutdown, or the actor died.
+    fn lost_answer(&self) -> ManagerError {
+        if self.inner.shutdown.is_cancelled() {
+            ManagerError::ShutDown
+        } else {
+            ManagerError::ActorFailed
+        }
     }
 
     /// Hands `command` to the connection's actor, starting one if it is dormant.
@@ -476,7 +489,7 @@ impl TokenManager {
             .with_warned_deadline(dormant.warned_deadline);
         let actor = Actor {
             inner: self.inner.clone(),
-            slot,
+            slot: slot.clone(),
             machine,
             waiters: HashMap::new(),
             notify: Vec::new(),
@@ -488,7 +501,24 @@ impl TokenManager {
         };
         self.inner.actors.fetch_add(1, Ordering::SeqCst);
         let span = tracing::info_span!("connection", id = %id);
-        self.inner.tasks.spawn(actor.run().instrument(span));
+        let run = self.inner.tasks.spawn(actor.run().instrument(span.clone()));
+        // A panic in the actor (a store, a transport, a bug) must not wedge the
+        // connection until restart: its callers are answered (their channels
+        // close with the actor), what was queued for it is answered the same way,
+        // and the slot goes dormant so the next call starts a fresh actor from
+        // the store. The panic's message is not logged (it is not ours to vet).
+        let inner = self.inner.clone();
+        let supervise = async move {
+            let Err(e) = run.await else { return };
+            if !e.is_panic() {
+                return;
+            }
+            tracing::error!("connection actor panicked; the next call starts a fresh one");
+            metrics::counter!("tokenfence_actor_panics_total").increment(1);
+            inner.actors.fetch_sub(1, Ordering::SeqCst);
+            drop(slot.gate.abandon(dormant));
+        };
+        self.inner.tasks.spawn(supervise.instrument(span));
     }
 
     /// Wakes the dormant slots whose machine's timer has come (a `ReconnectSoon`

@@ -4,8 +4,11 @@
 
 use crate::clock::Clock;
 use async_trait::async_trait;
+use bytes::Bytes;
+use reqwest::header::HeaderValue;
 use std::time::Duration;
 use tokenfence_core::{HttpRequest, HttpResponse, Timestamp, MAX_REPLY_BYTES};
+use zeroize::Zeroizing;
 
 /// How a request ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,15 +77,26 @@ impl ReqwestTransport {
         Ok(ReqwestTransport { client, clock })
     }
 
-    async fn exchange(&self, request: &HttpRequest) -> Result<HttpResponse, reqwest::Error> {
+    /// The reqwest request for `request`. Every header value is marked sensitive
+    /// (hyper keeps it out of HPACK tables and `Debug` output), and the header
+    /// values and the body, which hold the client secret and the refresh token, are
+    /// copies that are zeroed when reqwest drops them.
+    fn build(&self, request: &HttpRequest) -> Result<reqwest::Request, reqwest::Error> {
+        let zeroed_on_drop = |s: &str| Bytes::from_owner(Zeroizing::new(s.as_bytes().to_vec()));
         let mut builder = self.client.post(&request.url);
         for h in &request.headers {
-            builder = builder.header(h.name, h.value.expose());
+            // A value the core built (ASCII, no control characters): always valid.
+            if let Ok(mut value) = HeaderValue::from_maybe_shared(zeroed_on_drop(h.value.expose()))
+            {
+                value.set_sensitive(true);
+                builder = builder.header(h.name, value);
+            }
         }
-        let mut response = builder
-            .body(request.body.expose().to_owned())
-            .send()
-            .await?;
+        builder.body(zeroed_on_drop(request.body.expose())).build()
+    }
+
+    async fn exchange(&self, request: &HttpRequest) -> Result<HttpResponse, reqwest::Error> {
+        let mut response = self.client.execute(self.build(request)?).await?;
         let status = response.status().as_u16();
         let headers = response
             .headers()
@@ -140,6 +154,32 @@ impl Transport for ReqwestTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_headers_are_sensitive_and_nothing_shows_in_debug() {
+        let clock: std::sync::Arc<dyn Clock> = std::sync::Arc::new(crate::clock::SystemClock);
+        let transport = ReqwestTransport::new(clock).unwrap();
+        let client = tokenfence_core::ClientCredentials {
+            client_id: "app-id".into(),
+            client_secret: tokenfence_core::ClientSecret::new("sekret-Client-9"),
+            environment: tokenfence_core::Environment::Production,
+        };
+        let request = tokenfence_core::refresh_request(
+            &tokenfence_core::ProviderProfile::intuit(),
+            &client,
+            &tokenfence_core::RefreshToken::new("RT-sekret-7"),
+            Timestamp::from_secs(2_000_000_000),
+        );
+        let built = transport.build(&request).unwrap();
+        let auth = &built.headers()["authorization"];
+        assert!(auth.is_sensitive());
+        assert!(built.headers().values().all(HeaderValue::is_sensitive));
+        let shown = format!("{built:?} {:?}", built.headers());
+        assert!(!shown.contains("Basic"), "{shown}");
+        assert!(!shown.contains("RT-sekret-7"), "{shown}");
+        let body = built.body().and_then(|b| b.as_bytes()).unwrap();
+        assert_eq!(body, request.body.expose().as_bytes());
+    }
 
     #[test]
     fn only_https_or_loopback_http() {

@@ -66,6 +66,46 @@ async fn thundering_herd_of_10000_makes_one_provider_call() {
     tokens.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_connection_actor_answers_its_callers_and_the_next_call_starts_afresh() {
+    let p = provider();
+    let store = seeded_store(&p).await;
+    store.panics.store(1, Ordering::SeqCst);
+    let transport = Scripted::new(Duration::ZERO);
+    let tokens = manager(store.clone(), transport.clone()).await;
+    // The callers waiting when the actor panics are answered, not left hanging.
+    let callers: Vec<_> = (0..20)
+        .map(|_| {
+            let t = tokens.clone();
+            tokio::spawn(async move { t.access_token(&id()).await })
+        })
+        .collect();
+    let mut failed = 0;
+    for c in callers {
+        let answer = tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("a caller was left hanging")
+            .unwrap();
+        match answer {
+            Ok(token) => assert_eq!(token.expose(), "AT-2"),
+            Err(tokenfence::ManagerError::ActorFailed) => failed += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(failed >= 1, "the panic reached no caller");
+    // The slot was released: the next call starts a fresh actor from the store.
+    let token = tokio::time::timeout(Duration::from_secs(10), tokens.access_token(&id()))
+        .await
+        .expect("wedged after the panic")
+        .unwrap();
+    assert_eq!(token.expose(), "AT-2");
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(tokens.live_actors() <= 1, "{}", tokens.live_actors());
+    tokens.shutdown().await;
+    assert_eq!(tokens.live_actors(), 0, "the dead actor was counted out");
+}
+
 #[tokio::test]
 async fn cached_token_is_served_without_the_store() {
     let p = provider();

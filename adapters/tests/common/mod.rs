@@ -83,11 +83,19 @@ pub struct Watched {
     pub inner: MemoryStore,
     pub loads: AtomicUsize,
     pub down: AtomicBool,
+    /// This many reads panic (a bug in a store, a driver), then reads work.
+    pub panics: AtomicUsize,
 }
 
 impl Watched {
     fn read(&self) -> Result<(), StoreError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
+        let panic = self
+            .panics
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if panic.is_ok() {
+            panic!("the store exploded");
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("down".into()));
         }
