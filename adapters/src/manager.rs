@@ -144,6 +144,9 @@ pub enum ManagerError {
     /// starts a fresh one from the store.
     #[error("the connection's worker failed unexpectedly; retry")]
     ActorFailed,
+    /// No answer within the call timeout (see `TokenManagerBuilder::call_timeout`).
+    #[error("no answer within the call timeout")]
+    TimedOut,
 }
 
 /// Why a `TokenManager` could not be built.
@@ -218,6 +221,10 @@ struct Inner {
     entropy: AtomicU64,
     /// How long an actor with nothing to do waits before it retires.
     linger: Duration,
+    /// How long a shutting-down actor lets a refresh in flight finish.
+    shutdown_grace: Duration,
+    /// The longest a caller waits for an actor's answer.
+    call_timeout: Duration,
     /// Whether the keep-alive task runs, waking dormant slots whose timer came.
     sweeps: bool,
     /// Actors running now.
@@ -242,6 +249,8 @@ pub struct TokenManagerBuilder {
     worker: Option<WorkerId>,
     keepalive_scan: Option<Duration>,
     linger: Duration,
+    shutdown_grace: Duration,
+    call_timeout: Duration,
 }
 
 impl TokenManager {
@@ -256,6 +265,8 @@ impl TokenManager {
             worker: None,
             keepalive_scan: Some(Duration::from_secs(60)),
             linger: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(15),
+            call_timeout: Duration::from_secs(60),
         }
     }
 
@@ -268,7 +279,7 @@ impl TokenManager {
         }
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::Access(tx))?;
-        Ok(rx.await.map_err(|_| self.lost_answer())??)
+        Ok(self.answer(rx).await??)
     }
 
     /// Refreshes now, whatever the cached token says, and says what happened: the
@@ -285,7 +296,7 @@ impl TokenManager {
     ) -> Result<AccessToken, ManagerError> {
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::RefreshNow { tx, clear_block })?;
-        Ok(rx.await.map_err(|_| self.lost_answer())??)
+        Ok(self.answer(rx).await??)
     }
 
     /// The hot path alone: the cached token if valid beyond the margin.
@@ -417,8 +428,10 @@ impl TokenManager {
         })
     }
 
-    /// Stops every task and waits for them. Outstanding callers get
-    /// [`ManagerError::ShutDown`].
+    /// Stops every task and waits for them. A refresh already sent is let finish
+    /// and commit (and its lease released) first, for at most the builder's
+    /// `shutdown_grace` (15 s): a deploy mid-refresh leaves no doubt behind. New
+    /// calls, and callers still waiting at the end, get [`ManagerError::ShutDown`].
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
@@ -440,7 +453,15 @@ impl TokenManager {
     async fn notify(&self, id: &ConnectionId, input: Input) -> Result<Event, ManagerError> {
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::Notify(Box::new(input), tx))?;
-        rx.await.map_err(|_| self.lost_answer())
+        self.answer(rx).await
+    }
+
+    /// The actor's answer, within the call timeout.
+    async fn answer<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, ManagerError> {
+        match tokio::time::timeout(self.inner.call_timeout, rx).await {
+            Ok(answer) => answer.map_err(|_| self.lost_answer()),
+            Err(_) => Err(ManagerError::TimedOut),
+        }
     }
 
     /// Why an answer never came: shutdown, or the actor died.
@@ -599,6 +620,21 @@ impl TokenManagerBuilder {
         self
     }
 
+    /// How long [`TokenManager::shutdown`] lets a refresh already sent finish and
+    /// commit (default 15 s): a deploy mid-refresh must not leave a doubt.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// The longest a caller of [`TokenManager::access_token`] or
+    /// [`TokenManager::refresh_now`] waits for an answer (default 60 s); then
+    /// [`ManagerError::TimedOut`].
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
     /// Checks the configuration and starts the keep-alive task.
     pub async fn build(self) -> Result<TokenManager, BuildError> {
         let provider = self.provider.ok_or(BuildError::Missing("provider"))?;
@@ -634,6 +670,8 @@ impl TokenManagerBuilder {
                 tasks: TaskTracker::new(),
                 entropy: AtomicU64::new(seed),
                 linger: self.linger,
+                shutdown_grace: self.shutdown_grace,
+                call_timeout: self.call_timeout,
                 sweeps: self.keepalive_scan.is_some(),
                 actors: AtomicUsize::new(0),
             }),
@@ -707,21 +745,37 @@ async fn next_pending(pending: &mut Option<PendingInput>) -> Input {
 impl Actor {
     async fn run(mut self) {
         let mut pending: Option<PendingInput> = None;
+        // Shutting down: until when a refresh in flight may still finish.
+        let mut draining: Option<tokio::time::Instant> = None;
         loop {
             self.drain(&mut pending).await;
+            if draining.is_some() && !self.has_work_in_flight(&pending) {
+                break;
+            }
             let now = self.inner.clock.now();
             let after = |t: Timestamp| tokio::time::Instant::now() + t.saturating_since(now);
             let sleep = self.machine.poll_timeout().map(after);
             let input = match self.slot.gate.take() {
                 Some(command) => self.admit(command),
                 None => {
-                    let retire = pending
-                        .is_none()
+                    let retire = (pending.is_none() && draining.is_none())
                         .then(|| self.may_retire_at(now))
                         .flatten()
                         .map(after);
                     tokio::select! {
-                        _ = self.inner.shutdown.cancelled() => break,
+                        _ = self.inner.shutdown.cancelled(), if draining.is_none() => {
+                            if !self.has_work_in_flight(&pending) {
+                                break;
+                            }
+                            // A refresh was sent (or fresh tokens await their
+                            // commit): let it land, so a deploy leaves no doubt.
+                            // New commands are refused meanwhile.
+                            tracing::info!("shutting down after the refresh in flight");
+                            drop(self.slot.gate.close());
+                            draining = Some(tokio::time::Instant::now() + self.inner.shutdown_grace);
+                            continue;
+                        }
+                        _ = sleep_until(draining), if draining.is_some() => break,
                         _ = self.slot.wake.notified() => continue,
                         input = next_pending(&mut pending), if pending.is_some() => {
                             pending = None;
@@ -756,6 +810,12 @@ impl Actor {
         // learn of the shutdown).
         drop(self.slot.gate.close());
         self.inner.actors.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether stopping now could lose something: a store command or provider
+    /// request outstanding, or fresh tokens not committed.
+    fn has_work_in_flight(&self, pending: &Option<PendingInput>) -> bool {
+        pending.is_some() || self.machine.uncommitted().is_some()
     }
 
     /// The machine input for a command.

@@ -106,6 +106,80 @@ async fn a_panic_in_a_connection_actor_answers_its_callers_and_the_next_call_sta
     assert_eq!(tokens.live_actors(), 0, "the dead actor was counted out");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_refresh_in_flight_commit_and_release_its_lease() {
+    let p = provider();
+    let store = seeded_store(&p).await;
+    let transport = Scripted::new(Duration::from_millis(400));
+    let tokens = manager(store.clone(), transport.clone()).await;
+    let caller = {
+        let t = tokens.clone();
+        tokio::spawn(async move { t.access_token(&id()).await })
+    };
+    // The refresh is on the wire when the deploy stops the process.
+    while transport.calls.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokens.shutdown().await;
+    let stored = store.inner.load(&id()).await.unwrap().unwrap();
+    assert_eq!(
+        stored.refresh.expose(),
+        "RT-2",
+        "the rotated token was committed before stopping"
+    );
+    assert_eq!(stored.in_doubt_since, None);
+    assert_eq!(caller.await.unwrap().unwrap().expose(), "AT-2");
+    // The lease was released: another worker gets it at once, taking nothing over.
+    let now = SystemClock.now();
+    let other = WorkerId("next-process".into());
+    match store
+        .inner
+        .acquire_lease(
+            &id(),
+            &other,
+            LeaseRequestId(1),
+            now,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    {
+        tokenfence::store::LeaseOutcome::Granted { took_over, .. } => {
+            assert_eq!(took_over, None, "a lease was left behind")
+        }
+        held => panic!("the lease is still held: {held:?}"),
+    }
+    // And the manager refuses new work.
+    assert!(matches!(
+        tokens.access_token(&id()).await,
+        Err(tokenfence::ManagerError::ShutDown)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_is_answered_within_the_call_timeout() {
+    let p = provider();
+    let store = seeded_store(&p).await;
+    let transport = Scripted::new(Duration::from_secs(2));
+    let tokens = TokenManager::builder()
+        .provider(provider())
+        .store(store)
+        .transport(transport)
+        .keepalive_scan(None)
+        .call_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = tokens.access_token(&id()).await;
+    assert!(
+        matches!(answer, Err(tokenfence::ManagerError::TimedOut)),
+        "{answer:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    tokens.shutdown().await;
+}
+
 #[tokio::test]
 async fn cached_token_is_served_without_the_store() {
     let p = provider();
