@@ -15,11 +15,14 @@
 //! advisory lock, so any number of processes may start at once. Records are sealed
 //! with a [`Keyring`] (AES-256-GCM, bound to the connection id).
 //!
-//! TLS (rustls) follows the URL's `sslmode`: `prefer` (the default) uses TLS when
-//! the server offers it, `require` refuses a server without it, `disable` never
-//! uses it. Servers are always verified, against the Mozilla roots plus any CA
-//! certificates named in [`PostgresOptions::tls_root_certificates`] (a cloud
-//! provider's CA bundle, a private CA).
+//! TLS (rustls): a server is always verified (certificate chain and host name,
+//! libpq's `verify-full`), against the Mozilla roots plus any CA certificates
+//! named in [`PostgresOptions::tls_root_certificates`] (a cloud provider's CA
+//! bundle, a private CA). Without `sslmode` in the URL, TLS is required for any
+//! host that is not loopback (a network path never carries sealed tokens and the
+//! password in clear by default); loopback and Unix sockets default to `prefer`.
+//! An explicit `sslmode` is obeyed: `require` (also written `verify-full` or
+//! `verify-ca`), `prefer` (TLS when the server offers it), `disable`.
 //!
 //! The role needs the right to create tables in the schema on first use (and to
 //! create the schema if it does not exist). PostgreSQL text cannot hold NUL
@@ -221,9 +224,7 @@ impl PostgresStore {
                 options.schema.escape_debug()
             )));
         }
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let mut config = parse_url(url)?;
         if config.get_application_name().is_none() {
             config.application_name("tokenfence");
         }
@@ -395,6 +396,32 @@ impl PostgresStore {
 }
 
 /// Verifies servers against the Mozilla roots and `extra_roots`.
+/// The URL as tokio-postgres reads it, with the TLS policy of the module docs.
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    use tokio_postgres::config::{Host, SslMode};
+    // libpq's verifying modes: ours always verifies, so they mean `require`.
+    let normalized = url
+        .replace("sslmode=verify-full", "sslmode=require")
+        .replace("sslmode=verify-ca", "sslmode=require");
+    let mut config: tokio_postgres::Config = normalized
+        .parse()
+        .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+    let loopback = |h: &Host| match h {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    };
+    if !url.contains("sslmode=") && !config.get_hosts().iter().all(loopback) {
+        config.ssl_mode(SslMode::Require);
+    }
+    Ok(config)
+}
+
 fn tls_connector(extra_roots: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
@@ -717,5 +744,46 @@ impl Store for PostgresStore {
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         let client = self.client().await?;
         ids(&client, &self.inner.sql.list, &[]).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_url;
+    use tokio_postgres::config::SslMode;
+
+    fn mode(url: &str) -> SslMode {
+        parse_url(url).unwrap().get_ssl_mode()
+    }
+
+    #[test]
+    fn tls_is_required_off_loopback_unless_the_url_says_otherwise() {
+        assert_eq!(mode("postgres://u:p@db.example.com/t"), SslMode::Require);
+        assert_eq!(mode("postgres://u:p@10.1.2.3:5432/t"), SslMode::Require);
+        assert_eq!(
+            mode("host=db.example.com user=u dbname=t"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("postgres://u:p@db.example.com/t?sslmode=verify-full"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("postgres://u:p@db.example.com/t?sslmode=prefer"),
+            SslMode::Prefer
+        );
+        assert_eq!(
+            mode("postgres://u:p@db.example.com/t?sslmode=disable"),
+            SslMode::Disable
+        );
+        assert_eq!(mode("postgres://u:p@127.0.0.1:5432/t"), SslMode::Prefer);
+        assert_eq!(mode("postgres://u:p@[::1]:5432/t"), SslMode::Prefer);
+        assert_eq!(mode("postgres://u:p@localhost/t"), SslMode::Prefer);
+        assert_eq!(mode("host=/var/run/postgresql user=u"), SslMode::Prefer);
+        // One host off loopback is enough to require it.
+        assert_eq!(
+            mode("postgres://u:p@127.0.0.1,db.example.com/t"),
+            SslMode::Require
+        );
     }
 }
