@@ -225,6 +225,8 @@ struct Inner {
     shutdown_grace: Duration,
     /// The longest a caller waits for an actor's answer.
     call_timeout: Duration,
+    /// How many connections one sweep works on at once.
+    scan_concurrency: usize,
     /// Whether the keep-alive task runs, waking dormant slots whose timer came.
     sweeps: bool,
     /// Actors running now.
@@ -251,6 +253,7 @@ pub struct TokenManagerBuilder {
     linger: Duration,
     shutdown_grace: Duration,
     call_timeout: Duration,
+    scan_concurrency: usize,
 }
 
 impl TokenManager {
@@ -267,6 +270,7 @@ impl TokenManager {
             linger: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(15),
             call_timeout: Duration::from_secs(60),
+            scan_concurrency: 16,
         }
     }
 
@@ -398,10 +402,12 @@ impl TokenManager {
     /// One keep-alive pass, what the keep-alive task does every scan period:
     /// wakes the dormant slots whose machine's timer came; asks every connection
     /// the store reports as due for work ([`Store::due_for_work`]: keep-alive due, a
-    /// refresh in doubt, a degraded connection's retry, an abandoned lease) to refresh; and wakes the connections
-    /// whose `ReconnectSoon` notice fell due after `notices_after` (`None`: all those
-    /// due by now, as on a process's first pass) so that their machines announce it.
-    /// Pass the returned [`Sweep::scanned_until`] as `notices_after` next time.
+    /// refresh in doubt, a degraded connection's retry, an abandoned lease) to
+    /// refresh, at most `scan_concurrency` at once, and waits for their outcomes;
+    /// and wakes the connections whose `ReconnectSoon` notice fell due after
+    /// `notices_after` (`None`: all those due by now, as on a process's first pass)
+    /// so that their machines announce it. Pass the returned
+    /// [`Sweep::scanned_until`] as `notices_after` next time.
     pub async fn sweep(&self, notices_after: Option<Timestamp>) -> Result<Sweep, ManagerError> {
         self.wake_due();
         let now = self.inner.clock.now();
@@ -410,14 +416,31 @@ impl TokenManager {
         let due = store
             .due_for_work(now, settings.keepalive_lead, 1000)
             .await?;
-        for id in &due {
-            tracing::debug!(connection = %id, "due for work");
-            self.maintain(id);
-        }
         let notices = store
             .notices_due(notices_after, now, settings.reconnect_notice)
             .await?;
+        // At most `scan_concurrency` connections at once, each to its outcome.
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.inner.scan_concurrency));
+        let mut work = tokio::task::JoinSet::new();
+        for id in &due {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            if self.inner.shutdown.is_cancelled() {
+                break;
+            }
+            let (m, id) = (self.clone(), id.clone());
+            work.spawn(async move {
+                tracing::debug!(connection = %id, "due for work");
+                if let Err(e) = m.refresh_now(&id, false).await {
+                    tracing::debug!(connection = %id, error = %e, "keep-alive refresh");
+                }
+                drop(permit);
+            });
+        }
+        while work.join_next().await.is_some() {}
         for id in &notices {
+            // The machine announces the notice once it has read the record.
             tracing::debug!(connection = %id, "hard-deadline notice due");
             let _ = self.submit(id, Command::Wake);
         }
@@ -620,6 +643,14 @@ impl TokenManagerBuilder {
         self
     }
 
+    /// How many connections a keep-alive pass ([`TokenManager::sweep`]) works on at
+    /// once (default 16): a cold start with 100,000 due connections opens at most
+    /// this many provider requests, not 100,000.
+    pub fn scan_concurrency(mut self, n: usize) -> Self {
+        self.scan_concurrency = n;
+        self
+    }
+
     /// How long [`TokenManager::shutdown`] lets a refresh already sent finish and
     /// commit (default 15 s): a deploy mid-refresh must not leave a doubt.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
@@ -672,6 +703,7 @@ impl TokenManagerBuilder {
                 linger: self.linger,
                 shutdown_grace: self.shutdown_grace,
                 call_timeout: self.call_timeout,
+                scan_concurrency: self.scan_concurrency.max(1),
                 sweeps: self.keepalive_scan.is_some(),
                 actors: AtomicUsize::new(0),
             }),

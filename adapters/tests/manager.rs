@@ -337,3 +337,80 @@ async fn shutdown_stops_every_task() {
     let err = tokens.access_token(&ConnectionId("other".into())).await;
     assert!(err.is_err());
 }
+
+/// Grants every refresh (no rotation) after `delay`, counting the requests in
+/// flight at once.
+struct Counting {
+    delay: Duration,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl tokenfence::transport::Transport for Counting {
+    async fn send(&self, _: &HttpRequest) -> tokenfence::transport::Delivery {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        tokenfence::transport::Delivery::Replied(HttpResponse {
+            status: 200,
+            headers: vec![],
+            body: br#"{"access_token":"AT-k","token_type":"bearer","expires_in":3600}"#.to_vec(),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_pass_over_many_due_connections_opens_few_requests_at_once() {
+    let p = provider();
+    let store = Arc::new(MemoryStore::new());
+    let now = SystemClock.now();
+    // 300 connections whose idle deadline is a day away: all due for keep-alive.
+    for i in 0..300 {
+        let id = ConnectionId(format!("realm-{i}"));
+        let record = ConnectionRecord {
+            idle_deadline: Some(now.saturating_add(days(1))),
+            refresh_issued_at: now.saturating_sub(days(99)),
+            ..ConnectionRecord::new(id, p.identity(), RefreshToken::new(format!("RT-{i}")), now)
+        };
+        assert_eq!(
+            store.compare_and_swap(None, &record).await.unwrap(),
+            CasOutcome::Committed
+        );
+    }
+    let transport = Arc::new(Counting {
+        delay: Duration::from_millis(20),
+        in_flight: Default::default(),
+        most: Default::default(),
+        calls: Default::default(),
+    });
+    let tokens = TokenManager::builder()
+        .provider(p)
+        .shared_store(store.clone())
+        .transport(transport.clone())
+        .keepalive_scan(None)
+        .scan_concurrency(8)
+        .build()
+        .await
+        .unwrap();
+    let sweep = tokens.sweep(None).await.unwrap();
+    assert_eq!(sweep.due.len(), 300);
+    assert_eq!(
+        transport.calls.load(Ordering::SeqCst),
+        300,
+        "each refreshed once"
+    );
+    let most = transport.most.load(Ordering::SeqCst);
+    assert!(most <= 8, "{most} requests in flight at once");
+    // The pass waited for the outcomes: nothing is due any more.
+    let later = SystemClock.now();
+    let due = store
+        .due_for_work(later, Settings::default().keepalive_lead, 1000)
+        .await
+        .unwrap();
+    assert!(due.is_empty(), "{} still due", due.len());
+    tokens.shutdown().await;
+}

@@ -229,9 +229,9 @@ pub struct Connection {
     retry_now: bool,
     /// Which credentials this machine sends ([`ClientCredentials::fingerprint`]).
     client_fingerprint: ClientFingerprint,
-    /// When this machine last saw one of its refreshes commit (the floor between
-    /// refreshes counts from here too: a reply can take longer than the token's
-    /// margin).
+    /// When this machine last saw one of its refreshes commit a token that was
+    /// already inside its margin (a reply slower than half the lifetime): the
+    /// floor between refreshes counts from here then, not only from the send.
     refreshed_at: Option<Timestamp>,
     not_before: Option<(Timestamp, FailureKind)>,
     authorized: Option<Box<ConnectionRecord>>,
@@ -1179,7 +1179,12 @@ impl Connection {
         match intent {
             Intent::Doubt => {}
             Intent::Refreshed { attempt, rotated } => {
-                self.refreshed_at = Some(now);
+                let margin = self.config.settings.access_margin;
+                let usable = self
+                    .record
+                    .as_ref()
+                    .is_some_and(|r| r.usable_access(now, margin).is_some());
+                self.refreshed_at = (!usable).then_some(now);
                 self.forced_answerable = true;
                 self.attempts = 0;
                 self.keepalive = false;

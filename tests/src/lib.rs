@@ -30,9 +30,15 @@ impl Mock {
         Mock { mock, base }
     }
 
-    /// Starts a mock of a behaviour class with lifetimes scaled to seconds.
+    /// Starts a mock of a behaviour class with lifetimes scaled to seconds, whose
+    /// access tokens live 2 s: the margin adapts to 1 s, so a token is due for
+    /// refresh one second after it is issued.
     pub async fn scaled(class: BehaviourClass) -> Mock {
-        Self::start(ProviderSpec::scaled(class)).await
+        let spec = ProviderSpec {
+            access_ttl: Duration::from_secs(2),
+            ..ProviderSpec::scaled(class)
+        };
+        Self::start(spec).await
     }
 
     /// The provider profile and production credentials matching this mock.
@@ -65,8 +71,9 @@ impl Mock {
     }
 }
 
-/// Settings that make a scaled provider's 20-second access tokens due for refresh
-/// one second after they are issued, with short leases and quick retries.
+/// Short leases and quick retries for a scaled provider (whose 2-second access
+/// tokens are due for refresh one second after they are issued: the margin never
+/// exceeds half a lifetime).
 pub fn eager_settings() -> Settings {
     Settings {
         access_margin: Duration::from_secs(19),

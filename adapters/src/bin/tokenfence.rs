@@ -296,8 +296,8 @@ async fn keep_alive(tokens: &TokenManager, once: bool) -> ExitCode {
         };
         notices_after = Some(sweep.scanned_until);
         if once {
-            // Let the refreshes and notices finish.
-            for id in sweep.due.iter().chain(&sweep.notices) {
+            // The sweep waited for the refreshes; let the notices finish.
+            for id in &sweep.notices {
                 let _ = tokens.access_token(id).await;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
