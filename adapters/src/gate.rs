@@ -46,6 +46,9 @@ enum Actor<D> {
     Running,
     /// Shut down: commands are refused.
     Closed,
+    /// Removed from the manager's map (memory bound): commands are handed back
+    /// for a fresh slot.
+    Evicted,
 }
 
 /// The guarded state.
@@ -64,6 +67,8 @@ pub(crate) enum Admission<C, D> {
     Spawn(D),
     /// The gate is closed; the command is handed back.
     Closed(C),
+    /// The slot was evicted; the command is handed back for a fresh slot.
+    Evicted(C),
 }
 
 /// A deliberately broken protocol, for showing that the explorer finds the bug.
@@ -117,7 +122,7 @@ impl<C, D: Clone, L: Lock<State<C, D>>> Gate<C, D, L> {
         if self.flaw == Flaw::SpawnCheckThenAct {
             let seen = self.state.with(|s| match &s.actor {
                 Actor::Dormant(d) => Some(d.clone()),
-                Actor::Running | Actor::Closed => None,
+                Actor::Running | Actor::Closed | Actor::Evicted => None,
             });
             return self.state.with(|s| {
                 s.queue.push_back(command);
@@ -133,6 +138,7 @@ impl<C, D: Clone, L: Lock<State<C, D>>> Gate<C, D, L> {
         }
         self.state.with(|s| match &s.actor {
             Actor::Closed => Admission::Closed(command),
+            Actor::Evicted => Admission::Evicted(command),
             Actor::Running => {
                 s.queue.push_back(command);
                 Admission::Queued
@@ -200,7 +206,21 @@ impl<C, D: Clone, L: Lock<State<C, D>>> Gate<C, D, L> {
     pub(crate) fn dormant<R>(&self, f: impl FnOnce(&D) -> R) -> Option<R> {
         self.state.with(|s| match &s.actor {
             Actor::Dormant(d) => Some(f(d)),
-            Actor::Running | Actor::Closed => None,
+            Actor::Running | Actor::Closed | Actor::Evicted => None,
+        })
+    }
+
+    /// Evicts a dormant gate for which `evictable` holds: later commands are
+    /// handed back ([`Admission::Evicted`]) for the submitter to use a fresh slot.
+    /// In the same critical section as every submission, so no command is ever
+    /// queued on an evicted gate.
+    pub(crate) fn evict(&self, evictable: impl FnOnce(&D) -> bool) -> bool {
+        self.state.with(|s| match &s.actor {
+            Actor::Dormant(d) if s.queue.is_empty() && evictable(d) => {
+                s.actor = Actor::Evicted;
+                true
+            }
+            _ => false,
         })
     }
 }

@@ -206,6 +206,8 @@ struct Dormant {
     warned_deadline: Option<Timestamp>,
     /// The machine's next timer: the keep-alive task wakes the slot then.
     wake_at: Option<Timestamp>,
+    /// When the last actor retired (`None`: never ran).
+    retired_at: Option<Timestamp>,
 }
 
 struct Inner {
@@ -215,6 +217,10 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// Read without locks (papaya): the hot path scales with threads.
     slots: papaya::HashMap<ConnectionId, Arc<Slot>>,
+    /// Ids the store did not have, until when that answer is reused.
+    unknown: papaya::HashMap<ConnectionId, Timestamp>,
+    /// Dormant slots idle this long are evicted with their cached token.
+    evict_after: Duration,
     events: broadcast::Sender<LifecycleEvent>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -254,7 +260,11 @@ pub struct TokenManagerBuilder {
     shutdown_grace: Duration,
     call_timeout: Duration,
     scan_concurrency: usize,
+    evict_after: Duration,
 }
+
+/// At most this many ids are remembered as unknown to the store at once.
+const MAX_NEGATIVE: usize = 10_000;
 
 impl TokenManager {
     /// Starts building a manager.
@@ -271,6 +281,7 @@ impl TokenManager {
             shutdown_grace: Duration::from_secs(15),
             call_timeout: Duration::from_secs(60),
             scan_concurrency: 16,
+            evict_after: Duration::from_secs(15 * 60),
         }
     }
 
@@ -280,6 +291,9 @@ impl TokenManager {
     pub async fn access_token(&self, id: &ConnectionId) -> Result<AccessToken, ManagerError> {
         if let Some(token) = self.cached(id) {
             return Ok(token);
+        }
+        if self.known_unknown(id) {
+            return Err(AccessError::NotConnected.into());
         }
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::Access(tx))?;
@@ -409,6 +423,7 @@ impl TokenManager {
     /// so that their machines announce it. Pass the returned
     /// [`Sweep::scanned_until`] as `notices_after` next time.
     pub async fn sweep(&self, notices_after: Option<Timestamp>) -> Result<Sweep, ManagerError> {
+        self.evict_idle();
         self.wake_due();
         let now = self.inner.clock.now();
         let settings = &self.inner.config.settings;
@@ -474,6 +489,8 @@ impl TokenManager {
     }
 
     async fn notify(&self, id: &ConnectionId, input: Input) -> Result<Event, ManagerError> {
+        // A connection being made is not unknown any more.
+        let _ = self.inner.unknown.pin().remove(id);
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::Notify(Box::new(input), tx))?;
         self.answer(rx).await
@@ -497,17 +514,61 @@ impl TokenManager {
     }
 
     /// Hands `command` to the connection's actor, starting one if it is dormant.
-    fn submit(&self, id: &ConnectionId, command: Command) -> Result<(), ManagerError> {
-        if self.inner.shutdown.is_cancelled() {
-            return Err(ManagerError::ShutDown);
+    fn submit(&self, id: &ConnectionId, mut command: Command) -> Result<(), ManagerError> {
+        loop {
+            if self.inner.shutdown.is_cancelled() {
+                return Err(ManagerError::ShutDown);
+            }
+            let slot = self.slot(id);
+            match slot.gate.submit(command) {
+                Admission::Queued => slot.wake.notify_one(),
+                Admission::Spawn(dormant) => self.spawn_actor(id, slot, dormant),
+                Admission::Closed(_) => return Err(ManagerError::ShutDown),
+                Admission::Evicted(c) => {
+                    // Evicted since we looked it up: a fresh slot.
+                    let _ = self
+                        .inner
+                        .slots
+                        .pin()
+                        .remove_if(id, |_, s| Arc::ptr_eq(s, &slot));
+                    command = c;
+                    continue;
+                }
+            }
+            return Ok(());
         }
-        let slot = self.slot(id);
-        match slot.gate.submit(command) {
-            Admission::Queued => slot.wake.notify_one(),
-            Admission::Spawn(dormant) => self.spawn_actor(id, slot, dormant),
-            Admission::Closed(_) => return Err(ManagerError::ShutDown),
-        }
-        Ok(())
+    }
+
+    /// Whether the store was found not to have `id` moments ago.
+    fn known_unknown(&self, id: &ConnectionId) -> bool {
+        let now = self.inner.clock.now();
+        self.inner
+            .unknown
+            .pin()
+            .get(id)
+            .is_some_and(|until| *until > now)
+    }
+
+    /// Evicts dormant slots idle longer than `evict_after` (no timer pending) and
+    /// forgets expired negative answers.
+    fn evict_idle(&self) {
+        let now = self.inner.clock.now();
+        let idle = self.inner.evict_after;
+        let old = |d: &Dormant| {
+            d.wake_at.is_none()
+                && d.retired_at
+                    .is_some_and(|t| now.saturating_since(t) >= idle)
+        };
+        self.inner
+            .slots
+            .pin()
+            .retain(|_, slot| !slot.gate.evict(old));
+        self.inner.unknown.pin().retain(|_, until| *until > now);
+    }
+
+    /// Connections with a slot in this process (running or dormant).
+    pub fn slots(&self) -> usize {
+        self.inner.slots.len()
     }
 
     fn slot(&self, id: &ConnectionId) -> Arc<Slot> {
@@ -643,6 +704,15 @@ impl TokenManagerBuilder {
         self
     }
 
+    /// How long a dormant connection's slot (its cached token and what its next
+    /// actor must know) stays after its last actor retired (default 15 min); then
+    /// a keep-alive pass evicts it and the next call reads the store again. Memory
+    /// is thus bounded by the connections used within that time.
+    pub fn evict_after(mut self, idle: Duration) -> Self {
+        self.evict_after = idle;
+        self
+    }
+
     /// How many connections a keep-alive pass ([`TokenManager::sweep`]) works on at
     /// once (default 16): a cold start with 100,000 due connections opens at most
     /// this many provider requests, not 100,000.
@@ -696,6 +766,8 @@ impl TokenManagerBuilder {
                 transport,
                 clock: self.clock,
                 slots: papaya::HashMap::new(),
+                unknown: papaya::HashMap::new(),
+                evict_after: self.evict_after,
                 events: broadcast::channel(1024).0,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -820,9 +892,11 @@ impl Actor {
                             let parting = Dormant {
                                 warned_deadline: self.warned_deadline,
                                 wake_at: self.wake_at(now),
+                                retired_at: Some(now),
                             };
                             if self.slot.gate.retire(parting) {
                                 self.inner.actors.fetch_sub(1, Ordering::SeqCst);
+                                self.forget_if_unknown(now);
                                 return;
                             }
                             continue;
@@ -842,6 +916,27 @@ impl Actor {
         // learn of the shutdown).
         drop(self.slot.gate.close());
         self.inner.actors.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// A connection the store does not have keeps no slot (an id from a caller is
+    /// not a reason to hold memory): the slot is evicted, and the negative answer
+    /// is cached for `dead_recheck`.
+    fn forget_if_unknown(&self, now: Timestamp) {
+        let unknown = self.heard_store && !self.store_failed && self.machine.record().is_none();
+        if !unknown || !self.slot.gate.evict(|_| true) {
+            return;
+        }
+        let id = self.machine.id();
+        let _ = self
+            .inner
+            .slots
+            .pin()
+            .remove_if(id, |_, s| Arc::ptr_eq(s, &self.slot));
+        let negative = self.inner.unknown.pin();
+        if negative.len() < MAX_NEGATIVE {
+            let until = now.saturating_add(self.inner.config.settings.dead_recheck);
+            negative.insert(id.clone(), until);
+        }
     }
 
     /// Whether stopping now could lose something: a store command or provider

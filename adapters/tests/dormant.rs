@@ -246,8 +246,10 @@ async fn the_keepalive_task_wakes_a_dormant_connection_for_its_warning() {
     // next keep-alive tick (virtual time) wakes it.
     s.clock.advance(hours(2));
     warned_once(&s, &mut events, Duration::from_secs(3600)).await;
-    assert_eq!(s.tokens.cached(&id()).unwrap().expose(), "AT-1");
-    assert_eq!(s.tokens.live_actors(), 0);
+    // (Dormant for over `evict_after` by now: served from the store again.)
+    assert_eq!(s.tokens.access_token(&id()).await.unwrap().expose(), "AT-1");
+    until_dormant(&s.tokens).await;
+    assert_eq!(s.transport.calls.load(Ordering::SeqCst), 0);
     s.tokens.shutdown().await;
 }
 
@@ -289,5 +291,104 @@ async fn a_notice_reported_while_the_store_cannot_be_read_is_announced_when_it_c
     store.down.store(false, Ordering::SeqCst);
     s.clock.advance(Duration::from_secs(300));
     warned_once(&s, &mut events, Duration::from_secs(300)).await;
+    s.tokens.shutdown().await;
+}
+
+/// Resident memory of this process, in KiB (Linux).
+fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_the_store_does_not_have_keep_no_slot_and_their_answer_is_cached() {
+    let store = Arc::new(Watched::default());
+    let s = setup_on(store.clone(), |r, _| r).await;
+    for i in 0..1000 {
+        let unknown = ConnectionId(format!("nobody-{i}"));
+        assert!(matches!(
+            s.tokens.access_token(&unknown).await,
+            Err(tokenfence::ManagerError::Access(AccessError::NotConnected))
+        ));
+    }
+    until_dormant(&s.tokens).await;
+    assert_eq!(s.tokens.slots(), 0, "unknown ids hold slots");
+    // Asked again at once: answered without the store.
+    let loads = store.loads.load(Ordering::SeqCst);
+    for i in 0..1000 {
+        let unknown = ConnectionId(format!("nobody-{i}"));
+        assert!(s.tokens.access_token(&unknown).await.is_err());
+    }
+    assert_eq!(
+        store.loads.load(Ordering::SeqCst),
+        loads,
+        "the store was asked again"
+    );
+    // Briefly: after `dead_recheck` the store is asked again.
+    s.clock.advance(Duration::from_secs(2));
+    assert!(s
+        .tokens
+        .access_token(&ConnectionId("nobody-1".into()))
+        .await
+        .is_err());
+    assert_eq!(store.loads.load(Ordering::SeqCst), loads + 1);
+    s.tokens.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dormant_slots_are_evicted_after_a_while_and_come_back_from_the_store() {
+    let s = setup(|r, now| ConnectionRecord {
+        access: Some(AccessGrant {
+            token: AccessToken::new("AT-1"),
+            expires_at: now.saturating_add(hours(3)),
+        }),
+        ..r
+    })
+    .await;
+    assert_eq!(s.tokens.access_token(&id()).await.unwrap().expose(), "AT-1");
+    until_dormant(&s.tokens).await;
+    assert_eq!(s.tokens.slots(), 1);
+    assert!(s.tokens.cached(&id()).is_some(), "dormant, still served");
+    s.tokens.sweep(None).await.unwrap();
+    assert_eq!(s.tokens.slots(), 1, "not evicted before its time");
+    s.clock.advance(Duration::from_secs(16 * 60));
+    s.tokens.sweep(None).await.unwrap();
+    assert_eq!(s.tokens.slots(), 0, "idle past evict_after: evicted");
+    assert!(
+        s.tokens.cached(&id()).is_none(),
+        "the cached token went with it"
+    );
+    assert_eq!(s.tokens.access_token(&id()).await.unwrap().expose(), "AT-1");
+    assert_eq!(s.transport.calls.load(Ordering::SeqCst), 0);
+    s.tokens.shutdown().await;
+}
+
+/// Run with `--nocapture` for the figure in the README.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churning_through_100000_distinct_ids_leaves_memory_bounded() {
+    let s = setup(|r, _| r).await;
+    let before = rss_kib();
+    for i in 0..100_000 {
+        let unknown = ConnectionId(format!("churn-{i:06}"));
+        let _ = s.tokens.access_token(&unknown).await;
+    }
+    until_dormant(&s.tokens).await;
+    let after = rss_kib();
+    assert_eq!(s.tokens.slots(), 0);
+    // The negative answers are forgotten by the next keep-alive pass after they expire.
+    s.clock.advance(Duration::from_secs(2));
+    s.tokens.sweep(None).await.unwrap();
+    let swept = rss_kib();
+    eprintln!(
+        "100000 distinct unknown ids: RSS {before} KiB before, {after} KiB after ({} KiB more), \
+         {swept} KiB after the next keep-alive pass; slots {}",
+        after.saturating_sub(before),
+        s.tokens.slots()
+    );
     s.tokens.shutdown().await;
 }

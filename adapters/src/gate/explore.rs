@@ -69,6 +69,7 @@ fn request(world: &Arc<World>) -> u64 {
             world.actors.lock().unwrap().push(actor);
         }
         Admission::Closed(_) => unreachable!("the model never closes the gate"),
+        Admission::Evicted(_) => unreachable!("the model never evicts"),
     }
     rx.recv().expect("the actor answers every command it takes")
 }
