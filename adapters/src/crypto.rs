@@ -159,10 +159,17 @@ impl fmt::Debug for EncryptionKey {
     }
 }
 
-/// Keys by id: the newest (highest id) seals, all open.
+/// Keys by id: the newest (highest id) sealing key seals, all open.
+///
+/// A key can be added *open only* first: a rolling deploy gives every process the
+/// new key that way, and only once all have it does the next deploy let it seal
+/// (so no process ever meets a row it cannot open). Spec: `"3:NEWKEY:open,2:OLDKEY"`
+/// (stage 1), then `"3:NEWKEY,2:OLDKEY"` (stage 2), then `reencrypt`, then drop 2.
 #[derive(Clone)]
 pub struct Keyring {
     keys: BTreeMap<KeyId, EncryptionKey>,
+    /// Keys that open but never seal.
+    open_only: std::collections::BTreeSet<KeyId>,
 }
 
 impl Keyring {
@@ -170,11 +177,23 @@ impl Keyring {
     pub fn new(id: KeyId, key: EncryptionKey) -> Self {
         Keyring {
             keys: BTreeMap::from([(id, key)]),
+            open_only: Default::default(),
         }
     }
 
-    /// Adds a key. A higher id than any present makes it the sealing key; a lower
-    /// one is kept to open older blobs.
+    /// Adds a key that opens blobs but never seals (stage 1 of a roll-out).
+    pub fn with_open_only_key(
+        mut self,
+        id: KeyId,
+        key: EncryptionKey,
+    ) -> Result<Self, CryptoError> {
+        self = self.with_key(id, key)?;
+        self.open_only.insert(id);
+        Ok(self)
+    }
+
+    /// Adds a key. A higher id than any sealing key present makes it the sealing
+    /// key; a lower one is kept to open older blobs.
     pub fn with_key(mut self, id: KeyId, key: EncryptionKey) -> Result<Self, CryptoError> {
         if self.keys.contains_key(&id) {
             return Err(CryptoError::DuplicateKeyId(id));
@@ -185,13 +204,24 @@ impl Keyring {
 
     /// A keyring from text such as `"2:BASE64KEY,1:BASE64KEY"` (for example from an
     /// environment variable): comma-separated `id:key` pairs, keys in standard
-    /// base64. Errors name the position of a bad entry, never its content.
+    /// base64; `id:key:open` adds a key that opens but does not seal. Errors name
+    /// what is wrong, never a key.
     pub fn from_spec(spec: &str) -> Result<Self, CryptoError> {
         let mut keys = BTreeMap::new();
+        let mut open_only = std::collections::BTreeSet::new();
         for entry in spec.split(',').filter(|e| !e.trim().is_empty()) {
             let (id, key) = entry.split_once(':').ok_or(CryptoError::InvalidKey(
-                "keyring entries are `id:base64-key`",
+                "keyring entries are `id:base64-key` or `id:base64-key:open`",
             ))?;
+            let (key, only_opens) = match key.split_once(':') {
+                Some((key, "open")) => (key, true),
+                Some(_) => {
+                    return Err(CryptoError::InvalidKey(
+                        "the only flag a keyring entry takes is `:open`",
+                    ))
+                }
+                None => (key, false),
+            };
             let id = KeyId(
                 id.trim()
                     .parse()
@@ -200,17 +230,31 @@ impl Keyring {
             if keys.insert(id, EncryptionKey::from_base64(key)?).is_some() {
                 return Err(CryptoError::DuplicateKeyId(id));
             }
+            if only_opens {
+                open_only.insert(id);
+            }
         }
         if keys.is_empty() {
             return Err(CryptoError::InvalidKey("the keyring holds no key"));
         }
-        Ok(Keyring { keys })
+        if keys.keys().all(|id| open_only.contains(id)) {
+            return Err(CryptoError::InvalidKey(
+                "every key is open-only: one must seal",
+            ));
+        }
+        Ok(Keyring { keys, open_only })
     }
 
-    /// The id of the key that seals.
+    /// The id of the key that seals: the highest that is not open-only.
     pub fn current(&self) -> KeyId {
-        // A keyring is never empty: every constructor adds a key.
-        self.keys.keys().next_back().copied().unwrap_or(KeyId(0))
+        // A keyring always holds a sealing key: `new` adds one, `from_spec`
+        // refuses a ring without, `with_open_only_key` only adds.
+        self.keys
+            .keys()
+            .rev()
+            .find(|id| !self.open_only.contains(id))
+            .copied()
+            .unwrap_or(KeyId(0))
     }
 
     /// Every key id, in ascending order.
@@ -291,6 +335,7 @@ impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Keyring")
             .field("key_ids", &self.keys.keys().collect::<Vec<_>>())
+            .field("open_only", &self.open_only)
             .field("current", &self.current())
             .finish()
     }
@@ -331,6 +376,32 @@ mod tests {
         );
         // The plaintext does not appear in the blob.
         assert!(!blob.windows(9).any(|w| w == b"RT-secret"));
+    }
+
+    #[test]
+    fn a_key_rolls_out_open_only_first_then_seals() {
+        let b64 = |n| key(n).to_base64().as_str().to_owned();
+        let old = Keyring::from_spec(&format!("1:{}", b64(1))).unwrap();
+        let stage1 = Keyring::from_spec(&format!("2:{}:open,1:{}", b64(2), b64(1))).unwrap();
+        let stage2 = Keyring::from_spec(&format!("2:{},1:{}", b64(2), b64(1))).unwrap();
+        // Stage 1 seals with the old key, so old processes open what it writes...
+        assert_eq!(stage1.current(), KeyId(1));
+        let written = stage1.seal(b"c", b"RT").unwrap();
+        assert_eq!(old.open(b"c", &written).unwrap().as_slice(), b"RT");
+        // ...and opens what stage 2 writes with the new one.
+        assert_eq!(stage2.current(), KeyId(2));
+        let newer = stage2.seal(b"c", b"RT").unwrap();
+        assert_eq!(stage1.open(b"c", &newer).unwrap().as_slice(), b"RT");
+        // The same through the builder API.
+        let built = Keyring::new(KeyId(1), key(1))
+            .with_open_only_key(KeyId(2), key(2))
+            .unwrap();
+        assert_eq!(built.current(), KeyId(1));
+        assert!(format!("{built:?}").contains("open_only"));
+        // A ring must seal with something, and flags are checked.
+        assert!(Keyring::from_spec(&format!("2:{}:open", b64(2))).is_err());
+        let err = Keyring::from_spec(&format!("2:{}:seal", b64(2))).unwrap_err();
+        assert!(!err.to_string().contains(&b64(2)), "{err}");
     }
 
     #[test]

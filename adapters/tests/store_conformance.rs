@@ -1395,15 +1395,43 @@ async fn reencrypt_all_moves_rows_to_the_newest_key<B: Backend>(
     for n in ["a", "b", "c"] {
         committed(&*old, None, &record(n, 0)).await;
     }
+    // More rows than one batch of the streaming pass (500), on either side of them.
+    let bulk: Vec<String> = (0..1_100).map(|i| format!("bulk-{i:04}")).collect();
+    for n in &bulk {
+        committed(&*old, None, &record(n, 0)).await;
+    }
+    // Stage 1 of a roll-out: key 2 opens but does not seal yet.
+    let stage1 = Keyring::from_spec(&format!(
+        "2:{}:open,1:{}",
+        key(2).to_base64().as_str(),
+        key(1).to_base64().as_str()
+    ))
+    .unwrap();
+    assert_eq!(stage1.current(), KeyId(1));
     let both = keyring().with_key(KeyId(2), key(2)).unwrap();
     let s = b.open(both).await;
     committed(&*s, Some(0), &record("b", 1)).await;
-    assert_eq!(reencrypt(&s).await.unwrap(), 2);
+    let s1 = b.open(stage1).await;
+    assert_eq!(
+        s1.load(&id("b")).await.unwrap(),
+        Some(record("b", 1)),
+        "stage 1 opens key 2"
+    );
+    committed(&*s1, Some(0), &record("c", 1)).await;
+    assert_eq!(
+        Keyring::key_id_of(&b.sealed(&id("c")).await).unwrap(),
+        KeyId(1),
+        "stage 1 seals with key 1"
+    );
+    assert_eq!(reencrypt(&s).await.unwrap(), 2 + bulk.len());
     assert_eq!(reencrypt(&s).await.unwrap(), 0);
     let only_new = b.open(Keyring::new(KeyId(2), key(2))).await;
+    for n in [&bulk[0], &bulk[499], &bulk[500], &bulk[1_099]] {
+        assert_eq!(only_new.load(&id(n)).await.unwrap(), Some(record(n, 0)));
+    }
     assert_eq!(only_new.load(&id("a")).await.unwrap(), Some(record("a", 0)));
     assert_eq!(only_new.load(&id("b")).await.unwrap(), Some(record("b", 1)));
-    assert_eq!(only_new.load(&id("c")).await.unwrap(), Some(record("c", 0)));
+    assert_eq!(only_new.load(&id("c")).await.unwrap(), Some(record("c", 1)));
     // A row that does not open stops the pass and is left alone.
     let newest = keyring()
         .with_key(KeyId(2), key(2))

@@ -13,7 +13,8 @@
 //!   reencrypt                 re-seal every record under the newest key
 //! ```
 //! Secrets come from the environment, never from arguments: `TOKENFENCE_KEYRING`
-//! (`id:base64key,...`), `TOKENFENCE_CLIENT_ID`, `TOKENFENCE_CLIENT_SECRET`.
+//! (`id:base64key,...`; `id:base64key:open` for a key that opens but does not seal
+//! yet, stage 1 of a roll-out), `TOKENFENCE_CLIENT_ID`, `TOKENFENCE_CLIENT_SECRET`.
 //! Exit status: 0 success, 1 failure, 2 bad arguments or configuration.
 
 use clap::{Parser, Subcommand};
@@ -82,7 +83,8 @@ enum Command {
         #[arg(long)]
         realm: Option<String>,
     },
-    /// Re-seal every record under the newest key of the keyring.
+    /// Re-seal every record under the sealing key of the keyring (in batches of
+    /// 500 rows, each its own short transaction).
     Reencrypt,
 }
 

@@ -365,37 +365,47 @@ impl PostgresStore {
     /// open, leaving it as it is.
     pub async fn reencrypt_all(&self) -> Result<usize, StoreError> {
         let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT id, sealed FROM \"{}\".tokenfence_connections ORDER BY id",
-                    self.inner.sql.schema
-                ),
-                &[],
-            )
+        let page = client
+            .prepare_cached(&format!(
+                "SELECT id, sealed FROM \"{}\".tokenfence_connections \
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+                self.inner.sql.schema
+            ))
             .await
             .map_err(pg_error)?;
         let reseal = client
             .prepare_cached(&self.inner.sql.reseal)
             .await
             .map_err(pg_error)?;
+        let batch = i64::try_from(row::RESEAL_BATCH).unwrap_or(i64::MAX);
         let mut changed = 0;
-        for r in rows {
-            let id: String = r.try_get(0).map_err(column_error)?;
-            let sealed: Vec<u8> = r.try_get(1).map_err(column_error)?;
-            if let Some(new) = row::reseal(&self.inner.keyring, &ConnectionId(id.clone()), &sealed)?
-            {
-                changed += client
-                    .execute(&reseal, &[&id, &new, &sealed])
-                    .await
-                    .map_err(pg_error)?;
+        let mut after = String::new();
+        loop {
+            let rows = client
+                .query(&page, &[&after, &batch])
+                .await
+                .map_err(pg_error)?;
+            for r in &rows {
+                let id: String = r.try_get(0).map_err(column_error)?;
+                let sealed: Vec<u8> = r.try_get(1).map_err(column_error)?;
+                let cid = ConnectionId(id.clone());
+                if let Some(new) = row::reseal(&self.inner.keyring, &cid, &sealed)? {
+                    // Only if the row is still what was read (one statement each:
+                    // no lock held across the pass).
+                    changed += client
+                        .execute(&reseal, &[&id, &new, &sealed])
+                        .await
+                        .map_err(pg_error)?;
+                }
+                after = id;
+            }
+            if rows.len() < row::RESEAL_BATCH {
+                return Ok(usize::try_from(changed).unwrap_or(usize::MAX));
             }
         }
-        Ok(usize::try_from(changed).unwrap_or(usize::MAX))
     }
 }
 
-/// Verifies servers against the Mozilla roots and `extra_roots`.
 /// The URL as tokio-postgres reads it, with the TLS policy of the module docs.
 fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     use tokio_postgres::config::{Host, SslMode};
@@ -422,6 +432,7 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     Ok(config)
 }
 
+/// Verifies servers against the Mozilla roots and `extra_roots`.
 fn tls_connector(extra_roots: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();

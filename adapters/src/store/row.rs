@@ -130,6 +130,10 @@ pub(crate) fn open(
 }
 
 /// Re-seals a row's blob under the newest key, if it is under another one.
+/// Rows `reencrypt_all` reads and re-seals per batch (one short transaction each:
+/// no whole-table lock, no whole-table load).
+pub(crate) const RESEAL_BATCH: usize = 500;
+
 pub(crate) fn reseal(
     keyring: &Keyring,
     id: &ConnectionId,

@@ -111,34 +111,54 @@ impl SqliteStore {
     /// how many rows changed. All in one transaction: if any row does not open,
     /// the error names it and no row changes.
     pub async fn reencrypt_all(&self) -> Result<usize, StoreError> {
-        self.run(|conn, keyring| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql_error)?;
-            let rows: Vec<(String, Vec<u8>)> = {
-                let mut stmt = tx
-                    .prepare_cached("SELECT id, sealed FROM tokenfence_connections ORDER BY id")
-                    .map_err(sql_error)?;
-                let rows = stmt
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .map_err(sql_error)?;
-                rows.collect::<Result<_, _>>().map_err(sql_error)?
-            };
-            let mut changed = 0;
-            for (id, sealed) in rows {
-                if let Some(resealed) = row::reseal(keyring, &ConnectionId(id.clone()), &sealed)? {
-                    tx.execute(
-                        "UPDATE tokenfence_connections SET sealed = ?2 WHERE id = ?1",
-                        params![id, resealed],
-                    )
-                    .map_err(sql_error)?;
-                    changed += 1;
-                }
+        let mut changed = 0;
+        let mut after = String::new();
+        loop {
+            let from = after.clone();
+            let (done, last, n) = self
+                .run(move |conn, keyring| {
+                    let tx = conn
+                        .transaction_with_behavior(TransactionBehavior::Immediate)
+                        .map_err(sql_error)?;
+                    let rows: Vec<(String, Vec<u8>)> = {
+                        let mut stmt = tx
+                            .prepare_cached(
+                                "SELECT id, sealed FROM tokenfence_connections \
+                                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+                            )
+                            .map_err(sql_error)?;
+                        let batch = i64::try_from(row::RESEAL_BATCH).unwrap_or(i64::MAX);
+                        let rows = stmt
+                            .query_map(params![from, batch], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .map_err(sql_error)?;
+                        rows.collect::<Result<_, _>>().map_err(sql_error)?
+                    };
+                    let mut n = 0;
+                    for (id, sealed) in &rows {
+                        let cid = ConnectionId(id.clone());
+                        if let Some(resealed) = row::reseal(keyring, &cid, sealed)? {
+                            // Only if the row is still what was read: a commit
+                            // meanwhile sealed it anew already.
+                            n += tx
+                                .execute(
+                                    "UPDATE tokenfence_connections SET sealed = ?2 \
+                                     WHERE id = ?1 AND sealed = ?3",
+                                    params![id, resealed, sealed],
+                                )
+                                .map_err(sql_error)?;
+                        }
+                    }
+                    tx.commit().map_err(sql_error)?;
+                    let last = rows.last().map(|(id, _)| id.clone());
+                    Ok((rows.len() < row::RESEAL_BATCH, last, n))
+                })
+                .await?;
+            changed += n;
+            match last {
+                Some(last) if !done => after = last,
+                _ => return Ok(changed),
             }
-            tx.commit().map_err(sql_error)?;
-            Ok(changed)
-        })
-        .await
+        }
     }
 
     /// Runs `f` with the connection on tokio's blocking pool.
