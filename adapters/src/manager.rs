@@ -739,7 +739,9 @@ impl TokenManagerBuilder {
     /// Checks the configuration and starts the keep-alive task.
     pub async fn build(self) -> Result<TokenManager, BuildError> {
         let provider = self.provider.ok_or(BuildError::Missing("provider"))?;
-        let store = self.store.ok_or(BuildError::Missing("store"))?;
+        let store: Arc<dyn Store> = Arc::new(crate::store::RollbackGuard::new(
+            self.store.ok_or(BuildError::Missing("store"))?,
+        ));
         self.settings.check(&provider.profile)?;
         check_url(&provider.profile.token_url)?;
         if let Some(url) = &provider.profile.revoke_url {

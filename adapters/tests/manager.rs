@@ -414,3 +414,134 @@ async fn a_keep_alive_pass_over_many_due_connections_opens_few_requests_at_once(
     assert!(due.is_empty(), "{} still due", due.len());
     tokens.shutdown().await;
 }
+
+/// A memory store whose row can be "restored from a backup": while `restored`
+/// holds a record, every read answers with it.
+#[derive(Default)]
+struct Restorable {
+    inner: MemoryStore,
+    restored: Mutex<Option<ConnectionRecord>>,
+}
+
+#[async_trait::async_trait]
+impl Store for Restorable {
+    async fn load(
+        &self,
+        id: &ConnectionId,
+    ) -> Result<Option<ConnectionRecord>, tokenfence::store::StoreError> {
+        let restored = self.restored.lock().unwrap().clone();
+        match restored {
+            Some(r) => Ok(Some(r)),
+            None => self.inner.load(id).await,
+        }
+    }
+    async fn compare_and_swap(
+        &self,
+        expected: Option<Generation>,
+        record: &ConnectionRecord,
+    ) -> Result<CasOutcome, tokenfence::store::StoreError> {
+        let restored = self.restored.lock().unwrap().clone();
+        match restored {
+            Some(r) => Ok(CasOutcome::Conflict(Some(r))),
+            None => self.inner.compare_and_swap(expected, record).await,
+        }
+    }
+    async fn acquire_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> Result<tokenfence::store::LeaseOutcome, tokenfence::store::StoreError> {
+        let mut outcome = self
+            .inner
+            .acquire_lease(id, owner, request, now, ttl)
+            .await?;
+        if let tokenfence::store::LeaseOutcome::Granted { record, .. } = &mut outcome {
+            if let Some(r) = self.restored.lock().unwrap().clone() {
+                *record = Some(r);
+            }
+        }
+        Ok(outcome)
+    }
+    async fn release_lease(
+        &self,
+        id: &ConnectionId,
+        owner: &WorkerId,
+        request: LeaseRequestId,
+        restore: bool,
+    ) -> Result<(), tokenfence::store::StoreError> {
+        self.inner.release_lease(id, owner, request, restore).await
+    }
+    async fn due_for_work(
+        &self,
+        now: Timestamp,
+        lead: Duration,
+        limit: usize,
+    ) -> Result<Vec<ConnectionId>, tokenfence::store::StoreError> {
+        self.inner.due_for_work(now, lead, limit).await
+    }
+    async fn notices_due(
+        &self,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        notice: Duration,
+    ) -> Result<Vec<ConnectionId>, tokenfence::store::StoreError> {
+        self.inner.notices_due(after, until, notice).await
+    }
+    async fn list(&self) -> Result<Vec<ConnectionId>, tokenfence::store::StoreError> {
+        self.inner.list().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_rolled_back_under_a_running_process_is_refused_not_presented() {
+    let p = provider();
+    let store = Arc::new(Restorable::default());
+    let now = SystemClock.now();
+    let first = ConnectionRecord::new(id(), p.identity(), RefreshToken::new("RT-1"), now);
+    assert_eq!(
+        store.compare_and_swap(None, &first).await.unwrap(),
+        CasOutcome::Committed
+    );
+    let backup = store.inner.load(&id()).await.unwrap().unwrap();
+    let transport = Scripted::new(Duration::ZERO);
+    let tokens = TokenManager::builder()
+        .provider(p)
+        .shared_store(store.clone())
+        .transport(transport.clone())
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tokens.access_token(&id()).await.unwrap().expose(), "AT-2");
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 1);
+    // The database is restored from a backup taken before the rotation: its
+    // refresh token (RT-1) is the one the provider rotated away.
+    *store.restored.lock().unwrap() = Some(backup);
+    let answer = tokio::time::timeout(Duration::from_secs(20), tokens.refresh_now(&id(), false))
+        .await
+        .expect("no answer: the rolled-back record was believed");
+    assert!(
+        matches!(
+            answer,
+            Err(tokenfence::ManagerError::Access(AccessError::Transient {
+                kind: FailureKind::StoreUnavailable,
+                ..
+            }))
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(
+        transport.calls.load(Ordering::SeqCst),
+        1,
+        "the rolled-back token was presented"
+    );
+    let status = tokens.status(&id()).await;
+    let Err(tokenfence::ManagerError::Store(e)) = status else {
+        panic!("{status:?}");
+    };
+    assert!(e.to_string().contains("rolled back"), "{e}");
+    tokens.shutdown().await;
+}

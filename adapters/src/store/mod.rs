@@ -21,11 +21,13 @@
 //! `restore` puts the displaced row back, so that a lease given up without acting
 //! on its takeover leaves the doubt to the next worker.
 
+mod guard;
 mod memory;
 mod postgres;
 mod row;
 mod sqlite;
 
+pub(crate) use guard::RollbackGuard;
 pub use memory::MemoryStore;
 pub use postgres::{LeaseClock, PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
@@ -82,6 +84,18 @@ pub enum StoreError {
     /// The store's schema or configuration is wrong.
     #[error("store misconfigured: {0}")]
     Config(String),
+    /// The store answered with an older generation of a record than this process
+    /// has already seen: a restored backup or an old row written back. Refused; a
+    /// restarted process accepts the restored state.
+    #[error("stored record for connection {id} is older ({found}) than one this process has seen ({seen}): rolled back? Refusing it")]
+    RolledBack {
+        /// The connection.
+        id: ConnectionId,
+        /// The newest generation this process saw.
+        seen: Generation,
+        /// The generation the store answered with.
+        found: Generation,
+    },
 }
 
 /// A place to keep connection records and leases.
