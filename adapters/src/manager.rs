@@ -219,6 +219,8 @@ struct Inner {
     slots: papaya::HashMap<ConnectionId, Arc<Slot>>,
     /// Ids the store did not have, until when that answer is reused.
     unknown: papaya::HashMap<ConnectionId, Timestamp>,
+    /// Ids whose stored record could not be read: until when, and why.
+    quarantined: papaya::HashMap<ConnectionId, (Timestamp, String)>,
     /// Dormant slots idle this long are evicted with their cached token.
     evict_after: Duration,
     events: broadcast::Sender<LifecycleEvent>,
@@ -295,9 +297,12 @@ impl TokenManager {
         if self.known_unknown(id) {
             return Err(AccessError::NotConnected.into());
         }
+        if let Some(e) = self.inner.quarantined(id) {
+            return Err(e.into());
+        }
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::Access(tx))?;
-        Ok(self.answer(rx).await??)
+        self.answer(rx).await?.map_err(|e| self.explain(id, e))
     }
 
     /// Refreshes now, whatever the cached token says, and says what happened: the
@@ -312,9 +317,12 @@ impl TokenManager {
         id: &ConnectionId,
         clear_block: bool,
     ) -> Result<AccessToken, ManagerError> {
+        if let Some(e) = self.inner.quarantined(id) {
+            return Err(e.into());
+        }
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::RefreshNow { tx, clear_block })?;
-        Ok(self.answer(rx).await??)
+        self.answer(rx).await?.map_err(|e| self.explain(id, e))
     }
 
     /// The hot path alone: the cached token if valid beyond the margin.
@@ -428,9 +436,16 @@ impl TokenManager {
         let now = self.inner.clock.now();
         let settings = &self.inner.config.settings;
         let store = &self.inner.store;
-        let due = store
-            .due_for_work(now, settings.keepalive_lead, 1000)
-            .await?;
+        // Quarantined rows stay due in the store: ask for that many more, so
+        // that they never crowd out a connection that can be worked.
+        let skipped = self.inner.quarantined.len();
+        let due: Vec<ConnectionId> = store
+            .due_for_work(now, settings.keepalive_lead, SCAN_LIMIT + skipped)
+            .await?
+            .into_iter()
+            .filter(|id| self.inner.quarantined(id).is_none())
+            .take(SCAN_LIMIT)
+            .collect();
         let notices = store
             .notices_due(notices_after, now, settings.reconnect_notice)
             .await?;
@@ -504,6 +519,14 @@ impl TokenManager {
         }
     }
 
+    /// The actor's error for `id`, or why its row is quarantined.
+    fn explain(&self, id: &ConnectionId, e: AccessError) -> ManagerError {
+        match self.inner.quarantined(id) {
+            Some(corrupt) => corrupt.into(),
+            None => e.into(),
+        }
+    }
+
     /// Why an answer never came: shutdown, or the actor died.
     fn lost_answer(&self) -> ManagerError {
         if self.inner.shutdown.is_cancelled() {
@@ -564,6 +587,10 @@ impl TokenManager {
             .pin()
             .retain(|_, slot| !slot.gate.evict(old));
         self.inner.unknown.pin().retain(|_, until| *until > now);
+        self.inner
+            .quarantined
+            .pin()
+            .retain(|_, (until, _)| *until > now);
     }
 
     /// Connections with a slot in this process (running or dormant).
@@ -769,6 +796,7 @@ impl TokenManagerBuilder {
                 clock: self.clock,
                 slots: papaya::HashMap::new(),
                 unknown: papaya::HashMap::new(),
+                quarantined: papaya::HashMap::new(),
                 evict_after: self.evict_after,
                 events: broadcast::channel(1024).0,
                 shutdown: CancellationToken::new(),
@@ -897,8 +925,8 @@ impl Actor {
                                 retired_at: Some(now),
                             };
                             if self.slot.gate.retire(parting) {
-                                self.inner.actors.fetch_sub(1, Ordering::SeqCst);
                                 self.forget_if_unknown(now);
+                                self.inner.actors.fetch_sub(1, Ordering::SeqCst);
                                 return;
                             }
                             continue;
@@ -912,6 +940,16 @@ impl Actor {
                 // token): tell whoever asked.
                 tracing::warn!(error = %e, "input refused");
                 self.notify.clear();
+            }
+            if !self.waiters.is_empty() && self.inner.quarantined(self.machine.id()).is_some() {
+                // No retries for an unreadable row: callers hear it at once.
+                let retry_at = now.saturating_add(QUARANTINE);
+                for (_, tx) in self.waiters.drain() {
+                    let _ = tx.send(Err(AccessError::Transient {
+                        kind: tokenfence_core::FailureKind::StoreUnavailable,
+                        retry_at,
+                    }));
+                }
             }
         }
         // Shut down: later commands are refused, queued ones dropped (their callers
@@ -1046,6 +1084,7 @@ impl Actor {
     }
 
     fn execute(&self, output: Output) -> PendingInput {
+        let inner = self.inner.clone();
         let store = self.inner.store.clone();
         let transport = self.inner.transport.clone();
         let id = self.machine.id().clone();
@@ -1054,9 +1093,11 @@ impl Actor {
         let profile_tid = self.inner.config.profile.clone();
         Box::pin(async move {
             match output {
+                // A quarantined row is not read again until its time is up.
+                Output::Load if inner.quarantined(&id).is_some() => Input::StoreFailed,
                 Output::Load => match store.load(&id).await {
                     Ok(r) => Input::Loaded(r.map(Box::new)),
-                    Err(e) => store_failed(e),
+                    Err(e) => store_failed(&inner, &id, e),
                 },
                 Output::AcquireLease {
                     owner,
@@ -1073,7 +1114,7 @@ impl Actor {
                         took_over,
                     },
                     Ok(LeaseOutcome::Held(holder)) => Input::LeaseHeld { holder },
-                    Err(e) => store_failed(e),
+                    Err(e) => store_failed(&inner, &id, e),
                 },
                 Output::CompareAndSwap { expected, record } => {
                     match store.compare_and_swap(expected, &record).await {
@@ -1083,7 +1124,7 @@ impl Actor {
                         Ok(CasOutcome::Conflict(current)) => Input::Conflict {
                             current: current.map(Box::new),
                         },
-                        Err(e) => store_failed(e),
+                        Err(e) => store_failed(&inner, &id, e),
                     }
                 }
                 Output::Send(request) => {
@@ -1186,10 +1227,55 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-fn store_failed(e: crate::store::StoreError) -> Input {
-    tracing::warn!(error = %e, "store operation failed");
+fn store_failed(inner: &Inner, id: &ConnectionId, e: crate::store::StoreError) -> Input {
+    if let crate::store::StoreError::Corrupt { reason, .. } = &e {
+        inner.quarantine(id, reason);
+    } else {
+        tracing::warn!(error = %e, "store operation failed");
+    }
     Input::StoreFailed
 }
+
+impl Inner {
+    /// A row that cannot be read is not a store outage: callers are told at once
+    /// for `QUARANTINE` (then it is read again, in case an operator repaired it),
+    /// and keep-alive passes skip it.
+    fn quarantine(&self, id: &ConnectionId, reason: &str) {
+        let until = self.clock.now().saturating_add(QUARANTINE);
+        let fresh = self
+            .quarantined
+            .pin()
+            .insert(id.clone(), (until, reason.to_owned()))
+            .is_none();
+        if fresh {
+            tracing::error!(connection = %id, %reason, "stored record unreadable; quarantined");
+            let provider = self.config.profile.name.clone();
+            metrics::counter!("tokenfence_events_total", "provider" => provider, "event" => "quarantined", "detail" => "")
+                .increment(1);
+            let _ = self.events.send(LifecycleEvent {
+                connection: id.clone(),
+                event: Event::Quarantined,
+            });
+        }
+    }
+
+    /// Why `id` is quarantined now, if it is.
+    fn quarantined(&self, id: &ConnectionId) -> Option<crate::store::StoreError> {
+        let now = self.clock.now();
+        let q = self.quarantined.pin();
+        let (until, reason) = q.get(id)?;
+        (*until > now).then(|| crate::store::StoreError::Corrupt {
+            id: id.clone(),
+            reason: format!("quarantined: {reason}"),
+        })
+    }
+}
+
+/// Connections one keep-alive pass works on at most.
+const SCAN_LIMIT: usize = 1000;
+
+/// How long an unreadable record is quarantined before it is read again.
+const QUARANTINE: Duration = Duration::from_secs(3600);
 
 fn status_class(status: u16) -> &'static str {
     match status {
@@ -1216,5 +1302,6 @@ fn event_labels(event: &Event) -> (&'static str, String) {
         Event::ReauthRequired { reason } => ("reauth_required", format!("{reason:?}")),
         Event::ReconnectSoon { .. } => ("reconnect_soon", String::new()),
         Event::Disconnected { revoked } => ("disconnected", revoked.to_string()),
+        Event::Quarantined => ("quarantined", String::new()),
     }
 }

@@ -235,6 +235,10 @@ pub enum Event {
         /// The hard deadline.
         deadline: Timestamp,
     },
+    /// The stored record cannot be read (corrupt, foreign ciphertext, a key the
+    /// keyring lacks): the driver quarantines the connection instead of retrying
+    /// it as if the store were down. Emitted by drivers, never by the machine.
+    Quarantined,
     /// The connection was disconnected through tokenfence.
     Disconnected {
         /// Whether the provider confirmed the revocation.

@@ -1,0 +1,128 @@
+//! Unreadable rows (corrupt, foreign ciphertext, a key the keyring lacks) are
+//! quarantined: a distinct event, callers told at once, never retried as if the
+//! store were down, and skipped by keep-alive passes, so that 2,000 of them ahead
+//! of a due connection do not starve it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokenfence::clock::{Clock, SystemClock};
+use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
+use tokenfence::store::{CasOutcome, SqliteStore, Store, StoreError};
+use tokenfence::transport::{Delivery, Transport};
+use tokenfence::{ManagerError, TokenManager};
+use tokenfence_core::*;
+
+mod common;
+use common::provider;
+
+/// Grants every refresh, counting them.
+#[derive(Default)]
+struct Granting(AtomicUsize);
+
+#[async_trait::async_trait]
+impl Transport for Granting {
+    async fn send(&self, _: &HttpRequest) -> Delivery {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Delivery::Replied(HttpResponse {
+            status: 200,
+            headers: vec![],
+            body: br#"{"access_token":"AT-q","token_type":"bearer","expires_in":3600}"#.to_vec(),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_corrupt_rows_ahead_of_a_due_connection_do_not_starve_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.db");
+    let key = EncryptionKey::from_slice(&[7; 32]).unwrap();
+    let store = Arc::new(SqliteStore::open(&path, Keyring::new(KeyId(1), key)).unwrap());
+    let p = provider();
+    let now = SystemClock.now();
+    let due = |id: &str| ConnectionRecord {
+        idle_deadline: Some(now.saturating_add(Duration::from_secs(86_400))),
+        refresh_issued_at: now.saturating_sub(Duration::from_secs(99 * 86_400)),
+        ..ConnectionRecord::new(
+            ConnectionId(id.into()),
+            p.identity(),
+            RefreshToken::new(format!("RT-{id}")),
+            now,
+        )
+    };
+    // 2,000 due rows whose ids sort before the healthy one, then made unreadable.
+    for i in 0..2_000 {
+        let r = due(&format!("a-{i:04}"));
+        assert_eq!(
+            store.compare_and_swap(None, &r).await.unwrap(),
+            CasOutcome::Committed
+        );
+    }
+    assert_eq!(
+        store.compare_and_swap(None, &due("z-due")).await.unwrap(),
+        CasOutcome::Committed
+    );
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.busy_timeout(Duration::from_secs(10)).unwrap();
+    let n = raw
+        .execute(
+            "UPDATE tokenfence_connections SET sealed = zeroblob(40) WHERE id LIKE 'a-%'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 2_000);
+
+    let transport = Arc::new(Granting::default());
+    let tokens = TokenManager::builder()
+        .provider(p)
+        .shared_store(store.clone())
+        .transport(transport.clone())
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap();
+    let mut events = tokens.subscribe();
+    let announced = tokio::spawn(async move {
+        let mut quarantined = std::collections::BTreeMap::new();
+        while let Ok(e) = events.recv().await {
+            if e.event == Event::Quarantined {
+                *quarantined.entry(e.connection.clone()).or_insert(0) += 1;
+            }
+        }
+        quarantined
+    });
+    let mut passes = 0;
+    while transport.0.load(Ordering::SeqCst) == 0 {
+        passes += 1;
+        assert!(passes <= 3, "the healthy connection was starved");
+        tokens.sweep(None).await.unwrap();
+    }
+    let healthy = store
+        .load(&ConnectionId("z-due".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(healthy.last_refreshed_at.is_some(), "kept alive");
+    assert_eq!(
+        transport.0.load(Ordering::SeqCst),
+        1,
+        "nothing sent for a corrupt row"
+    );
+    // A caller is told at once, with the reason, not after store-outage retries.
+    let started = std::time::Instant::now();
+    let answer = tokens.access_token(&ConnectionId("a-0042".into())).await;
+    assert!(
+        matches!(answer, Err(ManagerError::Store(StoreError::Corrupt { .. }))),
+        "{answer:?}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    tokens.shutdown().await;
+    drop(tokens); // closes the event channel
+                  // Every unreadable row the passes met was announced once, as what it is.
+    let quarantined = tokio::time::timeout(Duration::from_secs(10), announced)
+        .await
+        .expect("the event channel closed")
+        .unwrap();
+    assert!(quarantined.len() >= 1_000, "{}", quarantined.len());
+    assert!(quarantined.values().all(|n| *n == 1), "announced twice");
+}
