@@ -112,20 +112,7 @@ async fn operate_a_connection_from_the_command_line() {
         secret: "prod-secret",
         ..wrong
     };
-    let (status, out) = run(
-        &env,
-        &[
-            "connect",
-            "realm-1",
-            "--code",
-            code,
-            "--redirect-uri",
-            "http://127.0.0.1:1/cb",
-            "--realm",
-            "123",
-        ],
-    )
-    .await;
+    let (status, out) = run(&env, &connect(code).each_ref().map(String::as_str)).await;
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("connected realm-1"), "{out}");
 

@@ -11,7 +11,7 @@ use tokenfence::{LifecycleEvent, Provider, TokenManager};
 use tokenfence_core::*;
 
 mod common;
-use common::{id, provider, Scripted, Watched};
+use common::{id, provider, Granting, Scripted, Watched};
 
 async fn seeded_store(p: &Provider) -> Arc<Watched> {
     let store = Arc::new(Watched::default());
@@ -338,31 +338,6 @@ async fn shutdown_stops_every_task() {
     assert!(err.is_err());
 }
 
-/// Grants every refresh (no rotation) after `delay`, counting the requests in
-/// flight at once.
-struct Counting {
-    delay: Duration,
-    in_flight: std::sync::atomic::AtomicUsize,
-    most: std::sync::atomic::AtomicUsize,
-    calls: std::sync::atomic::AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl tokenfence::transport::Transport for Counting {
-    async fn send(&self, _: &HttpRequest) -> tokenfence::transport::Delivery {
-        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        self.most.fetch_max(now, Ordering::SeqCst);
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(self.delay).await;
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        tokenfence::transport::Delivery::Replied(HttpResponse {
-            status: 200,
-            headers: vec![],
-            body: br#"{"access_token":"AT-k","token_type":"bearer","expires_in":3600}"#.to_vec(),
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_pass_over_many_due_connections_opens_few_requests_at_once() {
     let p = provider();
@@ -381,12 +356,7 @@ async fn a_keep_alive_pass_over_many_due_connections_opens_few_requests_at_once(
             CasOutcome::Committed
         );
     }
-    let transport = Arc::new(Counting {
-        delay: Duration::from_millis(20),
-        in_flight: Default::default(),
-        most: Default::default(),
-        calls: Default::default(),
-    });
+    let transport = Granting::new(Duration::from_millis(20));
     let tokens = TokenManager::builder()
         .provider(p)
         .shared_store(store.clone())
@@ -415,90 +385,10 @@ async fn a_keep_alive_pass_over_many_due_connections_opens_few_requests_at_once(
     tokens.shutdown().await;
 }
 
-/// A memory store whose row can be "restored from a backup": while `restored`
-/// holds a record, every read answers with it.
-#[derive(Default)]
-struct Restorable {
-    inner: MemoryStore,
-    restored: Mutex<Option<ConnectionRecord>>,
-}
-
-#[async_trait::async_trait]
-impl Store for Restorable {
-    async fn load(
-        &self,
-        id: &ConnectionId,
-    ) -> Result<Option<ConnectionRecord>, tokenfence::store::StoreError> {
-        let restored = self.restored.lock().unwrap().clone();
-        match restored {
-            Some(r) => Ok(Some(r)),
-            None => self.inner.load(id).await,
-        }
-    }
-    async fn compare_and_swap(
-        &self,
-        expected: Option<Generation>,
-        record: &ConnectionRecord,
-    ) -> Result<CasOutcome, tokenfence::store::StoreError> {
-        let restored = self.restored.lock().unwrap().clone();
-        match restored {
-            Some(r) => Ok(CasOutcome::Conflict(Some(r))),
-            None => self.inner.compare_and_swap(expected, record).await,
-        }
-    }
-    async fn acquire_lease(
-        &self,
-        id: &ConnectionId,
-        owner: &WorkerId,
-        request: LeaseRequestId,
-        now: Timestamp,
-        ttl: Duration,
-    ) -> Result<tokenfence::store::LeaseOutcome, tokenfence::store::StoreError> {
-        let mut outcome = self
-            .inner
-            .acquire_lease(id, owner, request, now, ttl)
-            .await?;
-        if let tokenfence::store::LeaseOutcome::Granted { record, .. } = &mut outcome {
-            if let Some(r) = self.restored.lock().unwrap().clone() {
-                *record = Some(r);
-            }
-        }
-        Ok(outcome)
-    }
-    async fn release_lease(
-        &self,
-        id: &ConnectionId,
-        owner: &WorkerId,
-        request: LeaseRequestId,
-        restore: bool,
-    ) -> Result<(), tokenfence::store::StoreError> {
-        self.inner.release_lease(id, owner, request, restore).await
-    }
-    async fn due_for_work(
-        &self,
-        now: Timestamp,
-        lead: Duration,
-        limit: usize,
-    ) -> Result<Vec<ConnectionId>, tokenfence::store::StoreError> {
-        self.inner.due_for_work(now, lead, limit).await
-    }
-    async fn notices_due(
-        &self,
-        after: Option<Timestamp>,
-        until: Timestamp,
-        notice: Duration,
-    ) -> Result<Vec<ConnectionId>, tokenfence::store::StoreError> {
-        self.inner.notices_due(after, until, notice).await
-    }
-    async fn list(&self) -> Result<Vec<ConnectionId>, tokenfence::store::StoreError> {
-        self.inner.list().await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_rolled_back_under_a_running_process_is_refused_not_presented() {
     let p = provider();
-    let store = Arc::new(Restorable::default());
+    let store = Arc::new(Watched::default());
     let now = SystemClock.now();
     let first = ConnectionRecord::new(id(), p.identity(), RefreshToken::new("RT-1"), now);
     assert_eq!(

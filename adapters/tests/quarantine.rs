@@ -3,34 +3,17 @@
 //! store were down, and skipped by keep-alive passes, so that 2,000 of them ahead
 //! of a due connection do not starve it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokenfence::clock::{Clock, SystemClock};
 use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
 use tokenfence::store::{CasOutcome, SqliteStore, Store, StoreError};
-use tokenfence::transport::{Delivery, Transport};
 use tokenfence::{ManagerError, TokenManager};
 use tokenfence_core::*;
 
 mod common;
-use common::provider;
-
-/// Grants every refresh, counting them.
-#[derive(Default)]
-struct Granting(AtomicUsize);
-
-#[async_trait::async_trait]
-impl Transport for Granting {
-    async fn send(&self, _: &HttpRequest) -> Delivery {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Delivery::Replied(HttpResponse {
-            status: 200,
-            headers: vec![],
-            body: br#"{"access_token":"AT-q","token_type":"bearer","expires_in":3600}"#.to_vec(),
-        })
-    }
-}
+use common::{provider, Granting};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_corrupt_rows_ahead_of_a_due_connection_do_not_starve_it() {
@@ -72,7 +55,7 @@ async fn two_thousand_corrupt_rows_ahead_of_a_due_connection_do_not_starve_it() 
         .unwrap();
     assert_eq!(n, 2_000);
 
-    let transport = Arc::new(Granting::default());
+    let transport = Granting::new(Duration::ZERO);
     let tokens = TokenManager::builder()
         .provider(p)
         .shared_store(store.clone())
@@ -92,7 +75,7 @@ async fn two_thousand_corrupt_rows_ahead_of_a_due_connection_do_not_starve_it() 
         quarantined
     });
     let mut passes = 0;
-    while transport.0.load(Ordering::SeqCst) == 0 {
+    while transport.calls.load(Ordering::SeqCst) == 0 {
         passes += 1;
         assert!(passes <= 3, "the healthy connection was starved");
         tokens.sweep(None).await.unwrap();
@@ -104,7 +87,7 @@ async fn two_thousand_corrupt_rows_ahead_of_a_due_connection_do_not_starve_it() 
         .unwrap();
     assert!(healthy.last_refreshed_at.is_some(), "kept alive");
     assert_eq!(
-        transport.0.load(Ordering::SeqCst),
+        transport.calls.load(Ordering::SeqCst),
         1,
         "nothing sent for a corrupt row"
     );

@@ -203,6 +203,28 @@ fn paused_worker_lease_expiry_commit_is_not_blocked_by_a_dead_mark() {
     );
 }
 
+/// Caller `r` was told `kind`, to come back no sooner than `secs` after T0; a
+/// request halfway there does not call the provider again (no storm).
+fn held_back(world: &mut World, r: RequestId, kind: FailureKind, secs: u64) -> Timestamp {
+    let Some(Err(AccessError::Transient {
+        kind: told,
+        retry_at,
+    })) = world.result(0, r).cloned()
+    else {
+        panic!("expected a transient error, got {:?}", world.result(0, r));
+    };
+    assert_eq!(told, kind);
+    assert!(retry_at >= T0.saturating_add(Duration::from_secs(secs)));
+    world.advance(Duration::from_secs(secs / 2));
+    let again = world.request(0);
+    assert!(matches!(
+        world.result(0, again),
+        Some(Err(AccessError::Transient { .. }))
+    ));
+    assert_eq!(world.workers[0].sent.len(), 1);
+    retry_at
+}
+
 #[test]
 fn rate_limited_429_honours_retry_after() {
     let mut world = World::intuit(1);
@@ -210,19 +232,7 @@ fn rate_limited_429_honours_retry_after() {
     let mut reply = json_reply(429, "");
     reply.headers.push(("Retry-After".into(), "120".into()));
     world.reply(0, reply);
-    let Some(Err(AccessError::Transient { kind, retry_at })) = world.result(0, r).cloned() else {
-        panic!("expected a transient error, got {:?}", world.result(0, r));
-    };
-    assert_eq!(kind, FailureKind::RateLimited);
-    assert!(retry_at >= T0.saturating_add(Duration::from_secs(120)));
-    // A request before retry_at does not call the provider again (no storm).
-    world.advance(Duration::from_secs(60));
-    let again = world.request(0);
-    assert!(matches!(
-        world.result(0, again),
-        Some(Err(AccessError::Transient { .. }))
-    ));
-    assert_eq!(world.workers[0].sent.len(), 1);
+    let retry_at = held_back(&mut world, r, FailureKind::RateLimited, 120);
     // After it, the next request refreshes and recovers.
     world.now = retry_at;
     let later = world.request(0);
@@ -933,19 +943,7 @@ fn server_error_503_honours_retry_after_as_an_http_date() {
         .headers
         .push(("Retry-After".into(), httpdate::fmt_http_date(at)));
     world.reply(0, reply);
-    let Some(Err(AccessError::Transient { kind, retry_at })) = world.result(0, r).cloned() else {
-        panic!("expected a transient error, got {:?}", world.result(0, r));
-    };
-    assert_eq!(kind, FailureKind::ServerError(503));
-    assert!(retry_at >= T0.saturating_add(Duration::from_secs(600)));
-    // Nothing is sent before the date, however often callers ask.
-    world.advance(Duration::from_secs(300));
-    let again = world.request(0);
-    assert!(matches!(
-        world.result(0, again),
-        Some(Err(AccessError::Transient { .. }))
-    ));
-    assert_eq!(world.workers[0].sent.len(), 1);
+    held_back(&mut world, r, FailureKind::ServerError(503), 600);
 }
 
 #[test]

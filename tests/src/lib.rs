@@ -10,6 +10,38 @@ use tokenfence_core::{parse_token_reply, ConnectionId, HttpResponse, Settings, T
 use tokenfence_sim::mock::{Control, MockProvider};
 use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
+/// A log sink for tracing subscribers: everything written, kept for searching.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the process-wide tracing subscriber at TRACE, writing into the
+/// returned sink. Global, because connection actors run on the runtime's other
+/// threads; other tests of the same binary log into it too (only more to search).
+pub fn capture_trace() -> Captured {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).expect("the first subscriber");
+    captured
+}
+
 /// A mock provider serving on an ephemeral loopback port.
 pub struct Mock {
     /// The running mock.

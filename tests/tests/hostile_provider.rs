@@ -2,8 +2,7 @@
 //! slow-loris trickle) and a run of the main scenarios with tracing at TRACE
 //! captured: clear errors, nothing stored lost, no secret in any log line.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokenfence::store::{MemoryStore, Store};
 use tokenfence::{ManagerError, Provider, TokenManager};
@@ -155,31 +154,9 @@ async fn connection_refused_is_not_sent() {
     assert_eq!(stored.in_doubt_since, None, "not sent: nothing in doubt");
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_trace_logs_of_the_main_scenarios() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .finish();
-    // Global: the connection actors run on the runtime's other threads. Other tests
-    // of this binary log into it too; that only adds lines to search.
-    tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+    let captured = capture_trace();
 
     let mut secrets: Vec<String> = vec!["prod-secret".into()];
     for class in [

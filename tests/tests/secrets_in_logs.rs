@@ -7,8 +7,7 @@
 //! authorization codes, every refresh and access token, the keyring key.
 
 use base64::Engine as _;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokenfence::crypto::{EncryptionKey, Keyring};
 use tokenfence::store::{PostgresStore, SqliteStore, Store};
 use tokenfence::TokenManager;
@@ -16,19 +15,6 @@ use tokenfence_core::*;
 use tokenfence_sim::mock::{Control, Fault, AUTHORIZE_PATH};
 use tokenfence_sim::provider::ProviderSpec;
 use tokenfence_tests::*;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Every form a secret could take in a log line.
 fn forms(secret: &[u8]) -> Vec<String> {
@@ -104,14 +90,7 @@ async fn scenario(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_of_any_kind_reaches_any_crates_logs() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+    let captured = capture_trace();
     tracing_log::LogTracer::init().expect("the log bridge");
 
     let mock = Mock::start(ProviderSpec::intuit()).await;

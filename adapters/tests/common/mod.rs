@@ -85,6 +85,9 @@ pub struct Watched {
     pub down: AtomicBool,
     /// This many reads panic (a bug in a store, a driver), then reads work.
     pub panics: AtomicUsize,
+    /// A record "restored from a backup": while set, every read and every CAS
+    /// conflict answers with it.
+    pub restored: Mutex<Option<ConnectionRecord>>,
 }
 
 impl Watched {
@@ -107,14 +110,22 @@ impl Watched {
 impl Store for Watched {
     async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
         self.read()?;
-        self.inner.load(id).await
+        let restored = self.restored.lock().unwrap().clone();
+        match restored {
+            Some(r) => Ok(Some(r)),
+            None => self.inner.load(id).await,
+        }
     }
     async fn compare_and_swap(
         &self,
         expected: Option<Generation>,
         record: &ConnectionRecord,
     ) -> Result<CasOutcome, StoreError> {
-        self.inner.compare_and_swap(expected, record).await
+        let restored = self.restored.lock().unwrap().clone();
+        match restored {
+            Some(r) => Ok(CasOutcome::Conflict(Some(r))),
+            None => self.inner.compare_and_swap(expected, record).await,
+        }
     }
     async fn acquire_lease(
         &self,
@@ -125,7 +136,16 @@ impl Store for Watched {
         ttl: Duration,
     ) -> Result<LeaseOutcome, StoreError> {
         self.read()?;
-        self.inner.acquire_lease(id, owner, request, now, ttl).await
+        let mut outcome = self
+            .inner
+            .acquire_lease(id, owner, request, now, ttl)
+            .await?;
+        if let LeaseOutcome::Granted { record, .. } = &mut outcome {
+            if let Some(r) = self.restored.lock().unwrap().clone() {
+                *record = Some(r);
+            }
+        }
+        Ok(outcome)
     }
     async fn release_lease(
         &self,
@@ -154,5 +174,40 @@ impl Store for Watched {
     }
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         self.inner.list().await
+    }
+}
+
+/// Grants every refresh (no rotation) after `delay`, counting the requests and the
+/// most in flight at once.
+#[derive(Default)]
+pub struct Granting {
+    delay: Duration,
+    in_flight: AtomicUsize,
+    pub most: AtomicUsize,
+    pub calls: AtomicUsize,
+}
+
+impl Granting {
+    pub fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Granting {
+            delay,
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for Granting {
+    async fn send(&self, _: &HttpRequest) -> Delivery {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Delivery::Replied(HttpResponse {
+            status: 200,
+            headers: vec![],
+            body: br#"{"access_token":"AT-k","token_type":"bearer","expires_in":3600}"#.to_vec(),
+        })
     }
 }
