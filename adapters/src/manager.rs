@@ -221,6 +221,9 @@ struct Inner {
     unknown: papaya::HashMap<ConnectionId, Timestamp>,
     /// Ids whose stored record could not be read: until when, and why.
     quarantined: papaya::HashMap<ConnectionId, (Timestamp, String)>,
+    /// Ids a keep-alive pass found it cannot work (another client's, dead,
+    /// disconnected): skipped by passes until then.
+    unworkable: papaya::HashMap<ConnectionId, Timestamp>,
     /// Dormant slots idle this long are evicted with their cached token.
     evict_after: Duration,
     events: broadcast::Sender<LifecycleEvent>,
@@ -436,14 +439,15 @@ impl TokenManager {
         let now = self.inner.clock.now();
         let settings = &self.inner.config.settings;
         let store = &self.inner.store;
-        // Quarantined rows stay due in the store: ask for that many more, so
-        // that they never crowd out a connection that can be worked.
-        let skipped = self.inner.quarantined.len();
+        // Rows that cannot be worked stay due in the store (quarantined, another
+        // client's, dead with an expired lease): ask for that many more and skip
+        // them, so that they never crowd out a connection that can be worked.
+        let skipped = self.inner.quarantined.len() + self.inner.unworkable.len();
         let due: Vec<ConnectionId> = store
             .due_for_work(now, settings.keepalive_lead, SCAN_LIMIT + skipped)
             .await?
             .into_iter()
-            .filter(|id| self.inner.quarantined(id).is_none())
+            .filter(|id| self.inner.quarantined(id).is_none() && !self.unworkable(id, now))
             .take(SCAN_LIMIT)
             .collect();
         let notices = store
@@ -464,6 +468,17 @@ impl TokenManager {
                 tracing::debug!(connection = %id, "due for work");
                 if let Err(e) = m.refresh_now(&id, false).await {
                     tracing::debug!(connection = %id, error = %e, "keep-alive refresh");
+                    if let ManagerError::Access(
+                        AccessError::Config(_)
+                        | AccessError::ReauthRequired(_)
+                        | AccessError::Disconnected
+                        | AccessError::NotConnected,
+                    ) = e
+                    {
+                        // No pass can do anything for it until a person does.
+                        let until = m.inner.clock.now().saturating_add(QUARANTINE);
+                        m.inner.unworkable.pin().insert(id.clone(), until);
+                    }
                 }
                 drop(permit);
             });
@@ -562,6 +577,15 @@ impl TokenManager {
         }
     }
 
+    /// Whether a keep-alive pass found `id` unworkable less than an hour ago.
+    fn unworkable(&self, id: &ConnectionId, now: Timestamp) -> bool {
+        self.inner
+            .unworkable
+            .pin()
+            .get(id)
+            .is_some_and(|until| *until > now)
+    }
+
     /// Whether the store was found not to have `id` moments ago.
     fn known_unknown(&self, id: &ConnectionId) -> bool {
         let now = self.inner.clock.now();
@@ -591,6 +615,7 @@ impl TokenManager {
             .quarantined
             .pin()
             .retain(|_, (until, _)| *until > now);
+        self.inner.unworkable.pin().retain(|_, until| *until > now);
     }
 
     /// Connections with a slot in this process (running or dormant).
@@ -797,6 +822,7 @@ impl TokenManagerBuilder {
                 slots: papaya::HashMap::new(),
                 unknown: papaya::HashMap::new(),
                 quarantined: papaya::HashMap::new(),
+                unworkable: papaya::HashMap::new(),
                 evict_after: self.evict_after,
                 events: broadcast::channel(1024).0,
                 shutdown: CancellationToken::new(),

@@ -1,7 +1,8 @@
-//! Unreadable rows (corrupt, foreign ciphertext, a key the keyring lacks) are
-//! quarantined: a distinct event, callers told at once, never retried as if the
-//! store were down, and skipped by keep-alive passes, so that 2,000 of them ahead
-//! of a due connection do not starve it.
+//! Rows a keep-alive pass cannot work do not starve the others. Unreadable rows
+//! (corrupt, foreign ciphertext, a key the keyring lacks) are quarantined: a
+//! distinct event, callers told at once, never retried as if the store were down,
+//! and skipped by passes; rows of another client (or dead, or disconnected) are
+//! skipped too. 2,000 of either ahead of a due connection do not starve it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -108,4 +109,58 @@ async fn two_thousand_corrupt_rows_ahead_of_a_due_connection_do_not_starve_it() 
         .unwrap();
     assert!(quarantined.len() >= 1_000, "{}", quarantined.len());
     assert!(quarantined.values().all(|n| *n == 1), "announced twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_rows_of_another_client_ahead_of_a_due_connection_do_not_starve_it() {
+    let store = Arc::new(tokenfence::store::MemoryStore::new());
+    let p = provider();
+    let now = SystemClock.now();
+    let due = |id: &str, identity: GrantIdentity| ConnectionRecord {
+        idle_deadline: Some(now.saturating_add(Duration::from_secs(86_400))),
+        refresh_issued_at: now.saturating_sub(Duration::from_secs(99 * 86_400)),
+        ..ConnectionRecord::new(
+            ConnectionId(id.into()),
+            identity,
+            RefreshToken::new("RT"),
+            now,
+        )
+    };
+    let other = GrantIdentity {
+        client_id: "someone-elses-app".into(),
+        ..p.identity()
+    };
+    for i in 0..2_000 {
+        let r = due(&format!("a-{i:04}"), other.clone());
+        assert_eq!(
+            store.compare_and_swap(None, &r).await.unwrap(),
+            CasOutcome::Committed
+        );
+    }
+    let r = due("z-due", p.identity());
+    assert_eq!(
+        store.compare_and_swap(None, &r).await.unwrap(),
+        CasOutcome::Committed
+    );
+    let transport = Granting::new(Duration::ZERO);
+    let tokens = TokenManager::builder()
+        .provider(p)
+        .shared_store(store.clone())
+        .transport(transport.clone())
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap();
+    let mut passes = 0;
+    while transport.calls.load(Ordering::SeqCst) == 0 {
+        passes += 1;
+        assert!(passes <= 3, "the healthy connection was starved");
+        tokens.sweep(None).await.unwrap();
+    }
+    assert_eq!(
+        transport.calls.load(Ordering::SeqCst),
+        1,
+        "sent with the wrong client"
+    );
+    tokens.shutdown().await;
 }
