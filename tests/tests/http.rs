@@ -234,3 +234,40 @@ async fn consent_redirect_and_code_exchange_connect_a_realm() {
     assert!(matches!(again, Err(ManagerError::Exchange(_))));
     tokens.shutdown().await;
 }
+
+/// Found with an independent OAuth server: 60-second tokens under the default
+/// 5-minute margin made one process rotate thousands of times and serve nobody.
+/// Here: 5-second tokens from a strictly rotating provider, the default settings,
+/// a caller every 250 ms for 12 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_second_tokens_under_the_default_settings_are_served_without_a_storm() {
+    let spec = tokenfence_sim::provider::ProviderSpec {
+        access_ttl: Duration::from_secs(5),
+        ..tokenfence_sim::provider::ProviderSpec::scaled(BehaviourClass::StrictRotation)
+    };
+    let mock = Mock::start(spec).await;
+    let store = Arc::new(MemoryStore::new());
+    let tokens = manager(&mock, store.clone(), Settings::default()).await;
+    tokens
+        .connect(&realm(), mock.authorize(), None)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_secs(12) {
+        let token = tokio::time::timeout(Duration::from_secs(5), tokens.access_token(&realm()))
+            .await
+            .expect("a caller was left waiting");
+        assert!(token.is_ok(), "{token:?}");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let refreshes = mock.mock.stats().refreshes;
+    // The margin adapts to 2.5 s: about one refresh every 2.5 s, not thousands.
+    assert!(served >= 40, "{served}");
+    assert!(
+        (3..=8).contains(&refreshes),
+        "{refreshes} refreshes in 12 s"
+    );
+    tokens.shutdown().await;
+}
