@@ -182,8 +182,9 @@ enum Command {
     },
     Input(Box<Input>),
     Notify(Box<Input>, oneshot::Sender<Event>),
-    /// A dormant connection's timer came: load the record and let the machine act.
-    Wake,
+    /// A dormant connection's timer came (or its notice): load the record and let
+    /// the machine act; the answer, if anyone waits for it, says when it is done.
+    Wake(Option<oneshot::Sender<Result<AccessToken, AccessError>>>),
 }
 
 struct Cached {
@@ -435,7 +436,7 @@ impl TokenManager {
     /// [`Sweep::scanned_until`] as `notices_after` next time.
     pub async fn sweep(&self, notices_after: Option<Timestamp>) -> Result<Sweep, ManagerError> {
         self.evict_idle();
-        self.wake_due();
+        let timers = self.dormant_due();
         let now = self.inner.clock.now();
         let settings = &self.inner.config.settings;
         let store = &self.inner.store;
@@ -484,11 +485,26 @@ impl TokenManager {
             });
         }
         while work.join_next().await.is_some() {}
-        for id in &notices {
-            // The machine announces the notice once it has read the record.
-            tracing::debug!(connection = %id, "hard-deadline notice due");
-            let _ = self.submit(id, Command::Wake);
+        // Wakes (a dormant timer, a notice: the machine announces it once it has read
+        // the record, and refreshes if the token needs it) are bounded the same way.
+        let mut wakes: Vec<&ConnectionId> = timers.iter().chain(&notices).collect();
+        wakes.sort();
+        wakes.dedup();
+        for id in wakes {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            let (m, id) = (self.clone(), id.clone());
+            work.spawn(async move {
+                tracing::debug!(connection = %id, "woken");
+                let (tx, rx) = oneshot::channel();
+                if m.submit(&id, Command::Wake(Some(tx))).is_ok() {
+                    let _ = m.answer(rx).await;
+                }
+                drop(permit);
+            });
         }
+        while work.join_next().await.is_some() {}
         Ok(Sweep {
             due,
             notices,
@@ -678,22 +694,17 @@ impl TokenManager {
         self.inner.tasks.spawn(supervise.instrument(span));
     }
 
-    /// Wakes the dormant slots whose machine's timer has come (a `ReconnectSoon`
-    /// notice, for instance: the store's keep-alive scan does not cover it).
-    fn wake_due(&self) {
+    /// The dormant slots whose machine's timer has come (a `ReconnectSoon` notice,
+    /// for instance: the store's keep-alive scan does not cover it).
+    fn dormant_due(&self) -> Vec<ConnectionId> {
         let now = self.inner.clock.now();
-        let due: Vec<ConnectionId> = self
-            .inner
+        self.inner
             .slots
             .pin()
             .iter()
             .filter(|(_, s)| s.gate.dormant(|d| d.wake_at.is_some_and(|t| t <= now)) == Some(true))
             .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
-            tracing::debug!(connection = %id, "dormant timer due");
-            let _ = self.submit(&id, Command::Wake);
-        }
+            .collect()
     }
 }
 
@@ -1034,8 +1045,11 @@ impl Actor {
             }
             // An access nobody waits for: the machine loads the record and acts on
             // its timers (a due warning is emitted, a due keep-alive then fires).
-            Command::Wake => {
+            Command::Wake(tx) => {
                 self.woken = true;
+                if let Some(tx) = tx {
+                    self.waiters.insert(request, tx);
+                }
                 Input::AccessRequested(request)
             }
         }

@@ -435,3 +435,48 @@ async fn a_record_rolled_back_under_a_running_process_is_refused_not_presented()
     assert!(e.to_string().contains("rolled back"), "{e}");
     tokens.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_deadline_notices_of_many_connections_are_bounded_too() {
+    let p = provider();
+    let store = Arc::new(MemoryStore::new());
+    let now = SystemClock.now();
+    // 300 connections not due for keep-alive whose hard deadline is inside the
+    // 60-day notice, with no access token: each wake announces and refreshes.
+    for i in 0..300 {
+        let id = ConnectionId(format!("realm-{i}"));
+        let record = ConnectionRecord {
+            hard_deadline: Some(now.saturating_add(days(30))),
+            ..ConnectionRecord::new(id, p.identity(), RefreshToken::new(format!("RT-{i}")), now)
+        };
+        assert_eq!(
+            store.compare_and_swap(None, &record).await.unwrap(),
+            CasOutcome::Committed
+        );
+    }
+    let transport = Granting::new(Duration::from_millis(20));
+    let tokens = TokenManager::builder()
+        .provider(p)
+        .shared_store(store.clone())
+        .transport(transport.clone())
+        .keepalive_scan(None)
+        .scan_concurrency(8)
+        .build()
+        .await
+        .unwrap();
+    let mut events = tokens.subscribe();
+    let sweep = tokens.sweep(None).await.unwrap();
+    assert_eq!((sweep.due.len(), sweep.notices.len()), (0, 300));
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 300);
+    let most = transport.most.load(Ordering::SeqCst);
+    assert!(most <= 8, "{most} requests in flight at once");
+    let mut notices = 0;
+    while let Ok(e) = events.try_recv() {
+        notices += usize::from(matches!(e.event, Event::ReconnectSoon { .. }));
+    }
+    assert_eq!(
+        notices, 300,
+        "every notice announced by the time the pass returns"
+    );
+    tokens.shutdown().await;
+}
