@@ -298,10 +298,7 @@ async fn keep_alive(tokens: &TokenManager, once: bool) -> ExitCode {
         };
         notices_after = Some(sweep.scanned_until);
         if once {
-            // The sweep waited for the refreshes; let the notices finish.
-            for id in &sweep.notices {
-                let _ = tokens.access_token(id).await;
-            }
+            // The sweep waited for its refreshes and notices; let the printer catch up.
             tokio::time::sleep(Duration::from_millis(200)).await;
             break ExitCode::SUCCESS;
         }
