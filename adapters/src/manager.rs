@@ -455,61 +455,74 @@ impl TokenManager {
             .notices_due(notices_after, now, settings.reconnect_notice)
             .await?;
         // At most `scan_concurrency` connections at once, each to its outcome.
+        self.bounded(due.iter().cloned(), Self::keep_alive_one)
+            .await;
+        // Wakes (a dormant timer, a notice: the machine announces it once it has read
+        // the record, and refreshes if the token needs it) are bounded the same way.
+        let mut wakes: Vec<ConnectionId> =
+            timers.into_iter().chain(notices.iter().cloned()).collect();
+        wakes.sort();
+        wakes.dedup();
+        self.bounded(wakes, Self::wake_one).await;
+        Ok(Sweep {
+            due,
+            notices,
+            scanned_until: now,
+        })
+    }
+
+    /// Runs `job` for each id, at most `scan_concurrency` at once, and waits for
+    /// them all (a pass's backpressure).
+    async fn bounded<F, Fut>(&self, ids: impl IntoIterator<Item = ConnectionId>, job: F)
+    where
+        F: Fn(TokenManager, ConnectionId) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let limit = Arc::new(tokio::sync::Semaphore::new(self.inner.scan_concurrency));
         let mut work = tokio::task::JoinSet::new();
-        for id in &due {
+        for id in ids {
             let Ok(permit) = limit.clone().acquire_owned().await else {
                 break;
             };
             if self.inner.shutdown.is_cancelled() {
                 break;
             }
-            let (m, id) = (self.clone(), id.clone());
+            let job = job(self.clone(), id);
             work.spawn(async move {
-                tracing::debug!(connection = %id, "due for work");
-                if let Err(e) = m.refresh_now(&id, false).await {
-                    tracing::debug!(connection = %id, error = %e, "keep-alive refresh");
-                    if let ManagerError::Access(
-                        AccessError::Config(_)
-                        | AccessError::ReauthRequired(_)
-                        | AccessError::Disconnected
-                        | AccessError::NotConnected,
-                    ) = e
-                    {
-                        // No pass can do anything for it until a person does.
-                        let until = m.inner.clock.now().saturating_add(QUARANTINE);
-                        m.inner.unworkable.pin().insert(id.clone(), until);
-                    }
-                }
+                job.await;
                 drop(permit);
             });
         }
         while work.join_next().await.is_some() {}
-        // Wakes (a dormant timer, a notice: the machine announces it once it has read
-        // the record, and refreshes if the token needs it) are bounded the same way.
-        let mut wakes: Vec<&ConnectionId> = timers.iter().chain(&notices).collect();
-        wakes.sort();
-        wakes.dedup();
-        for id in wakes {
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                break;
-            };
-            let (m, id) = (self.clone(), id.clone());
-            work.spawn(async move {
-                tracing::debug!(connection = %id, "woken");
-                let (tx, rx) = oneshot::channel();
-                if m.submit(&id, Command::Wake(Some(tx))).is_ok() {
-                    let _ = m.answer(rx).await;
-                }
-                drop(permit);
-            });
+    }
+
+    /// A keep-alive pass's refresh of `id`; what no pass can work is skipped by
+    /// the next ones for an hour.
+    async fn keep_alive_one(self, id: ConnectionId) {
+        tracing::debug!(connection = %id, "due for work");
+        if let Err(e) = self.refresh_now(&id, false).await {
+            tracing::debug!(connection = %id, error = %e, "keep-alive refresh");
+            if let ManagerError::Access(
+                AccessError::Config(_)
+                | AccessError::ReauthRequired(_)
+                | AccessError::Disconnected
+                | AccessError::NotConnected,
+            ) = e
+            {
+                // No pass can do anything for it until a person does.
+                let until = self.inner.clock.now().saturating_add(QUARANTINE);
+                self.inner.unworkable.pin().insert(id, until);
+            }
         }
-        while work.join_next().await.is_some() {}
-        Ok(Sweep {
-            due,
-            notices,
-            scanned_until: now,
-        })
+    }
+
+    /// A keep-alive pass's wake of `id`, until its machine has acted.
+    async fn wake_one(self, id: ConnectionId) {
+        tracing::debug!(connection = %id, "woken");
+        let (tx, rx) = oneshot::channel();
+        if self.submit(&id, Command::Wake(Some(tx))).is_ok() {
+            let _ = self.answer(rx).await;
+        }
     }
 
     /// Stops every task and waits for them. A refresh already sent is let finish
@@ -595,21 +608,12 @@ impl TokenManager {
 
     /// Whether a keep-alive pass found `id` unworkable less than an hour ago.
     fn unworkable(&self, id: &ConnectionId, now: Timestamp) -> bool {
-        self.inner
-            .unworkable
-            .pin()
-            .get(id)
-            .is_some_and(|until| *until > now)
+        until_later(&self.inner.unworkable, id, now)
     }
 
     /// Whether the store was found not to have `id` moments ago.
     fn known_unknown(&self, id: &ConnectionId) -> bool {
-        let now = self.inner.clock.now();
-        self.inner
-            .unknown
-            .pin()
-            .get(id)
-            .is_some_and(|until| *until > now)
+        until_later(&self.inner.unknown, id, self.inner.clock.now())
     }
 
     /// Evicts dormant slots idle longer than `evict_after` (no timer pending) and
@@ -978,7 +982,10 @@ impl Actor {
                 tracing::warn!(error = %e, "input refused");
                 self.notify.clear();
             }
-            if !self.waiters.is_empty() && self.inner.quarantined(self.machine.id()).is_some() {
+            if self.store_failed
+                && !self.waiters.is_empty()
+                && self.inner.quarantined(self.machine.id()).is_some()
+            {
                 // No retries for an unreadable row: callers hear it at once.
                 let retry_at = now.saturating_add(QUARANTINE);
                 for (_, tx) in self.waiters.drain() {
@@ -1309,6 +1316,15 @@ impl Inner {
             reason: format!("quarantined: {reason}"),
         })
     }
+}
+
+/// Whether `map` holds `id` until a time after `now`.
+fn until_later(
+    map: &papaya::HashMap<ConnectionId, Timestamp>,
+    id: &ConnectionId,
+    now: Timestamp,
+) -> bool {
+    map.pin().get(id).is_some_and(|until| *until > now)
 }
 
 /// Connections one keep-alive pass works on at most.

@@ -11,7 +11,7 @@ use tokenfence::{LifecycleEvent, Provider, TokenManager};
 use tokenfence_core::*;
 
 mod common;
-use common::{id, provider, Granting, Scripted, Watched};
+use common::{granting_manager, id, keepalive_due, provider, seed, Granting, Scripted, Watched};
 
 async fn seeded_store(p: &Provider) -> Arc<Watched> {
     let store = Arc::new(Watched::default());
@@ -344,28 +344,10 @@ async fn a_keep_alive_pass_over_many_due_connections_opens_few_requests_at_once(
     let store = Arc::new(MemoryStore::new());
     let now = SystemClock.now();
     // 300 connections whose idle deadline is a day away: all due for keep-alive.
-    for i in 0..300 {
-        let id = ConnectionId(format!("realm-{i}"));
-        let record = ConnectionRecord {
-            idle_deadline: Some(now.saturating_add(days(1))),
-            refresh_issued_at: now.saturating_sub(days(99)),
-            ..ConnectionRecord::new(id, p.identity(), RefreshToken::new(format!("RT-{i}")), now)
-        };
-        assert_eq!(
-            store.compare_and_swap(None, &record).await.unwrap(),
-            CasOutcome::Committed
-        );
-    }
+    let records = (0..300).map(|i| keepalive_due(&format!("realm-{i}"), p.identity(), now));
+    seed(&*store, records).await;
     let transport = Granting::new(Duration::from_millis(20));
-    let tokens = TokenManager::builder()
-        .provider(p)
-        .shared_store(store.clone())
-        .transport(transport.clone())
-        .keepalive_scan(None)
-        .scan_concurrency(8)
-        .build()
-        .await
-        .unwrap();
+    let tokens = granting_manager(store.clone(), transport.clone(), 8).await;
     let sweep = tokens.sweep(None).await.unwrap();
     assert_eq!(sweep.due.len(), 300);
     assert_eq!(
@@ -443,27 +425,18 @@ async fn hard_deadline_notices_of_many_connections_are_bounded_too() {
     let now = SystemClock.now();
     // 300 connections not due for keep-alive whose hard deadline is inside the
     // 60-day notice, with no access token: each wake announces and refreshes.
-    for i in 0..300 {
-        let id = ConnectionId(format!("realm-{i}"));
-        let record = ConnectionRecord {
-            hard_deadline: Some(now.saturating_add(days(30))),
-            ..ConnectionRecord::new(id, p.identity(), RefreshToken::new(format!("RT-{i}")), now)
-        };
-        assert_eq!(
-            store.compare_and_swap(None, &record).await.unwrap(),
-            CasOutcome::Committed
-        );
-    }
+    let records = (0..300).map(|i| ConnectionRecord {
+        hard_deadline: Some(now.saturating_add(days(30))),
+        ..ConnectionRecord::new(
+            ConnectionId(format!("realm-{i}")),
+            p.identity(),
+            RefreshToken::new(format!("RT-{i}")),
+            now,
+        )
+    });
+    seed(&*store, records).await;
     let transport = Granting::new(Duration::from_millis(20));
-    let tokens = TokenManager::builder()
-        .provider(p)
-        .shared_store(store.clone())
-        .transport(transport.clone())
-        .keepalive_scan(None)
-        .scan_concurrency(8)
-        .build()
-        .await
-        .unwrap();
+    let tokens = granting_manager(store.clone(), transport.clone(), 8).await;
     let mut events = tokens.subscribe();
     let sweep = tokens.sweep(None).await.unwrap();
     assert_eq!((sweep.due.len(), sweep.notices.len()), (0, 300));

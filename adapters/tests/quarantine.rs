@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokenfence::clock::{Clock, SystemClock};
 use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
-use tokenfence::store::{CasOutcome, SqliteStore, Store, StoreError};
-use tokenfence::{ManagerError, TokenManager};
+use tokenfence::store::{SqliteStore, Store, StoreError};
+use tokenfence::ManagerError;
 use tokenfence_core::*;
 
 mod common;
-use common::{provider, Granting};
+use common::{granting_manager, keepalive_due, provider, seed, Granting};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_corrupt_rows_ahead_of_a_due_connection_do_not_starve_it() {
@@ -24,28 +24,13 @@ async fn two_thousand_corrupt_rows_ahead_of_a_due_connection_do_not_starve_it() 
     let store = Arc::new(SqliteStore::open(&path, Keyring::new(KeyId(1), key)).unwrap());
     let p = provider();
     let now = SystemClock.now();
-    let due = |id: &str| ConnectionRecord {
-        idle_deadline: Some(now.saturating_add(Duration::from_secs(86_400))),
-        refresh_issued_at: now.saturating_sub(Duration::from_secs(99 * 86_400)),
-        ..ConnectionRecord::new(
-            ConnectionId(id.into()),
-            p.identity(),
-            RefreshToken::new(format!("RT-{id}")),
-            now,
-        )
-    };
     // 2,000 due rows whose ids sort before the healthy one, then made unreadable.
-    for i in 0..2_000 {
-        let r = due(&format!("a-{i:04}"));
-        assert_eq!(
-            store.compare_and_swap(None, &r).await.unwrap(),
-            CasOutcome::Committed
-        );
-    }
-    assert_eq!(
-        store.compare_and_swap(None, &due("z-due")).await.unwrap(),
-        CasOutcome::Committed
-    );
+    let records = (0..2_000).map(|i| keepalive_due(&format!("a-{i:04}"), p.identity(), now));
+    seed(
+        &*store,
+        records.chain([keepalive_due("z-due", p.identity(), now)]),
+    )
+    .await;
     let raw = rusqlite::Connection::open(&path).unwrap();
     raw.busy_timeout(Duration::from_secs(10)).unwrap();
     let n = raw
@@ -57,14 +42,7 @@ async fn two_thousand_corrupt_rows_ahead_of_a_due_connection_do_not_starve_it() 
     assert_eq!(n, 2_000);
 
     let transport = Granting::new(Duration::ZERO);
-    let tokens = TokenManager::builder()
-        .provider(p)
-        .shared_store(store.clone())
-        .transport(transport.clone())
-        .keepalive_scan(None)
-        .build()
-        .await
-        .unwrap();
+    let tokens = granting_manager(store.clone(), transport.clone(), 16).await;
     let mut events = tokens.subscribe();
     let announced = tokio::spawn(async move {
         let mut quarantined = std::collections::BTreeMap::new();
@@ -116,41 +94,18 @@ async fn two_thousand_rows_of_another_client_ahead_of_a_due_connection_do_not_st
     let store = Arc::new(tokenfence::store::MemoryStore::new());
     let p = provider();
     let now = SystemClock.now();
-    let due = |id: &str, identity: GrantIdentity| ConnectionRecord {
-        idle_deadline: Some(now.saturating_add(Duration::from_secs(86_400))),
-        refresh_issued_at: now.saturating_sub(Duration::from_secs(99 * 86_400)),
-        ..ConnectionRecord::new(
-            ConnectionId(id.into()),
-            identity,
-            RefreshToken::new("RT"),
-            now,
-        )
-    };
     let other = GrantIdentity {
         client_id: "someone-elses-app".into(),
         ..p.identity()
     };
-    for i in 0..2_000 {
-        let r = due(&format!("a-{i:04}"), other.clone());
-        assert_eq!(
-            store.compare_and_swap(None, &r).await.unwrap(),
-            CasOutcome::Committed
-        );
-    }
-    let r = due("z-due", p.identity());
-    assert_eq!(
-        store.compare_and_swap(None, &r).await.unwrap(),
-        CasOutcome::Committed
-    );
+    let records = (0..2_000).map(|i| keepalive_due(&format!("a-{i:04}"), other.clone(), now));
+    seed(
+        &*store,
+        records.chain([keepalive_due("z-due", p.identity(), now)]),
+    )
+    .await;
     let transport = Granting::new(Duration::ZERO);
-    let tokens = TokenManager::builder()
-        .provider(p)
-        .shared_store(store.clone())
-        .transport(transport.clone())
-        .keepalive_scan(None)
-        .build()
-        .await
-        .unwrap();
+    let tokens = granting_manager(store.clone(), transport.clone(), 16).await;
     let mut passes = 0;
     while transport.calls.load(Ordering::SeqCst) == 0 {
         passes += 1;

@@ -3,9 +3,7 @@
 use crate::io::{
     AccessError, ConfigError, Event, IdentityField, Input, InputError, Output, RequestId,
 };
-use crate::profile::{
-    ClientCredentials, ClientFingerprint, GraceReplay, InDoubtRecovery, ProviderProfile, Rotation,
-};
+use crate::profile::{ClientCredentials, GraceReplay, InDoubtRecovery, ProviderProfile, Rotation};
 use crate::record::{
     ConnectionId, ConnectionRecord, FailureKind, GrantIdentity, Lease, LeaseRequestId,
     ReauthReason, Status, WorkerId,
@@ -227,8 +225,6 @@ pub struct Connection {
     waiting_since: Option<Timestamp>,
     /// An operator's [`Input::RefreshNow`] clears a configuration block.
     retry_now: bool,
-    /// Which credentials this machine sends ([`ClientCredentials::fingerprint`]).
-    client_fingerprint: ClientFingerprint,
     /// When this machine last saw one of its refreshes commit a token that was
     /// already inside its margin (a reply slower than half the lifetime): the
     /// floor between refreshes counts from here then, not only from the send.
@@ -244,7 +240,6 @@ impl Connection {
     /// A machine for connection `id`. `entropy` seeds the retry jitter: give each
     /// machine a different random value (the simulator derives it from its seed).
     pub fn new(id: ConnectionId, config: Arc<Config>, entropy: u64) -> Self {
-        let client_fingerprint = config.client.fingerprint();
         Connection {
             id,
             config,
@@ -270,7 +265,6 @@ impl Connection {
             forced_answerable: false,
             waiting_since: None,
             retry_now: false,
-            client_fingerprint,
             refreshed_at: None,
             not_before: None,
             authorized: None,
@@ -893,7 +887,7 @@ impl Connection {
                 || (!self.retry_now
                     && record
                         .blocked_client
-                        .is_none_or(|c| c == self.client_fingerprint));
+                        .is_none_or(|c| c == self.config.client.fingerprint()));
             if held && retry_at > now && gate.is_none_or(|(t, _)| retry_at > t) {
                 gate = Some((retry_at, last));
             }
@@ -1111,7 +1105,10 @@ impl Connection {
                 retry_at,
                 last: kind,
             },
-            blocked_client: kind.is_configuration().then_some(self.client_fingerprint),
+            // Hashed only here and in the retry gate (both rare): not per machine.
+            blocked_client: kind
+                .is_configuration()
+                .then(|| self.config.client.fingerprint()),
             in_doubt_since: attempt.in_doubt_since,
             updated_at: now,
             ..attempt.base

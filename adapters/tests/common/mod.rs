@@ -211,3 +211,46 @@ impl Transport for Granting {
         })
     }
 }
+
+/// Connection `id` of `identity`, due for a keep-alive refresh at `now`: its idle
+/// deadline a day away, its refresh token issued 99 days before.
+pub fn keepalive_due(id: &str, identity: GrantIdentity, now: Timestamp) -> ConnectionRecord {
+    ConnectionRecord {
+        idle_deadline: Some(now.saturating_add(Duration::from_secs(86_400))),
+        refresh_issued_at: now.saturating_sub(Duration::from_secs(99 * 86_400)),
+        ..ConnectionRecord::new(
+            ConnectionId(id.into()),
+            identity,
+            RefreshToken::new(format!("RT-{id}")),
+            now,
+        )
+    }
+}
+
+/// Stores each record as a new connection.
+pub async fn seed(store: &dyn Store, records: impl IntoIterator<Item = ConnectionRecord>) {
+    for r in records {
+        assert_eq!(
+            store.compare_and_swap(None, &r).await.unwrap(),
+            CasOutcome::Committed
+        );
+    }
+}
+
+/// A manager for [`provider`] over `store`, answered by `transport`, whose
+/// keep-alive passes work on `concurrency` connections at once (no scan task).
+pub async fn granting_manager(
+    store: Arc<dyn Store>,
+    transport: Arc<Granting>,
+    concurrency: usize,
+) -> tokenfence::TokenManager {
+    tokenfence::TokenManager::builder()
+        .provider(provider())
+        .shared_store(store)
+        .transport(transport)
+        .keepalive_scan(None)
+        .scan_concurrency(concurrency)
+        .build()
+        .await
+        .unwrap()
+}
