@@ -440,17 +440,28 @@ impl TokenManager {
         let now = self.inner.clock.now();
         let settings = &self.inner.config.settings;
         let store = &self.inner.store;
-        // Rows that cannot be worked stay due in the store (quarantined, another
-        // client's, dead with an expired lease): ask for that many more and skip
-        // them, so that they never crowd out a connection that can be worked.
-        let skipped = self.inner.quarantined.len() + self.inner.unworkable.len();
-        let due: Vec<ConnectionId> = store
-            .due_for_work(now, settings.keepalive_lead, SCAN_LIMIT + skipped)
-            .await?
-            .into_iter()
-            .filter(|id| self.inner.quarantined(id).is_none() && !self.unworkable(id, now))
-            .take(SCAN_LIMIT)
-            .collect();
+        // Earliest due first, a page at a time. Rows that cannot be worked stay
+        // due in the store (quarantined, another client's, dead with an expired
+        // lease): page past them, so that they never crowd out a connection that
+        // can be worked, however many sit ahead of it.
+        let mut due: Vec<ConnectionId> = Vec::new();
+        let mut after = None;
+        while due.len() < SCAN_LIMIT {
+            let page = store
+                .due_for_work(now, settings.keepalive_lead, after, SCAN_LIMIT)
+                .await?;
+            let last_page = page.len() < SCAN_LIMIT;
+            after = page.last().cloned();
+            due.extend(
+                page.into_iter()
+                    .map(|d| d.id)
+                    .filter(|id| self.inner.quarantined(id).is_none() && !self.unworkable(id, now)),
+            );
+            if last_page {
+                break;
+            }
+        }
+        due.truncate(SCAN_LIMIT);
         let notices = store
             .notices_due(notices_after, now, settings.reconnect_notice)
             .await?;

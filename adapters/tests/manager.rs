@@ -360,7 +360,7 @@ async fn a_keep_alive_pass_over_many_due_connections_opens_few_requests_at_once(
     // The pass waited for the outcomes: nothing is due any more.
     let later = SystemClock.now();
     let due = store
-        .due_for_work(later, Settings::default().keepalive_lead, 1000)
+        .due_for_work(later, Settings::default().keepalive_lead, None, 1000)
         .await
         .unwrap();
     assert!(due.is_empty(), "{} still due", due.len());

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
 use tokenfence::store::{
-    CasOutcome, LeaseClock, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore, SqliteStore,
-    Store, StoreError,
+    CasOutcome, DueWork, LeaseClock, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore,
+    SqliteStore, Store, StoreError,
 };
 use tokenfence_core::{
     days, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind,
@@ -364,6 +364,20 @@ async fn granted_as(
 }
 
 /// What a grant reports as taken over.
+/// The ids `due_for_work` reports, in id order (what is due, whatever its order;
+/// the order itself is checked by `due_for_work_pages_by_due_time`).
+async fn due(s: &dyn Store, now: Timestamp, lead: Duration, limit: usize) -> Vec<ConnectionId> {
+    let mut ids: Vec<_> = s
+        .due_for_work(now, lead, None, limit)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
 async fn took_over(
     store: &impl Store,
     conn: &str,
@@ -749,10 +763,7 @@ async fn release_with_restore_puts_back_the_displaced_row<B: Backend>(b: &B) {
         .await
         .unwrap();
     // B's expired row is back: abandoned again, for the scan and the next worker.
-    assert_eq!(
-        s.due_for_work(at(41), lead, 10).await.unwrap(),
-        vec![id("a")]
-    );
+    assert_eq!(due(&*s, at(41), lead, 10).await, vec![id("a")]);
     assert_eq!(took_over(&*s, "a", "C", req("C"), at(41)).await, b_row);
     // A restored row keeps its request: released by its holder, it is gone.
     release(&*s, "a", "C").await;
@@ -927,39 +938,31 @@ async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
 
     // Keep-alive: live records whose idle deadline is within `lead`.
     assert_eq!(
-        s.due_for_work(T0, lead, 100).await.unwrap(),
+        due(&*s, T0, lead, 100).await,
         ids(&["degraded-idle-1d", "idle-10d", "idle-1d"])
     );
     // The boundary is inclusive: due at exactly idle_deadline - lead.
     let boundary = T0.saturating_add(days(100)).saturating_sub(lead);
     let before = Timestamp::from_millis(boundary.as_millis() - 1);
-    assert!(!s
-        .due_for_work(before, lead, 100)
+    assert!(!due(&*s, before, lead, 100).await.contains(&id("idle-100d")));
+    assert!(due(&*s, boundary, lead, 100)
         .await
-        .unwrap()
-        .contains(&id("idle-100d")));
-    assert!(s
-        .due_for_work(boundary, lead, 100)
-        .await
-        .unwrap()
         .contains(&id("idle-100d")));
     // A lead longer than the time left saturates, but keep-alive still waits for
     // half the idle window since the last refresh: idle-100d's window is 190 days
     // from T0 - 90d, so not before T0 + 5d; fresh-idle-10d not before T0 + 5d.
     assert_eq!(
-        s.due_for_work(T0, days(100_000), 2).await.unwrap(),
-        ids(&["degraded-idle-1d", "idle-10d"])
+        due(&*s, T0, days(100_000), 2).await,
+        ids(&["degraded-idle-1d", "idle-1d"])
     );
     let halfway = T0.saturating_add(days(5));
     let just_before = Timestamp::from_millis(halfway.as_millis() - 1);
     assert_eq!(
-        s.due_for_work(just_before, days(100_000), 100)
-            .await
-            .unwrap(),
+        due(&*s, just_before, days(100_000), 100).await,
         ids(&["degraded-idle-1d", "idle-10d", "idle-1d"])
     );
     assert_eq!(
-        s.due_for_work(halfway, days(100_000), 100).await.unwrap(),
+        due(&*s, halfway, days(100_000), 100).await,
         ids(&[
             "degraded-idle-1d",
             "fresh-idle-10d",
@@ -969,7 +972,7 @@ async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
         ])
     );
     assert_eq!(
-        s.due_for_work(halfway, Duration::ZERO, 100).await.unwrap(),
+        due(&*s, halfway, Duration::ZERO, 100).await,
         ids(&["degraded-idle-1d", "idle-1d"])
     );
 
@@ -980,11 +983,11 @@ async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
     granted(&*s, "idle-100d", "A", T0).await;
     release(&*s, "idle-100d", "A").await;
     assert_eq!(
-        s.due_for_work(at(29), lead, 100).await.unwrap(),
+        due(&*s, at(29), lead, 100).await,
         ids(&["degraded-idle-1d", "idle-10d", "idle-1d"])
     );
     assert_eq!(
-        s.due_for_work(at(30), lead, 100).await.unwrap(),
+        due(&*s, at(30), lead, 100).await,
         ids(&[
             "degraded-idle-1d",
             "idle-10d",
@@ -993,19 +996,19 @@ async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
             "no-idle"
         ])
     );
-    // At most `limit`, in id order.
+    // At most `limit`, the earliest due (T0 - 13 d for both; idle-10d at T0 - 4 d).
     assert_eq!(
-        s.due_for_work(at(30), lead, 2).await.unwrap(),
-        ids(&["degraded-idle-1d", "idle-10d"])
+        due(&*s, at(30), lead, 2).await,
+        ids(&["degraded-idle-1d", "idle-1d"])
     );
-    assert_eq!(s.due_for_work(at(30), lead, 0).await.unwrap(), ids(&[]));
+    assert_eq!(due(&*s, at(30), lead, 0).await, ids(&[]));
     // A record that stops being live stops being due for keep-alive.
     let mut r = never.clone();
     r.generation = Generation(1);
     r.status = Status::Disconnected { at: T0 };
     committed(&*s, Some(0), &r).await;
     assert_eq!(
-        s.due_for_work(T0, lead, 100).await.unwrap(),
+        due(&*s, T0, lead, 100).await,
         ids(&["degraded-idle-1d", "idle-10d"])
     );
 }
@@ -1042,9 +1045,9 @@ async fn due_for_work_finds_records_in_doubt<B: Backend>(b: &B) {
     };
     committed(&*s, None, &degraded).await;
 
-    assert_eq!(s.due_for_work(at(9), lead, 100).await.unwrap(), ids(&[]));
+    assert_eq!(due(&*s, at(9), lead, 100).await, ids(&[]));
     assert_eq!(
-        s.due_for_work(at(10), lead, 100).await.unwrap(),
+        due(&*s, at(10), lead, 100).await,
         ids(&["in-doubt", "in-doubt-no-idle"])
     );
     // The doubt resolved: no longer due.
@@ -1053,7 +1056,7 @@ async fn due_for_work_finds_records_in_doubt<B: Backend>(b: &B) {
     resolved.in_doubt_since = None;
     committed(&*s, Some(0), &resolved).await;
     assert_eq!(
-        s.due_for_work(at(10), lead, 100).await.unwrap(),
+        due(&*s, at(10), lead, 100).await,
         ids(&["in-doubt-no-idle"])
     );
     // A doubt that arises on a later write makes the row due again.
@@ -1062,16 +1065,90 @@ async fn due_for_work_finds_records_in_doubt<B: Backend>(b: &B) {
     again.in_doubt_since = Some(at(20));
     committed(&*s, Some(1), &again).await;
     assert_eq!(
-        s.due_for_work(at(14), lead, 100).await.unwrap(),
+        due(&*s, at(14), lead, 100).await,
         ids(&["in-doubt-no-idle"])
     );
     assert_eq!(
-        s.due_for_work(at(15), lead, 100).await.unwrap(),
+        due(&*s, at(15), lead, 100).await,
         ids(&["degraded-retry-15", "in-doubt-no-idle"])
     );
     assert_eq!(
-        s.due_for_work(at(20), lead, 100).await.unwrap(),
+        due(&*s, at(20), lead, 100).await,
         ids(&["degraded-retry-15", "in-doubt", "in-doubt-no-idle"])
+    );
+}
+
+/// Due work comes earliest first (ties by id), whatever the ids, each connection
+/// once at the earliest of its instants (keep-alive, doubt, abandoned lease), and
+/// keyset pages (`after` = the last of the previous page) cover it exactly: a scan
+/// pages past rows it cannot work instead of meeting them at the head forever.
+async fn due_for_work_pages_by_due_time<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    let lead = days(14);
+    let in_doubt = |n: &str, since: u64| {
+        let mut r = record(n, 0);
+        r.in_doubt_since = Some(at(since));
+        r
+    };
+    // Ids in the reverse order of their due times.
+    for (n, since) in [
+        ("z-doubt-1", 1),
+        ("y-doubt-2", 2),
+        ("x-tie-3", 3),
+        ("w-tie-3", 3),
+        ("c-doubt-20-lease-30", 20),
+        ("d-not-yet", 50),
+    ] {
+        committed(&*s, None, &in_doubt(n, since)).await;
+    }
+    // Keep-alive due at max(idle deadline - lead, halfway) = T0 - 13 d.
+    let mut idle = record("b-keepalive", 0);
+    idle.refresh_issued_at = T0.saturating_sub(days(90));
+    idle.last_refreshed_at = Some(idle.refresh_issued_at);
+    idle.idle_deadline = Some(T0.saturating_add(days(1)));
+    committed(&*s, None, &idle).await;
+    // Leases granted at T0 expire at T0 + 30 s.
+    granted(&*s, "a-lease-30", "A", T0).await;
+    granted(&*s, "c-doubt-20-lease-30", "A", T0).await;
+
+    let now = at(40);
+    let all = s.due_for_work(now, lead, None, 100).await.unwrap();
+    let expected: Vec<DueWork> = [
+        ("b-keepalive", T0.saturating_sub(days(13))),
+        ("z-doubt-1", at(1)),
+        ("y-doubt-2", at(2)),
+        ("w-tie-3", at(3)),
+        ("x-tie-3", at(3)),
+        ("c-doubt-20-lease-30", at(20)),
+        ("a-lease-30", at(30)),
+    ]
+    .into_iter()
+    .map(|(n, t)| DueWork { at: t, id: id(n) })
+    .collect();
+    assert_eq!(all, expected);
+    for limit in 1..=3 {
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let page = s.due_for_work(now, lead, after, limit).await.unwrap();
+            assert!(page.len() <= limit);
+            after = page.last().cloned();
+            let done = page.len() < limit;
+            paged.extend(page);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(paged, expected, "pages of {limit}");
+    }
+    // A page starts strictly after its cursor, also within a tie.
+    let after_w = DueWork {
+        at: at(3),
+        id: id("w-tie-3"),
+    };
+    assert_eq!(
+        s.due_for_work(now, lead, Some(after_w), 1).await.unwrap(),
+        expected[4..5]
     );
 }
 
@@ -1534,6 +1611,7 @@ for_backends!(
     chained_takeovers_report_the_earliest_start,
     due_for_work_finds_keepalive_and_abandoned,
     due_for_work_finds_records_in_doubt,
+    due_for_work_pages_by_due_time,
     notices_due_reports_each_notice_in_its_window,
     concurrent_cas_has_one_winner_per_generation,
     concurrent_lease_has_one_holder,
@@ -1600,10 +1678,7 @@ async fn sqlite_upgrades_a_version_1_database() {
     let mut doubt = record("old", 1);
     doubt.in_doubt_since = Some(at(5));
     committed(&s, Some(0), &doubt).await;
-    assert_eq!(
-        s.due_for_work(at(5), days(14), 100).await.unwrap(),
-        vec![id("old")]
-    );
+    assert_eq!(due(&s, at(5), days(14), 100).await, vec![id("old")]);
     let deadline = doubt.hard_deadline.unwrap();
     assert_eq!(
         s.notices_due(None, deadline, Duration::ZERO).await.unwrap(),
@@ -1890,8 +1965,7 @@ async fn postgres_leases_expire_on_the_database_clock() {
     );
     // The scan for abandoned leases judges expiry on the same clock.
     tokio::time::sleep(Duration::from_millis(1_600)).await;
-    let due = s.due_for_work(behind, days(14), 10).await.unwrap();
-    assert_eq!(due, vec![id("a")]);
+    assert_eq!(due(&s, behind, days(14), 10).await, vec![id("a")]);
     drop(s);
     b.drop_schema().await;
 }

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
 use tokenfence::store::{
-    CasOutcome, LeaseClock, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore, SqliteStore,
-    Store,
+    CasOutcome, DueWork, LeaseClock, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore,
+    SqliteStore, Store,
 };
 use tokenfence_core::{
     AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind, Generation,
@@ -55,7 +55,7 @@ enum Op {
     Cas(Option<Generation>, Box<ConnectionRecord>),
     Acquire(ConnectionId, WorkerId, LeaseRequestId, Timestamp, Duration),
     Release(ConnectionId, WorkerId, LeaseRequestId, bool),
-    Due(Timestamp, Duration, usize),
+    Due(Timestamp, Duration, Option<DueWork>, usize),
     Notices(Option<Timestamp>, Timestamp, Duration),
     List,
 }
@@ -155,6 +155,11 @@ fn random_op(rng: &mut Rng, grants: &Grants) -> Op {
                 Duration::from_secs(100),
                 Duration::from_secs(86_400_000),
             ]),
+            // Half the time a page after some (due, id): a random instant and id.
+            (rng.below(2) == 0).then(|| DueWork {
+                at: T0.saturating_add(rng.secs(120)),
+                id: ConnectionId((*rng.pick(&ids)).into()),
+            }),
             *rng.pick(&[0, 1, 2, 10]),
         ),
         9 => Op::Notices(
@@ -174,6 +179,7 @@ enum Answer {
     Cas(CasOutcome),
     Lease(LeaseOutcome),
     Released,
+    Due(Vec<DueWork>),
     Ids(Vec<ConnectionId>),
 }
 
@@ -196,9 +202,12 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
                 .unwrap();
             Answer::Released
         }
-        Op::Due(now, lead, limit) => {
-            Answer::Ids(store.due_for_work(*now, *lead, *limit).await.unwrap())
-        }
+        Op::Due(now, lead, after, limit) => Answer::Due(
+            store
+                .due_for_work(*now, *lead, after.clone(), *limit)
+                .await
+                .unwrap(),
+        ),
         Op::Notices(after, until, notice) => {
             Answer::Ids(store.notices_due(*after, *until, *notice).await.unwrap())
         }
@@ -274,7 +283,7 @@ async fn run_against(
             Answer::Lease(LeaseOutcome::Granted {
                 took_over: Some(_), ..
             }) => seen.took_over += 1,
-            Answer::Ids(ids) if matches!(op, Op::Due(..)) && !ids.is_empty() => seen.due += 1,
+            Answer::Due(due) if !due.is_empty() => seen.due += 1,
             _ => {}
         }
     }

@@ -7,7 +7,7 @@
 //! generation was running (a restarted fleet accepts the restored rows), and a row
 //! rolled back to the very generation this process saw last.
 
-use super::{CasOutcome, LeaseOutcome, Store, StoreError};
+use super::{CasOutcome, DueWork, LeaseOutcome, Store, StoreError};
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,9 +115,10 @@ impl Store for RollbackGuard {
         &self,
         now: Timestamp,
         lead: Duration,
+        after: Option<DueWork>,
         limit: usize,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        self.inner.due_for_work(now, lead, limit).await
+    ) -> Result<Vec<DueWork>, StoreError> {
+        self.inner.due_for_work(now, lead, after, limit).await
     }
 
     async fn notices_due(

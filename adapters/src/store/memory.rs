@@ -1,6 +1,6 @@
 //! An in-memory store: for tests and single-process use.
 
-use super::{CasOutcome, LeaseOutcome, Store, StoreError};
+use super::{CasOutcome, DueWork, LeaseOutcome, Store, StoreError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -108,25 +108,27 @@ impl Store for MemoryStore {
         &self,
         now: Timestamp,
         lead: Duration,
+        after: Option<DueWork>,
         limit: usize,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
+    ) -> Result<Vec<DueWork>, StoreError> {
         self.with(|rows| {
-            rows.iter()
-                .filter(|(_, row)| {
-                    let work = row
-                        .record
-                        .as_ref()
-                        .and_then(|r| r.work_due_at(lead))
-                        .is_some_and(|t| t <= now);
-                    let abandoned = row
-                        .lease
-                        .as_ref()
-                        .is_some_and(|l| l.lease.expires_at <= now);
-                    work || abandoned
+            let mut due: Vec<DueWork> = rows
+                .iter()
+                .filter_map(|(id, row)| {
+                    let work = row.record.as_ref().and_then(|r| r.work_due_at(lead));
+                    let abandoned = row.lease.as_ref().map(|l| l.lease.expires_at);
+                    let at = [work, abandoned]
+                        .into_iter()
+                        .flatten()
+                        .filter(|t| *t <= now)
+                        .min()?;
+                    Some(DueWork { at, id: id.clone() })
                 })
-                .map(|(id, _)| id.clone())
-                .take(limit)
-                .collect()
+                .filter(|d| after.as_ref().is_none_or(|a| d > a))
+                .collect();
+            due.sort();
+            due.truncate(limit);
+            due
         })
     }
 

@@ -38,6 +38,16 @@ use tokenfence_core::{
     ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
 };
 
+/// A connection due for work ([`Store::due_for_work`]) and since when; ordered
+/// by that instant, then by id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DueWork {
+    /// When the work fell due.
+    pub at: Timestamp,
+    /// The connection.
+    pub id: ConnectionId,
+}
+
 /// The result of a compare-and-swap.
 #[allow(clippy::large_enum_variant)] // returned once per store call; boxing buys nothing
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,14 +159,17 @@ pub trait Store: Send + Sync + 'static {
     /// ([`ConnectionRecord::work_due_at`]): a keep-alive refresh is due (`lead`
     /// before the idle deadline), the record says a refresh is in doubt, a degraded
     /// connection's retry time has come, or an expired lease was never released (a
-    /// refresh may be in doubt). At most
-    /// `limit`, in id order.
+    /// refresh may be in doubt). Ordered by when the work fell due (the earliest of
+    /// those instants, the lease's on the store's lease clock), then by id; only
+    /// those after `after` (the last of the previous page: keyset paging), at most
+    /// `limit`.
     async fn due_for_work(
         &self,
         now: Timestamp,
         lead: Duration,
+        after: Option<DueWork>,
         limit: usize,
-    ) -> Result<Vec<ConnectionId>, StoreError>;
+    ) -> Result<Vec<DueWork>, StoreError>;
 
     /// Live connections whose `ReconnectSoon` notice instant (`notice` before the
     /// hard deadline) falls in `(after, until]` (`after: None`: any time up to
@@ -224,9 +237,10 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         &self,
         now: Timestamp,
         lead: Duration,
+        after: Option<DueWork>,
         limit: usize,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        (**self).due_for_work(now, lead, limit).await
+    ) -> Result<Vec<DueWork>, StoreError> {
+        (**self).due_for_work(now, lead, after, limit).await
     }
     async fn notices_due(
         &self,

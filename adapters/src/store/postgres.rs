@@ -30,7 +30,7 @@
 //! [`StoreError::Config`].
 
 use super::row::{self, LeaseColumns, SealedRecord};
-use super::{CasOutcome, LeaseOutcome, Store, StoreError};
+use super::{CasOutcome, DueWork, LeaseOutcome, Store, StoreError};
 use crate::crypto::Keyring;
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -192,9 +192,12 @@ impl Sql {
                  AND (NOT $4 OR displaced_owner IS NULL)"
             ),
             due: format!(
-                "SELECT id FROM {c} WHERE idle_deadline <= $1 AND keepalive_floor <= $2 \
-                 UNION SELECT id FROM {c} WHERE pending_work_at <= $2 \
-                 UNION SELECT id FROM {l} WHERE expires_at <= $4 ORDER BY id LIMIT $3"
+                "SELECT id, MIN(due) FROM ( \
+                 SELECT id, GREATEST(idle_deadline - $3, keepalive_floor) AS due FROM {c} \
+                 WHERE idle_deadline <= $1 AND keepalive_floor <= $2 \
+                 UNION ALL SELECT id, pending_work_at FROM {c} WHERE pending_work_at <= $2 \
+                 UNION ALL SELECT id, expires_at FROM {l} WHERE expires_at <= $4) AS d \
+                 GROUP BY id HAVING (MIN(due), id) > ($5, $6) ORDER BY 2, 1 LIMIT $7"
             ),
             notices: format!(
                 "SELECT id FROM {c} WHERE hard_deadline > $1 AND hard_deadline <= $2 ORDER BY id"
@@ -728,17 +731,37 @@ impl Store for PostgresStore {
         &self,
         now: Timestamp,
         lead: Duration,
+        after: Option<DueWork>,
         limit: usize,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        let (keepalive_bound, due, limit) = row::due_bounds(now, lead, limit);
+    ) -> Result<Vec<DueWork>, StoreError> {
+        let q = row::due_query(now, lead, after, limit);
         let client = self.client().await?;
         let leases = row::time_to_sql(self.lease_now(&client, now).await?);
-        ids(
-            &client,
-            &self.inner.sql.due,
-            &[&keepalive_bound, &due, &limit, &leases],
-        )
-        .await
+        let stmt = client
+            .prepare_cached(&self.inner.sql.due)
+            .await
+            .map_err(pg_error)?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &q.keepalive_bound,
+                    &q.now,
+                    &q.lead,
+                    &leases,
+                    &q.after_at,
+                    &q.after_id,
+                    &q.limit,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        let rows = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(column_error)?;
+        Ok(row::due_work(rows))
     }
 
     async fn notices_due(

@@ -1,7 +1,7 @@
 //! How the SQL stores lay a record out in a row: a few plain columns for queries,
 //! and the whole record as JSON sealed with the keyring, bound to the connection id.
 
-use super::StoreError;
+use super::{DueWork, StoreError};
 use crate::crypto::Keyring;
 use std::time::Duration;
 use tokenfence_core::lease::LeaseSlot;
@@ -196,13 +196,45 @@ pub(crate) fn time_to_sql(t: Timestamp) -> i64 {
 
 /// Parameters of the `due_for_work` query: `idle_deadline <= keepalive_bound` (keep-alive
 /// due: `idle_deadline - lead <= now`), `keepalive_floor <= now`, `pending_work_at <= now`
-/// and `expires_at <= now` (abandoned leases), at most `limit` rows.
-pub(crate) fn due_bounds(now: Timestamp, lead: Duration, limit: usize) -> (i64, i64, i64) {
-    (
-        time_to_sql(now.saturating_add(lead)),
-        time_to_sql(now),
-        limit_to_sql(limit),
-    )
+/// and `expires_at <= now` (abandoned leases), the lead itself (a row's keep-alive
+/// instant is `max(idle_deadline - lead, keepalive_floor)`), the page's start (rows
+/// whose `(due, id)` comes after it; the first page starts before every row) and
+/// at most `limit` rows.
+pub(crate) struct DueQuery {
+    pub keepalive_bound: i64,
+    pub now: i64,
+    pub lead: i64,
+    pub after_at: i64,
+    pub after_id: String,
+    pub limit: i64,
+}
+
+pub(crate) fn due_query(
+    now: Timestamp,
+    lead: Duration,
+    after: Option<DueWork>,
+    limit: usize,
+) -> DueQuery {
+    let (after_at, after_id) =
+        after.map_or((i64::MIN, String::new()), |d| (time_to_sql(d.at), d.id.0));
+    DueQuery {
+        keepalive_bound: time_to_sql(now.saturating_add(lead)),
+        now: time_to_sql(now),
+        lead: i64::try_from(lead.as_millis()).unwrap_or(i64::MAX),
+        after_at,
+        after_id,
+        limit: limit_to_sql(limit),
+    }
+}
+
+/// `(due, id)` rows of a `due_for_work` query, in its order.
+pub(crate) fn due_work(rows: impl IntoIterator<Item = (String, i64)>) -> Vec<DueWork> {
+    rows.into_iter()
+        .map(|(id, at)| DueWork {
+            at: time_from_sql(at),
+            id: ConnectionId(id),
+        })
+        .collect()
 }
 
 /// `hard_deadline` bounds `(low, high]` for notice instants (`hard_deadline -

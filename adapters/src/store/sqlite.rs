@@ -15,7 +15,7 @@
 //! store over a single connection.
 
 use super::row::{self, LeaseColumns, SealedRecord};
-use super::{CasOutcome, LeaseOutcome, Store, StoreError};
+use super::{CasOutcome, DueWork, LeaseOutcome, Store, StoreError};
 use crate::crypto::Keyring;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -498,19 +498,41 @@ impl Store for SqliteStore {
         &self,
         now: Timestamp,
         lead: Duration,
+        after: Option<DueWork>,
         limit: usize,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        let (keepalive_bound, now, limit) = row::due_bounds(now, lead, limit);
+    ) -> Result<Vec<DueWork>, StoreError> {
+        let q = row::due_query(now, lead, after, limit);
         self.run(move |conn, _| {
-            ids(
-                conn,
-                "SELECT id FROM tokenfence_connections \
-                 WHERE idle_deadline <= ?1 AND keepalive_floor <= ?2 \
-                 UNION SELECT id FROM tokenfence_connections WHERE pending_work_at <= ?2 \
-                 UNION SELECT id FROM tokenfence_leases WHERE expires_at <= ?2 \
-                 ORDER BY id LIMIT ?3",
-                params![keepalive_bound, now, limit],
-            )
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, MIN(due) FROM ( \
+                     SELECT id, MAX(idle_deadline - ?3, keepalive_floor) AS due \
+                     FROM tokenfence_connections \
+                     WHERE idle_deadline <= ?1 AND keepalive_floor <= ?2 \
+                     UNION ALL SELECT id, pending_work_at FROM tokenfence_connections \
+                     WHERE pending_work_at <= ?2 \
+                     UNION ALL SELECT id, expires_at FROM tokenfence_leases \
+                     WHERE expires_at <= ?2) \
+                     GROUP BY id HAVING (MIN(due), id) > (?4, ?5) \
+                     ORDER BY 2, 1 LIMIT ?6",
+                )
+                .map_err(sql_error)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        q.keepalive_bound,
+                        q.now,
+                        q.lead,
+                        q.after_at,
+                        q.after_id,
+                        q.limit
+                    ],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(sql_error)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_error)?;
+            Ok(row::due_work(rows))
         })
         .await
     }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokenfence::store::{CasOutcome, LeaseOutcome, MemoryStore, Store, StoreError};
+use tokenfence::store::{CasOutcome, DueWork, LeaseOutcome, MemoryStore, Store, StoreError};
 use tokenfence::transport::{Delivery, Transport};
 use tokenfence::Provider;
 use tokenfence_core::*;
@@ -160,9 +160,10 @@ impl Store for Watched {
         &self,
         now: Timestamp,
         lead: Duration,
+        after: Option<DueWork>,
         limit: usize,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        self.inner.due_for_work(now, lead, limit).await
+    ) -> Result<Vec<DueWork>, StoreError> {
+        self.inner.due_for_work(now, lead, after, limit).await
     }
     async fn notices_due(
         &self,
