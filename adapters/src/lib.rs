@@ -11,8 +11,8 @@ pub mod store;
 pub mod transport;
 
 pub use manager::{
-    BuildError, ConnectionStatus, LifecycleEvent, ManagerError, Provider, Sweep, TokenManager,
-    TokenManagerBuilder,
+    ApiResult, BuildError, ConnectionStatus, LifecycleEvent, ManagerError, Provider, Sweep,
+    TokenManager, TokenManagerBuilder,
 };
 
 pub use tokenfence_core as core;

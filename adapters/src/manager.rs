@@ -147,6 +147,20 @@ pub enum ManagerError {
     /// No answer within the call timeout (see `TokenManagerBuilder::call_timeout`).
     #[error("no answer within the call timeout")]
     TimedOut,
+    /// [`TokenManager::call`]: the API refused a token obtained after reporting
+    /// its predecessor (the app may lack a scope, or the user's access to the
+    /// company was removed). Not retried again.
+    #[error("the API refused the access token twice, the second one fresh")]
+    Unauthorized,
+}
+
+/// What an API call made with an access token came to ([`TokenManager::call`]).
+#[derive(Debug)]
+pub enum ApiResult<T> {
+    /// The API took the token (whatever else it answered).
+    Done(T),
+    /// The API answered 401: the token was refused.
+    Unauthorized,
 }
 
 /// Why a `TokenManager` could not be built.
@@ -175,6 +189,11 @@ type PendingInput = Pin<Box<dyn Future<Output = Input> + Send>>;
 
 enum Command {
     Access(oneshot::Sender<Result<AccessToken, AccessError>>),
+    /// The API refused `token` ([`Input::Rejected`]).
+    Rejected(
+        oneshot::Sender<Result<AccessToken, AccessError>>,
+        AccessToken,
+    ),
     /// Refresh now and answer with the outcome ([`Input::RefreshNow`]).
     RefreshNow {
         tx: oneshot::Sender<Result<AccessToken, AccessError>>,
@@ -327,6 +346,77 @@ impl TokenManager {
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::RefreshNow { tx, clear_block })?;
         self.answer(rx).await?.map_err(|e| self.explain(id, e))
+    }
+
+    /// The resource API answered 401 for `token`: returns the token to retry
+    /// with. If `token` is the one this connection serves, it is never served
+    /// again and one refresh runs for every caller that reports it (single-flight
+    /// in this process, the lease across processes: a process that finds a newer
+    /// token stored sends nothing). A report about an older token (a late 401)
+    /// changes nothing and returns the current one. If the refresh meets
+    /// `invalid_grant`, the usual rules apply (re-read, then re-authorization).
+    pub async fn reject(
+        &self,
+        id: &ConnectionId,
+        token: &AccessToken,
+    ) -> Result<AccessToken, ManagerError> {
+        if let Some(slot) = self.inner.slots.pin().get(id) {
+            // Stop the hot path serving it now; the actor settles the cache once
+            // its machine has the report.
+            if slot
+                .cache
+                .load()
+                .as_ref()
+                .is_some_and(|c| c.token == *token)
+            {
+                slot.cache.store(None);
+            }
+        }
+        if let Some(e) = self.inner.quarantined(id) {
+            return Err(e.into());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.submit(id, Command::Rejected(tx, token.clone()))?;
+        self.answer(rx).await?.map_err(|e| self.explain(id, e))
+    }
+
+    /// Calls the resource API with the connection's access token; if it answers
+    /// 401 ([`ApiResult::Unauthorized`]), reports the token ([`reject`](Self::reject))
+    /// and calls once more with the token that returns. Never more than twice: a
+    /// second 401 is [`ManagerError::Unauthorized`].
+    ///
+    /// ```no_run
+    /// # async fn f(tokens: tokenfence::TokenManager, http: reqwest::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokenfence::{ApiResult, core::ConnectionId};
+    /// let id = ConnectionId("4620816365".into());
+    /// let url = "https://quickbooks.api.intuit.com/v3/company/4620816365/companyinfo/4620816365";
+    /// let reply = tokens
+    ///     .call(&id, |token| {
+    ///         let request = http.get(url).bearer_auth(token.expose()).send();
+    ///         async move {
+    ///             match request.await {
+    ///                 Ok(r) if r.status() == 401 => ApiResult::Unauthorized,
+    ///                 other => ApiResult::Done(other),
+    ///             }
+    ///         }
+    ///     })
+    ///     .await??;
+    /// # Ok(()) }
+    /// ```
+    pub async fn call<T, F, Fut>(&self, id: &ConnectionId, mut api: F) -> Result<T, ManagerError>
+    where
+        F: FnMut(AccessToken) -> Fut,
+        Fut: Future<Output = ApiResult<T>>,
+    {
+        let token = self.access_token(id).await?;
+        if let ApiResult::Done(done) = api(token.clone()).await {
+            return Ok(done);
+        }
+        let fresh = self.reject(id, &token).await?;
+        match api(fresh).await {
+            ApiResult::Done(done) => Ok(done),
+            ApiResult::Unauthorized => Err(ManagerError::Unauthorized),
+        }
     }
 
     /// The hot path alone: the cached token if valid beyond the margin.
@@ -1049,6 +1139,10 @@ impl Actor {
                 self.waiters.insert(request, tx);
                 Input::AccessRequested(request)
             }
+            Command::Rejected(tx, token) => {
+                self.waiters.insert(request, tx);
+                Input::Rejected { request, token }
+            }
             Command::RefreshNow { tx, clear_block } => {
                 self.waiters.insert(request, tx);
                 Input::RefreshNow {
@@ -1370,5 +1464,6 @@ fn event_labels(event: &Event) -> (&'static str, String) {
         Event::ReconnectSoon { .. } => ("reconnect_soon", String::new()),
         Event::Disconnected { revoked } => ("disconnected", revoked.to_string()),
         Event::Quarantined => ("quarantined", String::new()),
+        Event::AccessRejected => ("access_rejected", String::new()),
     }
 }

@@ -10,7 +10,7 @@ use crate::machine::Config;
 use crate::profile::{InDoubtRecovery, ProviderProfile};
 use crate::record::{ConnectionRecord, Generation, Lease, ReauthReason, Status};
 use crate::reply::TokenGrant;
-use crate::secret::RefreshToken;
+use crate::secret::{AccessToken, RefreshToken};
 use crate::time::Timestamp;
 use core::time::Duration;
 
@@ -94,6 +94,13 @@ pub enum Violation {
     /// S9: bad input changed the stored record.
     #[error("S9 a rejected input changed the record")]
     BadInputChangedRecord,
+    /// R1: an access token a caller reported refused by the API was served again
+    /// by the same worker.
+    #[error("R1 an access token reported refused by the API was served again")]
+    RefusedServed,
+    /// R2: a refresh request was sent although the stored record needed none.
+    #[error("R2 unprovoked refresh: the stored access token was valid, not reported refused, and nothing else was due")]
+    UnprovokedRefresh,
 }
 
 /// S1: a commit derived from `base` may land only where `stored` is that generation.
@@ -383,5 +390,52 @@ pub fn unchanged_by_bad_input(
         Ok(())
     } else {
         Err(Violation::BadInputChangedRecord)
+    }
+}
+
+/// R1: a worker never hands out an access token one of its callers reported
+/// refused by the API (`Input::Rejected`) after it was reported, unless a refresh
+/// sent after the report issued it anew (harnesses whose providers never issue a
+/// token twice pass `reissued: false`).
+pub fn refused_not_served<'a>(
+    served: &AccessToken,
+    refused: impl IntoIterator<Item = &'a AccessToken>,
+    reissued: bool,
+) -> Result<(), Violation> {
+    if reissued || !refused.into_iter().any(|r| r == served) {
+        Ok(())
+    } else {
+        Err(Violation::RefusedServed)
+    }
+}
+
+/// R2: a refresh request is sent at `now` only when the record `stored` then
+/// needs one: its access token is missing, within `margin` of its expiry (the
+/// harness's own margin for the lifetime it granted), or reported refused by
+/// the API (`refused`); keep-alive is due (`lead` before the idle deadline); a
+/// refresh is in doubt; or the connection is not plainly active (a degraded
+/// connection's retry). A late 401 about an older token, or a second report of
+/// one already replaced, therefore sends nothing: at most one refresh per
+/// distinct refused token. Harnesses exempt sends they know another reason for
+/// (a paused worker, a lease request whose answer was lost).
+pub fn refresh_needed(
+    stored: &ConnectionRecord,
+    now: Timestamp,
+    margin: Duration,
+    lead: Duration,
+    refused: impl Fn(&AccessToken) -> bool,
+) -> Result<(), Violation> {
+    let expiring = stored
+        .access
+        .as_ref()
+        .is_none_or(|a| now.saturating_add(margin) >= a.expires_at || refused(&a.token));
+    let keepalive = stored
+        .idle_deadline
+        .is_some_and(|d| now >= d.saturating_sub(lead));
+    let pending = stored.in_doubt_since.is_some() || stored.status != Status::Active;
+    if expiring || keepalive || pending {
+        Ok(())
+    } else {
+        Err(Violation::UnprovokedRefresh)
     }
 }

@@ -88,6 +88,19 @@ pub enum Input {
         /// configuration failure recorded with these same credentials says to wait.
         clear_block: bool,
     },
+    /// The resource API answered 401 for `token`; answer `request` with a token
+    /// to retry with. If `token` is the one this machine serves, it is never
+    /// served again and callers wait for one refresh (shared by every caller that
+    /// reports it, and across processes through the lease: a worker that finds
+    /// another token stored under the lease sends nothing). A report about any
+    /// other token (an older one, a late 401) changes nothing: `request` gets the
+    /// current token.
+    Rejected {
+        /// Who to answer.
+        request: RequestId,
+        /// The token the API refused.
+        token: AccessToken,
+    },
 }
 
 impl Input {
@@ -119,6 +132,7 @@ impl Input {
             Input::StoreFailed => "StoreFailed",
             Input::StoreChanged => "StoreChanged",
             Input::RefreshNow { .. } => "RefreshNow",
+            Input::Rejected { .. } => "Rejected",
             Input::Timeout => "Timeout",
             Input::Authorized { .. } => "Authorized",
             Input::Disconnect => "Disconnect",
@@ -206,6 +220,9 @@ pub enum Event {
         /// The members' names as the provider sent them.
         fields: Vec<&'static str>,
     },
+    /// A caller reported that the resource API refused the access token this
+    /// machine serves ([`Input::Rejected`]): it is not served again.
+    AccessRejected,
     /// A refresh committed.
     Refreshed {
         /// Stored generation.

@@ -125,13 +125,15 @@ enum Intent {
 /// may undo that declaration.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct UnknownGrant {
-    /// The requests, each with the record as read before it was first made (a
-    /// grant to it was stamped with that generation; a later retry under the same
-    /// name only finds the row still ours).
+    /// The requests, each with the record as read before it was made (a grant to
+    /// it was stamped with that generation) and when it was asked for (a grant
+    /// to it started no earlier); a retry under the same name with a newer read
+    /// is kept as well (the earlier answer may have been a refusal).
     requests: alloc::vec::Vec<(
         LeaseRequestId,
         Option<crate::Generation>,
         Option<crate::RefreshToken>,
+        Timestamp,
     )>,
 }
 
@@ -230,6 +232,11 @@ pub struct Connection {
     /// floor between refreshes counts from here then, not only from the send.
     refreshed_at: Option<Timestamp>,
     not_before: Option<(Timestamp, FailureKind)>,
+    /// Access tokens a caller reported the resource API refused, and when: not
+    /// served again, unless a refresh sent after the report brings one back (the
+    /// provider issued it anew). Only those this machine could still serve are
+    /// kept: the stored one and fresh ones not committed yet.
+    rejected: Vec<(AccessToken, Timestamp)>,
     authorized: Option<Box<ConnectionRecord>>,
     disconnect: bool,
     warned_deadline: Option<Timestamp>,
@@ -267,6 +274,7 @@ impl Connection {
             retry_now: false,
             refreshed_at: None,
             not_before: None,
+            rejected: Vec::new(),
             authorized: None,
             disconnect: false,
             warned_deadline: None,
@@ -281,9 +289,15 @@ impl Connection {
         if !self.identity_ok {
             return None;
         }
-        self.record
-            .as_ref()?
-            .usable_access(now, self.config.settings.access_margin)
+        self.usable(self.record.as_ref()?, now)
+    }
+
+    /// `rec`'s access token if it is valid beyond the margin and not refused by
+    /// the resource API.
+    #[inline]
+    fn usable<'a>(&self, rec: &'a ConnectionRecord, now: Timestamp) -> Option<&'a AccessToken> {
+        let token = rec.usable_access(now, self.config.settings.access_margin)?;
+        (!self.rejected.iter().any(|(refused, _)| refused == token)).then_some(token)
     }
 
     /// The newest record this machine has seen.
@@ -456,6 +470,37 @@ impl Connection {
                 self.maintain = true;
                 if matches!(self.phase, Phase::Idle) {
                     self.fresh = false;
+                }
+            }
+            (Input::Rejected { request, token }, phase) => {
+                self.phase = phase;
+                // The stored token, or fresh tokens not committed yet (served
+                // while a commit is retried).
+                let serving = self.access_source(&token).is_some();
+                let known = self.rejected.iter().any(|(t, _)| *t == token);
+                if serving && !known {
+                    let rejected = core::mem::take(&mut self.rejected);
+                    self.rejected = rejected
+                        .into_iter()
+                        .filter(|(t, _)| self.access_source(t).is_some())
+                        .collect();
+                    self.rejected.push((token, now));
+                    self.emit(Event::AccessRejected);
+                    if matches!(self.phase, Phase::Idle) {
+                        // Look in the store first: another process may have
+                        // refreshed already.
+                        self.fresh = false;
+                    }
+                }
+                match self.cached_access(now) {
+                    Some(t) => {
+                        let result = Ok(t.clone());
+                        self.outputs.push_back(Output::Deliver { request, result });
+                    }
+                    None => {
+                        self.waiting.push_back(request);
+                        self.waiting_since.get_or_insert(now);
+                    }
                 }
             }
             (Input::Maintain, phase) => {
@@ -764,8 +809,8 @@ impl Connection {
             }
             return self.conclude(&Err(err));
         }
+        let usable = self.usable(rec, now).cloned();
         let s = &self.config.settings;
-        let usable = rec.usable_access(now, s.access_margin).cloned();
         let keepalive_due = rec.work_due_at(s.keepalive_lead).is_some_and(|d| d <= now);
         // No caller's refresh sooner than the floor after the last success, as the
         // record dates it (sent) or as this machine saw it commit (a slow reply).
@@ -836,16 +881,21 @@ impl Connection {
                 ..
             }
         );
-        // The declaration is the one commit since the read before that request
-        // (found by the property test: a retry's later read let a declaration made
-        // after another worker had presented the token pass for the one commit).
+        // The declaration is the one commit since the read before that request,
+        // and its doubt starts no earlier than the request was made (found by the
+        // property test: a retry's later read let a declaration made after another
+        // worker had presented the token pass for the one commit; the doubt then
+        // started at the first request's grant, before the retry was made).
         let ours = rec.in_doubt_holder.as_ref().is_some_and(|(owner, r)| {
             *owner == self.config.worker
-                && u.requests.iter().any(|(known, generation, refresh)| {
-                    known == r
-                        && generation.map(crate::Generation::next) == Some(rec.generation)
-                        && refresh.as_ref() == Some(&rec.refresh)
-                })
+                && u.requests
+                    .iter()
+                    .any(|(known, generation, refresh, asked)| {
+                        known == r
+                            && generation.map(crate::Generation::next) == Some(rec.generation)
+                            && refresh.as_ref() == Some(&rec.refresh)
+                            && rec.in_doubt_since.is_some_and(|since| since >= *asked)
+                    })
         });
         (lost && ours).then(|| ConnectionRecord {
             status: Status::Active,
@@ -1176,6 +1226,9 @@ impl Connection {
         match intent {
             Intent::Doubt => {}
             Intent::Refreshed { attempt, rotated } => {
+                // Whatever this refresh brought, the provider issued it after the
+                // reports made before it was sent.
+                self.rejected.retain(|(_, at)| attempt.sent_at <= *at);
                 let margin = self.config.settings.access_margin;
                 let usable = self
                     .record
@@ -1374,8 +1427,7 @@ impl Connection {
                 // doubt; a request known unsent; a user's action): never drop it
                 // (USERS.md #2). Keep the lease, retry the commit, and answer
                 // callers meanwhile: with the new token if there is one.
-                let margin = self.config.settings.access_margin;
-                let result = match proposal.usable_access(now, margin) {
+                let result = match self.usable(&proposal, now) {
                     Some(access) if matches!(intent, Intent::Refreshed { .. }) => {
                         Ok(access.clone())
                     }
@@ -1403,16 +1455,28 @@ impl Connection {
                         .take()
                         .map(|u| u.requests)
                         .unwrap_or_default();
+                    // A retry under a known name is kept with what it read too:
+                    // the earlier lost answer may have been a refusal, and this
+                    // one the grant (found by the property test: a grant stamped
+                    // with the newer read was not recognised, and a rotation
+                    // declared lost because of it was never undone).
                     let read = self.record.as_ref();
-                    if let Some(r) = self
-                        .lease_request
-                        .filter(|r| requests.iter().all(|(known, ..)| known != r))
-                    {
-                        requests.push((
+                    let entry = self.lease_request.map(|r| {
+                        (
                             r,
                             read.map(|rec| rec.generation),
                             read.map(|rec| rec.refresh.clone()),
-                        ));
+                            self.lease_asked_at,
+                        )
+                    });
+                    // The same read asked for again: the first ask is the bound.
+                    let known = |e: &(_, _, _, _)| {
+                        requests
+                            .iter()
+                            .any(|(r, g, t, _)| (r, g, t) == (&e.0, &e.1, &e.2))
+                    };
+                    if let Some(entry) = entry.filter(|e| !known(e)) {
+                        requests.push(entry);
                     }
                     self.unknown_grant = Some(Box::new(UnknownGrant { requests }));
                 }

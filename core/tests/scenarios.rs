@@ -1286,3 +1286,94 @@ fn callers_waiting_on_a_dead_lease_holder_are_answered_within_the_inline_delay()
     world.reply(0, granted("AT-2", Some("RT-2")));
     assert_eq!(world.token(0, later), "AT-2");
 }
+
+/// The API's 401 (`Input::Rejected`): the refused token is never served again,
+/// one refresh serves every caller that reports it, and a late report about an
+/// older token sends nothing.
+#[test]
+fn a_rejected_token_is_refreshed_once_and_never_served_again() {
+    let mut world = World::intuit(1);
+    let first = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, first), "AT-2");
+    world.advance(minutes(1));
+    // Three callers report the same 401: one request goes out.
+    let reports: Vec<_> = (0..3).map(|_| world.reject(0, "AT-2")).collect();
+    assert_eq!(
+        world.workers[0].sent.len(),
+        2,
+        "one refresh for three reports"
+    );
+    assert!(world.workers[0].events.contains(&Event::AccessRejected));
+    // Meanwhile a caller is not given the refused token.
+    let waiting = world.request(0);
+    assert!(world.result(0, waiting).is_none());
+    world.reply(0, granted("AT-3", Some("RT-3")));
+    for r in reports.into_iter().chain([waiting]) {
+        assert_eq!(world.token(0, r), "AT-3");
+    }
+    // A late 401 for the old token: the current one, nothing sent.
+    let late = world.reject(0, "AT-2");
+    assert_eq!(world.token(0, late), "AT-3");
+    assert_eq!(world.workers[0].sent.len(), 2);
+    // An unknown token changes nothing either.
+    let unknown = world.reject(0, "AT-never-issued");
+    assert_eq!(world.token(0, unknown), "AT-3");
+    assert_eq!(world.workers[0].sent.len(), 2);
+    // The new token refused in turn: one more refresh.
+    world.advance(minutes(1));
+    let again = world.reject(0, "AT-3");
+    assert_eq!(world.workers[0].sent.len(), 3);
+    world.reply(0, granted("AT-4", Some("RT-4")));
+    assert_eq!(world.token(0, again), "AT-4");
+}
+
+/// Two processes see the same 401: the first refreshes under the lease; the
+/// second finds the new token in the store and sends nothing.
+#[test]
+fn a_token_rejected_in_two_processes_is_refreshed_once() {
+    let mut world = World::intuit(2);
+    let a = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    let b = world.request(1);
+    assert_eq!(world.token(0, a), "AT-2");
+    assert_eq!(world.token(1, b), "AT-2", "read from the store");
+    world.advance(minutes(1));
+    let r0 = world.reject(0, "AT-2");
+    world.reply(0, granted("AT-3", Some("RT-3")));
+    assert_eq!(world.token(0, r0), "AT-3");
+    let r1 = world.reject(1, "AT-2");
+    assert_eq!(world.token(1, r1), "AT-3");
+    assert!(
+        world.workers[1].sent.is_empty(),
+        "the second process sent nothing"
+    );
+}
+
+/// A 401 moments after a refresh committed: the refresh floor holds (callers
+/// are told when to come back), and the refused token is still not served.
+#[test]
+fn a_rejection_right_after_a_refresh_waits_for_the_floor() {
+    let mut world = World::intuit(1);
+    let first = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, first), "AT-2");
+    let report = world.reject(0, "AT-2");
+    match world.result(0, report) {
+        Some(Err(AccessError::Transient {
+            kind: FailureKind::RefreshThrottled,
+            retry_at,
+        })) => assert!(*retry_at > world.now),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(world.workers[0].sent.len(), 1);
+    world.advance(Duration::from_secs(2));
+    let next = world.request(0);
+    assert_eq!(
+        world.workers[0].sent.len(),
+        2,
+        "after the floor: one refresh"
+    );
+    world.reply(0, granted("AT-3", Some("RT-3")));
+    assert_eq!(world.token(0, next), "AT-3");
+}

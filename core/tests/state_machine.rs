@@ -57,6 +57,9 @@ enum Step {
     /// granted, a commit landed, unbeknown to the worker).
     StoreLosesAnswer,
     UserRevokes,
+    /// A caller of worker `w` reports that the API refused a token this worker
+    /// handed out: the latest (`false`) or the first (`true`: a late 401).
+    Reject(usize, bool),
 }
 
 /// The reference model: what must be true of the connection at the end.
@@ -111,10 +114,11 @@ impl ReferenceStateMachine for Reference {
             3 => (w.clone(), fault).prop_map(|(w, f)| Step::Fail(w, f)),
             4 => advance.prop_map(Step::Advance),
             4 => w.clone().prop_map(Step::Tick),
-            1 => w.prop_map(Step::Crash),
+            1 => w.clone().prop_map(Step::Crash),
             1 => Just(Step::StoreOutage),
             1 => Just(Step::StoreLosesAnswer),
             1 => Just(Step::UserRevokes),
+            2 => (w, any::<bool>()).prop_map(|(w, late)| Step::Reject(w, late)),
         ]
         .boxed()
     }
@@ -125,7 +129,8 @@ impl ReferenceStateMachine for Reference {
             | Step::Answer(w)
             | Step::Fail(w, _)
             | Step::Tick(w)
-            | Step::Crash(w) => *w < state.workers,
+            | Step::Crash(w)
+            | Step::Reject(w, _) => *w < state.workers,
             _ => true,
         }
     }
@@ -334,6 +339,7 @@ impl StateMachineTest for CoreAgainstReference {
                         .is_some_and(|r| r.send_deadline.saturating_add(safety) <= now)
                 });
                 sut.leases_broken |= expired;
+                sut.world.leases_broken = sut.leases_broken;
             }
             Step::Tick(w) => sut.world.tick(w),
             Step::Crash(w) => {
@@ -353,6 +359,17 @@ impl StateMachineTest for CoreAgainstReference {
             Step::StoreOutage => sut.world.store.fail_next = 1,
             Step::StoreLosesAnswer => sut.world.store.lose_next = 1,
             Step::UserRevokes => sut.provider.revoked_by_user = true,
+            Step::Reject(w, late) => {
+                let mut served = sut.world.workers[w]
+                    .delivered
+                    .iter()
+                    .filter_map(|(_, r)| r.as_ref().ok());
+                let token = if late { served.next() } else { served.next_back() };
+                if let Some(token) = token.map(|t| t.expose().to_string()) {
+                    let id = sut.world.reject(w, &token);
+                    sut.requests.push((w, id));
+                }
+            }
         }
         sut
     }
@@ -557,4 +574,73 @@ fn s4_check_of_the_property_test_bites() {
     }
     declare_lost(&mut sut);
     sut.check();
+}
+
+/// Found by the property test (30,000 cases): under reuse detection a worker's
+/// lease request is refused with its answer lost, its retry under the same name
+/// is granted with its answer lost too, and another worker takes that grant over
+/// and declares the rotation lost. The first worker must recognise the grant (it
+/// read a newer record before the retry) and undo the declaration: nothing was
+/// sent under it. Before the fix it kept only the first read, and the connection
+/// stayed dead.
+#[test]
+fn a_retried_lease_request_granted_after_a_lost_refusal_is_recognised() {
+    use Step::*;
+    let reference = Reference {
+        class: Class::StrictReuseDetecting,
+        workers: 3,
+        user_revoked: false,
+    };
+    let mut sut = CoreAgainstReference::init_test(&reference);
+    for step in [
+        Request(1),
+        Tick(0),
+        Request(0),
+        StoreLosesAnswer,
+        Request(2),
+        Answer(1),
+        Advance(hours(1)),
+        StoreLosesAnswer,
+        Tick(2),
+        Advance(Duration::from_secs(61)),
+    ] {
+        sut = CoreAgainstReference::apply(sut, &reference, step);
+        sut.check();
+    }
+    CoreAgainstReference::teardown(sut, reference);
+}
+
+/// Found with the fix above (30,000 cases): a retry's newer read must not let a
+/// worker undo a declaration whose doubt began at its first request's grant,
+/// before the retry was made: another worker took that grant over, presented the
+/// token and crashed; the rotation is really lost and must say so.
+#[test]
+fn a_retry_read_does_not_undo_a_declaration_over_an_earlier_grant() {
+    use Step::*;
+    let reference = Reference {
+        class: Class::StrictNoGrace,
+        workers: 2,
+        user_revoked: false,
+    };
+    let mut sut = CoreAgainstReference::init_test(&reference);
+    for step in [
+        StoreOutage,
+        StoreLosesAnswer,
+        Request(0),
+        Crash(0),
+        Request(0),
+        Advance(Duration::from_secs(61)),
+        Request(1),
+        Crash(1),
+        Request(0),
+        StoreLosesAnswer,
+        Answer(0),
+        Tick(0),
+        Request(0),
+        Request(1),
+    ] {
+        sut = CoreAgainstReference::apply(sut, &reference, step);
+        sut.check();
+    }
+    CoreAgainstReference::teardown(sut, reference);
 }

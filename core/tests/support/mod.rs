@@ -298,6 +298,15 @@ pub struct Worker {
     /// The lease requests this incarnation made (a restarted worker keeps its id,
     /// not its requests).
     pub requests: Vec<LeaseRequestId>,
+    /// Access tokens this incarnation's callers reported refused by the API.
+    pub rejected: Vec<AccessToken>,
+    /// The answer to a lease request of this worker was lost since it last sent
+    /// (R2: the machine may have been granted the lease and refreshes to resolve
+    /// that; find 18).
+    pub lost_grant: bool,
+    /// A scheduler or an operator asked for a refresh (`Maintain`, `RefreshNow`)
+    /// since this worker last sent: R2 does not apply to the next send.
+    pub asked: bool,
 }
 
 impl Worker {
@@ -312,6 +321,9 @@ impl Worker {
             lease_at: None,
             ghost: invariants::SenderGhost::default(),
             requests: vec![],
+            rejected: vec![],
+            lost_grant: false,
+            asked: false,
         }
     }
 
@@ -344,6 +356,11 @@ pub struct World {
     pub taken_over: Vec<invariants::Unsettled>,
     /// The `expires_in` of every access token replied, as the harness read it.
     pub lifetimes: std::collections::HashMap<String, Duration>,
+    /// Every access token any caller reported refused by the API (R2).
+    pub refused: Vec<AccessToken>,
+    /// Workers' requests may outlive their leases (a paused worker): R2 then
+    /// no longer judges their sends.
+    pub leases_broken: bool,
     next_request: u64,
     /// The entropy of the last machine made: every incarnation gets a new one.
     entropy: u64,
@@ -377,6 +394,8 @@ impl World {
             ghosts: vec![],
             taken_over: vec![],
             lifetimes: Default::default(),
+            refused: vec![],
+            leases_broken: false,
             next_request: 0,
             entropy: 0,
         };
@@ -425,6 +444,9 @@ impl World {
     /// Feeds `input` to worker `w` and runs the store until the machine waits.
     pub fn input(&mut self, w: usize, input: Input) -> Result<(), InputError> {
         let now = self.now;
+        if matches!(input, Input::Maintain | Input::RefreshNow { .. }) {
+            self.workers[w].asked = true;
+        }
         self.workers[w].conn.handle_input(now, input)?;
         self.pump(w);
         Ok(())
@@ -439,6 +461,8 @@ impl World {
                 Output::Deliver { request, result } => {
                     if let Ok(token) = &result {
                         worker.check_serve(now, token, lifetimes.get(token.expose()).copied());
+                        // The harness's provider never issues a token twice.
+                        invariants::refused_not_served(token, &worker.rejected, false).expect("R1");
                     }
                     worker.delivered.push((request, result));
                 }
@@ -450,6 +474,26 @@ impl World {
                     )
                     .expect("S7");
                     assert!(worker.outstanding.is_none(), "one request at a time");
+                    let stored = self.store.record.as_ref().expect("stored record");
+                    let paused = worker
+                        .conn
+                        .in_flight()
+                        .is_some_and(|b| b.generation != stored.generation);
+                    if !(paused || self.leases_broken || worker.lost_grant || worker.asked) {
+                        let s = &worker.conn.config().settings;
+                        let margin = stored.access.as_ref().map_or(s.access_margin, |a| {
+                            lifetimes
+                                .get(a.token.expose())
+                                .map_or(s.access_margin, |l| s.access_margin.min(*l / 2))
+                        });
+                        let refused = &self.refused;
+                        invariants::refresh_needed(stored, now, margin, s.keepalive_lead, |t| {
+                            refused.contains(t)
+                        })
+                        .expect("R2");
+                    }
+                    worker.lost_grant = false;
+                    worker.asked = false;
                     if let Some(base) = worker.conn.in_flight() {
                         // A refresh presenting `base.refresh` under the lease the
                         // store granted this worker.
@@ -465,7 +509,12 @@ impl World {
                     if let Output::AcquireLease { request, .. } = &other {
                         self.workers[w].requests.push(*request);
                     }
-                    if let Some(answer) = self.store.apply(now, &other) {
+                    let lose = self.store.lose_next;
+                    let answer = self.store.apply(now, &other);
+                    if matches!(other, Output::AcquireLease { .. }) && self.store.lose_next < lose {
+                        self.workers[w].lost_grant = true;
+                    }
+                    if let Some(answer) = answer {
                         if self.store.mutation.is_none() {
                             if let Some(v) = self.store.violations.first() {
                                 panic!("{v}");
@@ -522,6 +571,20 @@ impl World {
         self.input(w, Input::AccessRequested(id))
             .expect("always accepted");
         id
+    }
+
+    /// A caller on worker `w` reports that the API refused `token` (a 401).
+    pub fn reject(&mut self, w: usize, token: &str) -> RequestId {
+        self.next_request += 1;
+        let request = RequestId(self.next_request);
+        let token = AccessToken::new(token);
+        if !self.refused.contains(&token) {
+            self.refused.push(token.clone());
+        }
+        self.workers[w].rejected.push(token.clone());
+        self.input(w, Input::Rejected { request, token })
+            .expect("always accepted");
+        request
     }
 
     /// The provider answers worker `w`'s outstanding request. A reply the machine
