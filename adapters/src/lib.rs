@@ -6,10 +6,12 @@
 pub mod clock;
 pub mod crypto;
 mod gate;
+pub mod import;
 mod manager;
 pub mod store;
 pub mod transport;
 
+pub use import::{ImportError, ImportOptions, ImportReport, Imported};
 pub use manager::{
     ApiResult, BuildError, ConnectionStatus, LifecycleEvent, ManagerError, Provider, Sweep,
     TokenManager, TokenManagerBuilder,

@@ -152,6 +152,10 @@ pub enum ManagerError {
     /// company was removed). Not retried again.
     #[error("the API refused the access token twice, the second one fresh")]
     Unauthorized,
+    /// An import found the connection changed by another writer between its
+    /// read and its write; nothing was written. Run it again.
+    #[error("the connection changed while it was being imported; nothing was written, run the import again")]
+    ImportRaced,
 }
 
 /// What an API call made with an access token came to ([`TokenManager::call`]).
@@ -416,6 +420,33 @@ impl TokenManager {
         match api(fresh).await {
             ApiResult::Done(done) => Ok(done),
             ApiResult::Unauthorized => Err(ManagerError::Unauthorized),
+        }
+    }
+
+    /// The machine configuration (provider, client, settings).
+    pub(crate) fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// `id` was written outside its machine (an import): forget what this
+    /// process concluded about it and let a live machine re-read it.
+    pub(crate) fn stored_elsewhere(&self, id: &ConnectionId) {
+        let _ = self.inner.unknown.pin().remove(id);
+        let _ = self.inner.quarantined.pin().remove(id);
+        let _ = self.inner.unworkable.pin().remove(id);
+        if let Some(slot) = self.inner.slots.pin().get(id) {
+            slot.cache.store(None);
+        }
+        if self.inner.slots.pin().contains_key(id) {
+            let _ = self.submit(id, Command::Input(Box::new(Input::StoreChanged)));
         }
     }
 

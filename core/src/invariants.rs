@@ -413,8 +413,10 @@ pub fn refused_not_served<'a>(
 /// needs one: its access token is missing, within `margin` of its expiry (the
 /// harness's own margin for the lifetime it granted), or reported refused by
 /// the API (`refused`); keep-alive is due (`lead` before the idle deadline); a
-/// refresh is in doubt; or the connection is not plainly active (a degraded
-/// connection's retry). A late 401 about an older token, or a second report of
+/// refresh is in doubt (recorded, or `doubt`: the harness's ghost knows a request
+/// presenting the stored token whose outcome nobody saw, or a lease taken over
+/// under which one may have been sent); or the connection is not plainly active
+/// (a degraded connection's retry). A late 401 about an older token, or a second report of
 /// one already replaced, therefore sends nothing: at most one refresh per
 /// distinct refused token. Harnesses exempt sends they know another reason for
 /// (a paused worker, a lease request whose answer was lost).
@@ -423,6 +425,7 @@ pub fn refresh_needed(
     now: Timestamp,
     margin: Duration,
     lead: Duration,
+    doubt: bool,
     refused: impl Fn(&AccessToken) -> bool,
 ) -> Result<(), Violation> {
     let expiring = stored
@@ -432,7 +435,7 @@ pub fn refresh_needed(
     let keepalive = stored
         .idle_deadline
         .is_some_and(|d| now >= d.saturating_sub(lead));
-    let pending = stored.in_doubt_since.is_some() || stored.status != Status::Active;
+    let pending = doubt || stored.in_doubt_since.is_some() || stored.status != Status::Active;
     if expiring || keepalive || pending {
         Ok(())
     } else {

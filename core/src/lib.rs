@@ -134,13 +134,13 @@ pub use profile::{
     ProviderProfile, RevokeStyle, Rotation, RotationPolicy,
 };
 pub use record::{
-    AccessGrant, ConnectionId, ConnectionRecord, FailureKind, Generation, GrantIdentity, Lease,
-    LeaseRequestId, ReauthReason, Status, WorkerId,
+    AccessGrant, ConnectionId, ConnectionRecord, ExistingGrant, FailureKind, Generation,
+    GrantIdentity, Lease, LeaseRequestId, ReauthReason, Status, WorkerId,
 };
 pub use reply::{
-    parse_revoke_reply, parse_token_reply, HttpResponse, Malformation, OAuthErrorCode, ReplyError,
-    RetryAfter, TokenGrant, MAX_ACCESS_TTL, MAX_REFRESH_TTL, MAX_REPLY_BYTES, MAX_RETRY_AFTER,
-    MAX_TOKEN_BYTES,
+    is_usable_token, parse_revoke_reply, parse_token_reply, HttpResponse, Malformation,
+    OAuthErrorCode, ReplyError, RetryAfter, TokenGrant, MAX_ACCESS_TTL, MAX_REFRESH_TTL,
+    MAX_REPLY_BYTES, MAX_RETRY_AFTER, MAX_TOKEN_BYTES,
 };
 pub use request::{
     authorization_code_request, refresh_request, revoke_request, Header, HttpRequest,

@@ -30,6 +30,22 @@ impl core::fmt::Display for Generation {
     }
 }
 
+/// A grant obtained elsewhere, as an import knows it
+/// ([`ConnectionRecord::from_existing`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingGrant {
+    /// The refresh token.
+    pub refresh: RefreshToken,
+    /// The access token and its expiry, if known.
+    pub access: Option<AccessGrant>,
+    /// Intuit realm id (company) or tenant id.
+    pub realm_id: Option<String>,
+    /// The refresh token's idle deadline, if known.
+    pub idle_deadline: Option<Timestamp>,
+    /// The grant's hard deadline, if known.
+    pub hard_deadline: Option<Timestamp>,
+}
+
 /// The caller's name for a connection (for Intuit, one per QuickBooks company).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -264,6 +280,30 @@ impl ConnectionRecord {
             blocked_client: None,
             last_refreshed_at: None,
             updated_at: now,
+        }
+    }
+
+    /// A record for a grant obtained elsewhere (an import from another system),
+    /// kept by tokenfence from now on. Nothing unknown is assumed: an access
+    /// token without a known expiry is not served (the first caller refreshes);
+    /// an unknown idle deadline (for a profile with an idle window) makes
+    /// keep-alive due at once, so the first refresh both proves the grant alive
+    /// and learns the provider's real deadlines; an unknown hard deadline stays
+    /// unknown until the provider reports one.
+    pub fn from_existing(
+        id: ConnectionId,
+        identity: GrantIdentity,
+        existing: ExistingGrant,
+        profile: &ProviderProfile,
+        now: Timestamp,
+    ) -> ConnectionRecord {
+        let idle_deadline = existing.idle_deadline.or(profile.idle_window.map(|_| now));
+        ConnectionRecord {
+            realm_id: existing.realm_id,
+            access: existing.access,
+            idle_deadline,
+            hard_deadline: existing.hard_deadline,
+            ..ConnectionRecord::new(id, identity, existing.refresh, now)
         }
     }
 

@@ -611,6 +611,12 @@ fn grant_from(o: &Fields<'_>) -> Result<TokenGrant, Malformation> {
     })
 }
 
+/// Whether `s` can be a token: printable ASCII, at most [`MAX_TOKEN_BYTES`]
+/// (a control character in a token would end up in a header or a form body).
+pub fn is_usable_token(s: &str) -> bool {
+    s.len() <= MAX_TOKEN_BYTES && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
 /// A token field: absent/null is `None`; `""` is `Some("")` for the caller to judge.
 fn token<'a>(
     raw: &'a Option<Raw<'_>>,
@@ -619,8 +625,7 @@ fn token<'a>(
     match raw {
         None | Some(Raw::Null) => Ok(None),
         Some(Raw::Str(s)) => {
-            let ok = s.len() <= MAX_TOKEN_BYTES && s.bytes().all(|b| (0x20..0x7f).contains(&b));
-            if !ok || (field == "access_token" && s.is_empty()) {
+            if !is_usable_token(s) || (field == "access_token" && s.is_empty()) {
                 Err(Malformation::BadToken(field))
             } else {
                 Ok(Some(s))

@@ -364,7 +364,11 @@ impl StateMachineTest for CoreAgainstReference {
                     .delivered
                     .iter()
                     .filter_map(|(_, r)| r.as_ref().ok());
-                let token = if late { served.next() } else { served.next_back() };
+                let token = if late {
+                    served.next()
+                } else {
+                    served.next_back()
+                };
                 if let Some(token) = token.map(|t| t.expose().to_string()) {
                     let id = sut.world.reject(w, &token);
                     sut.requests.push((w, id));

@@ -56,7 +56,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Model-check the real core: several workers, a store with CAS and leases, a
-    /// provider model, faults; verdicts for S1-S9, L1, L5 and the vacuity guards.
+    /// provider model, faults; verdicts for S1-S9, R1, R2, L1, L5 and the vacuity guards.
     Check(CheckArgs),
     /// Serve the provider model over HTTP on loopback, for adapter tests and your
     /// own integration tests: token, revoke and consent endpoints, plus /control.
@@ -110,6 +110,9 @@ struct CheckArgs {
     /// Access requests per worker.
     #[arg(long, default_value_t = 1)]
     requests: u8,
+    /// Reports of the API's 401 (for the token the worker served last) per worker.
+    #[arg(long, default_value_t = 0)]
+    rejects: u8,
     /// Strategy under test: tokenfence, naive-b1, naive-b2, naive-b3, naive-b4.
     #[arg(long, default_value = "tokenfence")]
     strategy: String,
@@ -240,6 +243,7 @@ fn check(args: CheckArgs) -> ExitCode {
         max_faults: args.max_faults,
         max_ticks: args.max_ticks,
         requests: args.requests,
+        rejects: args.rejects,
         strategy,
     };
     if let Some(addr) = &args.explore {

@@ -141,3 +141,45 @@ fn periodic_intuit_two_faults() {
 fn reuse_detection_two_faults_two_jumps() {
     two_faults(ReuseDetection, 2);
 }
+
+/// The API's 401 (issue 12): each worker's caller reports the token it was
+/// served once (`Input::Rejected`), with lost replies, crashes and store
+/// failures. R1 (a refused token is not served again) and R2 (no refresh the
+/// stored record did not need: late reports and second reports send nothing)
+/// hold with S1-S9 and L1. R2 is checked in every other run too.
+fn rejects(class: BehaviourClass) {
+    let cfg = ModelConfig {
+        rejects: 1,
+        faults: [FaultKind::LostReply, FaultKind::Crash, FaultKind::StoreFail]
+            .into_iter()
+            .collect(),
+        ..config(class, 2, 1)
+    };
+    let report = assert_all_hold(cfg, Search::Bfs);
+    assert!(report.unique_states > 50_000, "{}", report.unique_states);
+}
+
+#[test]
+fn strict_rotation_rejects() {
+    rejects(StrictRotation);
+}
+
+#[test]
+fn grace_idempotent_rejects() {
+    rejects(GraceIdempotent);
+}
+
+#[test]
+fn grace_fork_rejects() {
+    rejects(GraceFork);
+}
+
+#[test]
+fn periodic_intuit_rejects() {
+    rejects(Periodic);
+}
+
+#[test]
+fn reuse_detection_rejects() {
+    rejects(ReuseDetection);
+}

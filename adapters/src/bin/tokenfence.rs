@@ -11,6 +11,8 @@
 //!   connect ID --code CODE --redirect-uri URI [--realm REALM]
 //!                             exchange an authorization code and store the grant
 //!   reencrypt                 re-seal every record under the newest key
+//!   import FILE [--replace] [--dry-run]
+//!                             bring existing connections in (JSON lines)
 //! ```
 //! Secrets come from the environment, never from arguments: `TOKENFENCE_KEYRING`
 //! (`id:base64key,...`; `id:base64key:open` for a key that opens but does not seal
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokenfence::crypto::Keyring;
 use tokenfence::store::{PostgresStore, SqliteStore, Store};
-use tokenfence::{ConnectionStatus, Provider, TokenManager};
+use tokenfence::{ConnectionStatus, ImportOptions, Imported, Provider, TokenManager};
 use tokenfence_core::{ClientSecret, ConnectionId, SecretString, Status, Timestamp};
 
 #[derive(Parser)]
@@ -86,6 +88,19 @@ enum Command {
     /// Re-seal every record under the sealing key of the keyring (in batches of
     /// 500 rows, each its own short transaction).
     Reencrypt,
+    /// Bring existing connections in from a file of JSON lines (`-` for standard
+    /// input): id, provider, environment, client_id, refresh_token, and optionally
+    /// access_token with access_expires_at, realm_id, idle_deadline, hard_deadline.
+    /// Every line is checked before anything is written.
+    Import {
+        file: String,
+        /// Replace stored connections that hold another refresh token.
+        #[arg(long)]
+        replace: bool,
+        /// Check and say what would happen; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 enum AnyStore {
@@ -279,7 +294,55 @@ async fn run(tokens: &TokenManager, command: Command) -> ExitCode {
                 Err(e) => failure(e),
             }
         }
+        Command::Import {
+            file,
+            replace,
+            dry_run,
+        } => import(tokens, &file, ImportOptions { replace, dry_run }).await,
         Command::List | Command::Reencrypt => ExitCode::SUCCESS,
+    }
+}
+
+async fn import(tokens: &TokenManager, file: &str, options: ImportOptions) -> ExitCode {
+    let input: Box<dyn std::io::BufRead> = if file == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        match std::fs::File::open(file) {
+            Ok(f) => Box::new(std::io::BufReader::new(f)),
+            Err(e) => return failure(format!("cannot open {file}: {e}")),
+        }
+    };
+    let report = match tokens.import_lines(input, options).await {
+        Ok(r) => r,
+        Err(e) => return failure(format!("cannot read {file}: {e}")),
+    };
+    for e in &report.errors {
+        eprintln!("tokenfence: {e}");
+    }
+    let would = if options.dry_run { "would be " } else { "" };
+    for (line, id, outcome) in &report.imported {
+        println!("line {line}: {id} {would}{outcome}");
+    }
+    if !report.errors.is_empty() && report.imported.is_empty() {
+        eprintln!(
+            "tokenfence: nothing imported: {} line(s) to fix first",
+            report.errors.len()
+        );
+    } else {
+        println!(
+            "{}{} created, {} replaced, {} unchanged, {} left alone, {} failed",
+            if options.dry_run { "dry run: " } else { "" },
+            report.count(Imported::Created),
+            report.count(Imported::Replaced),
+            report.count(Imported::Unchanged),
+            report.count(Imported::Exists),
+            report.errors.len()
+        );
+    }
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

@@ -300,12 +300,12 @@ pub struct Worker {
     pub requests: Vec<LeaseRequestId>,
     /// Access tokens this incarnation's callers reported refused by the API.
     pub rejected: Vec<AccessToken>,
-    /// The answer to a lease request of this worker was lost since it last sent
-    /// (R2: the machine may have been granted the lease and refreshes to resolve
-    /// that; find 18).
+    /// A lease request of this worker failed since its last refresh committed
+    /// (R2: for all the machine knows the store granted it, and it refreshes to
+    /// resolve that until a refresh of its own commits; find 18).
     pub lost_grant: bool,
     /// A scheduler or an operator asked for a refresh (`Maintain`, `RefreshNow`)
-    /// since this worker last sent: R2 does not apply to the next send.
+    /// since this worker's last refresh committed: R2 does not apply to its sends.
     pub asked: bool,
 }
 
@@ -468,32 +468,14 @@ impl World {
                 }
                 Output::Event(e) => worker.events.push(e),
                 Output::Send(req) => {
+                    self.check_needed(w);
+                    let worker = &mut self.workers[w];
                     invariants::right_credentials(
                         worker.conn.config(),
                         worker.conn.record().expect("record"),
                     )
                     .expect("S7");
                     assert!(worker.outstanding.is_none(), "one request at a time");
-                    let stored = self.store.record.as_ref().expect("stored record");
-                    let paused = worker
-                        .conn
-                        .in_flight()
-                        .is_some_and(|b| b.generation != stored.generation);
-                    if !(paused || self.leases_broken || worker.lost_grant || worker.asked) {
-                        let s = &worker.conn.config().settings;
-                        let margin = stored.access.as_ref().map_or(s.access_margin, |a| {
-                            lifetimes
-                                .get(a.token.expose())
-                                .map_or(s.access_margin, |l| s.access_margin.min(*l / 2))
-                        });
-                        let refused = &self.refused;
-                        invariants::refresh_needed(stored, now, margin, s.keepalive_lead, |t| {
-                            refused.contains(t)
-                        })
-                        .expect("R2");
-                    }
-                    worker.lost_grant = false;
-                    worker.asked = false;
                     if let Some(base) = worker.conn.in_flight() {
                         // A refresh presenting `base.refresh` under the lease the
                         // store granted this worker.
@@ -509,9 +491,11 @@ impl World {
                     if let Output::AcquireLease { request, .. } = &other {
                         self.workers[w].requests.push(*request);
                     }
-                    let lose = self.store.lose_next;
+                    let before = self.store.record.as_ref().and_then(|r| r.access.clone());
                     let answer = self.store.apply(now, &other);
-                    if matches!(other, Output::AcquireLease { .. }) && self.store.lose_next < lose {
+                    if matches!(other, Output::AcquireLease { .. })
+                        && matches!(answer, Some(Input::StoreFailed))
+                    {
                         self.workers[w].lost_grant = true;
                     }
                     if let Some(answer) = answer {
@@ -551,6 +535,17 @@ impl World {
                         if committed {
                             worker.ghost.settle();
                         }
+                        let refreshed = matches!(
+                            &other,
+                            Output::CompareAndSwap { record, .. } if record.access != before
+                        );
+                        if committed && refreshed {
+                            // The piece of work begun to resolve a failed lease
+                            // request, or a scheduler's request, ends with its
+                            // own refresh.
+                            worker.lost_grant = false;
+                            worker.asked = false;
+                        }
                         if let Some(u) = forced.filter(|u| !self.taken_over.contains(u)) {
                             self.taken_over.push(u);
                         }
@@ -561,6 +556,34 @@ impl World {
         let worker = &mut self.workers[w];
         if !worker.conn.is_busy() {
             worker.ghost.settle();
+        }
+    }
+
+    /// R2 at worker `w`'s send: the stored record needed a refresh, judged with
+    /// the harness's own margin (from the lifetime it granted), the tokens callers
+    /// reported and its ghost's doubts. Not judged: a paused worker's send (from
+    /// a record older than the stored one), sends a scheduler or operator asked
+    /// for, and the refresh that resolves a lease request whose answer was lost.
+    fn check_needed(&self, w: usize) {
+        let worker = &self.workers[w];
+        let stored = self.store.record.as_ref().expect("stored record");
+        let paused = worker
+            .conn
+            .in_flight()
+            .is_some_and(|b| b.generation != stored.generation);
+        if !(paused || self.leases_broken || worker.lost_grant || worker.asked) {
+            let s = &worker.conn.config().settings;
+            let margin = stored.access.as_ref().map_or(s.access_margin, |a| {
+                self.lifetimes
+                    .get(a.token.expose())
+                    .map_or(s.access_margin, |l| s.access_margin.min(*l / 2))
+            });
+            let doubt = self.may_have_rotated().any(|u| u.token == stored.refresh);
+            let refused = &self.refused;
+            invariants::refresh_needed(stored, self.now, margin, s.keepalive_lead, doubt, |t| {
+                refused.contains(t)
+            })
+            .expect("R2");
         }
     }
 

@@ -111,6 +111,9 @@ pub struct ModelConfig {
     pub max_ticks: u8,
     /// Access requests each worker's callers make.
     pub requests: u8,
+    /// Reports of the API's 401 for the token a worker served last
+    /// (`Input::Rejected`) each worker's callers may make.
+    pub rejects: u8,
     /// Strategy under test.
     pub strategy: Strategy,
 }
@@ -126,6 +129,7 @@ impl ModelConfig {
             max_faults: 1,
             max_ticks: 2,
             requests: 1,
+            rejects: 0,
             strategy: Strategy::Tokenfence,
         }
     }
@@ -139,14 +143,19 @@ impl ModelConfig {
     pub fn describe(&self) -> String {
         let faults: Vec<_> = self.faults.iter().map(|f| f.name()).collect();
         format!(
-            "{} workers, provider {}, strategy {}, faults [{}] (at most {}), {} time jumps, {} request(s) per worker",
+            "{} workers, provider {}, strategy {}, faults [{}] (at most {}), {} time jumps, {} request(s){} per worker",
             self.workers,
             self.class,
             self.strategy.name(),
             if faults.is_empty() { "none".into() } else { faults.join(",") },
             self.max_faults,
             self.max_ticks,
-            self.requests
+            self.requests,
+            if self.rejects > 0 {
+                format!(" and {} 401 report(s)", self.rejects)
+            } else {
+                String::new()
+            }
         )
     }
 }

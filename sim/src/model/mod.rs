@@ -126,6 +126,9 @@ pub enum Action {
     OrphanArrives(usize),
     /// The user disconnects the app at the provider.
     Revoke,
+    /// A caller of worker `w` reports that the API answered 401 for the token
+    /// the worker served last.
+    Reject(usize),
     /// Time jumps to this instant, one at which something can change.
     Tick(Timestamp),
 }
@@ -188,6 +191,7 @@ impl TokenfenceModel {
                 net: None,
                 paused: None,
                 requests_left: cfg.requests,
+                rejects_left: cfg.rejects,
                 ghost: WorkerGhost::default(),
             })
             .collect();
@@ -200,6 +204,7 @@ impl TokenfenceModel {
             faults_left: cfg.max_faults,
             ticks_left: cfg.max_ticks,
             seen: Seen::default(),
+            refused: Vec::new(),
             breaches: BTreeMap::new(),
             unsettled: Vec::new(),
             taken_over: Vec::new(),
@@ -287,6 +292,9 @@ impl Model for TokenfenceModel {
                 actions.push(Action::Resume(w));
             } else if worker.requests_left > 0 {
                 actions.push(Action::Request(w));
+            }
+            if worker.paused.is_none() && worker.rejects_left > 0 && worker.ghost.served.is_some() {
+                actions.push(Action::Reject(w));
             }
             if let Some(cmd) = &worker.pending {
                 actions.push(Action::Store(w));

@@ -34,6 +34,10 @@ pub mod names {
     pub const L1: &str = "L1 every access request resolves";
     /// L5.
     pub const L5: &str = "L5 no storm";
+    /// R1.
+    pub const R1: &str = "R1 a token the API refused is not served again";
+    /// R2.
+    pub const R2: &str = "R2 no refresh the stored record did not need";
     /// Vacuity guard.
     pub const V_REFRESH: &str = "guard: a refresh commits";
     /// Vacuity guard.
@@ -172,6 +176,12 @@ fn holds_contract(_: &TokenfenceModel, s: &State) -> bool {
 fn holds_l5(_: &TokenfenceModel, s: &State) -> bool {
     clean(s, Breach::L5)
 }
+fn holds_r1(_: &TokenfenceModel, s: &State) -> bool {
+    clean(s, Breach::R1)
+}
+fn holds_r2(_: &TokenfenceModel, s: &State) -> bool {
+    clean(s, Breach::R2)
+}
 
 /// A property's condition.
 pub type Condition = fn(&TokenfenceModel, &State) -> bool;
@@ -191,6 +201,8 @@ pub fn safety() -> Vec<(&'static str, Condition)> {
         (S9, holds_s9),
         (CONTRACT, holds_contract),
         (L5, holds_l5),
+        (R1, holds_r1),
+        (R2, holds_r2),
     ]
 }
 
@@ -209,6 +221,8 @@ pub fn properties(m: &TokenfenceModel) -> Vec<Property<TokenfenceModel>> {
         Property::always(S9, first!(S9, holds_s9)),
         Property::always(CONTRACT, first!(CONTRACT, holds_contract)),
         Property::always(L5, first!(L5, holds_l5)),
+        Property::always(R1, first!(R1, holds_r1)),
+        Property::always(R2, first!(R2, holds_r2)),
         Property::eventually(L1, l1),
         Property::sometimes(V_REFRESH, |_: &TokenfenceModel, s: &State| {
             s.seen.has(Seen::REFRESH_COMMITTED)

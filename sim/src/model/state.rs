@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use tokenfence_core::invariants::{keep_unsettled, SenderGhost, Unsettled};
 use tokenfence_core::{
-    AccessGrant, Connection, ConnectionRecord, Generation, HttpRequest, Input, LeaseRequestId,
-    RefreshToken, Status, Timestamp, TokenGrant, WorkerId,
+    AccessGrant, AccessToken, Connection, ConnectionRecord, Generation, HttpRequest, Input,
+    LeaseRequestId, RefreshToken, Status, Timestamp, TokenGrant, WorkerId,
 };
 
 /// A store command the machine issued and the driver has not carried out yet.
@@ -88,6 +88,14 @@ pub struct WorkerGhost {
     pub lease_at: Timestamp,
     /// The refresh request this worker sent, until what it learnt is settled (S4).
     pub sender: SenderGhost,
+    /// The access token this incarnation served last (what a 401 is reported for).
+    pub served: Option<AccessToken>,
+    /// Tokens this incarnation's callers reported refused by the API (R1).
+    pub refused: Vec<AccessToken>,
+    /// A lease request failed since this worker's last refresh committed: for
+    /// all its machine knows the store granted it, and it refreshes to resolve
+    /// that, until a refresh of its own commits (R2).
+    pub lease_failed: bool,
 }
 
 /// One worker (one process's task for this connection).
@@ -105,6 +113,8 @@ pub struct Worker {
     pub paused: Option<Input>,
     /// Access requests its callers will still make.
     pub requests_left: u8,
+    /// 401 reports its callers will still make.
+    pub rejects_left: u8,
     /// Ghost bookkeeping.
     pub ghost: WorkerGhost,
 }
@@ -182,6 +192,10 @@ pub enum Breach {
     L5,
     /// The driver fed an input the machine refused (a harness or contract bug).
     Contract,
+    /// R1: a token reported refused by the API served again by that worker.
+    R1,
+    /// R2: a refresh sent while the stored record needed none.
+    R2,
 }
 
 /// The whole model state.
@@ -203,6 +217,8 @@ pub struct State {
     pub ticks_left: u8,
     /// Observations.
     pub seen: Seen,
+    /// Every access token a caller reported refused by the API (R2).
+    pub refused: Vec<AccessToken>,
     /// Transition properties broken on this path, with the first explanation.
     pub breaches: BTreeMap<Breach, String>,
     /// Refresh requests really sent whose outcome never reached the store (reply

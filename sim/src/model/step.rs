@@ -91,12 +91,40 @@ impl TokenfenceModel {
                 let id = u64::from(self.cfg.requests - worker.requests_left);
                 self.feed(&mut s, w, Input::AccessRequested(RequestId(id)), log);
             }
+            Action::Reject(w) => {
+                let worker = &mut s.workers[w];
+                worker.rejects_left -= 1;
+                let token = worker.ghost.served.clone()?;
+                worker.ghost.refused.push(token.clone());
+                if !s.refused.contains(&token) {
+                    s.refused.push(token.clone());
+                }
+                let id = 100 + u64::from(self.cfg.rejects - s.workers[w].rejects_left);
+                log.note(|| {
+                    format!(
+                        "a caller of w{} reports a 401 for {}",
+                        w + 1,
+                        token.expose()
+                    )
+                });
+                let input = Input::Rejected {
+                    request: RequestId(id),
+                    token,
+                };
+                self.feed(&mut s, w, input, log);
+            }
             Action::Store(w) => {
                 let input = self.carry_out(&mut s, w, log)?;
                 self.feed(&mut s, w, input, log);
             }
             Action::StoreFails { w, applied } => {
                 s.faults_left -= 1;
+                if matches!(
+                    s.workers[w].pending,
+                    Some(StoreCommand::AcquireLease { .. })
+                ) {
+                    s.workers[w].ghost.lease_failed = true;
+                }
                 if applied {
                     let _ = self.carry_out(&mut s, w, log)?;
                 } else {
@@ -300,6 +328,7 @@ impl TokenfenceModel {
                             }
                         }
                     }
+                    self.needed(s, w, base.as_ref());
                     let dead = s.stored().is_some_and(|r| !r.is_live());
                     if dead && self.cfg.strategy.uses_leases() && !s.seen.has(Seen::LEASE_BROKEN) {
                         s.breach(Breach::L5, || {
@@ -350,6 +379,36 @@ impl TokenfenceModel {
         }
     }
 
+    /// R2 at worker `w`'s send from `base`: the stored record needed a refresh,
+    /// judged with the model's own margin and the tokens callers reported. Not
+    /// judged: a send from a record older than the stored one (a paused worker:
+    /// S3's business), or after a lease request of this worker failed (its
+    /// machine refreshes to resolve a grant it may hold: find 18).
+    fn needed(&self, s: &mut State, w: usize, base: Option<&ConnectionRecord>) {
+        let lease_failed = s.workers[w].ghost.lease_failed;
+        let Some(stored) = s.stored().cloned() else {
+            return;
+        };
+        if lease_failed || base.is_none_or(|b| b.generation != stored.generation) {
+            return;
+        }
+        let settings = super::model_settings();
+        let margin = settings.access_margin.min(self.spec.access_ttl / 2);
+        let refused = &s.refused;
+        let doubt = s.may_have_rotated().any(|u| u.token == stored.refresh);
+        if let Err(v) = invariants::refresh_needed(
+            &stored,
+            s.now,
+            margin,
+            settings.keepalive_lead,
+            doubt,
+            |t| refused.contains(t),
+        ) {
+            let now = s.now;
+            s.breach(Breach::R2, || format!("w{} sends at {now}: {v}", w + 1));
+        }
+    }
+
     fn set_pending(&self, s: &mut State, w: usize, cmd: StoreCommand) {
         let worker = &mut s.workers[w];
         if worker.pending.is_some() || worker.net.is_some() {
@@ -391,6 +450,12 @@ impl TokenfenceModel {
                         format!("w{} served an access token it does not hold", w + 1)
                     }),
                 }
+                if let Err(v) =
+                    invariants::refused_not_served(token, &s.workers[w].ghost.refused, false)
+                {
+                    s.breach(Breach::R1, || format!("w{}: {v}", w + 1));
+                }
+                s.workers[w].ghost.served = Some(token.clone());
                 if s.workers[w].ghost.conflict {
                     s.workers[w].ghost.conflict = false;
                     s.seen.set(Seen::CONFLICT_RESOLVED);
@@ -533,6 +598,9 @@ impl TokenfenceModel {
         let ghost = &mut s.workers[w].ghost;
         ghost.sender.settle();
         if refresh_commit {
+            // The piece of work begun to resolve a failed lease request ends
+            // with its own refresh.
+            ghost.lease_failed = false;
             ghost.grant = None;
             s.seen.set(Seen::REFRESH_COMMITTED);
             if std::mem::take(&mut s.workers[w].ghost.recovering) {

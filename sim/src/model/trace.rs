@@ -34,6 +34,7 @@ pub fn action_label(action: &Action) -> String {
         Action::Crash(i) => format!("{}: crashes and restarts", w(i)),
         Action::OrphanArrives(_) => "a crashed worker's request reaches the provider".into(),
         Action::Revoke => "the user disconnects the app at the provider".into(),
+        Action::Reject(i) => format!("{}: a caller reports a 401 for its token", w(i)),
         Action::Tick(t) => format!("time jumps to {}", rel(*t)),
     }
 }

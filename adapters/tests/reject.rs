@@ -1,0 +1,139 @@
+//! The resource API's 401 through the manager: `reject` and `call`. A refused
+//! token is never served again; every caller that reports it shares one
+//! refresh, in one process and across two; a late report sends nothing; `call`
+//! retries once, never more.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokenfence::clock::{Clock, SystemClock};
+use tokenfence::store::{CasOutcome, MemoryStore, Store};
+use tokenfence::{ApiResult, ManagerError, TokenManager};
+use tokenfence_core::*;
+
+mod common;
+use common::{id, provider, Scripted};
+
+async fn seeded_store() -> Arc<MemoryStore> {
+    let store = Arc::new(MemoryStore::new());
+    let record = ConnectionRecord {
+        realm_id: Some("1".into()),
+        ..ConnectionRecord::new(
+            id(),
+            provider().identity(),
+            RefreshToken::new("RT-1"),
+            SystemClock.now(),
+        )
+    };
+    assert_eq!(
+        store.compare_and_swap(None, &record).await.unwrap(),
+        CasOutcome::Committed
+    );
+    store
+}
+
+async fn manager(store: Arc<MemoryStore>, transport: Arc<Scripted>) -> TokenManager {
+    TokenManager::builder()
+        .provider(provider())
+        .shared_store(store)
+        .transport(transport)
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Past the floor between two refreshes of a connection (1 s by default).
+async fn past_the_refresh_floor() {
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_reported_by_1000_callers_is_refreshed_once_and_never_served_again() {
+    let transport = Scripted::new(Duration::from_millis(50));
+    let tokens = manager(seeded_store().await, transport.clone()).await;
+    let first = tokens.access_token(&id()).await.unwrap();
+    assert_eq!(first.expose(), "AT-2");
+    past_the_refresh_floor().await;
+    let mut reports = Vec::new();
+    for _ in 0..1_000 {
+        let (t, token) = (tokens.clone(), first.clone());
+        reports.push(tokio::spawn(async move { t.reject(&id(), &token).await }));
+    }
+    for r in reports {
+        assert_eq!(r.await.unwrap().unwrap().expose(), "AT-3");
+    }
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 2, "one refresh");
+    // Neither the hot path nor the machine serves the refused token.
+    assert_eq!(tokens.access_token(&id()).await.unwrap().expose(), "AT-3");
+    // A late 401 about the old token changes nothing.
+    let late = tokens.reject(&id(), &first).await.unwrap();
+    assert_eq!(late.expose(), "AT-3");
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 2, "nothing sent");
+    tokens.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_in_two_processes_is_refreshed_once() {
+    let store = seeded_store().await;
+    let transport = Scripted::new(Duration::from_millis(20));
+    let a = manager(store.clone(), transport.clone()).await;
+    let b = manager(store, transport.clone()).await;
+    let token = a.access_token(&id()).await.unwrap();
+    assert_eq!(
+        b.access_token(&id()).await.unwrap(),
+        token,
+        "from the store"
+    );
+    past_the_refresh_floor().await;
+    assert_eq!(a.reject(&id(), &token).await.unwrap().expose(), "AT-3");
+    assert_eq!(b.reject(&id(), &token).await.unwrap().expose(), "AT-3");
+    assert_eq!(
+        transport.calls.load(Ordering::SeqCst),
+        2,
+        "the second process found the new token stored"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_retries_once_with_a_fresh_token_and_never_more() {
+    let transport = Scripted::new(Duration::ZERO);
+    let tokens = manager(seeded_store().await, transport.clone()).await;
+    tokens.access_token(&id()).await.unwrap();
+    past_the_refresh_floor().await;
+    // The API refuses AT-2 and takes AT-3.
+    let attempts = AtomicUsize::new(0);
+    let answer = tokens
+        .call(&id(), |token| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match token.expose() {
+                    "AT-2" => ApiResult::Unauthorized,
+                    other => ApiResult::Done(other.to_string()),
+                }
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer, "AT-3");
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 2);
+    // An API that refuses every token: two attempts, then the error.
+    past_the_refresh_floor().await;
+    let attempts = AtomicUsize::new(0);
+    let refused = tokens
+        .call(&id(), |_| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            async { ApiResult::<()>::Unauthorized }
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(ManagerError::Unauthorized)),
+        "{refused:?}"
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 2, "never more than twice");
+    assert_eq!(transport.calls.load(Ordering::SeqCst), 3, "one refresh");
+    tokens.shutdown().await;
+}
