@@ -18,3 +18,9 @@ pub use manager::{
 };
 
 pub use tokenfence_core as core;
+/// What a user of the manager names, so that `tokenfence` is the one dependency.
+pub use tokenfence_core::{
+    AccessError, AccessToken, ClientCredentials, ClientSecret, ConfigError, ConnectionId,
+    Environment, Event, ExistingGrant, FailureKind, Generation, ProviderProfile, ReauthReason,
+    RefreshToken, SecretString, Settings, Status, Timestamp,
+};

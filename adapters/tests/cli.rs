@@ -220,3 +220,84 @@ async fn bad_arguments_exit_2() {
     let (status, out) = run(&env, &["list"]).await;
     assert_eq!(status, 2, "{out}");
 }
+
+/// `tokenfence import`: a grant made elsewhere (consent at the mock, tokens
+/// handed over as another system would hold them) is checked, dry-run, imported
+/// once, refreshed with the provider, and a second run changes nothing; a bad
+/// file is refused line by line without echoing a token, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_existing_connections_from_the_command_line() {
+    use tokenfence_sim::mock::Control;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let mock = MockProvider::new(
+        ProviderSpec::intuit(),
+        &base,
+        Timestamp::from_millis(now.as_millis() as u64),
+    );
+    tokio::spawn(mock.clone().serve(listener));
+    let answer = mock.control(Control::Authorize {
+        client_id: "prod-app".into(),
+    });
+    let refresh = answer["tokens"]["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export.jsonl");
+    let env = Env {
+        base,
+        store: format!("sqlite:{}", dir.path().join("tokens.db").display()),
+        keyring: format!(
+            "1:{}",
+            EncryptionKey::generate().unwrap().to_base64().as_str()
+        ),
+        secret: "prod-secret",
+        _dir: dir,
+    };
+    let path = file.to_str().unwrap();
+    let good = format!(
+        r#"{{"id":"company-1","provider":"intuit","environment":"production","client_id":"prod-app","refresh_token":"{refresh}","realm_id":"9130"}}"#
+    );
+    std::fs::write(&file, format!("{good}\n")).unwrap();
+
+    let (status, out) = run(&env, &["import", path, "--dry-run"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("line 1: company-1 would be created"), "{out}");
+    let (status, out) = run(&env, &["list"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(!out.contains("company-1"), "a dry run wrote: {out}");
+
+    let (status, out) = run(&env, &["import", path]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("1 created"), "{out}");
+    assert!(!out.contains(&refresh), "the token was printed: {out}");
+    let (status, out) = run(&env, &["refresh", "company-1"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(
+        mock.stats().refreshes,
+        1,
+        "the provider took the imported token"
+    );
+    // Intuit keeps the refresh token for about a day: the same token is
+    // stored, and a second run changes nothing.
+    let (status, out) = run(&env, &["import", path]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("1 unchanged"), "{out}");
+
+    let wrong_client = good.replace("prod-app", "sandbox-app");
+    let bad = format!("{good}\n{wrong_client}\n{{\"id\":\"x\",\"refresh_token\":\"{refresh}\"\n");
+    std::fs::write(&file, bad).unwrap();
+    let (status, out) = run(&env, &["import", path]).await;
+    assert_eq!(status, 1, "{out}");
+    assert!(
+        out.contains("line 2: `client_id` is `sandbox-app`"),
+        "{out}"
+    );
+    assert!(out.contains("line 3: not a JSON object"), "{out}");
+    assert!(out.contains("nothing imported"), "{out}");
+    assert!(!out.contains(&refresh), "a token was echoed: {out}");
+}
