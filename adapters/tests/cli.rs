@@ -269,18 +269,46 @@ async fn import_existing_connections_from_the_command_line() {
     assert!(out.contains("line 1: company-1 would be created"), "{out}");
     let (status, out) = run(&env, &["list"]).await;
     assert_eq!(status, 0, "{out}");
-    assert!(!out.contains("company-1"), "a dry run wrote: {out}");
+    assert!(
+        out.contains("no connections in sqlite:"),
+        "a dry run wrote: {out}"
+    );
 
     let (status, out) = run(&env, &["import", path]).await;
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("1 created"), "{out}");
     assert!(!out.contains(&refresh), "the token was printed: {out}");
-    let (status, out) = run(&env, &["refresh", "company-1"]).await;
+    // Without a known idle deadline the keep-alive is due at once.
+    let (status, out) = run(&env, &["status", "company-1"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.contains("company-1\tactive\tg0\tno access token\tidle deadline 20"),
+        "{out}"
+    );
+    let (status, out) = run(&env, &["keep-alive", "--once"]).await;
     assert_eq!(status, 0, "{out}");
     assert_eq!(
         mock.stats().refreshes,
         1,
         "the provider took the imported token"
+    );
+    let (status, out) = run(&env, &["status", "company-1"]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("access expires in 59 min"), "{out}");
+    assert!(out.contains(" days)\thard deadline 20"), "{out}");
+    let (status, out) = run(&env, &["--json", "list"]).await;
+    assert_eq!(status, 0, "{out}");
+    let object = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let listed: serde_json::Value = serde_json::from_str(object).unwrap();
+    assert_eq!(listed["id"], "company-1");
+    assert_eq!(listed["status"], "active");
+    assert_eq!(listed["realm_id"], "9130");
+    assert!(
+        listed["idle_deadline"].as_str().unwrap().ends_with('Z'),
+        "{listed}"
     );
     // Intuit keeps the refresh token for about a day: the same token is
     // stored, and a second run changes nothing.

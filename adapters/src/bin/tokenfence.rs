@@ -17,12 +17,15 @@
 //! Secrets come from the environment, never from arguments: `TOKENFENCE_KEYRING`
 //! (`id:base64key,...`; `id:base64key:open` for a key that opens but does not seal
 //! yet, stage 1 of a roll-out), `TOKENFENCE_CLIENT_ID`, `TOKENFENCE_CLIENT_SECRET`.
-//! Exit status: 0 success, 1 failure, 2 bad arguments or configuration.
+//! Exit status: 0 success, 1 failure, 2 bad arguments or configuration. Logs go
+//! to standard error at `info` (`RUST_LOG` to change it); `--json` makes `list`
+//! and `status` print JSON for scripts.
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use tokenfence::clock::{Clock, SystemClock};
 use tokenfence::crypto::Keyring;
 use tokenfence::store::{PostgresStore, SqliteStore, Store};
 use tokenfence::{ConnectionStatus, ImportOptions, Imported, Provider, TokenManager};
@@ -47,6 +50,9 @@ struct Cli {
     /// Override the revocation endpoint.
     #[arg(long)]
     revoke_url: Option<String>,
+    /// `list` and `status` print JSON (one object per connection, one per line).
+    #[arg(long)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -131,29 +137,98 @@ fn env(name: &str) -> Result<String, String> {
     std::env::var(name).map_err(|_| format!("set {name} in the environment"))
 }
 
-fn when(t: Option<Timestamp>) -> String {
-    t.map_or_else(|| "-".into(), |t| format!("{}", t.as_millis() / 1000))
+fn now() -> Timestamp {
+    SystemClock.now()
 }
 
-fn status_line(id: &str, s: &ConnectionStatus) -> String {
-    let status = match s.status {
+/// An instant as RFC 3339 (seconds), for JSON and for reading.
+fn rfc3339(t: Timestamp) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(t.as_millis());
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// How far `t` is from now, in the largest whole unit: "in 59 min", "3 days ago".
+fn from_now(t: Timestamp) -> String {
+    let now = now();
+    let (span, future) = if t >= now {
+        (t.saturating_since(now), true)
+    } else {
+        (now.saturating_since(t), false)
+    };
+    let secs = span.as_secs();
+    let amount = match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7_199 => format!("{} min", secs / 60),
+        7_200..=172_799 => format!("{} h", secs / 3_600),
+        _ => format!("{} days", secs / 86_400),
+    };
+    if future {
+        format!("in {amount}")
+    } else {
+        format!("{amount} ago")
+    }
+}
+
+fn status_word(status: &Status) -> String {
+    match status {
         Status::Active => "active".to_string(),
         Status::Degraded { failures, last, .. } => format!("degraded({failures}x {last})"),
         Status::ReauthRequired { reason, .. } => format!("reauth-required: {reason}"),
         Status::Disconnected { .. } => "disconnected".into(),
+    }
+}
+
+fn status_line(id: &str, s: &ConnectionStatus) -> String {
+    let access = s.access_expires_at.map_or_else(
+        || "no access token".into(),
+        |t| {
+            if t > now() {
+                format!("access expires {}", from_now(t))
+            } else {
+                format!("access expired {}", from_now(t))
+            }
+        },
+    );
+    let deadline = |name: &str, t: Option<Timestamp>| {
+        t.map_or_else(
+            || format!("{name} unknown"),
+            |t| format!("{name} {} ({})", &rfc3339(t)[..10], from_now(t)),
+        )
     };
     format!(
-        "{id}\t{status}\t{}\taccess-expires={}\tidle-deadline={}\thard-deadline={}",
+        "{id}\t{}\t{}\t{access}\t{}\t{}",
+        status_word(&s.status),
         s.generation,
-        when(s.access_expires_at),
-        when(s.idle_deadline),
-        when(s.hard_deadline)
+        deadline("idle deadline", s.idle_deadline),
+        deadline("hard deadline", s.hard_deadline)
     )
+}
+
+fn status_json(id: &str, s: &ConnectionStatus) -> String {
+    let at = |t: Option<Timestamp>| t.map(rfc3339);
+    serde_json::json!({
+        "id": id,
+        "status": status_word(&s.status),
+        "generation": s.generation.0,
+        "realm_id": s.realm_id,
+        "access_expires_at": at(s.access_expires_at),
+        "idle_deadline": at(s.idle_deadline),
+        "hard_deadline": at(s.hard_deadline),
+        "last_refreshed_at": at(s.last_refreshed_at),
+    })
+    .to_string()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let show = if cli.json { status_json } else { status_line };
     let keyring = match env("TOKENFENCE_KEYRING")
         .and_then(|k| Keyring::from_spec(&k).map_err(|e| e.to_string()))
     {
@@ -178,9 +253,12 @@ async fn main() -> ExitCode {
                 Ok(ids) => ids,
                 Err(e) => return failure(e),
             };
+            if ids.is_empty() && !cli.json {
+                println!("no connections in {}", cli.store);
+            }
             for id in ids {
                 match shared.load(&id).await {
-                    Ok(Some(r)) => println!("{}", status_line(&id.0, &ConnectionStatus::from(&r))),
+                    Ok(Some(r)) => println!("{}", show(&id.0, &ConnectionStatus::from(&r))),
                     Ok(None) => {}
                     Err(e) => println!("{}\tunreadable: {e}", id.0),
                 }
@@ -231,16 +309,20 @@ async fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => return usage(e),
     };
-    let code = run(&tokens, cli.command).await;
+    let code = run(&tokens, cli.command, show).await;
     tokens.shutdown().await;
     code
 }
 
-async fn run(tokens: &TokenManager, command: Command) -> ExitCode {
+async fn run(
+    tokens: &TokenManager,
+    command: Command,
+    show: fn(&str, &ConnectionStatus) -> String,
+) -> ExitCode {
     match command {
         Command::Status { id } => match tokens.status(&ConnectionId(id.clone())).await {
             Ok(Some(s)) => {
-                println!("{}", status_line(&id, &s));
+                println!("{}", show(&id, &s));
                 ExitCode::SUCCESS
             }
             Ok(None) => failure(format!("no connection `{id}`")),
