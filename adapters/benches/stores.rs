@@ -6,7 +6,15 @@
 //! - `refresh_cycle`: what one refresh costs the store — acquire the lease (reading
 //!   the record), compare-and-swap, release;
 //! - `cas_8_tasks`: eight tasks each committing to its own connection at once
-//!   (throughput under concurrency).
+//!   (throughput under concurrency);
+//! - `bare_update` and `bare_update_8`: the engine without tokenfence, side by
+//!   side in the same run: the same guarded `UPDATE ... WHERE id = ? AND
+//!   generation = ?` of the same table, indexes and row (the sealed blob the
+//!   store wrote), with the same pragmas (SQLite: WAL, `synchronous = FULL`,
+//!   `BEGIN IMMEDIATE`; PostgreSQL: one statement, autocommit), by one writer and
+//!   by eight at once, each on its own row and connection. Compare `cas` with
+//!   `bare_update` (and `cas_8_tasks` with `bare_update_8`): the ratio is what
+//!   the store costs beyond its engine.
 //!
 //! PostgreSQL needs `TOKENFENCE_PG_URL` (`eval "$(scripts/postgres start)"`);
 //! without it those benchmarks are skipped with a note.
@@ -138,7 +146,128 @@ async fn parallel_run(store: Arc<dyn Store>, prefix: &str, iters: u64) -> Durati
     start.elapsed()
 }
 
-fn bench_store(c: &mut Criterion, name: &str, rt: &tokio::runtime::Runtime, store: Arc<dyn Store>) {
+/// A row as the store wrote it, for the bare engine to rewrite: the sealed blob
+/// and the plain columns.
+type Row = (String, i64, Vec<u8>);
+
+/// The bare engine: a guarded update of `conn`'s row, `iters` times in a row.
+trait Bare: Send + Sync {
+    fn run(&self, conn: &str, iters: u64) -> Duration;
+}
+
+/// SQLite without tokenfence: its own connection to the store's file.
+struct BareSqlite {
+    path: std::path::PathBuf,
+}
+
+impl BareSqlite {
+    fn row(conn: &rusqlite::Connection, id: &str) -> Row {
+        conn.query_row(
+            "SELECT status, generation, sealed FROM tokenfence_connections WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("row")
+    }
+}
+
+impl Bare for BareSqlite {
+    fn run(&self, id: &str, iters: u64) -> Duration {
+        let mut conn = rusqlite::Connection::open(&self.path).expect("open");
+        conn.busy_timeout(Duration::from_secs(10)).expect("busy");
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .expect("wal");
+        assert_eq!(mode, "wal");
+        conn.pragma_update(None, "synchronous", "FULL").expect("sync");
+        let (status, mut g, sealed) = Self::row(&conn, id);
+        let start = Instant::now();
+        for _ in 0..iters {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .expect("begin");
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
+                     sealed = ?4 WHERE id = ?1 AND generation = ?5",
+                )
+                .and_then(|mut st| st.execute(rusqlite::params![id, g + 1, status, sealed, g]))
+                .expect("update");
+            assert_eq!(changed, 1);
+            tx.commit().expect("commit");
+            g += 1;
+        }
+        start.elapsed()
+    }
+}
+
+/// PostgreSQL without tokenfence: its own connection, the store's table.
+struct BarePostgres {
+    url: String,
+    table: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl Bare for BarePostgres {
+    fn run(&self, id: &str, iters: u64) -> Duration {
+        self.rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let table = &self.table;
+            let row = client
+                .query_one(
+                    &format!("SELECT status, generation, sealed FROM {table} WHERE id = $1"),
+                    &[&id],
+                )
+                .await
+                .expect("row");
+            let (status, mut g, sealed): (String, i64, Vec<u8>) =
+                (row.get(0), row.get(1), row.get(2));
+            let update = client
+                .prepare(&format!(
+                    "UPDATE {table} SET generation = $2, status = $3, sealed = $4 \
+                     WHERE id = $1 AND generation = $5"
+                ))
+                .await
+                .expect("prepare");
+            let start = Instant::now();
+            for _ in 0..iters {
+                let changed = client
+                    .execute(&update, &[&id, &(g + 1), &status, &sealed, &g])
+                    .await
+                    .expect("update");
+                assert_eq!(changed, 1);
+                g += 1;
+            }
+            start.elapsed()
+        })
+    }
+}
+
+/// `iters` guarded updates spread over eight writers at once, each on its own
+/// row and connection.
+fn bare_parallel(bare: &Arc<dyn Bare>, prefix: &str, iters: u64) -> Duration {
+    const WRITERS: u64 = 8;
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..WRITERS {
+            let n = iters / WRITERS + u64::from(t < iters % WRITERS);
+            let bare = Arc::clone(bare);
+            scope.spawn(move || bare.run(&format!("{prefix}-{t}"), n));
+        }
+    });
+    start.elapsed()
+}
+
+fn bench_store(
+    c: &mut Criterion,
+    name: &str,
+    rt: &tokio::runtime::Runtime,
+    store: Arc<dyn Store>,
+    bare: Arc<dyn Bare>,
+) {
     let mut group = c.benchmark_group(format!("store_commits/{name}"));
     group.throughput(Throughput::Elements(1));
     group.sample_size(20);
@@ -153,6 +282,19 @@ fn bench_store(c: &mut Criterion, name: &str, rt: &tokio::runtime::Runtime, stor
     group.bench_function("cas_8_tasks", |b| {
         b.iter_custom(|iters| rt.block_on(parallel_run(Arc::clone(&store), "bench-par", iters)))
     });
+    // The bare engine on rows the store wrote (same size, same table).
+    rt.block_on(async {
+        cas_run(&*store, "bench-bare", 0).await;
+        for t in 0..8 {
+            cas_run(&*store, &format!("bench-bare-par-{t}"), 0).await;
+        }
+    });
+    group.bench_function("bare_update", |b| {
+        b.iter_custom(|iters| bare.run("bench-bare", iters))
+    });
+    group.bench_function("bare_update_8", |b| {
+        b.iter_custom(|iters| bare_parallel(&bare, "bench-bare-par", iters))
+    });
     group.finish();
 }
 
@@ -164,8 +306,9 @@ fn stores(c: &mut Criterion) {
 
     // Under target/, on the same disk as the build: fsync is real here.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    let sqlite = SqliteStore::open(dir.path().join("bench.db"), keyring()).expect("sqlite");
-    bench_store(c, "sqlite", &rt, Arc::new(sqlite));
+    let path = dir.path().join("bench.db");
+    let sqlite = SqliteStore::open(&path, keyring()).expect("sqlite");
+    bench_store(c, "sqlite", &rt, Arc::new(sqlite), Arc::new(BareSqlite { path }));
 
     match std::env::var("TOKENFENCE_PG_URL") {
         Ok(url) => {
@@ -177,7 +320,12 @@ fn stores(c: &mut Criterion) {
             let pg = rt
                 .block_on(PostgresStore::connect_with(&url, keyring(), options))
                 .expect("postgres");
-            bench_store(c, "postgres", &rt, Arc::new(pg));
+            let bare = BarePostgres {
+                url: url.clone(),
+                table: format!("\"{schema}\".tokenfence_connections"),
+                rt: rt.handle().clone(),
+            };
+            bench_store(c, "postgres", &rt, Arc::new(pg), Arc::new(bare));
             rt.block_on(async {
                 let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                     .await
