@@ -179,7 +179,8 @@ impl Bare for BareSqlite {
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .expect("wal");
         assert_eq!(mode, "wal");
-        conn.pragma_update(None, "synchronous", "FULL").expect("sync");
+        conn.pragma_update(None, "synchronous", "FULL")
+            .expect("sync");
         let (status, mut g, sealed) = Self::row(&conn, id);
         let start = Instant::now();
         for _ in 0..iters {
@@ -210,12 +211,13 @@ struct BarePostgres {
 
 impl Bare for BarePostgres {
     fn run(&self, id: &str, iters: u64) -> Duration {
-        self.rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        let (url, table, id) = (self.url.clone(), self.table.clone(), id.to_owned());
+        // On the runtime's workers, as the store's own client runs.
+        let updates = async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                 .await
                 .expect("connect");
             tokio::spawn(conn);
-            let table = &self.table;
             let row = client
                 .query_one(
                     &format!("SELECT status, generation, sealed FROM {table} WHERE id = $1"),
@@ -242,7 +244,9 @@ impl Bare for BarePostgres {
                 g += 1;
             }
             start.elapsed()
-        })
+        };
+        let task = self.rt.spawn(updates);
+        self.rt.block_on(task).expect("bare task")
     }
 }
 
@@ -273,14 +277,37 @@ fn bench_store(
     group.sample_size(20);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(8));
+    // Every loop runs on the runtime's workers, where a driver's store calls run
+    // (from `block_on`'s thread each round trip would cross threads).
+    let on_workers =
+        |run: std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + Send>>| {
+            let task = rt.spawn(run);
+            rt.block_on(task).expect("bench task")
+        };
     group.bench_function("cas", |b| {
-        b.iter_custom(|iters| rt.block_on(cas_run(&*store, "bench-cas", iters)))
+        b.iter_custom(|iters| {
+            let store = Arc::clone(&store);
+            on_workers(Box::pin(async move {
+                cas_run(&*store, "bench-cas", iters).await
+            }))
+        })
     });
     group.bench_function("refresh_cycle", |b| {
-        b.iter_custom(|iters| rt.block_on(refresh_cycle_run(&*store, "bench-cycle", iters)))
+        b.iter_custom(|iters| {
+            let store = Arc::clone(&store);
+            on_workers(Box::pin(async move {
+                refresh_cycle_run(&*store, "bench-cycle", iters).await
+            }))
+        })
     });
     group.bench_function("cas_8_tasks", |b| {
-        b.iter_custom(|iters| rt.block_on(parallel_run(Arc::clone(&store), "bench-par", iters)))
+        b.iter_custom(|iters| {
+            on_workers(Box::pin(parallel_run(
+                Arc::clone(&store),
+                "bench-par",
+                iters,
+            )))
+        })
     });
     // The bare engine on rows the store wrote (same size, same table).
     rt.block_on(async {
@@ -308,7 +335,13 @@ fn stores(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let path = dir.path().join("bench.db");
     let sqlite = SqliteStore::open(&path, keyring()).expect("sqlite");
-    bench_store(c, "sqlite", &rt, Arc::new(sqlite), Arc::new(BareSqlite { path }));
+    bench_store(
+        c,
+        "sqlite",
+        &rt,
+        Arc::new(sqlite),
+        Arc::new(BareSqlite { path }),
+    );
 
     match std::env::var("TOKENFENCE_PG_URL") {
         Ok(url) => {
