@@ -58,6 +58,11 @@ const MIGRATION_LOCK: i32 = 0x746f_6b6e;
 /// First half of the advisory-lock keys of lease acquisitions ("leas").
 const LEASE_LOCK: i32 = 0x6c65_6173;
 
+/// Takes the transaction's advisory lock of one connection's lease, then reads
+/// the database's clock (milliseconds since the epoch).
+const LOCK_AND_CLOCK: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint \
+     FROM (SELECT pg_advisory_xact_lock($1, hashtext($2))) AS locked";
+
 /// How a [`PostgresStore`] connects.
 #[derive(Clone, Debug)]
 pub struct PostgresOptions {
@@ -283,13 +288,11 @@ impl PostgresStore {
         match self.inner.lease_clock {
             LeaseClock::Caller => Ok(caller),
             LeaseClock::Database => {
-                let row = client
-                    .query_one(
-                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
-                        &[],
-                    )
+                let clock = client
+                    .prepare_cached("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
                     .await
                     .map_err(pg_error)?;
+                let row = client.query_one(&clock, &[]).await.map_err(pg_error)?;
                 let ms: i64 = row.try_get(0).map_err(column_error)?;
                 Ok(row::time_from_sql(ms))
             }
@@ -625,13 +628,17 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let lock_key = format!("{}/{}", self.inner.sql.schema, id.0);
-        tx.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-            &[&LEASE_LOCK, &lock_key],
-        )
-        .await
-        .map_err(pg_error)?;
-        let now = self.lease_now(&tx, now).await?;
+        // One prepared round trip takes the lock and, on the database's clock,
+        // reads the time after it (the lock in FROM comes first).
+        let lock = tx.prepare_cached(LOCK_AND_CLOCK).await.map_err(pg_error)?;
+        let row = tx
+            .query_one(&lock, &[&LEASE_LOCK, &lock_key])
+            .await
+            .map_err(pg_error)?;
+        let now = match self.inner.lease_clock {
+            LeaseClock::Caller => now,
+            LeaseClock::Database => row::time_from_sql(row.try_get(0).map_err(column_error)?),
+        };
         let select = tx
             .prepare_cached(&self.inner.sql.select_lease)
             .await
