@@ -14,16 +14,16 @@
 //! `id`, `provider`, `client_id` and `refresh_token` are required; `environment`
 //! defaults to `production`; instants are RFC 3339 or seconds since the epoch.
 //! Every line is checked before anything is written, errors name the line and the
-//! member and never echo a value; a line whose provider, environment or client id
-//! is not the manager's is refused (S7: a refresh token is only ever presented
-//! with the credentials it was issued to).
+//! member and never echo a value; a line whose provider, environment and client
+//! id name none of the manager's registered clients is refused (S7: a refresh
+//! token is only ever presented with the credentials it was issued to). Each line
+//! is stored under the registered client it names.
 
 use crate::manager::{ManagerError, TokenManager};
-use crate::store::CasOutcome;
 use std::io::BufRead;
 use tokenfence_core::{
     is_usable_token, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment,
-    ExistingGrant, Generation, GrantIdentity, RefreshToken, Timestamp,
+    ExistingGrant, GrantIdentity, RefreshToken, Timestamp,
 };
 use zeroize::Zeroizing;
 
@@ -95,6 +95,15 @@ pub enum ImportError {
         given: String,
         /// What the manager is configured with.
         configured: String,
+    },
+    /// The line's provider, environment and client id name none of the
+    /// manager's registered clients.
+    #[error("line {line}: no registered client is {given}; a refresh token is only presented with the credentials it was issued to")]
+    UnknownClient {
+        /// 1-based line number.
+        line: usize,
+        /// `provider/environment/client id` as the line says.
+        given: String,
     },
     /// The same connection id appears on an earlier line of the file.
     #[error("line {line}: connection `{id}` already appears on line {first}")]
@@ -279,38 +288,39 @@ fn parse_line(line: usize, text: &str) -> Result<Line, ImportError> {
     })
 }
 
-/// The first member of `given` that differs from `configured`.
+/// Why `given` names no registered client: with one registered, the first
+/// member that differs; with several, the whole identity.
 fn identity_mismatch(
     line: usize,
-    given: &GrantIdentity,
-    configured: &GrantIdentity,
-) -> Option<ImportError> {
+    given: GrantIdentity,
+    registered: &[GrantIdentity],
+) -> ImportError {
+    let [configured] = registered else {
+        return ImportError::UnknownClient {
+            line,
+            given: crate::manager::describe(&given),
+        };
+    };
     let members = [
-        (
-            "provider",
-            given.provider.clone(),
-            configured.provider.clone(),
-        ),
+        ("provider", given.provider, configured.provider.clone()),
         (
             "environment",
             given.environment.to_string(),
             configured.environment.to_string(),
         ),
-        (
-            "client_id",
-            given.client_id.clone(),
-            configured.client_id.clone(),
-        ),
+        ("client_id", given.client_id, configured.client_id.clone()),
     ];
-    members
-        .into_iter()
-        .find(|(_, a, b)| a != b)
-        .map(|(member, given, configured)| ImportError::Identity {
-            line,
-            member,
-            given,
-            configured,
-        })
+    let (member, given, configured) = members.into_iter().find(|(_, a, b)| a != b).unwrap_or((
+        "client_id",
+        String::new(),
+        String::new(),
+    ));
+    ImportError::Identity {
+        line,
+        member,
+        given,
+        configured,
+    }
 }
 
 impl TokenManager {
@@ -330,7 +340,20 @@ impl TokenManager {
         grant: ExistingGrant,
         options: ImportOptions,
     ) -> Result<Imported, ManagerError> {
-        let config = self.config();
+        let client = self.config().identity();
+        self.import_as(&client, id, grant, options).await
+    }
+
+    /// [`import`](Self::import) for the registered client `client` (its
+    /// [`Provider::identity`](crate::Provider::identity)).
+    pub async fn import_as(
+        &self,
+        client: &GrantIdentity,
+        id: &ConnectionId,
+        grant: ExistingGrant,
+        options: ImportOptions,
+    ) -> Result<Imported, ManagerError> {
+        let config = self.registered(client)?;
         let now = self.now();
         let record = ConnectionRecord::from_existing(
             id.clone(),
@@ -339,8 +362,7 @@ impl TokenManager {
             &config.profile,
             now,
         );
-        let store = self.store();
-        let stored = store.load(id).await?;
+        let stored = self.store().load(id).await?;
         let outcome = match &stored {
             None => Imported::Created,
             Some(s) if s.identity == record.identity && s.refresh == record.refresh => {
@@ -352,18 +374,9 @@ impl TokenManager {
         if options.dry_run {
             return Ok(outcome);
         }
-        let expected = stored.map(|s| s.generation);
-        let record = ConnectionRecord {
-            generation: expected.map_or(Generation(0), Generation::next),
-            ..record
-        };
-        match store.compare_and_swap(expected, &record).await? {
-            CasOutcome::Committed => {
-                self.stored_elsewhere(id);
-                Ok(outcome)
-            }
-            CasOutcome::Conflict(_) => Err(ManagerError::ImportRaced),
-        }
+        self.write_outside(stored.map(|s| s.generation), record)
+            .await?;
+        Ok(outcome)
     }
 
     /// Imports a file of JSON lines (see the [module](crate::import) docs):
@@ -375,7 +388,7 @@ impl TokenManager {
         input: impl BufRead,
         options: ImportOptions,
     ) -> Result<ImportReport, std::io::Error> {
-        let configured = self.config().identity();
+        let registered = self.registered_identities();
         let mut report = ImportReport::default();
         let mut lines = Vec::new();
         let mut seen = std::collections::BTreeMap::new();
@@ -386,8 +399,8 @@ impl TokenManager {
                 continue;
             }
             let checked = parse_line(line, &text).and_then(|l| {
-                if let Some(e) = identity_mismatch(line, &l.identity, &configured) {
-                    return Err(e);
+                if !registered.contains(&l.identity) {
+                    return Err(identity_mismatch(line, l.identity, &registered));
                 }
                 if let Some(first) = seen.insert(l.id.clone(), line) {
                     return Err(ImportError::Duplicate {
@@ -407,7 +420,7 @@ impl TokenManager {
             return Ok(report);
         }
         for (line, l) in lines {
-            match self.import(&l.id, l.grant, options).await {
+            match self.import_as(&l.identity, &l.id, l.grant, options).await {
                 Ok(outcome) => report.imported.push((line, l.id, outcome)),
                 Err(source) => report.errors.push(ImportError::Store { line, source }),
             }

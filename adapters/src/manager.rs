@@ -152,10 +152,14 @@ pub enum ManagerError {
     /// company was removed). Not retried again.
     #[error("the API refused the access token twice, the second one fresh")]
     Unauthorized,
-    /// An import found the connection changed by another writer between its
-    /// read and its write; nothing was written. Run it again.
-    #[error("the connection changed while it was being imported; nothing was written, run the import again")]
+    /// An import (or a connection with one of several registered clients) found
+    /// the connection changed by another writer between its read and its write;
+    /// nothing was written. Run it again.
+    #[error("the connection changed while it was being written; nothing was written, try again")]
     ImportRaced,
+    /// No registered provider has this provider name, environment and client id.
+    #[error("no registered client is {0}")]
+    UnknownClient(String),
 }
 
 /// What an API call made with an access token came to ([`TokenManager::call`]).
@@ -187,12 +191,20 @@ pub enum BuildError {
     /// fixed fallback: two processes must never share one).
     #[error("no randomness for the worker id: {0}")]
     Entropy(String),
+    /// Two registered providers have the same provider name, environment and
+    /// client id: a stored connection could not tell which to use.
+    #[error("the client {0} is registered twice")]
+    DuplicateClient(String),
 }
 
 type PendingInput = Pin<Box<dyn Future<Output = Input> + Send>>;
 
 enum Command {
     Access(oneshot::Sender<Result<AccessToken, AccessError>>),
+    /// The record was written outside the machine (an import, a connection with
+    /// another registered client): re-read it, and once idle, serve it with the
+    /// registered client its identity names.
+    Reconfigure,
     /// The API refused `token` ([`Input::Rejected`]).
     Rejected(
         oneshot::Sender<Result<AccessToken, AccessError>>,
@@ -235,7 +247,10 @@ struct Dormant {
 }
 
 struct Inner {
+    /// The default client's configuration (the first registered).
     config: Arc<Config>,
+    /// Every registered client's, the default first.
+    configs: Vec<Arc<Config>>,
     store: Arc<dyn Store>,
     transport: Arc<dyn Transport>,
     clock: Arc<dyn Clock>,
@@ -278,7 +293,7 @@ pub struct TokenManager {
 
 /// Builds a [`TokenManager`].
 pub struct TokenManagerBuilder {
-    provider: Option<Provider>,
+    providers: Vec<Provider>,
     store: Option<Arc<dyn Store>>,
     transport: Option<Arc<dyn Transport>>,
     clock: Arc<dyn Clock>,
@@ -299,7 +314,7 @@ impl TokenManager {
     /// Starts building a manager.
     pub fn builder() -> TokenManagerBuilder {
         TokenManagerBuilder {
-            provider: None,
+            providers: Vec::new(),
             store: None,
             transport: None,
             clock: Arc::new(SystemClock),
@@ -436,6 +451,11 @@ impl TokenManager {
         &self.inner.store
     }
 
+    /// Every registered client's identity, the default first.
+    pub fn registered_identities(&self) -> Vec<GrantIdentity> {
+        self.inner.configs.iter().map(|c| c.identity()).collect()
+    }
+
     /// `id` was written outside its machine (an import): forget what this
     /// process concluded about it and let a live machine re-read it.
     pub(crate) fn stored_elsewhere(&self, id: &ConnectionId) {
@@ -446,7 +466,7 @@ impl TokenManager {
             slot.cache.store(None);
         }
         if self.inner.slots.pin().contains_key(id) {
-            let _ = self.submit(id, Command::Input(Box::new(Input::StoreChanged)));
+            let _ = self.submit(id, Command::Reconfigure);
         }
     }
 
@@ -459,24 +479,61 @@ impl TokenManager {
     }
 
     /// Stores the tokens of an authorization (the reply of an authorization-code
-    /// exchange) as connection `id`, replacing whatever was stored.
+    /// exchange) as connection `id` of the default client, replacing whatever was
+    /// stored.
     pub async fn connect(
         &self,
         id: &ConnectionId,
         grant: tokenfence_core::TokenGrant,
         realm_id: Option<String>,
     ) -> Result<Generation, ManagerError> {
-        match self
-            .notify(id, Input::Authorized { grant, realm_id })
-            .await?
-        {
-            Event::Connected { generation } => Ok(generation),
-            _ => Err(ManagerError::ShutDown),
+        let client = self.inner.config.identity();
+        self.connect_as(&client, id, grant, realm_id).await
+    }
+
+    /// [`connect`](Self::connect) for the registered client `client` (its
+    /// [`Provider::identity`]).
+    pub async fn connect_as(
+        &self,
+        client: &GrantIdentity,
+        id: &ConnectionId,
+        grant: tokenfence_core::TokenGrant,
+        realm_id: Option<String>,
+    ) -> Result<Generation, ManagerError> {
+        let config = self.registered(client)?;
+        if self.inner.configs.len() == 1 {
+            return match self
+                .notify(id, Input::Authorized { grant, realm_id })
+                .await?
+            {
+                Event::Connected { generation } => Ok(generation),
+                _ => Err(ManagerError::ShutDown),
+            };
         }
+        // Several clients: the connection's machine may serve another one, so
+        // the record is written here, through compare-and-swap like every write.
+        let now = self.inner.clock.now();
+        let record = ConnectionRecord::from_authorization(
+            id.clone(),
+            config.identity(),
+            realm_id,
+            grant,
+            &config.profile,
+            now,
+        )
+        .ok_or(InputError::NoRefreshToken)?;
+        let _ = self.inner.unknown.pin().remove(id);
+        let expected = self.inner.store.load(id).await?.map(|r| r.generation);
+        let generation = self.write_outside(expected, record).await?;
+        let _ = self.inner.events.send(LifecycleEvent {
+            connection: id.clone(),
+            event: Event::Connected { generation },
+        });
+        Ok(generation)
     }
 
     /// Exchanges an authorization code (from the consent redirect) and stores the
-    /// tokens as connection `id`.
+    /// tokens as connection `id` of the default client.
     pub async fn connect_with_code(
         &self,
         id: &ConnectionId,
@@ -484,7 +541,22 @@ impl TokenManager {
         redirect_uri: &str,
         realm_id: Option<String>,
     ) -> Result<Generation, ManagerError> {
-        let c = &self.inner.config;
+        let client = self.inner.config.identity();
+        self.connect_with_code_as(&client, id, code, redirect_uri, realm_id)
+            .await
+    }
+
+    /// [`connect_with_code`](Self::connect_with_code) for the registered client
+    /// `client`: the code is exchanged with that client's credentials.
+    pub async fn connect_with_code_as(
+        &self,
+        client: &GrantIdentity,
+        id: &ConnectionId,
+        code: SecretString,
+        redirect_uri: &str,
+        realm_id: Option<String>,
+    ) -> Result<Generation, ManagerError> {
+        let c = self.registered(client)?;
         let deadline = self.inner.clock.now().saturating_add(c.settings.lease_ttl);
         let request =
             authorization_code_request(&c.profile, &c.client, &code, redirect_uri, deadline);
@@ -494,7 +566,36 @@ impl TokenManager {
                 return Err(ManagerError::ExchangeUnanswered)
             }
         };
-        self.connect(id, grant, realm_id).await
+        self.connect_as(client, id, grant, realm_id).await
+    }
+
+    /// The registered client `client` names.
+    pub(crate) fn registered(&self, client: &GrantIdentity) -> Result<Arc<Config>, ManagerError> {
+        self.inner
+            .config_for(client)
+            .cloned()
+            .ok_or_else(|| ManagerError::UnknownClient(describe(client)))
+    }
+
+    /// Writes `record` (a new generation over `expected`) outside its machine,
+    /// then lets this process's view of the connection follow.
+    pub(crate) async fn write_outside(
+        &self,
+        expected: Option<Generation>,
+        record: ConnectionRecord,
+    ) -> Result<Generation, ManagerError> {
+        let generation = expected.map_or(Generation(0), Generation::next);
+        let record = ConnectionRecord {
+            generation,
+            ..record
+        };
+        match self.inner.store.compare_and_swap(expected, &record).await? {
+            CasOutcome::Committed => {
+                self.stored_elsewhere(&record.id);
+                Ok(generation)
+            }
+            CasOutcome::Conflict(_) => Err(ManagerError::ImportRaced),
+        }
     }
 
     /// Revokes the connection at the provider, then marks it disconnected. Returns
@@ -807,6 +908,7 @@ impl TokenManager {
             heard_store: false,
             woken: false,
             store_failed: false,
+            reconfigure: self.inner.configs.len() > 1,
         };
         self.inner.actors.fetch_add(1, Ordering::SeqCst);
         let span = tracing::info_span!("connection", id = %id);
@@ -845,9 +947,15 @@ impl TokenManager {
 }
 
 impl TokenManagerBuilder {
-    /// The provider and client credentials (required).
+    /// A provider and the client credentials to use with it (at least one).
+    /// Call it again to register more (Intuit production and sandbox clients,
+    /// other providers): every stored connection is served with the registered
+    /// client its identity names (provider, environment, client id); one that
+    /// names none is a configuration error and nothing is sent (S7). The first
+    /// registered is the default: `connect`, `connect_with_code` and `import`
+    /// use it, and the `_as` forms take another.
     pub fn provider(mut self, provider: Provider) -> Self {
-        self.provider = Some(provider);
+        self.providers.push(provider);
         self
     }
 
@@ -937,14 +1045,22 @@ impl TokenManagerBuilder {
 
     /// Checks the configuration and starts the keep-alive task.
     pub async fn build(self) -> Result<TokenManager, BuildError> {
-        let provider = self.provider.ok_or(BuildError::Missing("provider"))?;
+        if self.providers.is_empty() {
+            return Err(BuildError::Missing("provider"));
+        }
         let store: Arc<dyn Store> = Arc::new(crate::store::RollbackGuard::new(
             self.store.ok_or(BuildError::Missing("store"))?,
         ));
-        self.settings.check(&provider.profile)?;
-        check_url(&provider.profile.token_url)?;
-        if let Some(url) = &provider.profile.revoke_url {
-            check_url(url)?;
+        let mut identities = std::collections::BTreeSet::new();
+        for provider in &self.providers {
+            self.settings.check(&provider.profile)?;
+            check_url(&provider.profile.token_url)?;
+            if let Some(url) = &provider.profile.revoke_url {
+                check_url(url)?;
+            }
+            if !identities.insert(provider.identity()) {
+                return Err(BuildError::DuplicateClient(describe(&provider.identity())));
+            }
         }
         let transport: Arc<dyn Transport> = match self.transport {
             Some(t) => t,
@@ -954,15 +1070,23 @@ impl TokenManagerBuilder {
         let worker = self
             .worker
             .unwrap_or_else(|| WorkerId(format!("pid{}-{:016x}", std::process::id(), seed)));
-        let config = Arc::new(Config {
-            profile: provider.profile,
-            client: provider.client,
-            worker,
-            settings: self.settings,
-        });
+        let configs: Vec<Arc<Config>> = self
+            .providers
+            .into_iter()
+            .map(|p| {
+                Arc::new(Config {
+                    profile: p.profile,
+                    client: p.client,
+                    worker: worker.clone(),
+                    settings: self.settings.clone(),
+                })
+            })
+            .collect();
+        let config = configs[0].clone();
         let manager = TokenManager {
             inner: Arc::new(Inner {
                 config,
+                configs,
                 store,
                 transport,
                 clock: self.clock,
@@ -1040,6 +1164,9 @@ struct Actor {
     woken: bool,
     /// Whether the last store command failed.
     store_failed: bool,
+    /// Pick the registered client the stored identity names before the next
+    /// piece of work (at start, and after a write outside the machine).
+    reconfigure: bool,
 }
 
 async fn next_pending(pending: &mut Option<PendingInput>) -> Input {
@@ -1058,6 +1185,14 @@ impl Actor {
             self.drain(&mut pending).await;
             if draining.is_some() && !self.has_work_in_flight(&pending) {
                 break;
+            }
+            if self.reconfigure
+                && pending.is_none()
+                && !self.machine.is_busy()
+                && self.machine.waiting() == 0
+            {
+                self.reconfigure = false;
+                self.choose_config().await;
             }
             let now = self.inner.clock.now();
             let after = |t: Timestamp| tokio::time::Instant::now() + t.saturating_since(now);
@@ -1161,6 +1296,27 @@ impl Actor {
         pending.is_some() || self.machine.uncommitted().is_some()
     }
 
+    /// Serves the connection with the registered client its stored identity
+    /// names (a new machine, before any piece of work); a record that names none
+    /// keeps the default, whose machine refuses it (S7). Only with several
+    /// registered clients.
+    async fn choose_config(&mut self) {
+        let id = self.machine.id().clone();
+        let Ok(Some(record)) = self.inner.store.load(&id).await else {
+            return;
+        };
+        let Some(config) = self.inner.config_for(&record.identity) else {
+            return;
+        };
+        if config.identity() == self.machine.config().identity() {
+            return;
+        }
+        let entropy = self.inner.entropy.fetch_add(0x9E37_79B9, Ordering::Relaxed);
+        self.machine =
+            Connection::new(id, config.clone(), entropy).with_warned_deadline(self.warned_deadline);
+        self.slot.cache.store(None);
+    }
+
     /// The machine input for a command.
     fn admit(&mut self, command: Command) -> Input {
         self.next_request += 1;
@@ -1169,6 +1325,10 @@ impl Actor {
             Command::Access(tx) => {
                 self.waiters.insert(request, tx);
                 Input::AccessRequested(request)
+            }
+            Command::Reconfigure => {
+                self.reconfigure = self.inner.configs.len() > 1;
+                Input::StoreChanged
             }
             Command::Rejected(tx, token) => {
                 self.waiters.insert(request, tx);
@@ -1272,8 +1432,8 @@ impl Actor {
         let transport = self.inner.transport.clone();
         let id = self.machine.id().clone();
         let now = self.inner.clock.now();
-        let provider = self.inner.config.profile.name.clone();
-        let profile_tid = self.inner.config.profile.clone();
+        let provider = self.machine.config().profile.name.clone();
+        let profile_tid = self.machine.config().profile.clone();
         Box::pin(async move {
             match output {
                 // A quarantined row is not read again until its time is up.
@@ -1344,7 +1504,7 @@ impl Actor {
     }
 
     fn publish(&mut self, event: Event) {
-        let provider = self.inner.config.profile.name.clone();
+        let provider = self.machine.config().profile.name.clone();
         let (name, detail) = event_labels(&event);
         metrics::counter!("tokenfence_events_total", "provider" => provider, "event" => name, "detail" => detail)
             .increment(1);
@@ -1419,7 +1579,20 @@ fn store_failed(inner: &Inner, id: &ConnectionId, e: crate::store::StoreError) -
     Input::StoreFailed
 }
 
+/// An identity in words: `provider/environment/client id`.
+pub(crate) fn describe(identity: &GrantIdentity) -> String {
+    format!(
+        "{}/{}/{}",
+        identity.provider, identity.environment, identity.client_id
+    )
+}
+
 impl Inner {
+    /// The registered client a stored identity names.
+    pub(crate) fn config_for(&self, identity: &GrantIdentity) -> Option<&Arc<Config>> {
+        self.configs.iter().find(|c| c.identity() == *identity)
+    }
+
     /// A row that cannot be read is not a store outage: callers are told at once
     /// for `QUARANTINE` (then it is read again, in case an operator repaired it),
     /// and keep-alive passes skip it.
