@@ -1,0 +1,272 @@
+//! One manager, several providers and clients (issue 12): an Intuit production
+//! client, an Intuit sandbox client and a second, rotating and reuse-detecting
+//! provider, against two mock providers at once. Every connection is refreshed
+//! with the client it was authorized with (the mocks refuse any other); one
+//! that names no registered client is refused before anything is sent (S7).
+
+use std::sync::Arc;
+use tokenfence::store::MemoryStore;
+use tokenfence::{
+    AccessError, ClientCredentials, ClientSecret, ConfigError, ConnectionId, Environment,
+    ExistingGrant, ImportError, ImportOptions, ManagerError, Provider, RefreshToken, SecretString,
+    TokenManager,
+};
+use tokenfence_core::{GrantIdentity, Timestamp};
+use tokenfence_sim::mock::{Control, MockProvider};
+use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
+
+async fn mock(spec: ProviderSpec) -> (MockProvider, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let mock = MockProvider::new(spec, &base, Timestamp::from_millis(now.as_millis() as u64));
+    tokio::spawn(mock.clone().serve(listener));
+    (mock, base)
+}
+
+fn client(id: &str, secret: &str, environment: Environment) -> ClientCredentials {
+    ClientCredentials {
+        client_id: id.into(),
+        client_secret: ClientSecret::new(secret),
+        environment,
+    }
+}
+
+/// A refresh token of a new grant of `client_id` at `mock`.
+fn authorized(mock: &MockProvider, client_id: &str) -> RefreshToken {
+    let answer = mock.control(Control::Authorize {
+        client_id: client_id.into(),
+    });
+    RefreshToken::new(answer["tokens"]["refresh_token"].as_str().unwrap())
+}
+
+fn existing(refresh: RefreshToken) -> ExistingGrant {
+    ExistingGrant {
+        refresh,
+        access: None,
+        realm_id: None,
+        idle_deadline: None,
+        hard_deadline: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_manager_serves_intuit_production_sandbox_and_another_provider() {
+    let (intuit, _) = mock(ProviderSpec::intuit()).await;
+    let (other, _) = mock(ProviderSpec::scaled(BehaviourClass::ReuseDetection)).await;
+    let production = Provider {
+        profile: intuit.spec().profile.clone(),
+        client: client("prod-app", "prod-secret", Environment::Production),
+    };
+    let sandbox = Provider {
+        client: client("sandbox-app", "sandbox-secret", Environment::Sandbox),
+        ..production.clone()
+    };
+    let rotating = Provider {
+        profile: other.spec().profile.clone(),
+        client: client("prod-app", "prod-secret", Environment::Production),
+    };
+    let store = Arc::new(MemoryStore::new());
+    let tokens = TokenManager::builder()
+        .provider(production.clone())
+        .provider(sandbox.clone())
+        .provider(rotating.clone())
+        .shared_store(store.clone())
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        tokens.registered_identities(),
+        vec![
+            production.identity(),
+            sandbox.identity(),
+            rotating.identity()
+        ]
+    );
+
+    // A grant of each client, brought in under the client it belongs to.
+    let connections = [
+        ("qbo-prod", &production, authorized(&intuit, "prod-app")),
+        ("qbo-sandbox", &sandbox, authorized(&intuit, "sandbox-app")),
+        ("other", &rotating, authorized(&other, "prod-app")),
+    ];
+    for (id, provider, refresh) in &connections {
+        tokens
+            .import_as(
+                &provider.identity(),
+                &ConnectionId((*id).into()),
+                existing(refresh.clone()),
+                ImportOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    // Each refreshes with its own credentials (a mock refuses a grant presented by
+    // another client, and an unknown secret), twice for the rotating one.
+    for round in 0..2 {
+        for (id, _, _) in &connections {
+            let token = tokens.access_token(&ConnectionId((*id).into())).await;
+            assert!(token.is_ok(), "{id}: {token:?}");
+            if round == 0 {
+                continue;
+            }
+            // The rotating provider's token is refused by its API: a fresh one.
+            if *id == "other" {
+                let fresh = tokens
+                    .reject(&ConnectionId((*id).into()), &token.unwrap())
+                    .await;
+                assert!(fresh.is_ok(), "{fresh:?}");
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    }
+    assert_eq!(
+        intuit.stats().refreshes,
+        2,
+        "one refresh per Intuit connection"
+    );
+    assert_eq!(other.stats().refreshes, 2, "first use and the 401");
+    assert_eq!(other.stats().rotations, 2);
+    assert_eq!(
+        intuit.stats().token_requests,
+        2,
+        "nothing refused at Intuit"
+    );
+    assert_eq!(other.stats().token_requests, 2);
+
+    // A connection of a client this manager does not have: refused, not sent.
+    let stranger = Provider {
+        client: client("someone-elses-app", "x", Environment::Production),
+        ..production.clone()
+    };
+    let alone = TokenManager::builder()
+        .provider(stranger.clone())
+        .shared_store(store.clone())
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap();
+    let id = ConnectionId("stranger".into());
+    alone
+        .import(
+            &id,
+            existing(RefreshToken::new("RT-x")),
+            ImportOptions::default(),
+        )
+        .await
+        .unwrap();
+    alone.shutdown().await;
+    let refused = tokens.access_token(&id).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ManagerError::Access(AccessError::Config(
+                ConfigError::IdentityMismatch { .. }
+            )))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        intuit.stats().token_requests,
+        2,
+        "sent with the wrong client"
+    );
+
+    // Import lines pick the client each line names; one naming none is refused.
+    let line = |id: &str, provider: &str, environment: &str, client_id: &str| {
+        format!(
+            r#"{{"id":"{id}","provider":"{provider}","environment":"{environment}","client_id":"{client_id}","refresh_token":"RT-{id}"}}"#
+        )
+    };
+    let file = [
+        line("l-prod", "intuit", "production", "prod-app"),
+        line("l-sandbox", "intuit", "sandbox", "sandbox-app"),
+        line("l-other", &rotating.profile.name, "production", "prod-app"),
+        line("l-none", "intuit", "sandbox", "prod-app"),
+    ]
+    .join("\n");
+    let report = tokens
+        .import_lines(file.as_bytes(), ImportOptions::default())
+        .await
+        .unwrap();
+    assert!(report.imported.is_empty(), "nothing written with an error");
+    assert!(
+        matches!(
+            report.errors.as_slice(),
+            [ImportError::UnknownClient { line: 4, .. }]
+        ),
+        "{:?}",
+        report.errors
+    );
+    let fixed = file.lines().take(3).collect::<Vec<_>>().join("\n");
+    let report = tokens
+        .import_lines(fixed.as_bytes(), ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.imported.len(), 3, "{:?}", report.errors);
+    let status = |id: &str| {
+        let store = store.clone();
+        let id = ConnectionId(id.into());
+        async move {
+            use tokenfence::store::Store;
+            store.load(&id).await.unwrap().unwrap().identity
+        }
+    };
+    assert_eq!(status("l-sandbox").await, sandbox.identity());
+    assert_eq!(status("l-other").await, rotating.identity());
+
+    // Consent with the sandbox app, exchanged with the sandbox credentials.
+    let consent = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!(
+            "{}?client_id=sandbox-app&redirect_uri=http://127.0.0.1:1/cb&state=s",
+            intuit.spec().profile.authorize_url.clone().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    let location = consent.headers()["location"].to_str().unwrap().to_owned();
+    let code = location
+        .split("code=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let id = ConnectionId("qbo-sandbox-2".into());
+    tokens
+        .connect_with_code_as(
+            &sandbox.identity(),
+            &id,
+            SecretString::new(code),
+            "http://127.0.0.1:1/cb",
+            Some("9130".into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status("qbo-sandbox-2").await, sandbox.identity());
+    assert!(tokens.access_token(&id).await.is_ok());
+    let unknown = GrantIdentity {
+        client_id: "nobody".into(),
+        ..sandbox.identity()
+    };
+    let refused = tokens
+        .connect_with_code_as(
+            &unknown,
+            &id,
+            SecretString::new("code"),
+            "http://x/cb",
+            None,
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(ManagerError::UnknownClient(_))),
+        "{refused:?}"
+    );
+    tokens.shutdown().await;
+}
