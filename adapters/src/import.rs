@@ -355,13 +355,7 @@ impl TokenManager {
     ) -> Result<Imported, ManagerError> {
         let config = self.registered(client)?;
         let now = self.now();
-        let record = ConnectionRecord::from_existing(
-            id.clone(),
-            config.identity(),
-            grant,
-            &config.profile,
-            now,
-        );
+        let record = ConnectionRecord::from_existing(id.clone(), config.identity(), grant, now);
         let stored = self.store().load(id).await?;
         let outcome = match &stored {
             None => Imported::Created,

@@ -13,7 +13,7 @@ pub mod transport;
 
 pub use import::{ImportError, ImportOptions, ImportReport, Imported};
 pub use manager::{
-    ApiResult, BuildError, ConnectionStatus, LifecycleEvent, ManagerError, Provider, Sweep,
+    ApiResult, BuildError, ConnectionStatus, LifecycleEvent, ManagerError, Provider, Remedy, Sweep,
     TokenManager, TokenManagerBuilder,
 };
 

@@ -23,8 +23,8 @@ use std::time::Duration;
 use tokenfence_core::{
     authorization_code_request, parse_token_reply, AccessError, AccessToken, ClientCredentials,
     ClientSecret, Config, Connection, ConnectionId, ConnectionRecord, Environment, Event,
-    Generation, GrantIdentity, Input, InputError, Output, ProviderProfile, ReplyError, RequestId,
-    SecretString, Settings, SettingsError, Status, Timestamp, WorkerId,
+    Generation, GrantIdentity, Input, InputError, Output, ProviderProfile, ReauthReason,
+    ReplyError, RequestId, SecretString, Settings, SettingsError, Status, Timestamp, WorkerId,
 };
 use tokio::sync::{broadcast, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -162,6 +162,31 @@ pub enum ManagerError {
     UnknownClient(String),
 }
 
+/// What a caller should do about a [`ManagerError`] ([`ManagerError::remedy`]):
+/// the error's meaning without matching nested enums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Remedy {
+    /// The grant is gone (why): ask the user to reconnect; retrying will not help.
+    Reconnect(ReauthReason),
+    /// Disconnected through tokenfence: reconnect only if the user wants to.
+    Disconnected,
+    /// There is no such connection in the store.
+    NotConnected,
+    /// The configuration must change (client credentials, environment, the
+    /// registered clients, the store's settings); nothing was sent.
+    FixConfiguration,
+    /// Temporary trouble: try again at this instant (the connection is fine).
+    RetryAt(Timestamp),
+    /// Temporary trouble of this process or its store: try again shortly.
+    RetrySoon,
+    /// The API refused fresh tokens too, or the provider refused an authorization:
+    /// look at the app's scopes, the user's access, the consent.
+    CheckAuthorization,
+    /// The manager is shutting down.
+    ShutDown,
+}
+
 /// What an API call made with an access token came to ([`TokenManager::call`]).
 #[derive(Debug)]
 pub enum ApiResult<T> {
@@ -169,6 +194,36 @@ pub enum ApiResult<T> {
     Done(T),
     /// The API answered 401: the token was refused.
     Unauthorized,
+}
+
+impl ManagerError {
+    /// What to do about this error: reconnect (and why), fix the configuration,
+    /// or retry (and when).
+    pub fn remedy(&self) -> Remedy {
+        use crate::store::StoreError;
+        match self {
+            ManagerError::Access(e) => match e {
+                AccessError::ReauthRequired(reason) => Remedy::Reconnect(*reason),
+                AccessError::Disconnected => Remedy::Disconnected,
+                AccessError::NotConnected => Remedy::NotConnected,
+                AccessError::Config(_) => Remedy::FixConfiguration,
+                AccessError::Transient { retry_at, .. } => Remedy::RetryAt(*retry_at),
+                _ => Remedy::RetrySoon,
+            },
+            ManagerError::Store(StoreError::Config(_)) | ManagerError::UnknownClient(_) => {
+                Remedy::FixConfiguration
+            }
+            ManagerError::Store(_)
+            | ManagerError::ActorFailed
+            | ManagerError::TimedOut
+            | ManagerError::ImportRaced
+            | ManagerError::ExchangeUnanswered => Remedy::RetrySoon,
+            ManagerError::Input(_) | ManagerError::Exchange(_) | ManagerError::Unauthorized => {
+                Remedy::CheckAuthorization
+            }
+            ManagerError::ShutDown => Remedy::ShutDown,
+        }
+    }
 }
 
 /// Why a `TokenManager` could not be built.

@@ -278,11 +278,11 @@ async fn import_existing_connections_from_the_command_line() {
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("1 created"), "{out}");
     assert!(!out.contains(&refresh), "the token was printed: {out}");
-    // Without a known idle deadline the keep-alive is due at once.
+    // Unproven and its deadlines unknown: due for keep-alive at once.
     let (status, out) = run(&env, &["status", "company-1"]).await;
     assert_eq!(status, 0, "{out}");
     assert!(
-        out.contains("company-1\tactive\tg0\tno access token\tidle deadline 20"),
+        out.contains("company-1\tactive\tg0\tno access token\tidle deadline unknown"),
         "{out}"
     );
     let (status, out) = run(&env, &["keep-alive", "--once"]).await;

@@ -137,3 +137,48 @@ async fn call_retries_once_with_a_fresh_token_and_never_more() {
     assert_eq!(transport.calls.load(Ordering::SeqCst), 3, "one refresh");
     tokens.shutdown().await;
 }
+
+/// Errors say what to do without matching nested enums (`ManagerError::remedy`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_what_to_do() {
+    use tokenfence::{ExistingGrant, ImportOptions, Remedy};
+    let transport = Scripted::new(Duration::ZERO);
+    let tokens = manager(seeded_store().await, transport.clone()).await;
+    let nobody = tokens.access_token(&ConnectionId("nobody".into())).await;
+    assert_eq!(nobody.unwrap_err().remedy(), Remedy::NotConnected);
+    // A grant the provider no longer accepts: reconnect, and why.
+    let dead = ConnectionId("dead".into());
+    let grant = ExistingGrant {
+        refresh: RefreshToken::new("RT-unknown-to-the-provider"),
+        access: None,
+        realm_id: None,
+        idle_deadline: None,
+        hard_deadline: None,
+    };
+    tokens
+        .import(&dead, grant, ImportOptions::default())
+        .await
+        .unwrap();
+    let gone = tokens.access_token(&dead).await.unwrap_err();
+    assert_eq!(
+        gone.remedy(),
+        Remedy::Reconnect(ReauthReason::InvalidGrant),
+        "{gone}"
+    );
+    // An API that refuses every token: look at the authorization.
+    tokens.access_token(&id()).await.unwrap();
+    past_the_refresh_floor().await;
+    let refused = tokens
+        .call(&id(), |_| async { ApiResult::<()>::Unauthorized })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.remedy(), Remedy::CheckAuthorization);
+    // Right after that refresh, another report: come back at the floor's end.
+    let token = tokens.access_token(&id()).await.unwrap();
+    let throttled = tokens.reject(&id(), &token).await.unwrap_err();
+    assert!(
+        matches!(throttled.remedy(), Remedy::RetryAt(_)),
+        "{throttled}"
+    );
+    tokens.shutdown().await;
+}

@@ -72,6 +72,7 @@ fn record(conn: &str, generation: u64) -> ConnectionRecord {
         in_doubt_holder: None,
         status: Status::Active,
         blocked_client: None,
+        imported_at: None,
         last_refreshed_at: Some(T0),
         updated_at: at(generation),
     }

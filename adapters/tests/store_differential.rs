@@ -97,6 +97,7 @@ fn random_record(rng: &mut Rng, id: &str, generation: u64) -> ConnectionRecord {
             .then(|| (WorkerId("w".into()), LeaseRequestId(rng.below(9)))),
         status,
         blocked_client: None,
+        imported_at: None,
         last_refreshed_at: (rng.below(2) == 0).then(|| issued.saturating_add(rng.secs(50))),
         updated_at: T0,
     }

@@ -248,6 +248,12 @@ pub struct ConnectionRecord {
     /// back every client as it used to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked_client: Option<ClientFingerprint>,
+    /// Set by an import ([`from_existing`](Self::from_existing)) until the first
+    /// refresh succeeds: the grant is unproven and what the provider says of it
+    /// unknown, so work is due at once (the next keep-alive pass proves it alive
+    /// and learns its deadlines). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_at: Option<Timestamp>,
     /// Last successful refresh.
     pub last_refreshed_at: Option<Timestamp>,
     /// Last committed change.
@@ -278,6 +284,7 @@ impl ConnectionRecord {
             in_doubt_holder: None,
             status: Status::Active,
             blocked_client: None,
+            imported_at: None,
             last_refreshed_at: None,
             updated_at: now,
         }
@@ -286,23 +293,21 @@ impl ConnectionRecord {
     /// A record for a grant obtained elsewhere (an import from another system),
     /// kept by tokenfence from now on. Nothing unknown is assumed: an access
     /// token without a known expiry is not served (the first caller refreshes);
-    /// an unknown idle deadline (for a profile with an idle window) makes
-    /// keep-alive due at once, so the first refresh both proves the grant alive
-    /// and learns the provider's real deadlines; an unknown hard deadline stays
-    /// unknown until the provider reports one.
+    /// unknown deadlines stay unknown (an `invalid_grant` is never blamed on a
+    /// guessed idle window); and work is due at once (`imported_at`), so the next
+    /// keep-alive pass proves the grant alive and learns its deadlines.
     pub fn from_existing(
         id: ConnectionId,
         identity: GrantIdentity,
         existing: ExistingGrant,
-        profile: &ProviderProfile,
         now: Timestamp,
     ) -> ConnectionRecord {
-        let idle_deadline = existing.idle_deadline.or(profile.idle_window.map(|_| now));
         ConnectionRecord {
             realm_id: existing.realm_id,
             access: existing.access,
-            idle_deadline,
+            idle_deadline: existing.idle_deadline,
             hard_deadline: existing.hard_deadline,
+            imported_at: Some(now),
             ..ConnectionRecord::new(id, identity, existing.refresh, now)
         }
     }
@@ -365,6 +370,7 @@ impl ConnectionRecord {
             in_doubt_holder: None,
             status: Status::Active,
             blocked_client: None,
+            imported_at: None,
             last_refreshed_at: Some(sent_at),
             updated_at: sent_at,
             ..self.clone()
@@ -430,8 +436,9 @@ impl ConnectionRecord {
     }
 
     /// The part of [`work_due_at`](Self::work_due_at) that does not depend on the
-    /// keep-alive lead: since when a refresh is in doubt, or when a degraded
-    /// connection's retry is due (the earlier). `None` unless the record is live. A
+    /// keep-alive lead: since when a refresh is in doubt, when a degraded
+    /// connection's retry is due, or since an import not yet proven by a refresh
+    /// (the earliest). `None` unless the record is live. A
     /// connection degraded by a configuration error (the provider refused the
     /// client or the request) is not retried on a timer: that needs a fix, not time,
     /// and a wrong client presented every few minutes can get an app locked out.
@@ -443,7 +450,10 @@ impl ConnectionRecord {
             Status::Degraded { retry_at, last, .. } if !last.is_configuration() => Some(retry_at),
             _ => None,
         };
-        [self.in_doubt_since, retry].into_iter().flatten().min()
+        [self.in_doubt_since, retry, self.imported_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Whether the grant may still be refreshed (not dead, not disconnected).

@@ -232,6 +232,7 @@ mod tests {
             in_doubt_holder: None,
             status: Status::Active,
             blocked_client: None,
+            imported_at: None,
             last_refreshed_at: None,
             updated_at: Timestamp::EPOCH,
         }

@@ -465,6 +465,7 @@ pub fn stored_record(config: &Config, now: Timestamp) -> ConnectionRecord {
         in_doubt_holder: None,
         status: Status::Active,
         blocked_client: None,
+        imported_at: None,
         last_refreshed_at: Some(now.saturating_sub(minutes(61))),
         updated_at: now.saturating_sub(minutes(61)),
     }
@@ -917,6 +918,7 @@ impl World<'_> {
             in_doubt_holder: None,
             status: Status::Active,
             blocked_client: None,
+            imported_at: None,
             last_refreshed_at: None,
             updated_at: now,
         };
