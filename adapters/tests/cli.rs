@@ -3,8 +3,10 @@
 //! revoke, re-encrypt; bad arguments exit 2; no secret is ever printed.
 
 use tokenfence::crypto::EncryptionKey;
-use tokenfence_core::Timestamp;
-use tokenfence_sim::mock::{MockProvider, AUTHORIZE_PATH, REVOKE_PATH, TOKEN_PATH};
+use tokenfence_sim::mock::{AUTHORIZE_PATH, REVOKE_PATH, TOKEN_PATH};
+
+mod common;
+use common::{consent_code, serve_mock};
 use tokenfence_sim::provider::ProviderSpec;
 
 struct Env {
@@ -13,6 +15,24 @@ struct Env {
     keyring: String,
     secret: &'static str,
     _dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// A fresh SQLite store in a temporary directory, a new key, the production
+    /// app's secret, and the mock at `base`.
+    fn new(base: String) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        Env {
+            base,
+            store: format!("sqlite:{}", dir.path().join("tokens.db").display()),
+            keyring: format!(
+                "1:{}",
+                EncryptionKey::generate().unwrap().to_base64().as_str()
+            ),
+            secret: "prod-secret",
+            _dir: dir,
+        }
+    }
 }
 
 async fn run(env: &Env, args: &[&str]) -> (i32, String) {
@@ -44,48 +64,12 @@ async fn run(env: &Env, args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operate_a_connection_from_the_command_line() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    let mock = MockProvider::new(
-        ProviderSpec::intuit(),
-        &base,
-        Timestamp::from_millis(now.as_millis() as u64),
-    );
-    tokio::spawn(mock.clone().serve(listener));
-    let dir = tempfile::tempdir().unwrap();
-    let env = Env {
-        base: base.clone(),
-        store: format!("sqlite:{}", dir.path().join("tokens.db").display()),
-        keyring: format!(
-            "1:{}",
-            EncryptionKey::generate().unwrap().to_base64().as_str()
-        ),
-        secret: "prod-secret",
-        _dir: dir,
-    };
+    let (mock, base) = serve_mock(ProviderSpec::intuit()).await;
+    let env = Env::new(base.clone());
 
     // Consent at the mock, then `connect` exchanges the code.
-    let consent = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .get(format!(
-            "{base}{AUTHORIZE_PATH}?client_id=prod-app&redirect_uri=http://127.0.0.1:1/cb&state=s"
-        ))
-        .send()
-        .await
-        .unwrap();
-    let location = consent.headers()["location"].to_str().unwrap().to_owned();
-    let code = location
-        .split("code=")
-        .nth(1)
-        .unwrap()
-        .split('&')
-        .next()
-        .unwrap();
+    let code = consent_code(&format!("{base}{AUTHORIZE_PATH}"), "prod-app").await;
+    let code = code.as_str();
     let connect = |code: &str| {
         [
             "connect",
@@ -196,16 +180,9 @@ async fn operate_a_connection_from_the_command_line() {
 
 #[tokio::test]
 async fn bad_arguments_exit_2() {
-    let dir = tempfile::tempdir().unwrap();
     let env = Env {
-        base: "http://127.0.0.1:9".into(),
         store: "memcached:nope".into(),
-        keyring: format!(
-            "1:{}",
-            EncryptionKey::generate().unwrap().to_base64().as_str()
-        ),
-        secret: "prod-secret",
-        _dir: dir,
+        ..Env::new("http://127.0.0.1:9".into())
     };
     let (status, out) = run(&env, &["list"]).await;
     assert_eq!(status, 2, "{out}");
@@ -228,17 +205,7 @@ async fn bad_arguments_exit_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_existing_connections_from_the_command_line() {
     use tokenfence_sim::mock::Control;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    let mock = MockProvider::new(
-        ProviderSpec::intuit(),
-        &base,
-        Timestamp::from_millis(now.as_millis() as u64),
-    );
-    tokio::spawn(mock.clone().serve(listener));
+    let (mock, base) = serve_mock(ProviderSpec::intuit()).await;
     let answer = mock.control(Control::Authorize {
         client_id: "prod-app".into(),
     });
@@ -246,18 +213,8 @@ async fn import_existing_connections_from_the_command_line() {
         .as_str()
         .unwrap()
         .to_owned();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("export.jsonl");
-    let env = Env {
-        base,
-        store: format!("sqlite:{}", dir.path().join("tokens.db").display()),
-        keyring: format!(
-            "1:{}",
-            EncryptionKey::generate().unwrap().to_base64().as_str()
-        ),
-        secret: "prod-secret",
-        _dir: dir,
-    };
+    let env = Env::new(base);
+    let file = env._dir.path().join("export.jsonl");
     let path = file.to_str().unwrap();
     let good = format!(
         r#"{{"id":"company-1","provider":"intuit","environment":"production","client_id":"prod-app","refresh_token":"{refresh}","realm_id":"9130"}}"#

@@ -7,22 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokenfence::clock::{Clock, SystemClock};
 use tokenfence::store::{MemoryStore, Store};
-use tokenfence::{ImportOptions, Imported, TokenManager};
+use tokenfence::{ImportOptions, Imported};
 use tokenfence_core::*;
 
 mod common;
-use common::{provider, Scripted};
-
-async fn manager(store: Arc<MemoryStore>, transport: Arc<Scripted>) -> TokenManager {
-    TokenManager::builder()
-        .provider(provider())
-        .shared_store(store)
-        .transport(transport)
-        .keepalive_scan(None)
-        .build()
-        .await
-        .unwrap()
-}
+use common::{memory_manager, provider, Scripted};
 
 fn line(id: &str, refresh: &str, extra: &str) -> String {
     format!(
@@ -38,7 +27,7 @@ const WRITE: ImportOptions = ImportOptions {
 #[tokio::test]
 async fn a_file_is_imported_once_and_a_second_run_changes_nothing() {
     let store = Arc::new(MemoryStore::new());
-    let tokens = manager(store.clone(), Scripted::new(Duration::ZERO)).await;
+    let tokens = memory_manager(store.clone(), Scripted::new(Duration::ZERO)).await;
     let file = [
         line("1", "RT-1", ""),
         String::new(),
@@ -84,7 +73,7 @@ async fn a_file_is_imported_once_and_a_second_run_changes_nothing() {
 #[tokio::test]
 async fn another_grant_for_a_stored_id_is_left_alone_unless_replace_and_dry_run_writes_nothing() {
     let store = Arc::new(MemoryStore::new());
-    let tokens = manager(store.clone(), Scripted::new(Duration::ZERO)).await;
+    let tokens = memory_manager(store.clone(), Scripted::new(Duration::ZERO)).await;
     let first = line("1", "RT-old", "");
     tokens.import_lines(first.as_bytes(), WRITE).await.unwrap();
     let newer = line("1", "RT-new", "");
@@ -116,7 +105,7 @@ async fn another_grant_for_a_stored_id_is_left_alone_unless_replace_and_dry_run_
 #[tokio::test]
 async fn bad_lines_are_named_never_echoed_and_nothing_is_written() {
     let store = Arc::new(MemoryStore::new());
-    let tokens = manager(store.clone(), Scripted::new(Duration::ZERO)).await;
+    let tokens = memory_manager(store.clone(), Scripted::new(Duration::ZERO)).await;
     let secret = "RT-secret-do-not-echo";
     let file = [
         line("ok", "RT-fine", ""),
@@ -160,7 +149,7 @@ async fn bad_lines_are_named_never_echoed_and_nothing_is_written() {
 async fn an_imported_grant_is_kept_alive_at_once_and_serves() {
     let store = Arc::new(MemoryStore::new());
     let transport = Scripted::new(Duration::ZERO);
-    let tokens = manager(store.clone(), transport.clone()).await;
+    let tokens = memory_manager(store.clone(), transport.clone()).await;
     let now = SystemClock.now();
     let later = now.saturating_add(Duration::from_secs(1800));
     let file = [

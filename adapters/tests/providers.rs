@@ -11,20 +11,12 @@ use tokenfence::{
     ExistingGrant, ImportError, ImportOptions, ManagerError, Provider, RefreshToken, SecretString,
     TokenManager,
 };
-use tokenfence_core::{GrantIdentity, Timestamp};
+use tokenfence_core::GrantIdentity;
 use tokenfence_sim::mock::{Control, MockProvider};
-use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
-async fn mock(spec: ProviderSpec) -> (MockProvider, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    let mock = MockProvider::new(spec, &base, Timestamp::from_millis(now.as_millis() as u64));
-    tokio::spawn(mock.clone().serve(listener));
-    (mock, base)
-}
+mod common;
+use common::{consent_code, serve_mock};
+use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
 fn client(id: &str, secret: &str, environment: Environment) -> ClientCredentials {
     ClientCredentials {
@@ -54,8 +46,8 @@ fn existing(refresh: RefreshToken) -> ExistingGrant {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_manager_serves_intuit_production_sandbox_and_another_provider() {
-    let (intuit, _) = mock(ProviderSpec::intuit()).await;
-    let (other, _) = mock(ProviderSpec::scaled(BehaviourClass::ReuseDetection)).await;
+    let (intuit, _) = serve_mock(ProviderSpec::intuit()).await;
+    let (other, _) = serve_mock(ProviderSpec::scaled(BehaviourClass::ReuseDetection)).await;
     let production = Provider {
         profile: intuit.spec().profile.clone(),
         client: client("prod-app", "prod-secret", Environment::Production),
@@ -219,25 +211,8 @@ async fn one_manager_serves_intuit_production_sandbox_and_another_provider() {
     assert_eq!(status("l-other").await, rotating.identity());
 
     // Consent with the sandbox app, exchanged with the sandbox credentials.
-    let consent = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .get(format!(
-            "{}?client_id=sandbox-app&redirect_uri=http://127.0.0.1:1/cb&state=s",
-            intuit.spec().profile.authorize_url.clone().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap();
-    let location = consent.headers()["location"].to_str().unwrap().to_owned();
-    let code = location
-        .split("code=")
-        .nth(1)
-        .unwrap()
-        .split('&')
-        .next()
-        .unwrap();
+    let authorize = intuit.spec().profile.authorize_url.clone().unwrap();
+    let code = consent_code(&authorize, "sandbox-app").await;
     let id = ConnectionId("qbo-sandbox-2".into());
     tokens
         .connect_with_code_as(

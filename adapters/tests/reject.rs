@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokenfence::clock::{Clock, SystemClock};
 use tokenfence::store::{CasOutcome, MemoryStore, Store};
-use tokenfence::{ApiResult, ManagerError, TokenManager};
+use tokenfence::{ApiResult, ManagerError};
 use tokenfence_core::*;
 
 mod common;
-use common::{id, provider, Scripted};
+use common::{id, memory_manager, provider, Scripted};
 
 async fn seeded_store() -> Arc<MemoryStore> {
     let store = Arc::new(MemoryStore::new());
@@ -32,17 +32,6 @@ async fn seeded_store() -> Arc<MemoryStore> {
     store
 }
 
-async fn manager(store: Arc<MemoryStore>, transport: Arc<Scripted>) -> TokenManager {
-    TokenManager::builder()
-        .provider(provider())
-        .shared_store(store)
-        .transport(transport)
-        .keepalive_scan(None)
-        .build()
-        .await
-        .unwrap()
-}
-
 /// Past the floor between two refreshes of a connection (1 s by default).
 async fn past_the_refresh_floor() {
     tokio::time::sleep(Duration::from_millis(1_100)).await;
@@ -51,7 +40,7 @@ async fn past_the_refresh_floor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_reported_by_1000_callers_is_refreshed_once_and_never_served_again() {
     let transport = Scripted::new(Duration::from_millis(50));
-    let tokens = manager(seeded_store().await, transport.clone()).await;
+    let tokens = memory_manager(seeded_store().await, transport.clone()).await;
     let first = tokens.access_token(&id()).await.unwrap();
     assert_eq!(first.expose(), "AT-2");
     past_the_refresh_floor().await;
@@ -77,8 +66,8 @@ async fn a_refused_token_reported_by_1000_callers_is_refreshed_once_and_never_se
 async fn a_token_refused_in_two_processes_is_refreshed_once() {
     let store = seeded_store().await;
     let transport = Scripted::new(Duration::from_millis(20));
-    let a = manager(store.clone(), transport.clone()).await;
-    let b = manager(store, transport.clone()).await;
+    let a = memory_manager(store.clone(), transport.clone()).await;
+    let b = memory_manager(store, transport.clone()).await;
     let token = a.access_token(&id()).await.unwrap();
     assert_eq!(
         b.access_token(&id()).await.unwrap(),
@@ -100,7 +89,7 @@ async fn a_token_refused_in_two_processes_is_refreshed_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_retries_once_with_a_fresh_token_and_never_more() {
     let transport = Scripted::new(Duration::ZERO);
-    let tokens = manager(seeded_store().await, transport.clone()).await;
+    let tokens = memory_manager(seeded_store().await, transport.clone()).await;
     tokens.access_token(&id()).await.unwrap();
     past_the_refresh_floor().await;
     // The API refuses AT-2 and takes AT-3.
@@ -143,7 +132,7 @@ async fn call_retries_once_with_a_fresh_token_and_never_more() {
 async fn errors_say_what_to_do() {
     use tokenfence::{ExistingGrant, ImportOptions, Remedy};
     let transport = Scripted::new(Duration::ZERO);
-    let tokens = manager(seeded_store().await, transport.clone()).await;
+    let tokens = memory_manager(seeded_store().await, transport.clone()).await;
     let nobody = tokens.access_token(&ConnectionId("nobody".into())).await;
     assert_eq!(nobody.unwrap_err().remedy(), Remedy::NotConnected);
     // A grant the provider no longer accepts: reconnect, and why.

@@ -66,6 +66,7 @@
 //!     in_doubt_holder: None,
 //!     status: Status::Active,
 //!     blocked_client: None,
+//!     imported_at: None,
 //!     last_refreshed_at: None,
 //!     updated_at: now,
 //! };

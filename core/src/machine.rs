@@ -423,16 +423,7 @@ impl Connection {
         match (input, phase) {
             (Input::AccessRequested(request), phase) => {
                 self.phase = phase;
-                match self.cached_access(now) {
-                    Some(t) => {
-                        let result = Ok(t.clone());
-                        self.outputs.push_back(Output::Deliver { request, result });
-                    }
-                    None => {
-                        self.waiting.push_back(request);
-                        self.waiting_since.get_or_insert(now);
-                    }
-                }
+                self.serve_or_wait(now, request);
             }
             (Input::Timeout, phase) => self.on_timeout(now, phase),
             (Input::StoreChanged, Phase::Waiting { .. } | Phase::Idle) => self.fresh = false,
@@ -492,16 +483,7 @@ impl Connection {
                         self.fresh = false;
                     }
                 }
-                match self.cached_access(now) {
-                    Some(t) => {
-                        let result = Ok(t.clone());
-                        self.outputs.push_back(Output::Deliver { request, result });
-                    }
-                    None => {
-                        self.waiting.push_back(request);
-                        self.waiting_since.get_or_insert(now);
-                    }
-                }
+                self.serve_or_wait(now, request);
             }
             (Input::Maintain, phase) => {
                 self.phase = phase;
@@ -594,6 +576,20 @@ impl Connection {
         }
         self.advance(now);
         Ok(())
+    }
+
+    /// Answers `request` with the cached token, or has it wait for one.
+    fn serve_or_wait(&mut self, now: Timestamp, request: RequestId) {
+        match self.cached_access(now) {
+            Some(t) => {
+                let result = Ok(t.clone());
+                self.outputs.push_back(Output::Deliver { request, result });
+            }
+            None => {
+                self.waiting.push_back(request);
+                self.waiting_since.get_or_insert(now);
+            }
+        }
     }
 
     fn awaits_store(phase: &Phase) -> bool {

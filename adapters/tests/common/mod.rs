@@ -245,6 +245,23 @@ pub async fn granting_manager(
     transport: Arc<Granting>,
     concurrency: usize,
 ) -> tokenfence::TokenManager {
+    manager_with(store, transport, concurrency).await
+}
+
+/// A manager for [`provider`] over a shared in-memory `store`, answered by
+/// `transport` (no scan task).
+pub async fn memory_manager(
+    store: Arc<MemoryStore>,
+    transport: Arc<Scripted>,
+) -> tokenfence::TokenManager {
+    manager_with(store, transport, 16).await
+}
+
+async fn manager_with(
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    concurrency: usize,
+) -> tokenfence::TokenManager {
     tokenfence::TokenManager::builder()
         .provider(provider())
         .shared_store(store)
@@ -254,4 +271,40 @@ pub async fn granting_manager(
         .build()
         .await
         .unwrap()
+}
+
+/// A mock provider of `spec` serving on a loopback port, and its base URL.
+pub async fn serve_mock(
+    spec: tokenfence_sim::provider::ProviderSpec,
+) -> (tokenfence_sim::mock::MockProvider, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let mock = tokenfence_sim::mock::MockProvider::new(
+        spec,
+        &base,
+        Timestamp::from_millis(now.as_millis() as u64),
+    );
+    tokio::spawn(mock.clone().serve(listener));
+    (mock, base)
+}
+
+/// The authorization code a consent at `authorize_url` by `client_id` redirects
+/// with (to `http://127.0.0.1:1/cb`).
+pub async fn consent_code(authorize_url: &str, client_id: &str) -> String {
+    let consent = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!(
+            "{authorize_url}?client_id={client_id}&redirect_uri=http://127.0.0.1:1/cb&state=s"
+        ))
+        .send()
+        .await
+        .unwrap();
+    let location = consent.headers()["location"].to_str().unwrap();
+    let code = location.split("code=").nth(1).unwrap();
+    code.split('&').next().unwrap().to_owned()
 }
