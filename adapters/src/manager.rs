@@ -41,6 +41,19 @@ pub struct Provider {
 }
 
 impl Provider {
+    /// Any provider `profile` with an app's client id and secret (no
+    /// environment to pick: see [`ClientCredentials::new`]).
+    pub fn new(
+        profile: ProviderProfile,
+        client_id: impl Into<String>,
+        secret: ClientSecret,
+    ) -> Self {
+        Provider {
+            profile,
+            client: ClientCredentials::new(client_id, secret),
+        }
+    }
+
     /// Intuit QuickBooks Online with production credentials.
     pub fn intuit_production(client_id: impl Into<String>, secret: ClientSecret) -> Self {
         Self::intuit(client_id, secret, Environment::Production)
@@ -102,6 +115,8 @@ pub struct ConnectionStatus {
     pub last_refreshed_at: Option<Timestamp>,
     /// Provider realm (Intuit company id).
     pub realm_id: Option<String>,
+    /// Imported and not yet proven by a refresh: since when.
+    pub imported_at: Option<Timestamp>,
 }
 
 impl From<&ConnectionRecord> for ConnectionStatus {
@@ -114,6 +129,7 @@ impl From<&ConnectionRecord> for ConnectionStatus {
             hard_deadline: r.hard_deadline,
             last_refreshed_at: r.last_refreshed_at,
             realm_id: r.realm_id.clone(),
+            imported_at: r.imported_at,
         }
     }
 }

@@ -239,7 +239,9 @@ async fn import_existing_connections_from_the_command_line() {
     let (status, out) = run(&env, &["status", "company-1"]).await;
     assert_eq!(status, 0, "{out}");
     assert!(
-        out.contains("company-1\tactive\tg0\tno access token\tidle deadline unknown"),
+        out.contains(
+            "company-1\tactive, imported (not yet proven by a refresh)\tg0\tno access token\tidle deadline unknown"
+        ),
         "{out}"
     );
     let (status, out) = run(&env, &["keep-alive", "--once"]).await;

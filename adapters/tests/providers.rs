@@ -56,10 +56,12 @@ async fn one_manager_serves_intuit_production_sandbox_and_another_provider() {
         client: client("sandbox-app", "sandbox-secret", Environment::Sandbox),
         ..production.clone()
     };
-    let rotating = Provider {
-        profile: other.spec().profile.clone(),
-        client: client("prod-app", "prod-secret", Environment::Production),
-    };
+    // No environment to pick for a provider without them.
+    let rotating = Provider::new(
+        other.spec().profile.clone(),
+        "prod-app",
+        ClientSecret::new("prod-secret"),
+    );
     let store = Arc::new(MemoryStore::new());
     let tokens = TokenManager::builder()
         .provider(production.clone())

@@ -300,6 +300,18 @@ pub struct ClientCredentials {
 }
 
 impl ClientCredentials {
+    /// Credentials for a provider without separate environments (every one but
+    /// Intuit): the environment is `Production`, which such providers never
+    /// check. Intuit apps say which with [`Environment`] (or
+    /// `Provider::intuit_sandbox`).
+    pub fn new(client_id: impl Into<String>, client_secret: ClientSecret) -> Self {
+        ClientCredentials {
+            client_id: client_id.into(),
+            client_secret,
+            environment: Environment::Production,
+        }
+    }
+
     /// A fingerprint of the client id and secret (SHA-256, first 8 bytes): what a
     /// record keeps to say which credentials a configuration failure belongs to.
     /// It identifies credentials; it does not reveal the secret.

@@ -169,12 +169,16 @@ fn from_now(t: Timestamp) -> String {
     }
 }
 
-fn status_word(status: &Status) -> String {
-    match status {
+fn status_word(s: &ConnectionStatus) -> String {
+    let word = match s.status {
         Status::Active => "active".to_string(),
         Status::Degraded { failures, last, .. } => format!("degraded({failures}x {last})"),
         Status::ReauthRequired { reason, .. } => format!("reauth-required: {reason}"),
         Status::Disconnected { .. } => "disconnected".into(),
+    };
+    match s.imported_at {
+        Some(_) => format!("{word}, imported (not yet proven by a refresh)"),
+        None => word,
     }
 }
 
@@ -197,7 +201,7 @@ fn status_line(id: &str, s: &ConnectionStatus) -> String {
     };
     format!(
         "{id}\t{}\t{}\t{access}\t{}\t{}",
-        status_word(&s.status),
+        status_word(s),
         s.generation,
         deadline("idle deadline", s.idle_deadline),
         deadline("hard deadline", s.hard_deadline)
@@ -208,7 +212,7 @@ fn status_json(id: &str, s: &ConnectionStatus) -> String {
     let at = |t: Option<Timestamp>| t.map(rfc3339);
     serde_json::json!({
         "id": id,
-        "status": status_word(&s.status),
+        "status": status_word(s),
         "generation": s.generation.0,
         "realm_id": s.realm_id,
         "access_expires_at": at(s.access_expires_at),
