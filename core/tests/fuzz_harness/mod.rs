@@ -736,6 +736,11 @@ struct Worker {
     lease_at: Option<Timestamp>,
     /// S4's ghost: this worker's refresh request not yet settled.
     ghost: SenderGhost,
+    /// The access token this worker served last (what a 401 is reported for).
+    served: Option<AccessToken>,
+    /// Tokens its callers reported refused by the API, and whether a provider
+    /// reply fed after the report carried the token again (R1 then allows it).
+    refused: Vec<(AccessToken, bool)>,
 }
 
 /// A deliberately broken store, to show that the checks bite (never fuzzed).
@@ -972,7 +977,8 @@ pub fn check_machine(data: &[u8]) {
 ///
 /// | op | what |
 /// |---|---|
-/// | 0, 1 | a caller asks for a token |
+/// | 0 | a caller asks for a token |
+/// | 1 (+1) | a caller asks for a token (even), or reports a 401 for the token this worker served last (odd) |
 /// | 2 | the store answers the outstanding store command faithfully |
 /// | 3 | `Maintain` (a scheduler's keep-alive nudge) |
 /// | 4 | `StoreFailed` |
@@ -1068,6 +1074,8 @@ fn run_machine(data: &[u8], mutant: Option<StoreMutant>) -> Stats {
             callers: BTreeSet::new(),
             lease_at: None,
             ghost: SenderGhost::default(),
+            served: None,
+            refused: Vec::new(),
         });
     }
     for _ in 0..400 {
@@ -1085,13 +1093,26 @@ fn step(w: &mut World<'_>, i: usize, op: u8) {
             w.next_request += 1;
             let id = w.next_request;
             w.workers[i].callers.insert(id);
-            feed(w, i, Input::AccessRequested(RequestId(id)));
+            let report = op == 1 && w.byte().unwrap_or(0) % 2 == 1;
+            match w.workers[i].served.clone().filter(|_| report) {
+                Some(token) => {
+                    w.workers[i].refused.push((token.clone(), false));
+                    let request = RequestId(id);
+                    feed(w, i, Input::Rejected { request, token });
+                }
+                None => feed(w, i, Input::AccessRequested(RequestId(id))),
+            }
         }
         2 => answer_store(w, i, false),
         3 => feed(w, i, Input::Maintain),
         4 => feed(w, i, Input::StoreFailed),
         5 | 6 => {
             let reply = provider_reply(w, i);
+            // A token the provider issues again after a report may be served.
+            for (token, reissued) in &mut w.workers[i].refused {
+                let body = String::from_utf8_lossy(&reply.body);
+                *reissued |= body.contains(token.expose());
+            }
             feed(w, i, Input::Replied(reply));
         }
         7 => {
@@ -1622,6 +1643,10 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                     Ok(token) => {
                         w.stats.served += 1;
                         check_serve(&before, &worker.conn, &token, now, worker.newest);
+                        let refused = worker.refused.iter().filter(|(_, again)| !again);
+                        invariants::refused_not_served(&token, refused.map(|(t, _)| t), false)
+                            .expect("R1");
+                        worker.served = Some(token);
                     }
                     Err(e) => {
                         if matches!(e, AccessError::Config(ConfigError::IdentityMismatch { .. })) {
