@@ -195,11 +195,17 @@ impl Unsettled {
     /// grant that read `record`: with nothing committed since that lease was
     /// granted, whoever takes it over cannot know whether a request presenting
     /// the stored token was sent under it (a pause, a lost answer, a crash), so it
-    /// counts as one for S4. The harness decides whose lease it was: a worker's
-    /// own earlier grant never counts.
+    /// counts as one for S4. So does a lease granted after the stored tokens
+    /// were obtained (an active record refreshed before the grant, or of unknown
+    /// age): its holder may have presented that very token. The harness decides
+    /// whose lease it was: a worker's own earlier grant never counts.
     pub fn taken_over(lease: &Lease, record: Option<&ConnectionRecord>) -> Option<Unsettled> {
         let record = record?;
-        (lease.generation == Some(record.generation)).then(|| Unsettled {
+        let older_tokens = record.status == Status::Active
+            && record
+                .last_refreshed_at
+                .is_none_or(|t| t < lease.acquired_at);
+        (lease.generation == Some(record.generation) || older_tokens).then(|| Unsettled {
             token: record.refresh.clone(),
             lease_at: lease.acquired_at,
         })
