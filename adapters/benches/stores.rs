@@ -266,6 +266,14 @@ fn bare_parallel(bare: &Arc<dyn Bare>, prefix: &str, iters: u64) -> Duration {
     start.elapsed()
 }
 
+/// Runs `run` on the runtime's workers and waits for it.
+fn on_workers(
+    rt: &tokio::runtime::Runtime,
+    run: impl std::future::Future<Output = Duration> + Send + 'static,
+) -> Duration {
+    rt.block_on(rt.spawn(run)).expect("bench task")
+}
+
 fn bench_store(
     c: &mut Criterion,
     name: &str,
@@ -280,35 +288,25 @@ fn bench_store(
     group.measurement_time(Duration::from_secs(8));
     // Every loop runs on the runtime's workers, where a driver's store calls run
     // (from `block_on`'s thread each round trip would cross threads).
-    let on_workers =
-        |run: std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + Send>>| {
-            let task = rt.spawn(run);
-            rt.block_on(task).expect("bench task")
-        };
     group.bench_function("cas", |b| {
         b.iter_custom(|iters| {
             let store = Arc::clone(&store);
-            on_workers(Box::pin(async move {
-                cas_run(&*store, "bench-cas", iters).await
-            }))
+            on_workers(
+                rt,
+                async move { cas_run(&*store, "bench-cas", iters).await },
+            )
         })
     });
     group.bench_function("refresh_cycle", |b| {
         b.iter_custom(|iters| {
             let store = Arc::clone(&store);
-            on_workers(Box::pin(async move {
+            on_workers(rt, async move {
                 refresh_cycle_run(&*store, "bench-cycle", iters).await
-            }))
+            })
         })
     });
     group.bench_function("cas_8_tasks", |b| {
-        b.iter_custom(|iters| {
-            on_workers(Box::pin(parallel_run(
-                Arc::clone(&store),
-                "bench-par",
-                iters,
-            )))
-        })
+        b.iter_custom(|iters| on_workers(rt, parallel_run(Arc::clone(&store), "bench-par", iters)))
     });
     // The bare engine on rows the store wrote (same size, same table).
     rt.block_on(async {

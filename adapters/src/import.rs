@@ -326,10 +326,11 @@ fn identity_mismatch(
 impl TokenManager {
     /// Stores a grant obtained elsewhere as connection `id`, under this manager's
     /// provider and client, through compare-and-swap like every other write.
-    /// Defaults per profile ([`ConnectionRecord::from_existing`]): an unknown
-    /// idle deadline makes keep-alive due at once, so the next keep-alive pass
-    /// proves each imported grant alive and learns its real deadlines (a dead
-    /// one is flagged `ReauthRequired` then, not when a sync needs it).
+    /// Nothing unknown is guessed ([`ConnectionRecord::from_existing`]): the
+    /// connection is due for work until a refresh proves it, so the next
+    /// keep-alive pass proves each imported grant alive and learns its real
+    /// deadlines (a dead one is flagged `ReauthRequired` then, not when a sync
+    /// needs it).
     ///
     /// A stored connection with the same refresh token is left as it is
     /// ([`Imported::Unchanged`]: importing twice changes nothing); one with

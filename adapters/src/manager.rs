@@ -533,10 +533,13 @@ impl TokenManager {
         let _ = self.inner.unknown.pin().remove(id);
         let _ = self.inner.quarantined.pin().remove(id);
         let _ = self.inner.unworkable.pin().remove(id);
-        if let Some(slot) = self.inner.slots.pin().get(id) {
-            slot.cache.store(None);
-        }
-        if self.inner.slots.pin().contains_key(id) {
+        let live = self
+            .inner
+            .slots
+            .pin()
+            .get(id)
+            .map(|slot| slot.cache.store(None));
+        if live.is_some() {
             let _ = self.submit(id, Command::Reconfigure);
         }
     }
@@ -593,7 +596,6 @@ impl TokenManager {
             now,
         )
         .ok_or(InputError::NoRefreshToken)?;
-        let _ = self.inner.unknown.pin().remove(id);
         let expected = self.inner.store.load(id).await?.map(|r| r.generation);
         let generation = self.write_outside(expected, record).await?;
         let _ = self.inner.events.send(LifecycleEvent {
@@ -1677,7 +1679,8 @@ impl Inner {
         if fresh {
             tracing::error!(connection = %id, %reason, "stored record unreadable; quarantined");
             let provider = self.config.profile.name.clone();
-            metrics::counter!("tokenfence_events_total", "provider" => provider, "event" => "quarantined", "detail" => "")
+            let (name, detail) = event_labels(&Event::Quarantined);
+            metrics::counter!("tokenfence_events_total", "provider" => provider, "event" => name, "detail" => detail)
                 .increment(1);
             let _ = self.events.send(LifecycleEvent {
                 connection: id.clone(),

@@ -150,7 +150,6 @@ struct Sut {
     requests: Vec<(usize, RequestId)>,
     /// The generation stored before the last step (S1: it never goes down).
     last_generation: Generation,
-    leases_broken: bool,
     /// A worker crashed in the middle of a refresh. Under reuse detection (or with
     /// no grace window) nobody can know whether it sent the token, so LostRotation
     /// is the honest outcome, when S4's ghost allows it.
@@ -286,7 +285,7 @@ impl Sut {
             panic!("{v}: stored {stored:?}, unsettled {unsettled:?}");
         }
         let in_flight = workers.iter().filter(|w| w.outstanding.is_some()).count();
-        invariants::single_flight(in_flight, !self.leases_broken).expect("S8");
+        invariants::single_flight(in_flight, !self.world.leases_broken).expect("S8");
     }
 
     fn all_resolved(&self) -> bool {
@@ -313,7 +312,6 @@ impl StateMachineTest for CoreAgainstReference {
             profile,
             requests: vec![],
             last_generation: Generation(1),
-            leases_broken: false,
             crashed_mid_refresh: false,
         }
     }
@@ -338,8 +336,7 @@ impl StateMachineTest for CoreAgainstReference {
                         .as_ref()
                         .is_some_and(|r| r.send_deadline.saturating_add(safety) <= now)
                 });
-                sut.leases_broken |= expired;
-                sut.world.leases_broken = sut.leases_broken;
+                sut.world.leases_broken |= expired;
             }
             Step::Tick(w) => sut.world.tick(w),
             Step::Crash(w) => {

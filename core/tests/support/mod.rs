@@ -358,8 +358,8 @@ pub struct World {
     pub lifetimes: std::collections::HashMap<String, Duration>,
     /// Every access token any caller reported refused by the API (R2).
     pub refused: Vec<AccessToken>,
-    /// Workers' requests may outlive their leases (a paused worker): R2 then
-    /// no longer judges their sends.
+    /// Workers' requests may outlive their leases (a paused worker): S8 and R2
+    /// then no longer judge their sends.
     pub leases_broken: bool,
     next_request: u64,
     /// The entropy of the last machine made: every incarnation gets a new one.
