@@ -119,6 +119,8 @@ mod io;
 pub mod lease;
 mod machine;
 mod profile;
+#[cfg(feature = "std")]
+mod profile_file;
 mod record;
 mod reply;
 mod request;
@@ -134,6 +136,8 @@ pub use profile::{
     ClientAuth, ClientCredentials, ClientFingerprint, Environment, GraceReplay, InDoubtRecovery,
     ProviderProfile, RevokeStyle, Rotation, RotationPolicy,
 };
+#[cfg(feature = "std")]
+pub use profile_file::{ProfileError, BUILT_IN};
 pub use record::{
     AccessGrant, ConnectionId, ConnectionRecord, ExistingGrant, FailureKind, Generation,
     GrantIdentity, Lease, LeaseRequestId, ReauthReason, Status, WorkerId,
