@@ -282,7 +282,7 @@ fn summarize(model: &TokenfenceModel, collect: &Collect, opts: &CheckOptions) ->
     CheckReport {
         config: cfg.describe(),
         workers: cfg.workers,
-        provider: cfg.class.name().into(),
+        provider: cfg.provider.name(),
         strategy: cfg.strategy.name().into(),
         search: match (opts.search, opts.symmetry) {
             (Search::Bfs, _) => "bfs".into(),

@@ -1,14 +1,16 @@
 //! `tokenfence-sim`: the model checker's command line.
 //!
 //! ```text
-//! tokenfence-sim check [--workers N] [--provider CLASS|all] [--faults LIST|runtime|all|none]
+//! tokenfence-sim check [--workers N] [--provider CLASS|all|PROFILE] [--faults LIST|runtime|all|none]
 //!                      [--strategy tokenfence|naive-b1|naive-b2|naive-b3|naive-b4]
 //!                      [--search bfs|dfs] [--symmetry] [--json] [--explore ADDR]
+//! tokenfence-sim simulate [--provider FLEET|PROFILE[,...]] [--seed N] ...
+//! tokenfence-sim mock-provider [--profile CLASS|PROFILE]... [--addr 127.0.0.1:PORT]
 //! ```
 //!
-//! Exit status: 0 when every property holds (and every guard is reached), 1 when one
-//! fails, 2 for bad arguments. Each subcommand lives in its own function so that
-//! `simulate` and `mock-provider` can be added beside `check`.
+//! PROFILE is a built-in profile (intuit, xero, atlassian, google, github) or a
+//! profile file (.toml or .json). Exit status: 0 when every property holds (and
+//! every guard is reached), 1 when one fails, 2 for bad arguments.
 
 #[path = "simulate/cli.rs"]
 mod simulate_cli;
@@ -17,7 +19,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 use tokenfence_sim::check::{explore, run_check, CheckOptions, Search};
 use tokenfence_sim::mock::MockProvider;
-use tokenfence_sim::model::{FaultKind, ModelConfig, Strategy};
+use tokenfence_core::ProviderProfile;
+use tokenfence_sim::model::{FaultKind, ModelConfig, ModelProvider, Strategy};
 use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
 // The checker allocates a state per transition and the simulator a record per store
@@ -68,11 +71,13 @@ enum Command {
 
 #[derive(Args)]
 struct MockArgs {
-    /// Provider behaviour: intuit (real lifetimes), or a class with lifetimes scaled
-    /// to seconds: non-rotating, strict, grace-idempotent, grace-fork, periodic,
-    /// reuse-detection.
-    #[arg(long, default_value = "intuit")]
-    profile: String,
+    /// Provider: a built-in profile (intuit, xero, atlassian, google, github) or a
+    /// profile file (.toml or .json), with real lifetimes; or a class with
+    /// lifetimes scaled to seconds: non-rotating, strict, grace-idempotent,
+    /// grace-fork, periodic, reuse-detection. Repeat it to serve several providers
+    /// at once, each under `/NAME`.
+    #[arg(long, default_values_t = ["intuit".to_string()])]
+    profile: Vec<String>,
     /// Address to listen on (loopback only).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
@@ -92,7 +97,8 @@ struct CheckArgs {
     #[arg(long, default_value_t = 2)]
     workers: usize,
     /// Provider behaviour class, or `all`: non-rotating, strict, grace-idempotent,
-    /// grace-fork, periodic, reuse-detection.
+    /// grace-fork, periodic, reuse-detection; or a built-in profile or profile file
+    /// (.toml or .json), its lifetimes scaled to the model's seconds.
     #[arg(long, default_value = "all")]
     provider: String,
     /// Faults, comma-separated, or `runtime` (all but wrong-client) / `all` / `none`:
@@ -150,14 +156,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// The provider a mock serves: a class (lifetimes in seconds), or a built-in or
+/// file profile with its real lifetimes.
+fn mock_spec(name: &str) -> Result<ProviderSpec, String> {
+    match BehaviourClass::from_name(name) {
+        Some(class) => Ok(ProviderSpec::scaled(class)),
+        None => ProviderProfile::named_or_file(name)
+            .map(ProviderSpec::of_profile)
+            .map_err(|e| e.to_string()),
+    }
+}
+
 fn mock_provider(args: MockArgs) -> ExitCode {
-    let spec = match args.profile.as_str() {
-        "intuit" => ProviderSpec::intuit(),
-        name => match BehaviourClass::from_name(name) {
-            Some(class) => ProviderSpec::scaled(class),
-            None => return bad_args(&format!("unknown profile `{name}`")),
-        },
+    let specs = match args
+        .profile
+        .iter()
+        .map(|name| mock_spec(name))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(specs) => specs,
+        Err(e) => return bad_args(&e),
     };
+    let mut names: Vec<&str> = specs.iter().map(|s| s.profile.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.len() < specs.len() {
+        return bad_args("two --profile values name the same provider; each is served under its name");
+    }
     if !args.addr.ip().is_loopback() {
         return bad_args("--addr must be a loopback address");
     }
@@ -173,22 +198,39 @@ fn mock_provider(args: MockArgs) -> ExitCode {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| tokenfence_core::Timestamp::from_millis(d.as_millis() as u64))
             .unwrap_or_default();
-        let mock = MockProvider::new(spec, &base, epoch);
-        println!("mock provider ({}) on {base}", args.profile);
-        println!("  token:   {base}{}", tokenfence_sim::mock::TOKEN_PATH);
-        println!("  revoke:  {base}{}", tokenfence_sim::mock::REVOKE_PATH);
-        println!("  consent: {base}{}", tokenfence_sim::mock::AUTHORIZE_PATH);
-        for c in &mock.spec().clients {
+        // One provider is served at the root; several (a mixed fleet) each under
+        // its profile's name.
+        let single = specs.len() == 1;
+        let mut router = axum::Router::new();
+        for spec in specs {
+            let prefix = if single {
+                String::new()
+            } else {
+                format!("/{}", spec.profile.name)
+            };
+            let at = format!("{base}{prefix}");
+            let mock = MockProvider::new(spec, &at, epoch);
+            println!("mock provider {} on {at}", mock.spec().profile.name);
+            println!("  token:   {at}{}", tokenfence_sim::mock::TOKEN_PATH);
+            println!("  revoke:  {at}{}", tokenfence_sim::mock::REVOKE_PATH);
+            println!("  consent: {at}{}", tokenfence_sim::mock::AUTHORIZE_PATH);
+            for c in &mock.spec().clients {
+                println!(
+                    "  client {} / {} ({})",
+                    c.client_id, c.client_secret, c.environment
+                );
+            }
             println!(
-                "  client {} / {} ({})",
-                c.client_id, c.client_secret, c.environment
+                "  control: POST {at}/control {{\"op\":\"authorize\",\"client_id\":\"prod-app\"}}"
             );
+            router = if single {
+                mock.router()
+            } else {
+                router.nest(&prefix, mock.router())
+            };
         }
-        println!(
-            "  control: POST {base}/control {{\"op\":\"authorize\",\"client_id\":\"prod-app\"}}"
-        );
         tokio::select! {
-            r = mock.serve(listener) => r,
+            r = axum::serve(listener, router) => r,
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     });
@@ -207,17 +249,17 @@ fn bad_args(message: &str) -> ExitCode {
 }
 
 fn check(args: CheckArgs) -> ExitCode {
-    let classes: Vec<BehaviourClass> = match args.provider.as_str() {
-        "all" => BehaviourClass::ALL.to_vec(),
+    let providers: Vec<ModelProvider> = match args.provider.as_str() {
+        "all" => BehaviourClass::ALL.into_iter().map(ModelProvider::from).collect(),
         name => match BehaviourClass::from_name(name) {
-            Some(c) => vec![c],
-            None => {
-                let known: Vec<_> = BehaviourClass::ALL.iter().map(|c| c.name()).collect();
-                return bad_args(&format!(
-                    "unknown provider class `{name}`; known: {}, all",
-                    known.join(", ")
-                ));
-            }
+            Some(c) => vec![c.into()],
+            None => match ProviderProfile::named_or_file(name) {
+                Ok(profile) => vec![ModelProvider::Profile(profile)],
+                Err(e) => {
+                    let known: Vec<_> = BehaviourClass::ALL.iter().map(|c| c.name()).collect();
+                    return bad_args(&format!("{e}; or a class: {}, all", known.join(", ")));
+                }
+            },
         },
     };
     let faults = match FaultKind::parse_list(&args.faults) {
@@ -236,9 +278,9 @@ fn check(args: CheckArgs) -> ExitCode {
     if args.symmetry && matches!(args.search, SearchArg::Bfs) {
         return bad_args("--symmetry needs --search dfs (stateright applies symmetry only in DFS)");
     }
-    let config = |class| ModelConfig {
+    let config = |provider| ModelConfig {
         workers: args.workers,
-        class,
+        provider,
         faults: faults.clone(),
         max_faults: args.max_faults,
         max_ticks: args.max_ticks,
@@ -247,11 +289,11 @@ fn check(args: CheckArgs) -> ExitCode {
         strategy,
     };
     if let Some(addr) = &args.explore {
-        let [class] = classes[..] else {
-            return bad_args("--explore needs one --provider class");
+        let [provider] = &providers[..] else {
+            return bad_args("--explore needs one --provider class or profile");
         };
         eprintln!("serving the explorer on http://{addr}/ (Ctrl-C to stop)");
-        return match explore(config(class), addr) {
+        return match explore(config(provider.clone()), addr) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => bad_args(&e),
         };
@@ -267,8 +309,8 @@ fn check(args: CheckArgs) -> ExitCode {
         progress: !args.quiet && !args.json,
     };
     let mut reports = Vec::new();
-    for class in classes {
-        let cfg = config(class);
+    for provider in providers {
+        let cfg = config(provider);
         if opts.progress {
             eprintln!("checking: {}", cfg.describe());
         }

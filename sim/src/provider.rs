@@ -76,6 +76,34 @@ impl BehaviourClass {
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|c| c.name() == name)
     }
+
+    /// A profile of this class (lifetimes of the provider it is named after).
+    pub fn profile(self) -> ProviderProfile {
+        let generic = ProviderProfile::generic("oauth", "https://oauth.example.test/token");
+        let every = |grace, grace_replay, reuse_detection| RotationPolicy {
+            rotation: Rotation::EveryRefresh,
+            grace,
+            grace_replay,
+            reuse_detection,
+        };
+        let rotation = match self {
+            BehaviourClass::NonRotating => {
+                return ProviderProfile {
+                    idle_window: Some(tokenfence_core::days(182)),
+                    ..generic
+                }
+            }
+            BehaviourClass::Periodic => return ProviderProfile::intuit(),
+            BehaviourClass::StrictRotation => every(Duration::ZERO, GraceReplay::Idempotent, false),
+            BehaviourClass::GraceIdempotent => every(tokenfence_core::minutes(30), GraceReplay::Idempotent, false),
+            BehaviourClass::GraceFork => every(tokenfence_core::minutes(30), GraceReplay::Fork, false),
+            BehaviourClass::ReuseDetection => every(Duration::ZERO, GraceReplay::Idempotent, true),
+        };
+        ProviderProfile {
+            rotation,
+            ..generic
+        }
+    }
 }
 
 impl core::fmt::Display for BehaviourClass {
@@ -138,87 +166,55 @@ impl ProviderSpec {
     }
 
     /// A provider of `class` with lifetimes scaled down to seconds, for the model
-    /// checker: access tokens live 20 s, grace windows 30 s, Intuit's period 40 s,
-    /// idle windows 60 s, the hard cap 200 s. The relations that matter are kept:
-    /// grace windows and periods are much longer than a lease, idle windows longer
-    /// than the keep-alive lead.
+    /// checker: [`scaled_profile`](Self::scaled_profile) of the class's profile.
     pub fn scaled(class: BehaviourClass) -> Self {
+        Self::scaled_profile(&class.profile())
+    }
+
+    /// The provider `profile` describes, with lifetimes scaled down to seconds for
+    /// the model checker: access tokens live 20 s, grace windows 30 s (40 s under
+    /// periodic rotation, whose period is 40 s), idle windows 60 s, hard caps 200 s.
+    /// What the properties depend on is kept: the rotation mode, whether there is a
+    /// grace window, what a replay inside it returns, reuse detection, whether there
+    /// is an idle window and a hard cap, client authentication and error dialect.
+    /// The relations that matter hold: grace windows and periods are much longer
+    /// than a lease, idle windows longer than the keep-alive lead.
+    pub fn scaled_profile(profile: &ProviderProfile) -> Self {
         let s = Duration::from_secs;
-        let generic = ProviderProfile::generic("oauth", "https://oauth.example.test/token");
-        let rotation = |rotation, grace: Duration, grace_replay, reuse_detection| RotationPolicy {
-            rotation,
-            grace,
-            grace_replay,
-            reuse_detection,
+        let p = &profile.rotation;
+        let (rotation, grace) = match p.rotation {
+            Rotation::Periodic { .. } => (
+                Rotation::Periodic { period: s(40) },
+                if p.grace.is_zero() { p.grace } else { s(40) },
+            ),
+            r => (r, if p.grace.is_zero() { p.grace } else { s(30) }),
         };
-        let (profile, echo) = match class {
-            BehaviourClass::NonRotating => (
-                ProviderProfile {
-                    idle_window: Some(s(60)),
-                    ..generic
-                },
-                false,
-            ),
-            BehaviourClass::StrictRotation => (
-                ProviderProfile {
-                    rotation: rotation(
-                        Rotation::EveryRefresh,
-                        Duration::ZERO,
-                        GraceReplay::Idempotent,
-                        false,
-                    ),
-                    ..generic
-                },
-                true,
-            ),
-            BehaviourClass::GraceIdempotent | BehaviourClass::GraceFork => {
-                let replay = if class == BehaviourClass::GraceFork {
-                    GraceReplay::Fork
-                } else {
-                    GraceReplay::Idempotent
-                };
-                (
-                    ProviderProfile {
-                        rotation: rotation(Rotation::EveryRefresh, s(30), replay, false),
-                        ..generic
-                    },
-                    true,
-                )
-            }
-            BehaviourClass::Periodic => (
-                ProviderProfile {
-                    rotation: rotation(
-                        Rotation::Periodic { period: s(40) },
-                        s(40),
-                        GraceReplay::Idempotent,
-                        false,
-                    ),
-                    idle_window: Some(s(60)),
-                    hard_lifetime: Some(s(200)),
-                    ..ProviderProfile::intuit()
-                },
-                true,
-            ),
-            BehaviourClass::ReuseDetection => (
-                ProviderProfile {
-                    rotation: rotation(
-                        Rotation::EveryRefresh,
-                        Duration::ZERO,
-                        GraceReplay::Idempotent,
-                        true,
-                    ),
-                    ..generic
-                },
-                true,
-            ),
+        let profile = ProviderProfile {
+            rotation: RotationPolicy {
+                rotation,
+                grace,
+                ..*p
+            },
+            default_access_ttl: s(20),
+            idle_window: profile.idle_window.map(|_| s(60)),
+            hard_lifetime: profile.hard_lifetime.map(|_| s(200)),
+            ..profile.clone()
         };
         ProviderSpec {
-            profile: ProviderProfile {
-                default_access_ttl: s(20),
-                ..profile
-            },
             access_ttl: s(20),
-            echo_refresh_token: echo,
+            ..Self::of_profile(profile)
+        }
+    }
+
+    /// The provider `profile` describes, with its real lifetimes: access tokens
+    /// live `default_access_ttl`; a provider that never rotates omits
+    /// `refresh_token` from refresh replies (RFC 6749 §6 allows it, and it is the
+    /// case a client gets wrong); the default production and sandbox apps.
+    pub fn of_profile(profile: ProviderProfile) -> Self {
+        ProviderSpec {
+            access_ttl: profile.default_access_ttl,
+            echo_refresh_token: profile.rotation.rotation != Rotation::Never,
+            profile,
             clients: Self::default_clients(),
         }
     }
@@ -227,12 +223,7 @@ impl ProviderSpec {
     /// tokens, a new refresh-token value about once per 24 h with the previous one
     /// valid 24 h more, 100-day rolling idle expiry, 5-year hard cap.
     pub fn intuit() -> Self {
-        ProviderSpec {
-            profile: ProviderProfile::intuit(),
-            access_ttl: tokenfence_core::hours(1),
-            echo_refresh_token: true,
-            clients: Self::default_clients(),
-        }
+        Self::of_profile(ProviderProfile::intuit())
     }
 
     fn client(&self, id: &str) -> Option<&RegisteredClient> {

@@ -7,7 +7,7 @@ mod common;
 
 use common::{assert_all_hold, config};
 use tokenfence_sim::check::Search;
-use tokenfence_sim::model::{FaultKind, ModelConfig};
+use tokenfence_sim::model::{FaultKind, ModelConfig, ModelProvider};
 use tokenfence_sim::provider::BehaviourClass::{self, *};
 
 fn two_workers(class: BehaviourClass) {
@@ -182,4 +182,18 @@ fn periodic_intuit_rejects() {
 #[test]
 fn reuse_detection_rejects() {
     rejects(ReuseDetection);
+}
+
+#[test]
+fn a_provider_profile_file_is_model_checked() {
+    // The example profile for users (not a built-in class): rotation with a grace
+    // window *and* reuse detection outside it, its lifetimes scaled to seconds.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../profiles/auth0.toml");
+    let profile = tokenfence_core::ProviderProfile::named_or_file(path).expect("valid");
+    let provider = ModelProvider::Profile(profile);
+    let spec = provider.spec();
+    assert!(spec.profile.rotation.reuse_detection && !spec.profile.rotation.grace.is_zero());
+    let report = assert_all_hold(config(provider, 2, 1), Search::Bfs);
+    assert_eq!(report.provider, "profile auth0");
+    assert!(report.unique_states > 5_000, "{}", report.unique_states);
 }

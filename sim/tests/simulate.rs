@@ -4,7 +4,7 @@
 
 use tokenfence_core::days;
 use tokenfence_sim::simulate::{
-    replay_target, run_seed, Fault, FaultChoice, Fleet, LeaseClock, SeedReport, SimOptions,
+    replay_target, run_seed, Fault, FaultChoice, Fleet, FleetProvider, LeaseClock, SeedReport, SimOptions,
     StrategyReport,
 };
 use tokenfence_sim::strategy::Strategy;
@@ -17,7 +17,7 @@ fn small(seed: u64, fleet: Fleet, strategies: &[Strategy]) -> SimOptions {
         workers: 8,
         processes: 4,
         days: 60,
-        fleet,
+        fleet: vec![fleet.into()],
         faults: FaultChoice::Swarm,
         // Every fourth seed: a cap short enough for deadlines to fall in the run.
         hard_lifetime: (seed % 4 == 0).then(|| days(120)),
@@ -281,5 +281,70 @@ fn finds_of_the_wider_sweep_stay_fixed() {
         let report = run(&opts);
         let t = column(&report, Strategy::Tokenfence);
         assert_eq!(t.total_violations(), 0, "seed {seed}: {:?}", t.violations);
+    }
+}
+
+#[test]
+fn a_mixed_fleet_shows_the_baselines_failing_in_one_run_and_tokenfence_holding() {
+    // One run, four providers (periodic with grace, grace, never rotating, strict):
+    // each baseline's harm comes from the provider it bites.
+    // The first seed on which all three do harm (as `caught` searches for one).
+    for seed in 1..=12 {
+        let opts = SimOptions {
+            connections: 80,
+            fleet: ["intuit", "xero", "google", "github"]
+                .into_iter()
+                .map(|name| Fleet::from_name(name).unwrap().into())
+                .collect(),
+            faults: FaultChoice::Only(vec![
+                Fault::Herd,
+                Fault::LatencySpike,
+                Fault::Pause,
+                Fault::StoreOutage,
+            ]),
+            hard_lifetime: None,
+            ..small(seed, Fleet::Intuit, &[Strategy::Tokenfence, Strategy::NaiveB1, Strategy::NaiveB2, Strategy::NaiveB4])
+        };
+        let report = run(&opts);
+        let providers: Vec<&str> = report.options.providers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(providers, ["intuit", "xero", "google", "github"]);
+        let t = column(&report, Strategy::Tokenfence);
+        assert_eq!(t.total_violations(), 0, "seed {seed}: {:?}", t.examples);
+        assert_eq!(harm(t), 0);
+        let harmed = [Strategy::NaiveB1, Strategy::NaiveB2, Strategy::NaiveB4]
+            .iter()
+            .all(|b| harm(column(&report, *b)) > 0 && column(&report, *b).total_violations() > 0);
+        if harmed {
+            // B4's loss is the non-rotating provider's (connection c talks to
+            // provider c mod 4).
+            let b4 = column(&report, Strategy::NaiveB4);
+            assert!(b4.examples.iter().all(|e| e.connection % 4 == 2), "{:?}", b4.examples);
+            return;
+        }
+    }
+    panic!("no seed of 12 showed B1, B2 and B4 all doing harm in one mixed run");
+}
+
+#[test]
+fn a_provider_profile_file_is_simulated_with_its_real_lifetimes() {
+    // The example profile shipped for users (not built in): rotation with a
+    // 10-minute reuse interval and reuse detection, 15-day idle window, 30-day cap.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../profiles/auth0.toml");
+    let fleet = FleetProvider::parse_list(path).expect("the example profile is valid");
+    let spec = fleet[0].spec(None);
+    assert_eq!(spec.profile.name, "auth0");
+    assert_eq!(spec.profile.hard_lifetime, Some(days(30)));
+    for seed in 1..=6 {
+        let opts = SimOptions {
+            fleet: fleet.clone(),
+            faults: FaultChoice::Swarm,
+            hard_lifetime: None,
+            ..small(seed, Fleet::Intuit, &[Strategy::Tokenfence])
+        };
+        let report = run(&opts);
+        let t = column(&report, Strategy::Tokenfence);
+        assert_eq!(t.total_violations(), 0, "seed {seed}: {:?}", t.examples);
+        // Its 30-day cap falls inside the 60 days: connections reach it.
+        assert!(t.provider_refresh_calls > 0);
     }
 }

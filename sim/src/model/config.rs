@@ -1,9 +1,44 @@
 //! What one model-checking run explores: workers, provider class, faults, bounds and
 //! the strategy under test.
 
-use crate::provider::BehaviourClass;
+use crate::provider::{BehaviourClass, ProviderSpec};
 pub use crate::strategy::Strategy;
 use std::collections::BTreeSet;
+use tokenfence_core::ProviderProfile;
+
+/// The provider a model run checks against.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ModelProvider {
+    /// One of the behaviour classes of INVARIANTS.md.
+    Class(BehaviourClass),
+    /// A provider described by a profile (a profile file), its lifetimes scaled
+    /// as [`ProviderSpec::scaled_profile`] says.
+    Profile(ProviderProfile),
+}
+
+impl ModelProvider {
+    /// The provider model, lifetimes in seconds.
+    pub fn spec(&self) -> ProviderSpec {
+        match self {
+            ModelProvider::Class(class) => ProviderSpec::scaled(*class),
+            ModelProvider::Profile(profile) => ProviderSpec::scaled_profile(profile),
+        }
+    }
+
+    /// The class's name, or the profile's.
+    pub fn name(&self) -> String {
+        match self {
+            ModelProvider::Class(class) => class.name().into(),
+            ModelProvider::Profile(profile) => format!("profile {}", profile.name),
+        }
+    }
+}
+
+impl From<BehaviourClass> for ModelProvider {
+    fn from(class: BehaviourClass) -> Self {
+        ModelProvider::Class(class)
+    }
+}
 
 /// A fault the model may inject. Each injection spends one unit of the fault budget
 /// (except [`WrongClient`](FaultKind::WrongClient), a standing misconfiguration).
@@ -101,7 +136,7 @@ pub struct ModelConfig {
     /// Number of workers sharing the connection.
     pub workers: usize,
     /// How the provider behaves.
-    pub class: BehaviourClass,
+    pub provider: ModelProvider,
     /// Faults the model may inject.
     pub faults: BTreeSet<FaultKind>,
     /// At most this many fault injections per behaviour.
@@ -121,10 +156,10 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// The default configuration of a class: every fault kind, one fault, two time
     /// jumps, one request per worker.
-    pub fn new(class: BehaviourClass, workers: usize) -> Self {
+    pub fn new(provider: impl Into<ModelProvider>, workers: usize) -> Self {
         ModelConfig {
             workers,
-            class,
+            provider: provider.into(),
             faults: FaultKind::ALL.into_iter().collect(),
             max_faults: 1,
             max_ticks: 2,
@@ -145,7 +180,7 @@ impl ModelConfig {
         format!(
             "{} workers, provider {}, strategy {}, faults [{}] (at most {}), {} time jumps, {} request(s){} per worker",
             self.workers,
-            self.class,
+            self.provider.name(),
             self.strategy.name(),
             if faults.is_empty() { "none".into() } else { faults.join(",") },
             self.max_faults,

@@ -30,7 +30,7 @@ mod state;
 mod step;
 pub mod trace;
 
-pub use config::{FaultKind, ModelConfig, Strategy};
+pub use config::{FaultKind, ModelConfig, ModelProvider, Strategy};
 pub use state::{
     describe_record, owner_name, owner_slot, representative, show_refresh, Breach, Flight,
     GrantCheck, Orphan, Seen, State, StoreCommand, Worker, WorkerGhost,
@@ -152,7 +152,7 @@ impl TokenfenceModel {
         if cfg.workers == 0 || cfg.workers > 8 {
             return Err(format!("--workers must be 1..=8, not {}", cfg.workers));
         }
-        let spec = Arc::new(ProviderSpec::scaled(cfg.class));
+        let spec = Arc::new(cfg.provider.spec());
         let settings = model_settings();
         let config_for = |client: usize| {
             Arc::new(Config {

@@ -44,7 +44,7 @@ impl World {
         });
         invariants::sound_reauth_within(
             stored,
-            &self.spec.profile,
+            &self.specs[conn.kind].profile,
             self.settings.in_doubt_safety,
             &conn.provider.truth(grant, self.now),
             conn.unsettled.iter().chain(&conn.taken_over).chain(senders),
@@ -69,7 +69,7 @@ impl World {
         // replays (an earlier token's replay demotes the stored one): keep the
         // ghost small.
         let stored_refresh = stored.refresh.clone();
-        if self.spec.profile.rotation.grace_replay != tokenfence_core::GraceReplay::Fork {
+        if self.spec(c).profile.rotation.grace_replay != tokenfence_core::GraceReplay::Fork {
             let conn = &mut self.conns[c];
             conn.unsettled.retain(|u| u.token == stored_refresh);
             conn.taken_over.retain(|u| u.token == stored_refresh);
@@ -98,7 +98,8 @@ impl World {
                 pending.push(&r.refresh);
             }
         }
-        let profile = &self.spec.profile;
+        let spec = self.spec(c);
+        let profile = &spec.profile;
         let s2 =
             invariants::no_self_inflicted_loss(stored, profile, resolving, pending, &truth).err();
         let s3 = invariants::no_self_inflicted_replay(&truth).err();

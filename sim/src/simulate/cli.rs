@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tokenfence_sim::simulate::{
-    replay_target, run_seed, FaultChoice, Fleet, LeaseClock, SeedReport, SimOptions, TraceTarget,
+    replay_target, run_seed, FaultChoice, FleetProvider, LeaseClock, SeedReport, SimOptions, TraceTarget,
 };
 use tokenfence_sim::strategy::Strategy;
 
@@ -34,9 +34,12 @@ pub struct SimulateArgs {
     /// Days of traffic and faults, before the heal phase.
     #[arg(long, default_value_t = 365)]
     days: u64,
-    /// Provider of the fleet: intuit, xero, atlassian, google, github,
-    /// reuse-detection, short-lived (60-second access tokens).
-    #[arg(long, default_value = "intuit")]
+    /// Providers of the fleet, comma-separated (connections are spread over them
+    /// in turn): intuit, xero, atlassian, google, github, reuse-detection,
+    /// short-lived (60-second access tokens), or a profile file (.toml or .json).
+    /// The default mixes four classes: periodic rotation with grace (Intuit),
+    /// rotation with grace (Xero), none (Google), strict rotation (GitHub).
+    #[arg(long, default_value = "intuit,xero,google,github")]
     provider: String,
     /// Faults: all (every kind, intensities drawn from the seed), swarm (a random
     /// subset per seed, as the test suite runs), none, or a list of 5xx, 429,
@@ -76,14 +79,7 @@ fn bad_args(message: &str) -> ExitCode {
 }
 
 fn options(args: &SimulateArgs) -> Result<SimOptions, String> {
-    let fleet = Fleet::from_name(&args.provider).ok_or_else(|| {
-        let known: Vec<_> = Fleet::ALL.iter().map(|f| f.name()).collect();
-        format!(
-            "unknown provider `{}`; known: {}",
-            args.provider,
-            known.join(", ")
-        )
-    })?;
+    let fleet = FleetProvider::parse_list(&args.provider)?;
     let strategies = match args.strategies.trim() {
         "all" => Strategy::ALL.to_vec(),
         list => list

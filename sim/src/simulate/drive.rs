@@ -45,7 +45,7 @@ impl World {
             .iter()
             .position(|x| *x == w)
             .unwrap_or(0);
-        let config = self.procs[p].configs[index].clone();
+        let config = self.procs[p].configs[index][self.conns[c].kind].clone();
         let entropy = self.rng.next_u64();
         self.workers[w].slots[c] = Some(Box::new(Slot {
             conn: Connection::new(self.conns[c].id.clone(), config, entropy),
@@ -270,7 +270,7 @@ impl World {
                     mut record,
                 } => {
                     let strategy = self.strategy;
-                    let spec = self.spec.clone();
+                    let spec = self.spec(c);
                     let profile = &spec.profile;
                     let Some(slot) = self.slot(w, c) else { return };
                     let check = slot.ghost.check.take_if(|(_, grant, _)| {
@@ -494,7 +494,7 @@ impl World {
         if was_live {
             if let Status::ReauthRequired { reason, .. } = status {
                 let truth_ok = self.sound_reauth(c).is_none();
-                let grace = self.spec.profile.rotation.grace;
+                let grace = self.spec(c).profile.rotation.grace;
                 if reason == ReauthReason::LostRotation && grace >= tokenfence_core::hours(1) {
                     self.ledger.violation("S2", c, now, || {
                         format!(
@@ -985,7 +985,7 @@ impl World {
             self.conns[c].provider.mark_received(t);
         }
         let strategy = self.strategy;
-        let spec = self.spec.clone();
+        let spec = self.spec(c);
         let profile = &spec.profile;
         let parsed = parse_token_reply(profile, &reply);
         let sent_local = self.sent_local(w, c);
@@ -1075,7 +1075,7 @@ impl World {
         let p = self.workers[w].process;
         let local = self.local_now(p);
         // The margin, never more than half the lifetime the provider grants.
-        let margin = self.settings.access_margin.min(self.spec.access_ttl / 2);
+        let margin = self.settings.access_margin.min(self.spec(c).access_ttl / 2);
         let Some(slot) = self.slot(w, c) else { return };
         let Some(i) = slot.callers.iter().position(|k| k.id == request) else {
             self.ledger.violation("contract", c, now, || {

@@ -28,7 +28,7 @@ pub mod workload;
 mod world;
 
 pub use ledger::Violation;
-pub use options::{Derived, Fault, FaultChoice, Fleet, LeaseClock, SimOptions};
+pub use options::{Derived, Fault, FaultChoice, Fleet, FleetProvider, LeaseClock, SimOptions};
 pub use report::{SeedReport, StrategyReport};
 
 use crate::strategy::Strategy;

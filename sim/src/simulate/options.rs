@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use tokenfence_core::{days, ProviderProfile, Rotation};
+use tokenfence_core::{days, ProviderProfile};
 
 /// The provider every connection of the fleet talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -85,13 +85,70 @@ impl Fleet {
                 )
             },
         };
-        let spec = ProviderSpec {
-            access_ttl: base.default_access_ttl,
-            echo_refresh_token: base.rotation.rotation != Rotation::Never,
-            profile: base,
-            clients: ProviderSpec::default_clients(),
-        };
-        with_cap(spec, hard_lifetime)
+        with_cap(ProviderSpec::of_profile(base), hard_lifetime)
+    }
+}
+
+/// One provider of a fleet: a named one, or a provider profile (a built-in profile
+/// or a profile file) simulated with its real lifetimes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FleetProvider {
+    /// A named fleet.
+    Known(Fleet),
+    /// A profile.
+    Profile(ProviderProfile),
+}
+
+impl FleetProvider {
+    /// Parses a comma-separated list of fleet names and profiles (built-in names
+    /// or profile files).
+    pub fn parse_list(list: &str) -> Result<Vec<FleetProvider>, String> {
+        let parsed = list
+            .split(',')
+            .map(|item| {
+                let item = item.trim();
+                match Fleet::from_name(item) {
+                    Some(fleet) => Ok(FleetProvider::Known(fleet)),
+                    None => ProviderProfile::named_or_file(item)
+                        .map(FleetProvider::Profile)
+                        .map_err(|e| {
+                            let known: Vec<_> = Fleet::ALL.iter().map(|f| f.name()).collect();
+                            format!("{e}; or a fleet: {}", known.join(", "))
+                        }),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut names: Vec<String> = parsed.iter().map(|p| p.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.len() < parsed.len() {
+            return Err("--provider names one provider twice".into());
+        }
+        Ok(parsed)
+    }
+
+    /// The fleet's name, or the profile's.
+    pub fn name(&self) -> String {
+        match self {
+            FleetProvider::Known(fleet) => fleet.name().into(),
+            FleetProvider::Profile(profile) => profile.name.clone(),
+        }
+    }
+
+    /// The provider, with real lifetimes; `hard_lifetime` overrides the cap.
+    pub fn spec(&self, hard_lifetime: Option<Duration>) -> ProviderSpec {
+        match self {
+            FleetProvider::Known(fleet) => fleet.spec(hard_lifetime),
+            FleetProvider::Profile(profile) => {
+                with_cap(ProviderSpec::of_profile(profile.clone()), hard_lifetime)
+            }
+        }
+    }
+}
+
+impl From<Fleet> for FleetProvider {
+    fn from(fleet: Fleet) -> Self {
+        FleetProvider::Known(fleet)
     }
 }
 
@@ -255,8 +312,8 @@ pub struct SimOptions {
     pub processes: usize,
     /// Days of faults and traffic before the heal phase.
     pub days: u64,
-    /// The provider of the fleet.
-    pub fleet: Fleet,
+    /// The providers of the fleet: connection `c` talks to `fleet[c % len]`.
+    pub fleet: Vec<FleetProvider>,
     /// Faults.
     pub faults: FaultChoice,
     /// Overrides the provider's hard lifetime (exercises `ReconnectSoon`).
@@ -281,8 +338,9 @@ pub enum LeaseClock {
 }
 
 impl Default for SimOptions {
-    /// The project's main demonstration: 1,000 Intuit connections, 16 workers in 4
-    /// processes, one year, seed 1, swarm faults, every strategy.
+    /// The project's main demonstration: 1,000 connections spread over Intuit,
+    /// Xero, Google and GitHub, 16 workers in 4 processes, one year, seed 1, swarm
+    /// faults, every strategy.
     fn default() -> Self {
         SimOptions {
             seed: 1,
@@ -290,7 +348,9 @@ impl Default for SimOptions {
             workers: 16,
             processes: 4,
             days: 365,
-            fleet: Fleet::Intuit,
+            fleet: [Fleet::Intuit, Fleet::Xero, Fleet::Google, Fleet::Github]
+                .map(FleetProvider::from)
+                .to_vec(),
             faults: FaultChoice::Swarm,
             hard_lifetime: None,
             strategies: Strategy::ALL.to_vec(),
@@ -313,6 +373,9 @@ impl SimOptions {
         }
         if self.hard_lifetime.is_some_and(|d| d < days(90)) {
             return Err("--hard-lifetime must be at least 90 days".into());
+        }
+        if self.fleet.is_empty() || self.fleet.len() > self.connections {
+            return Err("--provider must name between one provider and one per connection".into());
         }
         if self.strategies.is_empty() {
             return Err("--strategies must name at least one strategy".into());

@@ -170,10 +170,9 @@ pub struct OptionsReport {
     pub processes: usize,
     /// Days of traffic and faults.
     pub days: u64,
-    /// The provider.
-    pub provider: &'static str,
-    /// Hard lifetime of refresh tokens, in days, if any.
-    pub hard_lifetime_days: Option<u64>,
+    /// The providers of the fleet, each with the hard lifetime of its refresh
+    /// tokens in days, if any.
+    pub providers: Vec<(String, Option<u64>)>,
 }
 
 /// One seed's results: options, derived options, and every strategy side by side.
@@ -194,14 +193,19 @@ pub struct SeedReport {
 impl SeedReport {
     /// Builds the options part.
     pub fn options(opts: &SimOptions) -> OptionsReport {
-        let spec = opts.fleet.spec(opts.hard_lifetime);
         OptionsReport {
             connections: opts.connections,
             workers: opts.workers,
             processes: opts.processes,
             days: opts.days,
-            provider: opts.fleet.name(),
-            hard_lifetime_days: spec.profile.hard_lifetime.map(|d| d.as_secs() / 86_400),
+            providers: opts
+                .fleet
+                .iter()
+                .map(|f| {
+                    let cap = f.spec(opts.hard_lifetime).profile.hard_lifetime;
+                    (f.name(), cap.map(|d| d.as_secs() / 86_400))
+                })
+                .collect(),
         }
     }
 
@@ -220,16 +224,22 @@ impl SeedReport {
         let o = &self.options;
         let mut out = String::new();
         let _ = writeln!(out, "seed {}", self.seed);
+        let providers: Vec<String> = o
+            .providers
+            .iter()
+            .map(|(name, cap)| {
+                let cap = cap.map_or("no hard lifetime".into(), |d| format!("hard lifetime {d} days"));
+                format!("{name} ({cap})")
+            })
+            .collect();
         let _ = writeln!(
             out,
-            "options: {} {} connections, {} workers in {} processes, {} days then a heal phase, hard lifetime {}",
+            "options: {} connections of {}, {} workers in {} processes, {} days then a heal phase",
             o.connections,
-            o.provider,
+            providers.join(", "),
             o.workers,
             o.processes,
             o.days,
-            o.hard_lifetime_days
-                .map_or("none".into(), |d| format!("{d} days"))
         );
         let fleet: Vec<String> = self.fleet.iter().map(|(k, v)| format!("{v} {k}")).collect();
         let _ = writeln!(out, "fleet: {}", fleet.join(", "));
@@ -317,10 +327,16 @@ impl SeedReport {
                 .map(|(k, v)| format!("{k}×{v}"))
                 .collect();
             let _ = writeln!(out, "{}: {}", s.strategy, list.join(", "));
+            let providers = &self.options.providers;
             for e in s.examples.iter().take(3) {
+                // Connection c talks to provider c mod n (SimOptions::fleet).
+                let provider = match &providers[..] {
+                    [] | [_] => String::new(),
+                    many => format!(" ({})", many[e.connection % many.len()].0),
+                };
                 let _ = writeln!(
                     out,
-                    "  e.g. {} on realm-{:06} at {}: {}",
+                    "  e.g. {} on realm-{:06}{provider} at {}: {}",
                     e.invariant,
                     e.connection + 1,
                     ms(e.at_ms),

@@ -261,12 +261,15 @@ pub(super) struct Process {
     /// When this incarnation last scanned the store (its clock).
     pub last_scan: Option<Timestamp>,
     /// The machine configuration of each worker of the current incarnation.
-    pub configs: Vec<Arc<Config>>,
+    /// Per worker of the process, one configuration per provider of the fleet.
+    pub configs: Vec<Vec<Arc<Config>>>,
 }
 
 /// Per-connection ghost state and bookkeeping.
 pub(super) struct Conn {
     pub id: ConnectionId,
+    /// Which provider of the fleet (an index into [`World::specs`]).
+    pub kind: usize,
     pub provider: Provider,
     /// The newest grant (authorization) of the connection.
     pub grant: Option<GrantId>,
@@ -315,7 +318,8 @@ pub(super) struct Conn {
 pub(super) struct World {
     pub opts: Arc<SimOptions>,
     pub derived: Arc<Derived>,
-    pub spec: Arc<ProviderSpec>,
+    /// The providers of the fleet ([`Conn::kind`] indexes them).
+    pub specs: Vec<Arc<ProviderSpec>>,
     pub settings: Settings,
     pub strategy: Strategy,
     pub now: Timestamp,
@@ -346,6 +350,11 @@ const NEW_CONNECTIONS_PER_YEAR: f64 = 0.1;
 const RECONNECT_CHANCE: f64 = 0.5;
 
 impl World {
+    /// The provider connection `c` talks to.
+    pub fn spec(&self, c: usize) -> Arc<ProviderSpec> {
+        self.specs[self.conns[c].kind].clone()
+    }
+
     /// Builds the world of `strategy` for `opts` and seeds the first events.
     pub fn new(
         opts: Arc<SimOptions>,
@@ -353,7 +362,11 @@ impl World {
         strategy: Strategy,
         traced: Option<usize>,
     ) -> Self {
-        let spec = Arc::new(opts.fleet.spec(opts.hard_lifetime));
+        let specs = opts
+            .fleet
+            .iter()
+            .map(|f| Arc::new(f.spec(opts.hard_lifetime)))
+            .collect();
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         rng.set_stream(STREAM_RUN);
         let end = START.saturating_add(days(opts.days));
@@ -389,7 +402,7 @@ impl World {
             settings: Settings::default(),
             opts,
             derived,
-            spec,
+            specs,
             strategy,
             now: START,
             end,
@@ -440,12 +453,17 @@ impl World {
             .workers
             .iter()
             .map(|w| {
-                Arc::new(Config {
-                    profile: self.spec.profile.clone(),
-                    client: self.spec.clients[0].credentials(),
-                    worker: WorkerId(format!("p{}w{}#{}", p + 1, w + 1, inc)),
-                    settings: self.settings.clone(),
-                })
+                self.specs
+                    .iter()
+                    .map(|spec| {
+                        Arc::new(Config {
+                            profile: spec.profile.clone(),
+                            client: spec.clients[0].credentials(),
+                            worker: WorkerId(format!("p{}w{}#{}", p + 1, w + 1, inc)),
+                            settings: self.settings.clone(),
+                        })
+                    })
+                    .collect()
             })
             .collect();
         self.procs[p].configs = configs;
@@ -454,9 +472,11 @@ impl World {
     fn add_connection(&mut self) -> usize {
         let c = self.conns.len();
         let herd = self.derived.rate(Fault::Herd);
+        let kind = c % self.specs.len();
         self.conns.push(Conn {
             id: ConnectionId(format!("realm-{:06}", c + 1)),
-            provider: Provider::new(self.spec.clone()),
+            kind,
+            provider: Provider::new(self.specs[kind].clone()),
             grant: None,
             workload: Workload::new(self.opts.seed, c, herd, START),
             due: None,
@@ -483,20 +503,21 @@ impl World {
     /// A connection that was authorized before the run: its age and last refresh
     /// come from its workload stream, its record is in the store at the start.
     fn bootstrap(&mut self, c: usize) {
-        let profile = &self.spec.profile;
+        let spec = self.spec(c);
+        let profile = &spec.profile;
         let (age, last) = self.conns[c]
             .workload
             .history(profile.hard_lifetime, profile.idle_window);
         let authorized_at = START.saturating_sub(age);
         let refreshed_at = START.saturating_sub(last);
-        let client = self.spec.clients[0].clone();
+        let client = spec.clients[0].clone();
+        let identity = self.procs[0].configs[0][self.conns[c].kind].identity();
         let conn = &mut self.conns[c];
         let (grant, reply) = conn.provider.authorize(&client.client_id, authorized_at);
         conn.grant = Some(grant);
         let Ok(tokens) = parse_token_reply(profile, &reply) else {
             return;
         };
-        let identity = self.procs[0].configs[0].identity();
         let Some(mut record) = ConnectionRecord::from_authorization(
             conn.id.clone(),
             identity,
@@ -806,7 +827,8 @@ impl World {
         if self.healing {
             return;
         }
-        let client = self.spec.clients[0].client_id.clone();
+        let spec = self.spec(c);
+        let client = spec.clients[0].client_id.clone();
         let now = self.now;
         let first = self.conns[c].grant.is_none();
         if !first {
@@ -821,7 +843,7 @@ impl World {
         }
         let (grant, reply) = self.conns[c].provider.authorize(&client, now);
         self.conns[c].grant = Some(grant);
-        let Ok(tokens) = parse_token_reply(&self.spec.profile, &reply) else {
+        let Ok(tokens) = parse_token_reply(&spec.profile, &reply) else {
             return;
         };
         self.ledger.authorizations += 1;

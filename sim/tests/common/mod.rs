@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokenfence_sim::check::{run_check, CheckOptions, CheckReport, Search, Verdict};
-use tokenfence_sim::model::{FaultKind, ModelConfig, Strategy};
+use tokenfence_sim::model::{FaultKind, ModelConfig, ModelProvider, Strategy};
 use tokenfence_sim::provider::BehaviourClass;
 
 /// Every fault that spends the budget (all but the standing misconfiguration).
@@ -20,7 +20,7 @@ pub fn runtime_faults() -> BTreeSet<FaultKind> {
 }
 
 /// A tokenfence configuration.
-pub fn config(class: BehaviourClass, workers: usize, max_ticks: u8) -> ModelConfig {
+pub fn config(class: impl Into<ModelProvider>, workers: usize, max_ticks: u8) -> ModelConfig {
     ModelConfig {
         faults: runtime_faults(),
         max_ticks,
