@@ -117,6 +117,8 @@ pub struct ConnectionStatus {
     pub realm_id: Option<String>,
     /// Imported and not yet proven by a refresh: since when.
     pub imported_at: Option<Timestamp>,
+    /// The provider, environment and client the connection was authorized with.
+    pub identity: GrantIdentity,
 }
 
 impl From<&ConnectionRecord> for ConnectionStatus {
@@ -130,6 +132,7 @@ impl From<&ConnectionRecord> for ConnectionStatus {
             last_refreshed_at: r.last_refreshed_at,
             realm_id: r.realm_id.clone(),
             imported_at: r.imported_at,
+            identity: r.identity.clone(),
         }
     }
 }

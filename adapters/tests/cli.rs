@@ -36,17 +36,26 @@ impl Env {
 }
 
 async fn run(env: &Env, args: &[&str]) -> (i32, String) {
+    let token_url = format!("{}{TOKEN_PATH}", env.base);
+    let revoke_url = format!("{}{REVOKE_PATH}", env.base);
+    let mut all = vec!["--token-url", &token_url, "--revoke-url", &revoke_url];
+    all.extend_from_slice(args);
+    let client = [
+        ("TOKENFENCE_CLIENT_ID", "prod-app"),
+        ("TOKENFENCE_CLIENT_SECRET", env.secret),
+    ];
+    exec(env, &all, &client).await
+}
+
+/// Runs the CLI on `env`'s store and keyring with `args` and `vars`; asserts that
+/// no client secret is printed.
+async fn exec(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenfence"))
         .arg("--store")
         .arg(&env.store)
-        .arg("--token-url")
-        .arg(format!("{}{TOKEN_PATH}", env.base))
-        .arg("--revoke-url")
-        .arg(format!("{}{REVOKE_PATH}", env.base))
         .args(args)
         .env("TOKENFENCE_KEYRING", &env.keyring)
-        .env("TOKENFENCE_CLIENT_ID", "prod-app")
-        .env("TOKENFENCE_CLIENT_SECRET", env.secret)
+        .envs(vars.iter().copied())
         .output()
         .await
         .expect("run tokenfence");
@@ -55,10 +64,9 @@ async fn run(env: &Env, args: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !text.contains("prod-secret") && !text.contains(env.secret),
-        "the client secret leaked: {text}"
-    );
+    for secret in [env.secret, "prod-secret", "sandbox-secret"] {
+        assert!(!text.contains(secret), "a client secret leaked: {text}");
+    }
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -102,7 +110,10 @@ async fn operate_a_connection_from_the_command_line() {
 
     let (status, out) = run(&env, &["list"]).await;
     assert_eq!(status, 0, "{out}");
-    assert!(out.contains("realm-1\tactive\tg0"), "{out}");
+    assert!(
+        out.contains("realm-1\tintuit/production prod-app\tactive\tg0"),
+        "{out}"
+    );
 
     let (status, out) = run(&env, &["refresh", "realm-1"]).await;
     assert_eq!(status, 0, "{out}");
@@ -165,7 +176,10 @@ async fn operate_a_connection_from_the_command_line() {
         ..env
     };
     let (status, out) = run(&env, &["list"]).await;
-    assert!(status == 0 && out.contains("realm-1\tactive\tg4"), "{out}");
+    assert!(
+        status == 0 && out.contains("realm-1\tintuit/production prod-app\tactive\tg4"),
+        "{out}"
+    );
 
     let (status, out) = run(&env, &["revoke", "realm-1"]).await;
     assert_eq!(status, 0, "{out}");
@@ -240,7 +254,7 @@ async fn import_existing_connections_from_the_command_line() {
     assert_eq!(status, 0, "{out}");
     assert!(
         out.contains(
-            "company-1\tactive, imported (not yet proven by a refresh)\tg0\tno access token\tidle deadline unknown"
+            "company-1\tintuit/production prod-app\tactive, imported (not yet proven by a refresh)\tg0\tno access token\tidle deadline unknown"
         ),
         "{out}"
     );
@@ -287,4 +301,133 @@ async fn import_existing_connections_from_the_command_line() {
     assert!(out.contains("line 3: not a JSON object"), "{out}");
     assert!(out.contains("nothing imported"), "{out}");
     assert!(!out.contains(&refresh), "a token was echoed: {out}");
+}
+
+/// One CLI over connections of three clients of two providers: Intuit
+/// production and sandbox, and a rotating provider described by a profile file;
+/// each is refreshed with its own client at its own endpoint (the mocks refuse any
+/// other), each client's credentials come from its own environment variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_providers_and_clients_from_one_command_line() {
+    use tokenfence_sim::mock::Control;
+    use tokenfence_sim::provider::BehaviourClass;
+    let (intuit, intuit_base) = serve_mock(ProviderSpec::intuit()).await;
+    let (acme, acme_base) = serve_mock(ProviderSpec::scaled(BehaviourClass::ReuseDetection)).await;
+    let env = Env::new(intuit_base);
+    let _ = acme_base;
+    // Profile files for both, pointing at the mocks (a profile as a user writes it).
+    let dir = env._dir.path();
+    let intuit_file = dir.join("intuit.toml");
+    std::fs::write(&intuit_file, intuit.spec().profile.to_toml()).unwrap();
+    let acme_file = dir.join("acme.toml");
+    let acme_profile = tokenfence_core::ProviderProfile {
+        name: "acme".into(),
+        ..acme.spec().profile
+    };
+    std::fs::write(&acme_file, acme_profile.to_toml()).unwrap();
+    let token = |mock: &tokenfence_sim::mock::MockProvider, client: &str| {
+        let answer = mock.control(Control::Authorize {
+            client_id: client.into(),
+        });
+        answer["tokens"]["refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let lines = [
+        ("books-prod", "intuit", "production", "prod-app", token(&intuit, "prod-app")),
+        ("books-test", "intuit", "sandbox", "sandbox-app", token(&intuit, "sandbox-app")),
+        ("acme-1", "acme", "production", "prod-app", token(&acme, "prod-app")),
+    ]
+    .map(|(id, provider, environment, client, refresh)| {
+        format!(
+            r#"{{"id":"{id}","provider":"{provider}","environment":"{environment}","client_id":"{client}","refresh_token":"{refresh}"}}"#
+        )
+    });
+    let export = dir.join("export.jsonl");
+    std::fs::write(&export, lines.join("\n")).unwrap();
+    let sandbox = format!("{}@sandbox", intuit_file.display());
+    let providers = [
+        "--provider",
+        intuit_file.to_str().unwrap(),
+        "--provider",
+        &sandbox,
+        "--provider",
+        acme_file.to_str().unwrap(),
+    ];
+    let vars = [
+        ("TOKENFENCE_INTUIT_CLIENT_ID", "prod-app"),
+        ("TOKENFENCE_INTUIT_CLIENT_SECRET", "prod-secret"),
+        ("TOKENFENCE_INTUIT_SANDBOX_CLIENT_ID", "sandbox-app"),
+        ("TOKENFENCE_INTUIT_SANDBOX_CLIENT_SECRET", "sandbox-secret"),
+        ("TOKENFENCE_ACME_CLIENT_ID", "prod-app"),
+        ("TOKENFENCE_ACME_CLIENT_SECRET", "prod-secret"),
+    ];
+    let cli = |extra: &[&str]| {
+        let mut args = providers.to_vec();
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let call = |extra: &[&str]| {
+        let args = cli(extra);
+        let env = &env;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            exec(env, &args, &vars).await
+        }
+    };
+    let (status, out) = call(&["import", export.to_str().unwrap()]).await;
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("3 created"), "{out}");
+    for id in ["books-prod", "books-test", "acme-1"] {
+        let (status, out) = call(&["refresh", id]).await;
+        assert_eq!(status, 0, "{out}");
+        assert!(out.contains(&format!("refreshed {id}: g1")), "{out}");
+    }
+    assert_eq!(intuit.stats().refreshes, 2);
+    assert_eq!(acme.stats().refreshes, 1);
+    let (status, out) = call(&["list"]).await;
+    assert_eq!(status, 0, "{out}");
+    for line in [
+        "books-prod\tintuit/production prod-app\tactive\tg1",
+        "books-test\tintuit/sandbox sandbox-app\tactive\tg1",
+        "acme-1\tacme/production prod-app\tactive\tg1",
+    ] {
+        assert!(out.contains(line), "{line} in {out}");
+    }
+
+    // A client whose credentials are missing is named; nothing runs.
+    let args = cli(&["refresh", "acme-1"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, out) = exec(&env, &args, &vars[..4]).await;
+    assert_eq!(status, 2, "{out}");
+    assert!(
+        out.contains("set TOKENFENCE_ACME_CLIENT_ID in the environment"),
+        "{out}"
+    );
+    // Endpoint overrides are for one provider only; an unknown provider is named.
+    let (status, out) = call(&["--token-url", "http://127.0.0.1:1/t", "refresh", "acme-1"]).await;
+    assert_eq!(status, 2, "{out}");
+    assert!(out.contains("need exactly one --provider"), "{out}");
+    let (status, out) = exec(&env, &["--provider", "intuitt", "refresh", "acme-1"], &vars).await;
+    assert_eq!(status, 2, "{out}");
+    assert!(out.contains("unknown provider `intuitt`"), "{out}");
+    // A profile file with a mistake says which field.
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\ntoken_url = \"http://example.com/t\"\n",
+    )
+    .unwrap();
+    let (status, out) = exec(
+        &env,
+        &["--provider", bad.to_str().unwrap(), "refresh", "acme-1"],
+        &vars,
+    )
+    .await;
+    assert_eq!(status, 2, "{out}");
+    assert!(
+        out.contains("`token_url`") && out.contains("must use https"),
+        "{out}"
+    );
 }

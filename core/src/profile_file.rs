@@ -256,10 +256,7 @@ impl Checker<'_> {
                 return Err(self.invalid("rotation.period", "is needed when mode = \"periodic\""))
             }
             (_, Some(_)) => {
-                return Err(self.invalid(
-                    "rotation.period",
-                    "applies only to mode = \"periodic\"",
-                ))
+                return Err(self.invalid("rotation.period", "applies only to mode = \"periodic\""))
             }
             (Mode::Never, None) => Rotation::Never,
             (Mode::EveryRefresh, None) => Rotation::EveryRefresh,
@@ -306,10 +303,18 @@ impl Checker<'_> {
                 && h.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
         };
-        if doc.transaction_id_header.as_ref().is_some_and(|h| !header_ok(h)) {
+        if doc
+            .transaction_id_header
+            .as_ref()
+            .is_some_and(|h| !header_ok(h))
+        {
             return Err(self.invalid("transaction_id_header", "is not an HTTP header name"));
         }
-        if doc.invalid_grant_aliases.iter().any(|a| a.trim().is_empty()) {
+        if doc
+            .invalid_grant_aliases
+            .iter()
+            .any(|a| a.trim().is_empty())
+        {
             return Err(self.invalid("invalid_grant_aliases", "holds an empty code"));
         }
         let default_access_ttl = self.span("access_ttl", &doc.access_ttl)?;
@@ -499,9 +504,17 @@ reuse_detection = true
         for name in BUILT_IN {
             let p = ProviderProfile::built_in(name).unwrap();
             let toml = p.to_toml();
-            assert_eq!(ProviderProfile::from_document(name, &toml).unwrap(), p, "{toml}");
+            assert_eq!(
+                ProviderProfile::from_document(name, &toml).unwrap(),
+                p,
+                "{toml}"
+            );
             let json = serde_json::to_string(&ProfileDoc::from(&p)).unwrap();
-            assert_eq!(ProviderProfile::from_document(name, &json).unwrap(), p, "{json}");
+            assert_eq!(
+                ProviderProfile::from_document(name, &json).unwrap(),
+                p,
+                "{json}"
+            );
         }
     }
 
@@ -533,7 +546,11 @@ reuse_detection = true
 
     #[test]
     fn plain_http_is_only_for_loopback() {
-        for url in ["http://127.0.0.1:8080/token", "http://localhost/token", "http://[::1]:9/t"] {
+        for url in [
+            "http://127.0.0.1:8080/token",
+            "http://localhost/token",
+            "http://[::1]:9/t",
+        ] {
             let text = format!("name = \"x\"\ntoken_url = \"{url}\"");
             assert!(ProviderProfile::from_document("t", &text).is_ok(), "{url}");
         }

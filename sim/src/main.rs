@@ -17,9 +17,9 @@ mod simulate_cli;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
+use tokenfence_core::ProviderProfile;
 use tokenfence_sim::check::{explore, run_check, CheckOptions, Search};
 use tokenfence_sim::mock::MockProvider;
-use tokenfence_core::ProviderProfile;
 use tokenfence_sim::model::{FaultKind, ModelConfig, ModelProvider, Strategy};
 use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
@@ -181,7 +181,9 @@ fn mock_provider(args: MockArgs) -> ExitCode {
     names.sort_unstable();
     names.dedup();
     if names.len() < specs.len() {
-        return bad_args("two --profile values name the same provider; each is served under its name");
+        return bad_args(
+            "two --profile values name the same provider; each is served under its name",
+        );
     }
     if !args.addr.ip().is_loopback() {
         return bad_args("--addr must be a loopback address");
@@ -250,11 +252,14 @@ fn bad_args(message: &str) -> ExitCode {
 
 fn check(args: CheckArgs) -> ExitCode {
     let providers: Vec<ModelProvider> = match args.provider.as_str() {
-        "all" => BehaviourClass::ALL.into_iter().map(ModelProvider::from).collect(),
+        "all" => BehaviourClass::ALL
+            .into_iter()
+            .map(ModelProvider::from)
+            .collect(),
         name => match BehaviourClass::from_name(name) {
             Some(c) => vec![c.into()],
             None => match ProviderProfile::named_or_file(name) {
-                Ok(profile) => vec![ModelProvider::Profile(profile)],
+                Ok(profile) => vec![ModelProvider::Profile(Box::new(profile))],
                 Err(e) => {
                     let known: Vec<_> = BehaviourClass::ALL.iter().map(|c| c.name()).collect();
                     return bad_args(&format!("{e}; or a class: {}, all", known.join(", ")));

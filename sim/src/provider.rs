@@ -95,8 +95,12 @@ impl BehaviourClass {
             }
             BehaviourClass::Periodic => return ProviderProfile::intuit(),
             BehaviourClass::StrictRotation => every(Duration::ZERO, GraceReplay::Idempotent, false),
-            BehaviourClass::GraceIdempotent => every(tokenfence_core::minutes(30), GraceReplay::Idempotent, false),
-            BehaviourClass::GraceFork => every(tokenfence_core::minutes(30), GraceReplay::Fork, false),
+            BehaviourClass::GraceIdempotent => {
+                every(tokenfence_core::minutes(30), GraceReplay::Idempotent, false)
+            }
+            BehaviourClass::GraceFork => {
+                every(tokenfence_core::minutes(30), GraceReplay::Fork, false)
+            }
             BehaviourClass::ReuseDetection => every(Duration::ZERO, GraceReplay::Idempotent, true),
         };
         ProviderProfile {

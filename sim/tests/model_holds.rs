@@ -190,7 +190,7 @@ fn a_provider_profile_file_is_model_checked() {
     // window *and* reuse detection outside it, its lifetimes scaled to seconds.
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../profiles/auth0.toml");
     let profile = tokenfence_core::ProviderProfile::named_or_file(path).expect("valid");
-    let provider = ModelProvider::Profile(profile);
+    let provider = ModelProvider::Profile(Box::new(profile));
     let spec = provider.spec();
     assert!(spec.profile.rotation.reuse_detection && !spec.profile.rotation.grace.is_zero());
     let report = assert_all_hold(config(provider, 2, 1), Search::Bfs);

@@ -4,8 +4,8 @@
 
 use tokenfence_core::days;
 use tokenfence_sim::simulate::{
-    replay_target, run_seed, Fault, FaultChoice, Fleet, FleetProvider, LeaseClock, SeedReport, SimOptions,
-    StrategyReport,
+    replay_target, run_seed, Fault, FaultChoice, Fleet, FleetProvider, LeaseClock, SeedReport,
+    SimOptions, StrategyReport,
 };
 use tokenfence_sim::strategy::Strategy;
 
@@ -303,10 +303,24 @@ fn a_mixed_fleet_shows_the_baselines_failing_in_one_run_and_tokenfence_holding()
                 Fault::StoreOutage,
             ]),
             hard_lifetime: None,
-            ..small(seed, Fleet::Intuit, &[Strategy::Tokenfence, Strategy::NaiveB1, Strategy::NaiveB2, Strategy::NaiveB4])
+            ..small(
+                seed,
+                Fleet::Intuit,
+                &[
+                    Strategy::Tokenfence,
+                    Strategy::NaiveB1,
+                    Strategy::NaiveB2,
+                    Strategy::NaiveB4,
+                ],
+            )
         };
         let report = run(&opts);
-        let providers: Vec<&str> = report.options.providers.iter().map(|(n, _)| n.as_str()).collect();
+        let providers: Vec<&str> = report
+            .options
+            .providers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
         assert_eq!(providers, ["intuit", "xero", "google", "github"]);
         let t = column(&report, Strategy::Tokenfence);
         assert_eq!(t.total_violations(), 0, "seed {seed}: {:?}", t.examples);
@@ -318,7 +332,11 @@ fn a_mixed_fleet_shows_the_baselines_failing_in_one_run_and_tokenfence_holding()
             // B4's loss is the non-rotating provider's (connection c talks to
             // provider c mod 4).
             let b4 = column(&report, Strategy::NaiveB4);
-            assert!(b4.examples.iter().all(|e| e.connection % 4 == 2), "{:?}", b4.examples);
+            assert!(
+                b4.examples.iter().all(|e| e.connection % 4 == 2),
+                "{:?}",
+                b4.examples
+            );
             return;
         }
     }

@@ -1,7 +1,7 @@
 //! `tokenfence`: operate real connections from a store.
 //!
 //! ```text
-//! tokenfence [--store sqlite:PATH|postgres:URL] [--provider intuit|intuit-sandbox]
+//! tokenfence [--store sqlite:PATH|postgres:URL] [--provider PROVIDER]...
 //!            [--token-url URL --revoke-url URL] COMMAND
 //!   list                      every connection with its status and deadlines
 //!   status ID                 one connection
@@ -14,9 +14,19 @@
 //!   import FILE [--replace] [--dry-run]
 //!                             bring existing connections in (JSON lines)
 //! ```
+//! PROVIDER is `intuit` (production credentials), another built-in profile (xero,
+//! atlassian, google, github) or a profile file (.toml or .json), with `@sandbox`
+//! for a sandbox (development) client (`intuit-sandbox` is `intuit@sandbox`);
+//! repeat `--provider` to serve connections of several providers and clients from
+//! one store.
+//!
 //! Secrets come from the environment, never from arguments: `TOKENFENCE_KEYRING`
 //! (`id:base64key,...`; `id:base64key:open` for a key that opens but does not seal
-//! yet, stage 1 of a roll-out), `TOKENFENCE_CLIENT_ID`, `TOKENFENCE_CLIENT_SECRET`.
+//! yet, stage 1 of a roll-out), and each provider's client credentials:
+//! `TOKENFENCE_<NAME>_CLIENT_ID` and `TOKENFENCE_<NAME>_CLIENT_SECRET`, NAME the
+//! provider argument's profile name in capitals with `-` and `.` as `_` (e.g.
+//! `TOKENFENCE_INTUIT_SANDBOX_CLIENT_ID`); with one provider, `TOKENFENCE_CLIENT_ID`
+//! and `TOKENFENCE_CLIENT_SECRET` also do.
 //! Exit status: 0 success, 1 failure, 2 bad arguments or configuration. Logs go
 //! to standard error at `info` (`RUST_LOG` to change it); `--json` makes `list`
 //! and `status` print JSON for scripts.
@@ -29,7 +39,10 @@ use tokenfence::clock::{Clock, SystemClock};
 use tokenfence::crypto::Keyring;
 use tokenfence::store::{PostgresStore, SqliteStore, Store};
 use tokenfence::{ConnectionStatus, ImportOptions, Imported, Provider, TokenManager};
-use tokenfence_core::{ClientSecret, ConnectionId, SecretString, Status, Timestamp};
+use tokenfence_core::{
+    ClientCredentials, ClientSecret, ConnectionId, Environment, ProviderProfile, SecretString,
+    Status, Timestamp,
+};
 
 #[derive(Parser)]
 #[command(
@@ -41,10 +54,13 @@ struct Cli {
     /// The store: sqlite:PATH (default sqlite:tokens.db) or postgres:URL.
     #[arg(long, env = "TOKENFENCE_STORE", default_value = "sqlite:tokens.db")]
     store: String,
-    /// intuit (production credentials) or intuit-sandbox.
-    #[arg(long, default_value = "intuit")]
-    provider: String,
-    /// Override the token endpoint (e.g. a `tokenfence-sim mock-provider` on loopback).
+    /// intuit (production credentials), xero, atlassian, google, github, or a
+    /// profile file (.toml or .json); `@sandbox` for a sandbox client
+    /// (intuit-sandbox = intuit@sandbox). Repeat for several providers or clients.
+    #[arg(long, default_values_t = ["intuit".to_string()])]
+    provider: Vec<String>,
+    /// Override the token endpoint (e.g. a `tokenfence-sim mock-provider` on
+    /// loopback); only with one --provider.
     #[arg(long)]
     token_url: Option<String>,
     /// Override the revocation endpoint.
@@ -141,6 +157,53 @@ fn now() -> Timestamp {
     SystemClock.now()
 }
 
+/// The provider a `--provider` argument names, with its client credentials from
+/// the environment (`single`: the only provider, which may also use the plain
+/// `TOKENFENCE_CLIENT_ID` and `TOKENFENCE_CLIENT_SECRET`).
+fn provider(arg: &str, single: bool) -> Result<Provider, String> {
+    let (named, environment) = match arg
+        .strip_suffix("@sandbox")
+        .or_else(|| arg.strip_suffix("-sandbox").filter(|n| *n == "intuit"))
+    {
+        Some(named) => (named, Environment::Sandbox),
+        None => (arg, Environment::Production),
+    };
+    let profile = ProviderProfile::named_or_file(named)
+        .map_err(|e| format!("{e}; add @sandbox for a sandbox client (intuit-sandbox)"))?;
+    let name = match environment {
+        Environment::Sandbox => format!("{}_sandbox", profile.name),
+        Environment::Production => profile.name.clone(),
+    };
+    let prefix = format!(
+        "TOKENFENCE_{}_",
+        name.to_ascii_uppercase().replace(['-', '.'], "_")
+    );
+    let var = |what: &str| {
+        let own = format!("{prefix}{what}");
+        std::env::var(&own)
+            .or_else(|e| {
+                if single {
+                    std::env::var(format!("TOKENFENCE_{what}"))
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|_| {
+                if single {
+                    format!("set {own} (or TOKENFENCE_{what}) in the environment")
+                } else {
+                    format!("set {own} in the environment")
+                }
+            })
+    };
+    let client = ClientCredentials {
+        client_id: var("CLIENT_ID")?,
+        client_secret: ClientSecret::new(var("CLIENT_SECRET")?),
+        environment,
+    };
+    Ok(Provider { profile, client })
+}
+
 /// An instant as RFC 3339 (seconds), for JSON and for reading.
 fn rfc3339(t: Timestamp) -> String {
     let at = std::time::UNIX_EPOCH + Duration::from_millis(t.as_millis());
@@ -199,8 +262,12 @@ fn status_line(id: &str, s: &ConnectionStatus) -> String {
             |t| format!("{name} {} ({})", &rfc3339(t)[..10], from_now(t)),
         )
     };
+    let who = &s.identity;
     format!(
-        "{id}\t{}\t{}\t{access}\t{}\t{}",
+        "{id}\t{}/{} {}\t{}\t{}\t{access}\t{}\t{}",
+        who.provider,
+        who.environment,
+        who.client_id,
         status_word(s),
         s.generation,
         deadline("idle deadline", s.idle_deadline),
@@ -212,6 +279,9 @@ fn status_json(id: &str, s: &ConnectionStatus) -> String {
     let at = |t: Option<Timestamp>| t.map(rfc3339);
     serde_json::json!({
         "id": id,
+        "provider": s.identity.provider,
+        "environment": s.identity.environment.to_string(),
+        "client_id": s.identity.client_id,
         "status": status_word(s),
         "generation": s.generation.0,
         "realm_id": s.realm_id,
@@ -284,27 +354,30 @@ async fn main() -> ExitCode {
         }
         _ => {}
     }
-    let (client_id, secret) = match (env("TOKENFENCE_CLIENT_ID"), env("TOKENFENCE_CLIENT_SECRET")) {
-        (Ok(id), Ok(secret)) => (id, ClientSecret::new(secret)),
-        (Err(e), _) | (_, Err(e)) => return usage(e),
+    let mut providers = match cli
+        .provider
+        .iter()
+        .map(|arg| provider(arg, cli.provider.len() == 1))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(p) => p,
+        Err(e) => return usage(e),
     };
-    let mut provider = match cli.provider.as_str() {
-        "intuit" => Provider::intuit_production(client_id, secret),
-        "intuit-sandbox" => Provider::intuit_sandbox(client_id, secret),
-        other => {
-            return usage(format!(
-                "unknown provider `{other}` (intuit, intuit-sandbox)"
-            ))
+    if cli.token_url.is_some() || cli.revoke_url.is_some() {
+        let [provider] = &mut providers[..] else {
+            return usage("--token-url and --revoke-url need exactly one --provider (give each provider a profile file instead)");
+        };
+        if let Some(url) = cli.token_url {
+            provider.profile.token_url = url;
         }
-    };
-    if let Some(url) = cli.token_url {
-        provider.profile.token_url = url;
+        if let Some(url) = cli.revoke_url {
+            provider.profile.revoke_url = Some(url);
+        }
     }
-    if let Some(url) = cli.revoke_url {
-        provider.profile.revoke_url = Some(url);
-    }
-    let tokens = match TokenManager::builder()
-        .provider(provider)
+    let builder = providers
+        .into_iter()
+        .fold(TokenManager::builder(), |b, p| b.provider(p));
+    let tokens = match builder
         .shared_store(store.shared())
         .keepalive_scan(None)
         .build()

@@ -13,7 +13,7 @@ pub enum ModelProvider {
     Class(BehaviourClass),
     /// A provider described by a profile (a profile file), its lifetimes scaled
     /// as [`ProviderSpec::scaled_profile`] says.
-    Profile(ProviderProfile),
+    Profile(Box<ProviderProfile>),
 }
 
 impl ModelProvider {

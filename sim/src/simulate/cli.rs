@@ -10,7 +10,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tokenfence_sim::simulate::{
-    replay_target, run_seed, FaultChoice, FleetProvider, LeaseClock, SeedReport, SimOptions, TraceTarget,
+    replay_target, run_seed, FaultChoice, FleetProvider, LeaseClock, SeedReport, SimOptions,
+    TraceTarget,
 };
 use tokenfence_sim::strategy::Strategy;
 

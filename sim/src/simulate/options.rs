@@ -96,7 +96,7 @@ pub enum FleetProvider {
     /// A named fleet.
     Known(Fleet),
     /// A profile.
-    Profile(ProviderProfile),
+    Profile(Box<ProviderProfile>),
 }
 
 impl FleetProvider {
@@ -110,7 +110,7 @@ impl FleetProvider {
                 match Fleet::from_name(item) {
                     Some(fleet) => Ok(FleetProvider::Known(fleet)),
                     None => ProviderProfile::named_or_file(item)
-                        .map(FleetProvider::Profile)
+                        .map(|p| FleetProvider::Profile(Box::new(p)))
                         .map_err(|e| {
                             let known: Vec<_> = Fleet::ALL.iter().map(|f| f.name()).collect();
                             format!("{e}; or a fleet: {}", known.join(", "))
@@ -140,7 +140,7 @@ impl FleetProvider {
         match self {
             FleetProvider::Known(fleet) => fleet.spec(hard_lifetime),
             FleetProvider::Profile(profile) => {
-                with_cap(ProviderSpec::of_profile(profile.clone()), hard_lifetime)
+                with_cap(ProviderSpec::of_profile((**profile).clone()), hard_lifetime)
             }
         }
     }

@@ -228,7 +228,9 @@ impl SeedReport {
             .providers
             .iter()
             .map(|(name, cap)| {
-                let cap = cap.map_or("no hard lifetime".into(), |d| format!("hard lifetime {d} days"));
+                let cap = cap.map_or("no hard lifetime".into(), |d| {
+                    format!("hard lifetime {d} days")
+                });
                 format!("{name} ({cap})")
             })
             .collect();
