@@ -635,7 +635,7 @@ impl TokenManager {
         let c = self.registered(client)?;
         let deadline = self.inner.clock.now().saturating_add(c.settings.lease_ttl);
         let request =
-            authorization_code_request(&c.profile, &c.client, &code, redirect_uri, deadline);
+            authorization_code_request(&c.profile, &c.client, &code, redirect_uri, None, deadline);
         let grant = match self.inner.transport.send(&request).await {
             Delivery::Replied(reply) => parse_token_reply(&c.profile, &reply)?,
             Delivery::NotSent | Delivery::OutcomeUnknown => {

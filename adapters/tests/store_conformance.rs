@@ -15,10 +15,11 @@ use tokenfence::store::{
     CasOutcome, DueWork, LeaseClock, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore,
     SqliteStore, Store, StoreError,
 };
+use tokenfence_core::connect::Reconnect;
 use tokenfence_core::{
     days, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind,
-    Generation, GrantIdentity, Lease, LeaseRequestId, ReauthReason, RefreshToken, Status,
-    Timestamp, WorkerId,
+    Generation, GrantIdentity, Lease, LeaseRequestId, PendingAuthorization, ReauthReason,
+    RefreshToken, SecretString, Status, Timestamp, WorkerId,
 };
 
 // ---------------------------------------------------------------------------
@@ -299,7 +300,11 @@ impl Backend for PgBackend {
     async fn raw_bytes(&self) -> Vec<u8> {
         let client = self.raw().await;
         let mut all = Vec::new();
-        for table in ["tokenfence_connections", "tokenfence_leases"] {
+        for table in [
+            "tokenfence_connections",
+            "tokenfence_leases",
+            "tokenfence_pending_authorizations",
+        ] {
             let sql = format!(
                 "SELECT convert_to(t::text, 'UTF8') FROM \"{}\".{table} t",
                 self.schema
@@ -310,6 +315,13 @@ impl Backend for PgBackend {
         }
         let sql = format!(
             "SELECT sealed FROM \"{}\".tokenfence_connections",
+            self.schema
+        );
+        for row in client.query(&sql, &[]).await.unwrap() {
+            all.extend(row.get::<_, Vec<u8>>(0));
+        }
+        let sql = format!(
+            "SELECT sealed FROM \"{}\".tokenfence_pending_authorizations",
             self.schema
         );
         for row in client.query(&sql, &[]).await.unwrap() {
@@ -1546,6 +1558,95 @@ async fn no_secret_is_stored_in_the_clear<B: Backend>(b: &B) {
     );
 }
 
+fn pending(conn: &str, expires_at: Timestamp) -> PendingAuthorization {
+    PendingAuthorization {
+        connection: id(conn),
+        identity: record(conn, 0).identity,
+        redirect_uri: "https://app.example/callback".into(),
+        verifier: Some(SecretString::new(format!("PKCE-secret-{conn}"))),
+        created_at: T0,
+        expires_at,
+        reconnect: Some(Reconnect {
+            realm_id: Some("9130".into()),
+        }),
+        replace_realm: false,
+    }
+}
+
+async fn pending_authorizations_are_taken_once<B: Backend>(b: &B) {
+    // Two stores over the same place, like two processes.
+    let stores = [b.open(keyring()).await, b.open(keyring()).await];
+    let a = pending("a", at(600));
+    stores[0].put_pending("key-a", &a, T0).await.unwrap();
+    stores[0]
+        .put_pending("key-b", &pending("b", at(600)), T0)
+        .await
+        .unwrap();
+    assert_eq!(stores[1].take_pending("key-a").await.unwrap(), Some(a));
+    assert_eq!(
+        stores[0].take_pending("key-a").await.unwrap(),
+        None,
+        "used twice"
+    );
+    assert_eq!(
+        stores[1].take_pending("key-a").await.unwrap(),
+        None,
+        "used twice"
+    );
+    assert_eq!(stores[0].take_pending("never-put").await.unwrap(), None);
+    // Expired ones are dropped as new ones are written; live ones stay.
+    stores[0]
+        .put_pending("key-old", &pending("old", at(10)), T0)
+        .await
+        .unwrap();
+    stores[1]
+        .put_pending("key-new", &pending("new", at(620)), at(20))
+        .await
+        .unwrap();
+    assert_eq!(stores[0].take_pending("key-old").await.unwrap(), None);
+    assert!(stores[0].take_pending("key-b").await.unwrap().is_some());
+    // Callbacks racing for one state, on both stores: exactly one wins, every time.
+    for round in 0..20 {
+        let key = format!("race-{round}");
+        stores[0]
+            .put_pending(&key, &pending("race", at(600)), T0)
+            .await
+            .unwrap();
+        let takers: Vec<_> = (0..6)
+            .map(|t| {
+                let s = Arc::clone(&stores[t % 2]);
+                let key = key.clone();
+                tokio::spawn(async move { s.take_pending(&key).await.unwrap().is_some() })
+            })
+            .collect();
+        let mut winners = 0;
+        for t in takers {
+            winners += usize::from(t.await.unwrap());
+        }
+        assert_eq!(
+            winners, 1,
+            "round {round}: {winners} callbacks took one state"
+        );
+    }
+}
+
+async fn pending_authorizations_are_sealed<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    for n in 0..4 {
+        let p = pending(&format!("sealed-{n}"), at(600));
+        s.put_pending(&format!("key-{n}"), &p, T0).await.unwrap();
+    }
+    let raw = b.raw_bytes().await;
+    assert!(
+        !raw.windows(b"PKCE-secret".len())
+            .any(|w| w == b"PKCE-secret"),
+        "a PKCE verifier was stored in the clear"
+    );
+    // Sealed under its key: another key's row does not open as it.
+    let taken = s.take_pending("key-3").await.unwrap().unwrap();
+    assert_eq!(taken.verifier.unwrap().expose(), "PKCE-secret-sealed-3");
+}
+
 // ---------------------------------------------------------------------------
 // Running each property against each backend
 // ---------------------------------------------------------------------------
@@ -1616,6 +1717,7 @@ for_backends!(
     notices_due_reports_each_notice_in_its_window,
     concurrent_cas_has_one_winner_per_generation,
     concurrent_lease_has_one_holder,
+    pending_authorizations_are_taken_once,
 );
 
 for_sealed_backends!(
@@ -1626,6 +1728,7 @@ for_sealed_backends!(
     wrong_key_is_refused,
     keys_rotate,
     no_secret_is_stored_in_the_clear,
+    pending_authorizations_are_sealed,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

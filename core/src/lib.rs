@@ -113,6 +113,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod connect;
 mod httpdate;
 pub mod invariants;
 mod io;
@@ -128,6 +129,7 @@ mod secret;
 mod settings;
 mod time;
 
+pub use connect::{Callback, ConnectError, ConnectOptions, PendingAuthorization};
 pub use io::{
     AccessError, ConfigError, Event, IdentityField, Input, InputError, Output, RequestId,
 };

@@ -164,6 +164,15 @@ pub struct ProviderProfile {
     /// Provider-specific error codes that mean `invalid_grant` (GitHub:
     /// `bad_refresh_token`).
     pub invalid_grant_aliases: Vec<String>,
+    /// Scopes a consent asks for unless the caller names others.
+    pub scopes: Vec<String>,
+    /// Send a PKCE challenge (RFC 7636, S256) with the consent and the verifier
+    /// with the code exchange. On by default: RFC 9700 asks for it, and a server
+    /// that does not know the parameters ignores them (RFC 6749 §3.1).
+    pub pkce: bool,
+    /// Further query parameters of the consent URL, sorted by name (Google:
+    /// `access_type=offline`, `prompt=consent`, without which no refresh token).
+    pub authorize_params: Vec<(String, String)>,
 }
 
 impl ProviderProfile {
@@ -183,6 +192,9 @@ impl ProviderProfile {
             idle_window: None,
             hard_lifetime: None,
             invalid_grant_aliases: Vec::new(),
+            scopes: Vec::new(),
+            pkce: true,
+            authorize_params: Vec::new(),
         }
     }
 
@@ -209,6 +221,9 @@ impl ProviderProfile {
             idle_window: Some(days(100)),
             hard_lifetime: Some(days(5 * 365)),
             invalid_grant_aliases: Vec::new(),
+            scopes: alloc::vec!["com.intuit.quickbooks.accounting".into()],
+            pkce: true,
+            authorize_params: Vec::new(),
         }
     }
 
@@ -220,6 +235,7 @@ impl ProviderProfile {
             rotation: Self::grace_policy(minutes(30), false),
             default_access_ttl: minutes(30),
             idle_window: Some(days(60)),
+            scopes: alloc::vec!["offline_access".into()],
             ..Self::generic("xero", "https://identity.xero.com/connect/token")
         }
     }
@@ -233,6 +249,11 @@ impl ProviderProfile {
             idle_window: Some(days(90)),
             hard_lifetime: Some(days(365)),
             client_auth: ClientAuth::FormBody,
+            scopes: alloc::vec!["offline_access".into()],
+            authorize_params: alloc::vec![
+                ("audience".into(), "api.atlassian.com".into()),
+                ("prompt".into(), "consent".into()),
+            ],
             ..Self::generic("atlassian", "https://auth.atlassian.com/oauth/token")
         }
     }
@@ -244,6 +265,10 @@ impl ProviderProfile {
             authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".into()),
             client_auth: ClientAuth::FormBody,
             idle_window: Some(days(182)),
+            authorize_params: alloc::vec![
+                ("access_type".into(), "offline".into()),
+                ("prompt".into(), "consent".into()),
+            ],
             ..Self::generic("google", "https://oauth2.googleapis.com/token")
         }
     }

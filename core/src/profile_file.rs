@@ -23,6 +23,7 @@
 use crate::profile::{
     ClientAuth, GraceReplay, ProviderProfile, RevokeStyle, Rotation, RotationPolicy,
 };
+use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -170,8 +171,18 @@ struct ProfileDoc {
     hard_lifetime: Option<Span>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     invalid_grant_aliases: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    scopes: Vec<String>,
+    #[serde(default = "yes")]
+    pkce: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    authorize_params: BTreeMap<String, String>,
     #[serde(default)]
     rotation: RotationDoc,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_access_ttl() -> Span {
@@ -310,12 +321,38 @@ impl Checker<'_> {
         {
             return Err(self.invalid("transaction_id_header", "is not an HTTP header name"));
         }
-        if doc
-            .invalid_grant_aliases
-            .iter()
-            .any(|a| a.trim().is_empty())
+        let word =
+            |w: &String| !w.is_empty() && !w.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !doc.scopes.iter().all(word) {
+            return Err(self.invalid(
+                "scopes",
+                "holds an empty scope or one with spaces (give each scope on its own)",
+            ));
+        }
+        const SET_BY_TOKENFENCE: [&str; 7] = [
+            "client_id",
+            "response_type",
+            "redirect_uri",
+            "state",
+            "scope",
+            "code_challenge",
+            "code_challenge_method",
+        ];
+        if let Some(k) = doc
+            .authorize_params
+            .keys()
+            .find(|k| SET_BY_TOKENFENCE.contains(&k.as_str()) || !word(k))
         {
-            return Err(self.invalid("invalid_grant_aliases", "holds an empty code"));
+            return Err(self.invalid(
+                "authorize_params",
+                format!("cannot set `{k}` (tokenfence sets it, or it is not a parameter name)"),
+            ));
+        }
+        if !doc.invalid_grant_aliases.iter().all(word) {
+            return Err(self.invalid(
+                "invalid_grant_aliases",
+                "holds an empty code or one with spaces",
+            ));
         }
         let default_access_ttl = self.span("access_ttl", &doc.access_ttl)?;
         let idle_window = self.optional("idle_window", &doc.idle_window)?;
@@ -351,6 +388,9 @@ impl Checker<'_> {
             idle_window,
             hard_lifetime,
             invalid_grant_aliases: doc.invalid_grant_aliases,
+            scopes: doc.scopes,
+            pkce: doc.pkce,
+            authorize_params: doc.authorize_params.into_iter().collect(),
         })
     }
 }
@@ -381,6 +421,9 @@ impl From<&ProviderProfile> for ProfileDoc {
             idle_window: p.idle_window.map(Span::of),
             hard_lifetime: p.hard_lifetime.map(Span::of),
             invalid_grant_aliases: p.invalid_grant_aliases.clone(),
+            scopes: p.scopes.clone(),
+            pkce: p.pkce,
+            authorize_params: p.authorize_params.iter().cloned().collect(),
             rotation: RotationDoc {
                 mode,
                 period,
@@ -537,6 +580,8 @@ reuse_detection = true
             ("name = \"x\"\ntoken_url = \"https://a.example/t\"\n[rotation]\nmode = \"sometimes\"", "unknown variant `sometimes`"),
             ("{\"name\": \"x\", \"token_url\": 5}", "invalid type"),
             ("name = \"x\"\ntoken_url = \"https://a.example/t\"\ntransaction_id_header = \"a b\"", "header name"),
+            ("name = \"x\"\ntoken_url = \"https://a.example/t\"\nscopes = [\"a b\"]", "`scopes`"),
+            ("name = \"x\"\ntoken_url = \"https://a.example/t\"\n[authorize_params]\nstate = \"x\"", "cannot set `state`"),
         ];
         for (text, expected) in cases {
             let message = problem(text).to_string();

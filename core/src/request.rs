@@ -115,13 +115,17 @@ pub fn authorization_code_request(
     client: &ClientCredentials,
     code: &SecretString,
     redirect_uri: &str,
+    verifier: Option<&SecretString>,
     send_deadline: Timestamp,
 ) -> HttpRequest {
-    let grant = [
+    let mut grant = alloc::vec![
         ("grant_type", "authorization_code"),
         ("code", code.expose()),
         ("redirect_uri", redirect_uri),
     ];
+    if let Some(v) = verifier {
+        grant.push(("code_verifier", v.expose()));
+    }
     token_request(profile, client, &grant, false, send_deadline)
 }
 

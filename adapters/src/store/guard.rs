@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, PendingAuthorization, Timestamp,
+    WorkerId,
 };
 
 /// A store that remembers the highest generation it has seen of each record.
@@ -132,5 +133,16 @@ impl Store for RollbackGuard {
 
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         self.inner.list().await
+    }
+    async fn put_pending(
+        &self,
+        key: &str,
+        pending: &PendingAuthorization,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.inner.put_pending(key, pending, now).await
+    }
+    async fn take_pending(&self, key: &str) -> Result<Option<PendingAuthorization>, StoreError> {
+        self.inner.take_pending(key).await
     }
 }

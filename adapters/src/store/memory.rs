@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokenfence_core::lease::{self, Acquired, LeaseSlot};
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, PendingAuthorization, Timestamp,
+    WorkerId,
 };
 
 #[derive(Default)]
@@ -20,6 +21,7 @@ struct Row {
 #[derive(Default)]
 pub struct MemoryStore {
     rows: Mutex<BTreeMap<ConnectionId, Row>>,
+    pending: Mutex<BTreeMap<String, PendingAuthorization>>,
 }
 
 impl MemoryStore {
@@ -157,5 +159,28 @@ impl Store for MemoryStore {
                 .map(|(id, _)| id.clone())
                 .collect()
         })
+    }
+
+    async fn put_pending(
+        &self,
+        key: &str,
+        pending: &PendingAuthorization,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut kept = self
+            .pending
+            .lock()
+            .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))?;
+        kept.retain(|_, p| p.expires_at >= now);
+        kept.insert(key.to_owned(), pending.clone());
+        Ok(())
+    }
+
+    async fn take_pending(&self, key: &str) -> Result<Option<PendingAuthorization>, StoreError> {
+        let mut kept = self
+            .pending
+            .lock()
+            .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))?;
+        Ok(kept.remove(key))
     }
 }

@@ -35,7 +35,8 @@ pub use sqlite::SqliteStore;
 use async_trait::async_trait;
 use std::time::Duration;
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, PendingAuthorization,
+    Timestamp, WorkerId,
 };
 
 /// A connection due for work ([`Store::due_for_work`]) and since when; ordered
@@ -184,6 +185,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every connection id, in order.
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError>;
+
+    /// Keeps `pending` (an authorization begun, sealed where the store seals)
+    /// under `key` (the hash of its state, [`tokenfence_core::connect::state_key`])
+    /// until it is taken; drops authorizations that expired before `now`.
+    async fn put_pending(
+        &self,
+        key: &str,
+        pending: &PendingAuthorization,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// Takes the authorization kept under `key` out of the store, atomically: of
+    /// any number of concurrent takers, in any processes, one gets it and the
+    /// others `None` (a state is used once). Expired ones are returned too; the
+    /// caller refuses them.
+    async fn take_pending(&self, key: &str) -> Result<Option<PendingAuthorization>, StoreError>;
 }
 
 /// Whether `record`'s notice instant falls in `(after, until]` (see
@@ -252,5 +269,16 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         (**self).list().await
+    }
+    async fn put_pending(
+        &self,
+        key: &str,
+        pending: &PendingAuthorization,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        (**self).put_pending(key, pending, now).await
+    }
+    async fn take_pending(&self, key: &str) -> Result<Option<PendingAuthorization>, StoreError> {
+        (**self).take_pending(key).await
     }
 }

@@ -39,7 +39,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokenfence_core::lease::{self, Acquired};
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, PendingAuthorization, Timestamp,
+    WorkerId,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -50,6 +51,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("migrations/postgres/0003_lease_requests.sql"),
+    ),
+    (
+        4,
+        include_str!("migrations/postgres/0004_pending_authorizations.sql"),
     ),
 ];
 
@@ -142,12 +147,16 @@ struct Sql {
     notices: String,
     list: String,
     reseal: String,
+    purge_pending: String,
+    put_pending: String,
+    take_pending: String,
 }
 
 impl Sql {
     fn new(schema: &str) -> Sql {
         let c = format!("\"{schema}\".tokenfence_connections");
         let l = format!("\"{schema}\".tokenfence_leases");
+        let p = format!("\"{schema}\".tokenfence_pending_authorizations");
         Sql {
             schema: schema.to_owned(),
             select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
@@ -209,6 +218,12 @@ impl Sql {
             ),
             list: format!("SELECT id FROM {c} ORDER BY id"),
             reseal: format!("UPDATE {c} SET sealed = $2 WHERE id = $1 AND sealed = $3"),
+            purge_pending: format!("DELETE FROM {p} WHERE expires_at < $1"),
+            put_pending: format!(
+                "INSERT INTO {p} (state_key, sealed, expires_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (state_key) DO UPDATE SET sealed = $2, expires_at = $3"
+            ),
+            take_pending: format!("DELETE FROM {p} WHERE state_key = $1 RETURNING sealed"),
         }
     }
 }
@@ -785,6 +800,39 @@ impl Store for PostgresStore {
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         let client = self.client().await?;
         ids(&client, &self.inner.sql.list, &[]).await
+    }
+
+    async fn put_pending(
+        &self,
+        key: &str,
+        pending: &PendingAuthorization,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let sealed = row::seal_pending(&self.inner.keyring, key, pending)?;
+        let client = self.client().await?;
+        let sql = &self.inner.sql;
+        client
+            .execute(&sql.purge_pending, &[&row::time_to_sql(now)])
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(
+                &sql.put_pending,
+                &[&key, &sealed, &row::time_to_sql(pending.expires_at)],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn take_pending(&self, key: &str) -> Result<Option<PendingAuthorization>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(&self.inner.sql.take_pending, &[&key])
+            .await
+            .map_err(pg_error)?;
+        row.map(|r| row::open_pending(&self.inner.keyring, key, &r.get::<_, Vec<u8>>(0)))
+            .transpose()
     }
 }
 

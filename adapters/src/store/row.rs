@@ -6,7 +6,8 @@ use crate::crypto::Keyring;
 use std::time::Duration;
 use tokenfence_core::lease::LeaseSlot;
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, Status, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, PendingAuthorization,
+    Status, Timestamp, WorkerId,
 };
 use zeroize::Zeroizing;
 
@@ -355,4 +356,50 @@ pub(crate) fn request_from_sql(r: i64) -> LeaseRequestId {
 /// A `usize` limit as SQL's `LIMIT` operand.
 pub(crate) fn limit_to_sql(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Context prefix of sealed pending authorizations: one opens only under the state
+/// key it was sealed for.
+const PENDING_CONTEXT: &[u8] = b"tokenfence/pending-authorization/v1\0";
+
+/// Seals a pending authorization for its row under `key` (it holds the PKCE
+/// verifier).
+pub(crate) fn seal_pending(
+    keyring: &Keyring,
+    key: &str,
+    pending: &PendingAuthorization,
+) -> Result<Vec<u8>, StoreError> {
+    let json = Zeroizing::new(serde_json::to_vec(pending).map_err(|e| {
+        StoreError::Config(format!(
+            "pending authorization could not be serialized ({} error)",
+            e.classify_name()
+        ))
+    })?);
+    keyring
+        .seal(&[PENDING_CONTEXT, key.as_bytes()].concat(), &json)
+        .map_err(|e| StoreError::Config(format!("cannot seal a pending authorization: {e}")))
+}
+
+/// Opens a pending authorization's row taken under `key`.
+pub(crate) fn open_pending(
+    keyring: &Keyring,
+    key: &str,
+    sealed: &[u8],
+) -> Result<PendingAuthorization, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        id: ConnectionId(format!(
+            "pending authorization {}",
+            &key[..key.len().min(12)]
+        )),
+        reason,
+    };
+    let json = keyring
+        .open(&[PENDING_CONTEXT, key.as_bytes()].concat(), sealed)
+        .map_err(|e| corrupt(e.to_string()))?;
+    serde_json::from_slice(&json).map_err(|e| {
+        corrupt(format!(
+            "not a pending authorization ({} error)",
+            e.classify_name()
+        ))
+    })
 }

@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenfence_core::lease::{self, Acquired, LeaseSlot};
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, PendingAuthorization, Timestamp,
+    WorkerId,
 };
 
 /// Schema migrations, applied in order on open; `PRAGMA user_version` records the
@@ -33,6 +34,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/sqlite/0001_init.sql")),
     (2, include_str!("migrations/sqlite/0002_scans.sql")),
     (3, include_str!("migrations/sqlite/0003_lease_requests.sql")),
+    (
+        4,
+        include_str!("migrations/sqlite/0004_pending_authorizations.sql"),
+    ),
 ];
 
 /// How long a write waits for another process's transaction before failing.
@@ -562,6 +567,54 @@ impl Store for SqliteStore {
                 "SELECT id FROM tokenfence_connections ORDER BY id",
                 params![],
             )
+        })
+        .await
+    }
+
+    async fn put_pending(
+        &self,
+        key: &str,
+        pending: &PendingAuthorization,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let sealed = row::seal_pending(&self.inner.keyring, key, pending)?;
+        let (key, expires_at, now) = (
+            key.to_owned(),
+            row::time_to_sql(pending.expires_at),
+            row::time_to_sql(now),
+        );
+        self.run(move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_error)?;
+            tx.execute(
+                "DELETE FROM tokenfence_pending_authorizations WHERE expires_at < ?1",
+                params![now],
+            )
+            .map_err(sql_error)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO tokenfence_pending_authorizations (state_key, sealed, expires_at) \
+                 VALUES (?1, ?2, ?3)",
+                params![key, sealed, expires_at],
+            )
+            .map_err(sql_error)?;
+            tx.commit().map_err(sql_error)
+        })
+        .await
+    }
+
+    async fn take_pending(&self, key: &str) -> Result<Option<PendingAuthorization>, StoreError> {
+        let key = key.to_owned();
+        self.run(move |conn, keyring| {
+            let sealed: Option<Vec<u8>> = conn
+                .query_row(
+                    "DELETE FROM tokenfence_pending_authorizations WHERE state_key = ?1 RETURNING sealed",
+                    params![key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql_error)?;
+            sealed
+                .map(|s| row::open_pending(keyring, &key, &s))
+                .transpose()
         })
         .await
     }

@@ -176,6 +176,20 @@ impl Store for Watched {
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
         self.inner.list().await
     }
+    async fn put_pending(
+        &self,
+        key: &str,
+        pending: &tokenfence_core::PendingAuthorization,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.inner.put_pending(key, pending, now).await
+    }
+    async fn take_pending(
+        &self,
+        key: &str,
+    ) -> Result<Option<tokenfence_core::PendingAuthorization>, StoreError> {
+        self.inner.take_pending(key).await
+    }
 }
 
 /// Grants every refresh (no rotation) after `delay`, counting the requests and the
