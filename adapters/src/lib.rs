@@ -4,6 +4,7 @@
 //! stores around the sans-IO state machine of [`tokenfence_core`].
 
 pub mod clock;
+pub mod connect;
 pub mod crypto;
 mod gate;
 pub mod import;
@@ -11,6 +12,7 @@ mod manager;
 pub mod store;
 pub mod transport;
 
+pub use connect::{AuthorizationUrl, ConnectOutcome};
 pub use import::{ImportError, ImportOptions, ImportReport, Imported};
 pub use manager::{
     ApiResult, BuildError, ConnectionStatus, LifecycleEvent, ManagerError, Provider, Remedy, Sweep,
@@ -20,7 +22,7 @@ pub use manager::{
 pub use tokenfence_core as core;
 /// What a user of the manager names, so that `tokenfence` is the one dependency.
 pub use tokenfence_core::{
-    AccessError, AccessToken, ClientCredentials, ClientSecret, ConfigError, ConnectionId,
-    Environment, Event, ExistingGrant, FailureKind, Generation, ProviderProfile, ReauthReason,
-    RefreshToken, SecretString, Settings, Status, Timestamp,
+    AccessError, AccessToken, ClientCredentials, ClientSecret, ConfigError, ConnectError,
+    ConnectOptions, ConnectionId, Environment, Event, ExistingGrant, FailureKind, Generation,
+    ProviderProfile, ReauthReason, RefreshToken, SecretString, Settings, Status, Timestamp,
 };

@@ -24,7 +24,8 @@ use tokenfence_core::{
     authorization_code_request, parse_token_reply, AccessError, AccessToken, ClientCredentials,
     ClientSecret, Config, Connection, ConnectionId, ConnectionRecord, Environment, Event,
     Generation, GrantIdentity, Input, InputError, Output, ProviderProfile, ReauthReason,
-    ReplyError, RequestId, SecretString, Settings, SettingsError, Status, Timestamp, WorkerId,
+    RefreshToken, ReplyError, RequestId, SecretString, Settings, SettingsError, Status, Timestamp,
+    WorkerId,
 };
 use tokio::sync::{broadcast, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -179,6 +180,11 @@ pub enum ManagerError {
     /// No registered provider has this provider name, environment and client id.
     #[error("no registered client is {0}")]
     UnknownClient(String),
+    /// The authorization-code flow refused a callback (unknown or used state,
+    /// expired, another realm than the connection's, not a redirect): nothing
+    /// stored changed.
+    #[error(transparent)]
+    Connect(#[from] tokenfence_core::ConnectError),
 }
 
 /// What a caller should do about a [`ManagerError`] ([`ManagerError::remedy`]):
@@ -204,6 +210,10 @@ pub enum Remedy {
     CheckAuthorization,
     /// The manager is shutting down.
     ShutDown,
+    /// The consent flow refused its callback (unknown, used or expired state, not
+    /// a redirect, another company than the connection's): nothing changed;
+    /// send the user through `begin_connect` again.
+    BeginConnectAgain,
 }
 
 /// What an API call made with an access token came to ([`TokenManager::call`]).
@@ -241,6 +251,10 @@ impl ManagerError {
                 Remedy::CheckAuthorization
             }
             ManagerError::ShutDown => Remedy::ShutDown,
+            ManagerError::Connect(tokenfence_core::ConnectError::NoAuthorizeUrl(_)) => {
+                Remedy::FixConfiguration
+            }
+            ManagerError::Connect(_) => Remedy::BeginConnectAgain,
         }
     }
 }
@@ -633,16 +647,47 @@ impl TokenManager {
         realm_id: Option<String>,
     ) -> Result<Generation, ManagerError> {
         let c = self.registered(client)?;
-        let deadline = self.inner.clock.now().saturating_add(c.settings.lease_ttl);
-        let request =
-            authorization_code_request(&c.profile, &c.client, &code, redirect_uri, None, deadline);
-        let grant = match self.inner.transport.send(&request).await {
-            Delivery::Replied(reply) => parse_token_reply(&c.profile, &reply)?,
-            Delivery::NotSent | Delivery::OutcomeUnknown => {
-                return Err(ManagerError::ExchangeUnanswered)
-            }
-        };
+        let grant = self.exchange_code(&c, &code, redirect_uri, None).await?;
         self.connect_as(client, id, grant, realm_id).await
+    }
+
+    /// Exchanges an authorization code with `c`'s credentials (and the PKCE
+    /// verifier, if the consent sent a challenge).
+    pub(crate) async fn exchange_code(
+        &self,
+        c: &Config,
+        code: &SecretString,
+        redirect_uri: &str,
+        verifier: Option<&SecretString>,
+    ) -> Result<tokenfence_core::TokenGrant, ManagerError> {
+        let deadline = self.inner.clock.now().saturating_add(c.settings.lease_ttl);
+        let request = authorization_code_request(
+            &c.profile,
+            &c.client,
+            code,
+            redirect_uri,
+            verifier,
+            deadline,
+        );
+        match self.inner.transport.send(&request).await {
+            Delivery::Replied(reply) => Ok(parse_token_reply(&c.profile, &reply)?),
+            Delivery::NotSent | Delivery::OutcomeUnknown => Err(ManagerError::ExchangeUnanswered),
+        }
+    }
+
+    /// Presents `refresh` to the revocation endpoint of `c`'s provider; whether
+    /// the provider confirmed (2xx).
+    pub(crate) async fn revoke_at_provider(&self, c: &Config, refresh: &RefreshToken) -> bool {
+        let deadline = self.inner.clock.now().saturating_add(c.settings.lease_ttl);
+        let Some(request) =
+            tokenfence_core::revoke_request(&c.profile, &c.client, refresh, deadline)
+        else {
+            return false;
+        };
+        matches!(
+            self.inner.transport.send(&request).await,
+            Delivery::Replied(reply) if (200..300).contains(&reply.status)
+        )
     }
 
     /// The registered client `client` names.

@@ -15,7 +15,6 @@ use tokenfence::store::{
     CasOutcome, DueWork, LeaseClock, LeaseOutcome, MemoryStore, PostgresOptions, PostgresStore,
     SqliteStore, Store, StoreError,
 };
-use tokenfence_core::connect::Reconnect;
 use tokenfence_core::{
     days, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind,
     Generation, GrantIdentity, Lease, LeaseRequestId, PendingAuthorization, ReauthReason,
@@ -1566,9 +1565,7 @@ fn pending(conn: &str, expires_at: Timestamp) -> PendingAuthorization {
         verifier: Some(SecretString::new(format!("PKCE-secret-{conn}"))),
         created_at: T0,
         expires_at,
-        reconnect: Some(Reconnect {
-            realm_id: Some("9130".into()),
-        }),
+        reconnect: true,
         replace_realm: false,
     }
 }

@@ -52,17 +52,10 @@ pub struct PendingAuthorization {
     pub created_at: Timestamp,
     /// After this the callback is refused.
     pub expires_at: Timestamp,
-    /// The connection existed when the flow began (a reconnect), with this realm.
-    pub reconnect: Option<Reconnect>,
+    /// The connection existed when the flow began (a reconnect).
+    pub reconnect: bool,
     /// See [`ConnectOptions::replace_realm`].
     pub replace_realm: bool,
-}
-
-/// What a reconnect must come back to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reconnect {
-    /// The connection's realm (Intuit company id) when the flow began.
-    pub realm_id: Option<String>,
 }
 
 /// The consent URL to send the user to, and what to keep until the callback.
@@ -260,33 +253,33 @@ pub fn begin(
             verifier,
             created_at: now,
             expires_at: now.saturating_add(PENDING_TTL),
-            reconnect: existing.map(|r| Reconnect {
-                realm_id: r.realm_id.clone(),
-            }),
+            reconnect: existing.is_some(),
             replace_realm: options.replace_realm,
         },
     })
 }
 
 impl PendingAuthorization {
-    /// Whether a callback taken now with `realm_id` may be exchanged: not
-    /// expired; a reconnect comes back for the connection's realm unless the
-    /// caller allowed a replacement. `Ok(true)`: the realm changes (revoke the old
-    /// grant after the new one is stored).
-    pub fn check(&self, realm_id: Option<&str>, now: Timestamp) -> Result<bool, ConnectError> {
+    /// Whether a callback taken at `now` for `realm_id` may be exchanged, given
+    /// the connection as stored now: not expired; a connection that has a realm
+    /// comes back for it unless the caller allowed a replacement. `Ok(true)`: the
+    /// realm changes (revoke the old grant once the new one is stored).
+    pub fn check(
+        &self,
+        realm_id: Option<&str>,
+        stored: Option<&ConnectionRecord>,
+        now: Timestamp,
+    ) -> Result<bool, ConnectError> {
         if now >= self.expires_at {
             return Err(ConnectError::Expired {
                 created_at: self.created_at,
                 expires_at: self.expires_at,
             });
         }
-        let Some(Reconnect {
-            realm_id: Some(expected),
-        }) = &self.reconnect
-        else {
+        let Some(expected) = stored.and_then(|r| r.realm_id.as_deref()) else {
             return Ok(false);
         };
-        if realm_id == Some(expected.as_str()) {
+        if realm_id == Some(expected) {
             return Ok(false);
         }
         if self.replace_realm {
@@ -294,7 +287,7 @@ impl PendingAuthorization {
         }
         Err(ConnectError::RealmMismatch {
             connection: self.connection.clone(),
-            expected: expected.clone(),
+            expected: expected.into(),
             got: realm_id.unwrap_or("none").into(),
         })
     }
@@ -435,24 +428,25 @@ mod tests {
             Timestamp::from_secs(900),
         );
         let now = Timestamp::from_secs(1_100);
-        let a = pending(&profile, Some(&record), false);
-        assert_eq!(a.pending.check(Some("111"), now), Ok(false));
-        assert!(matches!(
-            a.pending.check(Some("222"), now),
-            Err(ConnectError::RealmMismatch { .. })
-        ));
-        assert!(matches!(
-            a.pending.check(None, now),
-            Err(ConnectError::RealmMismatch { .. })
-        ));
-        let replace = pending(&profile, Some(&record), true);
-        assert_eq!(replace.pending.check(Some("222"), now), Ok(true));
-        // A new connection records whatever realm comes back.
+        let stored = Some(&record);
+        let mismatch =
+            |r: Result<bool, ConnectError>| matches!(r, Err(ConnectError::RealmMismatch { .. }));
+        let a = pending(&profile, stored, false);
+        assert!(a.pending.reconnect);
+        assert_eq!(a.pending.check(Some("111"), stored, now), Ok(false));
+        assert!(mismatch(a.pending.check(Some("222"), stored, now)));
+        assert!(mismatch(a.pending.check(None, stored, now)));
+        let replace = pending(&profile, stored, true);
+        assert_eq!(replace.pending.check(Some("222"), stored, now), Ok(true));
+        // A new connection records whatever realm comes back; one created while
+        // the user was at the consent page is held to its realm.
         let new = pending(&profile, None, false);
-        assert_eq!(new.pending.check(Some("222"), now), Ok(false));
+        assert_eq!(new.pending.check(Some("222"), None, now), Ok(false));
+        assert!(mismatch(new.pending.check(Some("222"), stored, now)));
         // Ten minutes, then refused.
+        let late = Timestamp::from_secs(1_600);
         assert!(matches!(
-            a.pending.check(Some("111"), Timestamp::from_secs(1_600)),
+            a.pending.check(Some("111"), stored, late),
             Err(ConnectError::Expired { .. })
         ));
     }

@@ -109,6 +109,10 @@ pub struct Stats {
 struct Code {
     client_id: String,
     grant: Option<GrantId>,
+    /// The redirect URI of the consent (the exchange must repeat it).
+    redirect_uri: String,
+    /// The PKCE S256 challenge of the consent, if it sent one.
+    challenge: Option<String>,
 }
 
 struct MockState {
@@ -395,6 +399,19 @@ fn exchange_code(
         s.provider.revoke_by_user(grant);
         return invalid();
     }
+    // RFC 6749 §4.1.3: the same redirect URI; RFC 7636 §4.6: the verifier whose
+    // S256 is the challenge.
+    if form.get("redirect_uri") != Some(&code.redirect_uri) {
+        return invalid();
+    }
+    if let Some(challenge) = &code.challenge {
+        let verified = form.get("code_verifier").is_some_and(|v| {
+            tokenfence_core::connect::pkce_challenge(&SecretString::new(v.as_str())) == *challenge
+        });
+        if !verified {
+            return invalid();
+        }
+    }
     let client_id = code.client_id.clone();
     let now = s.now();
     let (grant, reply) = s.provider.authorize(&client_id, now);
@@ -419,22 +436,45 @@ struct Consent {
     client_id: String,
     redirect_uri: String,
     state: Option<String>,
+    code_challenge: Option<String>,
+    code_challenge_method: Option<String>,
+    /// Test hook: the company the user picks.
+    mock_realm: Option<String>,
+    /// Test hook: the user clicks "deny".
+    mock_deny: Option<String>,
 }
 
+/// The consent page, answered at once as if the user clicked: a redirect to
+/// `redirect_uri` with `code`, `state` and `realmId` (the company: `mock_realm`,
+/// or 9130350000000001), or with `error=access_denied` when `mock_deny` is set.
+/// A PKCE challenge (S256 only) is kept with the code.
 async fn authorize(State(mock): State<MockProvider>, Query(q): Query<Consent>) -> Response {
-    let code = mock.with(|s| {
-        s.next_code += 1;
-        let code = format!("code-{}", s.next_code);
-        s.codes.insert(
-            code.clone(),
-            Code {
-                client_id: q.client_id.clone(),
-                grant: None,
-            },
-        );
-        code
-    });
-    let mut location = format!("{}?code={code}&realmId=9130350000000001", q.redirect_uri);
+    let mut location = q.redirect_uri.clone();
+    location.push(if location.contains('?') { '&' } else { '?' });
+    if q.mock_deny.is_some() {
+        location.push_str("error=access_denied&error_description=The%20user%20denied%20access");
+    } else {
+        if q.code_challenge.is_some() && q.code_challenge_method.as_deref() != Some("S256") {
+            return StatusCode::BAD_REQUEST.into_response();
+        }
+        let code = mock.with(|s| {
+            s.next_code += 1;
+            let code = format!("code-{}", s.next_code);
+            s.codes.insert(
+                code.clone(),
+                Code {
+                    client_id: q.client_id.clone(),
+                    grant: None,
+                    redirect_uri: q.redirect_uri.clone(),
+                    challenge: q.code_challenge.clone(),
+                },
+            );
+            code
+        });
+        let realm = q.mock_realm.as_deref().unwrap_or("9130350000000001");
+        location.push_str(&format!("code={code}&realmId="));
+        location.extend(form_urlencoded::byte_serialize(realm.as_bytes()));
+    }
     if let Some(state) = q.state {
         location.push_str("&state=");
         location.extend(form_urlencoded::byte_serialize(state.as_bytes()));
