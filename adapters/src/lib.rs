@@ -3,6 +3,7 @@
 //! Keeps OAuth 2.0 connections alive and correct: a tokio driver, transports and
 //! stores around the sans-IO state machine of [`tokenfence_core`].
 
+pub mod callback;
 pub mod clock;
 pub mod connect;
 pub mod crypto;

@@ -6,7 +6,7 @@ use tokenfence::crypto::EncryptionKey;
 use tokenfence_sim::mock::{AUTHORIZE_PATH, REVOKE_PATH, TOKEN_PATH};
 
 mod common;
-use common::{consent_code, serve_mock};
+use common::serve_mock;
 use tokenfence_sim::provider::ProviderSpec;
 
 struct Env {
@@ -70,43 +70,87 @@ async fn exec(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> (i32, String) 
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `tokenfence connect ID --listen 127.0.0.1:0` with a "browser": reads the
+/// consent URL the CLI prints, passes the mock's consent page, and follows the
+/// redirect to the CLI's own callback listener. The CLI's status and output.
+async fn connect_with_browser(env: &Env, id: &str) -> (i32, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenfence"))
+        .args(["--store", &env.store])
+        .args(["--token-url", &format!("{}{TOKEN_PATH}", env.base)])
+        .args(["--authorize-url", &format!("{}{AUTHORIZE_PATH}", env.base)])
+        .args(["connect", id, "--listen", "127.0.0.1:0"])
+        .env("TOKENFENCE_KEYRING", &env.keyring)
+        .env("TOKENFENCE_CLIENT_ID", "prod-app")
+        .env("TOKENFENCE_CLIENT_SECRET", env.secret)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let consent = loop {
+        let line = lines.next_line().await.unwrap().expect("the consent URL");
+        printed.push(line.clone());
+        if line.starts_with("http") {
+            break line;
+        }
+    };
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let reply = browser.get(&consent).send().await.unwrap();
+    let callback = reply.headers()["location"].to_str().unwrap().to_owned();
+    let page = browser.get(&callback).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    while let Some(line) = lines.next_line().await.unwrap() {
+        printed.push(line);
+    }
+    let out = child.wait_with_output().await.unwrap();
+    let text = format!(
+        "{}\n{}",
+        printed.join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains(env.secret) && !text.contains("prod-secret"),
+        "{text}"
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operate_a_connection_from_the_command_line() {
     let (mock, base) = serve_mock(ProviderSpec::intuit()).await;
     let env = Env::new(base.clone());
 
-    // Consent at the mock, then `connect` exchanges the code.
-    let code = consent_code(&format!("{base}{AUTHORIZE_PATH}"), "prod-app").await;
-    let code = code.as_str();
-    let connect = |code: &str| {
-        [
-            "connect",
-            "realm-1",
-            "--code",
-            code,
-            "--redirect-uri",
-            "http://127.0.0.1:1/cb",
-            "--realm",
-            "123",
-        ]
-        .map(str::to_owned)
-    };
-    // A wrong secret does not connect (the mock checks it on the code exchange
-    // as on refresh): said at once, nothing stored.
+    // `connect --listen`: the consent URL on standard output, the callback
+    // received by the CLI itself. A wrong secret does not connect (the mock
+    // checks it on the code exchange as on refresh): said at once, nothing stored.
     let wrong = Env {
         secret: "not-the-secret",
         ..env
     };
-    let (status, out) = run(&wrong, &connect(code).each_ref().map(String::as_str)).await;
+    let (status, out) = connect_with_browser(&wrong, "realm-1").await;
     assert_eq!(status, 1, "{out}");
     assert!(out.contains("invalid_client"), "{out}");
     let env = Env {
         secret: "prod-secret",
         ..wrong
     };
-    let (status, out) = run(&env, &connect(code).each_ref().map(String::as_str)).await;
+    let (status, out) = connect_with_browser(&env, "realm-1").await;
     assert_eq!(status, 0, "{out}");
-    assert!(out.contains("connected realm-1"), "{out}");
+    assert!(
+        out.contains("open this address to connect realm-1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("connected realm-1 (g0, realm 9130350000000001)"),
+        "{out}"
+    );
+    assert!(!out.contains("code="), "the code was printed: {out}");
 
     let (status, out) = run(&env, &["list"]).await;
     assert_eq!(status, 0, "{out}");

@@ -128,7 +128,10 @@ async fn connect_then_every_wrong_callback_changes_nothing() {
         .unwrap();
     assert!(!begun.reconnect);
     let url = begun.url;
-    assert!(url.contains("scope=com.intuit.quickbooks.accounting"), "{url}");
+    assert!(
+        url.contains("scope=com.intuit.quickbooks.accounting"),
+        "{url}"
+    );
     assert!(url.contains("code_challenge=") && url.contains("code_challenge_method=S256"));
     let query = consent(&url, "").await;
     let started = Instant::now();
@@ -155,7 +158,10 @@ async fn connect_then_every_wrong_callback_changes_nothing() {
 
     // The same callback again (a reload, a replay): the state was used.
     let replay = w.tokens.finish_connect(&query).await;
-    assert_eq!(replay.as_ref().unwrap_err().remedy(), Remedy::BeginConnectAgain);
+    assert_eq!(
+        replay.as_ref().unwrap_err().remedy(),
+        Remedy::BeginConnectAgain
+    );
     assert_eq!(connect_error(replay), ConnectError::UnknownState);
     // A forged state, a callback that is not one.
     let forged = query.replace("state=", "state=x");
@@ -276,14 +282,16 @@ async fn a_callback_lands_on_another_process_and_two_racing_callbacks_make_one_c
     let query = consent(&url, "").await;
     // The same callback delivered twice at once (a double click, a retrying proxy),
     // once to each process: one connects, the other is told the state was used.
-    let (a, b) = tokio::join!(w.tokens.finish_connect(&query), other.finish_connect(&query));
+    let (a, b) = tokio::join!(
+        w.tokens.finish_connect(&query),
+        other.finish_connect(&query)
+    );
     let outcomes = [a, b];
     let connected = outcomes.iter().filter(|o| o.is_ok()).count();
     assert_eq!(connected, 1, "{outcomes:?}");
-    assert!(outcomes.iter().any(|o| matches!(
-        o,
-        Err(ManagerError::Connect(ConnectError::UnknownState))
-    )));
+    assert!(outcomes
+        .iter()
+        .any(|o| matches!(o, Err(ManagerError::Connect(ConnectError::UnknownState)))));
     assert_eq!(w.mock.stats().grants, 1, "the code was exchanged once");
     assert_eq!(stored(&w).await.generation, Generation(0));
     other.shutdown().await;

@@ -2,14 +2,14 @@
 //!
 //! ```text
 //! tokenfence [--store sqlite:PATH|postgres:URL] [--provider PROVIDER]...
-//!            [--token-url URL --revoke-url URL] COMMAND
+//!            [--token-url URL --revoke-url URL --authorize-url URL] COMMAND
 //!   list                      every connection with its status and deadlines
 //!   status ID                 one connection
 //!   refresh ID [--clear-block] refresh now, print the new generation or why not
 //!   keep-alive [--once]       scan the store and refresh what is due, forever or once
 //!   revoke ID                 revoke at the provider and mark disconnected
-//!   connect ID --code CODE --redirect-uri URI [--realm REALM]
-//!                             exchange an authorization code and store the grant
+//!   connect ID (--listen ADDR | --redirect-uri URI) [--replace-realm]
+//!                             consent URL, then the callback: connect or reconnect
 //!   reencrypt                 re-seal every record under the newest key
 //!   import FILE [--replace] [--dry-run]
 //!                             bring existing connections in (JSON lines)
@@ -40,8 +40,7 @@ use tokenfence::crypto::Keyring;
 use tokenfence::store::{PostgresStore, SqliteStore, Store};
 use tokenfence::{ConnectionStatus, ImportOptions, Imported, Provider, TokenManager};
 use tokenfence_core::{
-    ClientCredentials, ClientSecret, ConnectionId, Environment, ProviderProfile, SecretString,
-    Status, Timestamp,
+    ClientCredentials, ClientSecret, ConnectionId, Environment, ProviderProfile, Status, Timestamp,
 };
 
 #[derive(Parser)]
@@ -66,6 +65,9 @@ struct Cli {
     /// Override the revocation endpoint.
     #[arg(long)]
     revoke_url: Option<String>,
+    /// Override the consent (authorization) endpoint.
+    #[arg(long)]
+    authorize_url: Option<String>,
     /// `list` and `status` print JSON (one object per connection, one per line).
     #[arg(long)]
     json: bool,
@@ -97,15 +99,23 @@ enum Command {
     },
     /// Revoke at the provider and mark the connection disconnected.
     Revoke { id: String },
-    /// Exchange an authorization code and store the grant as ID.
+    /// Connect (or reconnect) ID: prints the provider's consent URL, then takes
+    /// the callback: with --listen, on a loopback address it serves itself (the
+    /// redirect URI is http://ADDR/callback); otherwise paste the address the
+    /// browser landed on into standard input. The code never appears as an
+    /// argument.
     Connect {
         id: String,
+        /// Receive the callback on this loopback address (port 0: any free one).
         #[arg(long)]
-        code: String,
+        listen: Option<std::net::SocketAddr>,
+        /// The redirect URI registered with the provider (required without --listen).
         #[arg(long)]
-        redirect_uri: String,
+        redirect_uri: Option<String>,
+        /// On a reconnect, accept another company than the connection's (its old
+        /// grant is revoked).
         #[arg(long)]
-        realm: Option<String>,
+        replace_realm: bool,
     },
     /// Re-seal every record under the sealing key of the keyring (in batches of
     /// 500 rows, each its own short transaction).
@@ -363,10 +373,13 @@ async fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => return usage(e),
     };
-    if cli.token_url.is_some() || cli.revoke_url.is_some() {
+    if cli.token_url.is_some() || cli.revoke_url.is_some() || cli.authorize_url.is_some() {
         let [provider] = &mut providers[..] else {
-            return usage("--token-url and --revoke-url need exactly one --provider (give each provider a profile file instead)");
+            return usage("--token-url, --revoke-url and --authorize-url need exactly one --provider (give each provider a profile file instead)");
         };
+        if let Some(url) = cli.authorize_url {
+            provider.profile.authorize_url = Some(url);
+        }
         if let Some(url) = cli.token_url {
             provider.profile.token_url = url;
         }
@@ -433,25 +446,18 @@ async fn run(
         },
         Command::Connect {
             id,
-            code,
+            listen,
             redirect_uri,
-            realm,
+            replace_realm,
         } => {
-            match tokens
-                .connect_with_code(
-                    &ConnectionId(id.clone()),
-                    SecretString::new(code),
-                    &redirect_uri,
-                    realm,
-                )
-                .await
-            {
-                Ok(generation) => {
-                    println!("connected {id} ({generation})");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => failure(e),
-            }
+            connect(
+                tokens,
+                ConnectionId(id),
+                listen,
+                redirect_uri,
+                replace_realm,
+            )
+            .await
         }
         Command::Import {
             file,
@@ -459,6 +465,96 @@ async fn run(
             dry_run,
         } => import(tokens, &file, ImportOptions { replace, dry_run }).await,
         Command::List | Command::Reencrypt => ExitCode::SUCCESS,
+    }
+}
+
+/// `connect`: begin, show the consent URL, take one callback, finish.
+async fn connect(
+    tokens: &TokenManager,
+    id: ConnectionId,
+    listen: Option<std::net::SocketAddr>,
+    redirect_uri: Option<String>,
+    replace_realm: bool,
+) -> ExitCode {
+    let listener = match listen {
+        Some(addr) if !addr.ip().is_loopback() => {
+            return usage("--listen takes a loopback address (the callback carries a code)")
+        }
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => return failure(format!("cannot listen on {addr}: {e}")),
+        },
+        None => None,
+    };
+    let redirect_uri = match (&listener, redirect_uri) {
+        (_, Some(uri)) => uri,
+        (Some(l), None) => match l.local_addr() {
+            Ok(addr) => format!("http://{addr}/callback"),
+            Err(e) => return failure(e),
+        },
+        (None, None) => return usage("connect needs --listen ADDR or --redirect-uri URI"),
+    };
+    let options = tokenfence::ConnectOptions {
+        replace_realm,
+        ..Default::default()
+    };
+    let begun = match tokens.begin_connect(&id, &redirect_uri, options).await {
+        Ok(b) => b,
+        Err(e) => return failure(e),
+    };
+    let what = if begun.reconnect {
+        "reconnect"
+    } else {
+        "connect"
+    };
+    println!(
+        "open this address to {what} {id} (valid until {}):",
+        rfc3339(begun.expires_at)
+    );
+    println!("{}", begun.url);
+    let callback = match listener {
+        Some(listener) => {
+            println!("waiting for the callback on {redirect_uri}");
+            match tokenfence::callback::receive_one(listener).await {
+                Ok(query) => query,
+                Err(e) => return failure(format!("callback: {e}")),
+            }
+        }
+        None => {
+            println!("then paste the address your browser landed on:");
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                return failure(e);
+            }
+            line.trim().to_owned()
+        }
+    };
+    match tokens.finish_connect(&callback).await {
+        Ok(tokenfence::ConnectOutcome::Connected {
+            connection,
+            generation,
+            realm_id,
+            reconnected,
+            ..
+        }) => {
+            let realm = realm_id.map_or(String::new(), |r| format!(", realm {r}"));
+            let word = if reconnected {
+                "reconnected"
+            } else {
+                "connected"
+            };
+            println!("{word} {connection} ({generation}{realm})");
+            ExitCode::SUCCESS
+        }
+        Ok(tokenfence::ConnectOutcome::Denied {
+            connection,
+            error,
+            description,
+        }) => failure(format!(
+            "the provider refused to authorize {connection}: {error}{}",
+            description.map_or(String::new(), |d| format!(" ({d})"))
+        )),
+        Err(e) => failure(e),
     }
 }
 
