@@ -1,13 +1,14 @@
 //! The README's quick start, compiled with every build (`tokenfence` is the only
 //! tokenfence crate it names). Run against Intuit with
 //! `TOKENFENCE_KEYRING=1:BASE64KEY INTUIT_CLIENT_ID=... INTUIT_CLIENT_SECRET=...
-//! REFRESH_TOKEN=... REALM_ID=... cargo run -p tokenfence --example quick_start`.
+//! REFRESH_TOKEN=... REALM_ID=... cargo run -p tokenfence --example quick_start`;
+//! with `CONNECT=1` it connects REALM_ID through the consent flow instead.
 
 use tokenfence::crypto::Keyring;
 use tokenfence::store::SqliteStore;
 use tokenfence::{
-    ApiResult, ClientSecret, ConnectionId, ExistingGrant, ImportOptions, Provider, RefreshToken,
-    TokenManager,
+    ApiResult, ClientSecret, ConnectOptions, ConnectOutcome, ConnectionId, ExistingGrant,
+    ImportOptions, Provider, RefreshToken, TokenManager,
 };
 
 #[tokio::main]
@@ -24,9 +25,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()
         .await?;
 
-    // Bring a connection made elsewhere in (or `connect_with_code` after consent).
     let realm = env("REALM_ID")?;
     let id = ConnectionId(realm.clone());
+    if std::env::var("CONNECT").is_ok() {
+        return connect(&tokens, &id).await;
+    }
+
+    // Bring a connection made elsewhere in (or connect it: `connect` below).
     let grant = ExistingGrant {
         refresh: RefreshToken::new(env("REFRESH_TOKEN")?),
         access: None,
@@ -59,6 +64,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .await??;
     println!("company info: HTTP {}", reply.status());
+    tokens.shutdown().await;
+    Ok(())
+}
+
+/// Connect or reconnect `id` (with `CONNECT=1`): the consent URL, then the
+/// callback's query (in a web app, your callback route's raw query string; here,
+/// pasted from the browser's address bar).
+async fn connect(
+    tokens: &TokenManager,
+    id: &ConnectionId,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let redirect_uri = "http://localhost:8080/callback"; // as registered with the app
+    let begun = tokens
+        .begin_connect(id, redirect_uri, ConnectOptions::default())
+        .await?;
+    println!("open {}\nthen paste the address you land on:", begun.url);
+    let mut callback = String::new();
+    std::io::stdin().read_line(&mut callback)?;
+    match tokens.finish_connect(callback.trim()).await? {
+        ConnectOutcome::Connected { realm_id, .. } => println!("connected {realm_id:?}"),
+        ConnectOutcome::Denied { error, .. } => println!("not authorized: {error}"),
+    }
     tokens.shutdown().await;
     Ok(())
 }
