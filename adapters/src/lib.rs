@@ -6,6 +6,7 @@
 pub mod callback;
 pub mod clock;
 pub mod connect;
+pub mod console;
 pub mod crypto;
 mod gate;
 pub mod import;

@@ -13,6 +13,8 @@
 //!   reencrypt                 re-seal every record under the newest key
 //!   import FILE [--replace] [--dry-run]
 //!                             bring existing connections in (JSON lines)
+//!   serve [--listen ADDR] [--public-url URL]
+//!                             the operator console in the browser
 //! ```
 //! PROVIDER is `intuit` (production credentials), another built-in profile (xero,
 //! atlassian, google, github) or a profile file (.toml or .json), with `@sandbox`
@@ -116,6 +118,21 @@ enum Command {
         /// grant is revoked).
         #[arg(long)]
         replace_realm: bool,
+    },
+    /// The operator console in the browser: connections, Reconnect, the provider's
+    /// callback at /callback, Intuit's disconnect landing page at /disconnected,
+    /// /metrics and /healthz. Off loopback it needs TOKENFENCE_ADMIN_TOKEN.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The console's address as browsers and the provider reach it (the
+        /// redirect URI is this plus /callback); by default http://LISTEN.
+        #[arg(long)]
+        public_url: Option<String>,
+        /// Connections per page.
+        #[arg(long, default_value_t = 50)]
+        page_size: usize,
     },
     /// Re-seal every record under the sealing key of the keyring (in batches of
     /// 500 rows, each its own short transaction).
@@ -464,7 +481,59 @@ async fn run(
             replace,
             dry_run,
         } => import(tokens, &file, ImportOptions { replace, dry_run }).await,
+        Command::Serve {
+            listen,
+            public_url,
+            page_size,
+        } => serve(tokens, listen, public_url, page_size).await,
         Command::List | Command::Reencrypt => ExitCode::SUCCESS,
+    }
+}
+
+/// `serve`: the console until Ctrl-C.
+async fn serve(
+    tokens: &TokenManager,
+    listen: std::net::SocketAddr,
+    public_url: Option<String>,
+    page_size: usize,
+) -> ExitCode {
+    let admin_token = std::env::var("TOKENFENCE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    if !listen.ip().is_loopback() && admin_token.as_ref().is_none_or(|t| t.len() < 16) {
+        return usage("off loopback, serve needs TOKENFENCE_ADMIN_TOKEN (16 characters or more)");
+    }
+    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => Some(handle),
+        Err(e) => return failure(format!("cannot record metrics: {e}")),
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => return failure(format!("cannot listen on {listen}: {e}")),
+    };
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let config = tokenfence::console::ConsoleConfig {
+        public_url: public_url.unwrap_or_else(|| format!("http://{address}")),
+        admin_token,
+        page_size,
+        metrics,
+    };
+    let app = match tokenfence::console::router(tokens.clone(), config) {
+        Ok(app) => app,
+        Err(e) => return failure(e),
+    };
+    println!("console on http://{address}/ (Ctrl-C to stop)");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => failure(e),
     }
 }
 
