@@ -1692,7 +1692,15 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 fn store_failed(inner: &Inner, id: &ConnectionId, e: crate::store::StoreError) -> Input {
-    if let crate::store::StoreError::Corrupt { reason, .. } = &e {
+    use crate::store::StoreError;
+    let kind = match &e {
+        StoreError::Unavailable(_) => "unavailable",
+        StoreError::Corrupt { .. } => "corrupt",
+        StoreError::Config(_) => "config",
+        StoreError::RolledBack { .. } => "rolled_back",
+    };
+    metrics::counter!("tokenfence_store_errors_total", "kind" => kind).increment(1);
+    if let StoreError::Corrupt { reason, .. } = &e {
         inner.quarantine(id, reason);
     } else {
         tracing::warn!(error = %e, "store operation failed");
