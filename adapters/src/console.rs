@@ -270,6 +270,7 @@ async fn index(State(c): Shared, headers: HeaderMap, Query(q): Query<ListQuery>)
             None => "unknown".into(),
         };
         let access = match s.access_expires_at {
+            _ if needs_reconnect(s) => "not served".into(),
             Some(t) if t > now => format!("valid {} min", t.saturating_since(now).as_secs() / 60),
             Some(_) => "expired".into(),
             None => "none".into(),

@@ -139,6 +139,10 @@ async fn a_connection_that_needs_reconnecting_is_shown_and_reconnected_from_the_
     assert_eq!(status, 200);
     assert!(page.contains("needs reconnect (invalid grant"), "{page}");
     assert!(page.contains("9130350000000001"), "the realm is shown");
+    assert!(
+        page.contains("<td>not served</td>"),
+        "a dead connection's token is not offered"
+    );
     let (_, filtered) = c.get("/?filter=reconnect").await;
     assert!(filtered.contains("data-id=\"qbo-1\""));
     let (_, soon) = c.get("/?filter=deadline").await;
@@ -300,5 +304,120 @@ async fn the_admin_token_guards_every_operator_route_and_pages_escape_what_they_
     for secret in c.secrets().await {
         assert!(!page.contains(&secret), "a secret was rendered");
     }
+    c.tokens.shutdown().await;
+}
+
+/// chromedriver on a free loopback port, killed when dropped.
+async fn chromedriver() -> (tokio::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = tokio::process::Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("chromedriver (Debian's chromium-driver; ./scripts/test installs it)");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return (child, port);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("chromedriver did not start");
+}
+
+/// Screenshots are kept as test artifacts in target/screenshots/.
+fn keep_screenshot(name: &str, png: &[u8]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), png).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_headless_chromium_an_operator_reconnects_a_connection() {
+    use fantoccini::{ClientBuilder, Locator};
+    let c = console(None, 50).await;
+    c.connected("qbo-4620816365").await;
+    c.connected("qbo-9130354213").await;
+    c.mock.control(Control::Revoke { grant: Some(0) });
+    let _ = c
+        .tokens
+        .refresh_now(&ConnectionId("qbo-4620816365".into()), false)
+        .await;
+    // The consent page a person sees, with its buttons.
+    c.mock.control(Control::ConsentPage { on: true });
+
+    let (_driver, port) = chromedriver().await;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--disable-gpu", "--window-size=1400,500"],
+        }),
+    );
+    // chromedriver speaks plain HTTP on loopback: no TLS stack needed.
+    let http = hyper_util::client::legacy::connect::HttpConnector::new();
+    let browser = ClientBuilder::new(http)
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("a browser session");
+    browser.goto(&format!("{}/", c.base)).await.unwrap();
+    let row = "tr[data-id='qbo-4620816365']";
+    let status = browser
+        .find(Locator::Css(&format!("{row} td.dead")))
+        .await
+        .unwrap();
+    assert!(status
+        .text()
+        .await
+        .unwrap()
+        .starts_with("needs reconnect (invalid grant"));
+    keep_screenshot(
+        "console-needs-reconnect.png",
+        &browser.screenshot().await.unwrap(),
+    );
+
+    let started = std::time::Instant::now();
+    browser
+        .find(Locator::Css(&format!("{row} button")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let connect = browser.wait_for_find(Locator::Id("connect")).await.unwrap();
+    keep_screenshot("consent.png", &browser.screenshot().await.unwrap());
+    connect.click().await.unwrap();
+    let notice = browser.wait_for_find(Locator::Id("notice")).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        notice.text().await.unwrap(),
+        "Reconnected qbo-4620816365 (company 9130350000000001)"
+    );
+    let status = browser
+        .find(Locator::Css(&format!("{row} td.ok")))
+        .await
+        .unwrap();
+    assert_eq!(status.text().await.unwrap(), "active");
+    keep_screenshot(
+        "console-reconnected.png",
+        &browser.screenshot().await.unwrap(),
+    );
+    eprintln!("Reconnect click to Active on the page, in headless Chromium: {took:?}");
+    let page = browser.source().await.unwrap();
+    for secret in c.secrets().await {
+        assert!(!page.contains(&secret), "a secret was rendered");
+    }
+    browser.close().await.unwrap();
     c.tokens.shutdown().await;
 }

@@ -15,7 +15,7 @@
 //! | `GET /control/stats` | counters as JSON |
 
 use crate::provider::{GrantId, Outcome, Provider, ProviderSpec, RejectCause};
-use axum::extract::{Query, State};
+use axum::extract::{Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -79,6 +79,12 @@ pub enum Control {
         /// Client id of the app (see the mock's startup banner).
         client_id: String,
     },
+    /// Whether the consent endpoint shows a page with Connect and Deny buttons
+    /// (for a person or a browser test) instead of answering at once.
+    ConsentPage {
+        /// Show the page.
+        on: bool,
+    },
 }
 
 fn one() -> u32 {
@@ -125,6 +131,7 @@ struct MockState {
     codes: BTreeMap<String, Code>,
     next_code: u64,
     stats: Stats,
+    consent_page: bool,
 }
 
 impl MockState {
@@ -159,6 +166,7 @@ impl MockProvider {
             codes: BTreeMap::new(),
             next_code: 0,
             stats: Stats::default(),
+            consent_page: false,
         };
         MockProvider {
             state: Arc::new(Mutex::new(state)),
@@ -201,6 +209,10 @@ impl MockProvider {
                 let body: serde_json::Value =
                     serde_json::from_slice(&reply.body).unwrap_or_default();
                 serde_json::json!({ "grant": grant.0, "tokens": body })
+            }
+            Control::ConsentPage { on } => {
+                s.consent_page = on;
+                serde_json::json!({ "consent_page": on })
             }
         })
     }
@@ -442,13 +454,57 @@ struct Consent {
     mock_realm: Option<String>,
     /// Test hook: the user clicks "deny".
     mock_deny: Option<String>,
+    /// The consent page's Connect button.
+    mock_decision: Option<String>,
+}
+
+/// The consent page: the app asks for access; Connect and Deny resubmit the same
+/// request with the decision.
+fn consent_page(client_id: &str, raw_query: &str) -> Response {
+    let hidden: String = form_urlencoded::parse(raw_query.as_bytes())
+        .map(|(k, v)| {
+            format!(
+                "<input type=hidden name=\"{}\" value=\"{}\">",
+                html_escape(&k),
+                html_escape(&v)
+            )
+        })
+        .collect();
+    let page = format!(
+        "<!doctype html><html><head><meta charset=utf-8><title>Mock provider: consent</title></head>\
+         <body style=\"font-family:system-ui,sans-serif;margin:2em\"><h1>Connect to the mock provider?</h1>\
+         <p>The app <b>{}</b> asks to access your company's data.</p>\
+         <form method=get>{hidden}<button id=connect name=mock_decision value=allow>Connect</button> \
+         <button id=deny name=mock_deny value=1>Deny</button></form></body></html>",
+        html_escape(client_id)
+    );
+    (
+        StatusCode::OK,
+        [("content-type", "text/html; charset=utf-8")],
+        page,
+    )
+        .into_response()
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// The consent page, answered at once as if the user clicked: a redirect to
 /// `redirect_uri` with `code`, `state` and `realmId` (the company: `mock_realm`,
 /// or 9130350000000001), or with `error=access_denied` when `mock_deny` is set.
 /// A PKCE challenge (S256 only) is kept with the code.
-async fn authorize(State(mock): State<MockProvider>, Query(q): Query<Consent>) -> Response {
+async fn authorize(
+    State(mock): State<MockProvider>,
+    RawQuery(raw): RawQuery,
+    Query(q): Query<Consent>,
+) -> Response {
+    if mock.with(|s| s.consent_page) && q.mock_deny.is_none() && q.mock_decision.is_none() {
+        return consent_page(&q.client_id, raw.as_deref().unwrap_or(""));
+    }
     let mut location = q.redirect_uri.clone();
     location.push(if location.contains('?') { '&' } else { '?' });
     if q.mock_deny.is_some() {
