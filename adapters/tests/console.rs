@@ -395,10 +395,18 @@ async fn in_headless_chromium_an_operator_reconnects_a_connection() {
         .click()
         .await
         .unwrap();
-    let connect = browser.wait_for_find(Locator::Id("connect")).await.unwrap();
+    let connect = browser
+        .wait()
+        .for_element(Locator::Id("connect"))
+        .await
+        .unwrap();
     keep_screenshot("consent.png", &browser.screenshot().await.unwrap());
     connect.click().await.unwrap();
-    let notice = browser.wait_for_find(Locator::Id("notice")).await.unwrap();
+    let notice = browser
+        .wait()
+        .for_element(Locator::Id("notice"))
+        .await
+        .unwrap();
     let took = started.elapsed();
     assert_eq!(
         notice.text().await.unwrap(),
