@@ -231,6 +231,14 @@ async fn reconnect_revives_a_dead_connection_and_may_replace_the_company() {
         Status::ReauthRequired { .. }
     ));
 
+    // Another process has the dead verdict cached.
+    let other_store = SqliteStore::open(w._dir.path().join("tokens.db"), keyring()).unwrap();
+    let other = manager(&w.mock, &other_store, Later::default()).await;
+    assert!(matches!(
+        other.access_token(&id()).await,
+        Err(ManagerError::Access(AccessError::ReauthRequired(_)))
+    ));
+
     // Reconnect: the same company, a new generation, Active again.
     let url = begin(&w, ConnectOptions::default()).await;
     let outcome = w
@@ -250,6 +258,10 @@ async fn reconnect_revives_a_dead_connection_and_may_replace_the_company() {
     assert!(generation > first.generation);
     assert_eq!(stored(&w).await.status, Status::Active);
     assert!(w.tokens.access_token(&id()).await.is_ok());
+    // The other process sees the revived connection within `dead_recheck`.
+    tokio::time::sleep(Settings::default().dead_recheck + Duration::from_millis(100)).await;
+    assert!(other.access_token(&id()).await.is_ok());
+    other.shutdown().await;
 
     // Another company, allowed by the caller: replaced, the old grant revoked.
     let old = stored(&w).await.refresh;
