@@ -1774,7 +1774,7 @@ async fn sqlite_upgrades_a_version_1_database() {
         .raw()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, LATEST);
     assert_eq!(s.load(&id("old")).await.unwrap(), Some(record("old", 0)));
     let mut doubt = record("old", 1);
     doubt.in_doubt_since = Some(at(5));
@@ -1789,7 +1789,13 @@ async fn sqlite_upgrades_a_version_1_database() {
 
 /// What schema version 3 added to the lease table, undone (as a version-2 build
 /// left the table).
-const SQLITE_DROP_V3: &str = "ALTER TABLE tokenfence_leases DROP COLUMN request; \
+/// The newest schema version this build ships.
+const LATEST: i64 = 4;
+
+/// Back from the newest schema to version 2: drops what versions 3 (lease request
+/// ids) and 4 (pending authorizations) added.
+const SQLITE_DROP_V3: &str = "DROP TABLE tokenfence_pending_authorizations; \
+     ALTER TABLE tokenfence_leases DROP COLUMN request; \
      ALTER TABLE tokenfence_leases DROP COLUMN displaced_owner; \
      ALTER TABLE tokenfence_leases DROP COLUMN displaced_acquired_at; \
      ALTER TABLE tokenfence_leases DROP COLUMN displaced_expires_at; \
@@ -1852,7 +1858,7 @@ async fn sqlite_upgrades_a_version_2_database_with_leases() {
     let version: i64 = raw
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, LATEST);
     let upgraded: i64 = raw
         .query_row(
             "SELECT count(*) FROM tokenfence_leases WHERE request = 0 \
@@ -1879,7 +1885,8 @@ async fn postgres_upgrades_a_version_2_schema_with_leases() {
          DROP COLUMN request, DROP COLUMN displaced_owner, \
          DROP COLUMN displaced_acquired_at, DROP COLUMN displaced_expires_at, \
          DROP COLUMN displaced_generation, DROP COLUMN displaced_request; \
-         DELETE FROM \"{}\".tokenfence_schema_version WHERE version = 3",
+         DROP TABLE \"{0}\".tokenfence_pending_authorizations; \
+         DELETE FROM \"{0}\".tokenfence_schema_version WHERE version >= 3",
         b.schema
     ))
     .await
@@ -1913,7 +1920,7 @@ async fn postgres_upgrades_a_version_2_schema_with_leases() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 3);
+    assert_eq!(applied, LATEST);
     let upgraded: i64 = raw
         .query_one(
             &format!(
@@ -1947,7 +1954,7 @@ fn sqlite_many_processes_first_use_at_once() {
         .raw()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, LATEST);
     let mode: String = b
         .raw()
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -2001,7 +2008,7 @@ async fn postgres_many_processes_first_use_at_once() {
         .await
         .unwrap()
         .get::<_, i64>(0);
-    assert_eq!(applied, 3);
+    assert_eq!(applied, LATEST);
     b.drop_schema().await;
 }
 
