@@ -6,6 +6,10 @@
 //! releases often reuse the last grant's owner and request, so that retries after a
 //! lost answer, releases with and without restore, and stale requests come up.
 //!
+//! Pending authorizations (the connect flow's states) are put and taken too, and
+//! the reference store's answers are also held to the protocol's own model: a
+//! state is taken at most once per put, and expired ones are dropped.
+//!
 //! A failure prints the seed and the operation; `TOKENFENCE_DIFF_SEED=<n>` replays
 //! one sequence. PostgreSQL follows the same rule as the conformance suite:
 //! `TOKENFENCE_PG_URL` or an explicit `TOKENFENCE_SKIP_PG=1`.
@@ -19,7 +23,8 @@ use tokenfence::store::{
 };
 use tokenfence_core::{
     AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind, Generation,
-    GrantIdentity, LeaseRequestId, ReauthReason, RefreshToken, Status, Timestamp, WorkerId,
+    GrantIdentity, LeaseRequestId, PendingAuthorization, ReauthReason, RefreshToken, SecretString,
+    Status, Timestamp, WorkerId,
 };
 
 const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
@@ -58,6 +63,11 @@ enum Op {
     Due(Timestamp, Duration, Option<DueWork>, usize),
     Notices(Option<Timestamp>, Timestamp, Duration),
     List,
+    /// Keep a pending authorization under a state key (expiring at the instant),
+    /// at `now` (which drops those expired before it).
+    PutPending(String, Timestamp, Timestamp),
+    /// Take the one under a state key.
+    TakePending(String),
 }
 
 fn random_record(rng: &mut Rng, id: &str, generation: u64) -> ConnectionRecord {
@@ -120,7 +130,13 @@ fn random_op(rng: &mut Rng, grants: &Grants) -> Op {
             LeaseRequestId(rng.below(3)),
         ),
     };
-    match rng.below(11) {
+    let state = |rng: &mut Rng| format!("state-{}", rng.below(3));
+    match rng.below(13) {
+        11 => {
+            let key = state(rng);
+            Op::PutPending(key, T0.saturating_add(rng.secs(120)), now)
+        }
+        12 => Op::TakePending(state(rng)),
         0 => Op::Load(id),
         1..=3 => {
             let expected = match rng.below(4) {
@@ -182,6 +198,29 @@ enum Answer {
     Released,
     Due(Vec<DueWork>),
     Ids(Vec<ConnectionId>),
+    Pending(Option<PendingAuthorization>),
+}
+
+/// A pending authorization that names its key and expiry, so a wrong one cannot
+/// pass for the right one.
+fn pending(key: &str, expires_at: Timestamp) -> PendingAuthorization {
+    PendingAuthorization {
+        connection: ConnectionId(format!("for-{key}")),
+        identity: GrantIdentity {
+            provider: "intuit".into(),
+            environment: Environment::Sandbox,
+            client_id: "app".into(),
+        },
+        redirect_uri: format!("https://app.example/cb?{key}"),
+        verifier: Some(SecretString::new(format!(
+            "verifier-{key}-{}",
+            expires_at.as_millis()
+        ))),
+        created_at: T0,
+        expires_at,
+        reconnect: false,
+        replace_realm: false,
+    }
 }
 
 async fn apply(store: &dyn Store, op: &Op) -> Answer {
@@ -213,6 +252,14 @@ async fn apply(store: &dyn Store, op: &Op) -> Answer {
             Answer::Ids(store.notices_due(*after, *until, *notice).await.unwrap())
         }
         Op::List => Answer::Ids(store.list().await.unwrap()),
+        Op::PutPending(key, expires_at, now) => {
+            store
+                .put_pending(key, &pending(key, *expires_at), *now)
+                .await
+                .unwrap();
+            Answer::Released
+        }
+        Op::TakePending(key) => Answer::Pending(store.take_pending(key).await.unwrap()),
     }
 }
 
@@ -240,6 +287,10 @@ struct Seen {
     /// Releases with restore by the owner and request of the last grant.
     restores: u32,
     due: u32,
+    /// Pending authorizations taken, and takes that found none (used, expired
+    /// and dropped, never put).
+    taken: u32,
+    taken_none: u32,
 }
 
 async fn run_against(
@@ -251,6 +302,10 @@ async fn run_against(
 ) {
     let mut rng = Rng::new(seed);
     let mut grants = Grants::new();
+    // What a state key holds, by the protocol's own rule (a put replaces; a take
+    // empties; a put at `now` drops what expired before `now`): the reference
+    // store is held to it too.
+    let mut kept: BTreeMap<String, Timestamp> = BTreeMap::new();
     for step in 0..OPS {
         let op = random_op(&mut rng, &grants);
         let want = apply(reference, &op).await;
@@ -259,6 +314,25 @@ async fn run_against(
             got, want,
             "{name} differs from MemoryStore at seed {seed}, step {step}: {op:?}"
         );
+        match &op {
+            Op::PutPending(key, expires_at, now) => {
+                kept.retain(|_, e| *e >= *now);
+                kept.insert(key.clone(), *expires_at);
+            }
+            Op::TakePending(key) => {
+                let model = kept.remove(key).map(|e| pending(key, e));
+                assert_eq!(
+                    want,
+                    Answer::Pending(model),
+                    "seed {seed}, step {step}: {op:?}"
+                );
+                match want {
+                    Answer::Pending(Some(_)) => seen.taken += 1,
+                    _ => seen.taken_none += 1,
+                }
+            }
+            _ => {}
+        }
         match &op {
             Op::Acquire(id, owner, request, ..)
                 if matches!(want, Answer::Lease(LeaseOutcome::Granted { .. })) =>
@@ -300,6 +374,8 @@ fn assert_reached(seen: &Seen) {
         retries,
         restores,
         due,
+        taken,
+        taken_none,
     } = *seen;
     assert!(
         committed >= 20
@@ -308,7 +384,9 @@ fn assert_reached(seen: &Seen) {
             && took_over >= 10
             && retries >= 10
             && restores >= 5
-            && due >= 10,
+            && due >= 10
+            && taken >= 10
+            && taken_none >= 10,
         "the random sequences missed a case: {seen:?}"
     );
 }
