@@ -1577,7 +1577,11 @@ impl Actor {
                         record: record.map(Box::new),
                         took_over,
                     },
-                    Ok(LeaseOutcome::Held(holder)) => Input::LeaseHeld { holder },
+                    Ok(LeaseOutcome::Held(holder)) => {
+                        // Another worker is refreshing: this one waits for it.
+                        metrics::counter!("tokenfence_lease_waits_total").increment(1);
+                        Input::LeaseHeld { holder }
+                    }
                     Err(e) => store_failed(&inner, &id, e),
                 },
                 Output::CompareAndSwap { expected, record } => {
