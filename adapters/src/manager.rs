@@ -566,7 +566,10 @@ impl TokenManager {
         let slots = self.inner.slots.pin();
         let cached = slots.get(id)?.cache.load();
         let cached = cached.as_ref()?;
-        (cached.usable_until > self.inner.clock.now()).then(|| cached.token.clone())
+        // `usable_until` keeps a margin of half a second at least (half of a
+        // lifetime given in whole seconds): a clock read a few
+        // milliseconds behind cannot serve a token the API would refuse.
+        (cached.usable_until > self.inner.clock.now_coarse()).then(|| cached.token.clone())
     }
 
     /// Stores the tokens of an authorization (the reply of an authorization-code
