@@ -10,6 +10,8 @@ use tokenfence_core::{parse_token_reply, ConnectionId, HttpResponse, Settings, T
 use tokenfence_sim::mock::{Control, MockProvider};
 use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
+pub mod load;
+
 /// A log sink for tracing subscribers: everything written, kept for searching.
 #[derive(Clone, Default)]
 pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
@@ -90,17 +92,23 @@ impl Mock {
 
     /// A new grant for the production app, as an authorization would return it.
     pub fn authorize(&self) -> TokenGrant {
-        let answer = self.mock.control(Control::Authorize {
-            client_id: self.provider().client.client_id,
-        });
-        let body = serde_json::to_vec(&answer["tokens"]).expect("json");
-        let reply = HttpResponse {
-            status: 200,
-            headers: vec![],
-            body,
-        };
-        parse_token_reply(&self.provider().profile, &reply).expect("a grant")
+        grant_of(&self.mock, &self.provider())
     }
+}
+
+/// A new grant of `mock` for `provider`'s client, as an authorization would
+/// return it.
+pub fn grant_of(mock: &MockProvider, provider: &Provider) -> TokenGrant {
+    let answer = mock.control(Control::Authorize {
+        client_id: provider.client.client_id.clone(),
+    });
+    let body = serde_json::to_vec(&answer["tokens"]).expect("json");
+    let reply = HttpResponse {
+        status: 200,
+        headers: vec![],
+        body,
+    };
+    parse_token_reply(&provider.profile, &reply).expect("a grant")
 }
 
 /// Short leases and quick retries for a scaled provider (whose 2-second access

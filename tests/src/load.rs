@@ -1,0 +1,289 @@
+//! The load test (`tokenfence-load`): one process, N connections in SQLite or
+//! PostgreSQL, the mock provider on loopback with strict rotation and short
+//! access tokens, callers spread uniformly over all connections. What it
+//! measures comes from the harness, not from tokenfence: provider calls and
+//! rotations from the mock's counters, latencies and errors from the callers.
+
+use crate::Mock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokenfence::clock::{Clock, SystemClock};
+use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
+use tokenfence::store::{PostgresOptions, PostgresStore, SqliteStore, Store};
+use tokenfence::TokenManager;
+use tokenfence_core::{ConnectionId, ConnectionRecord, Settings};
+use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
+
+/// Where the connections live.
+#[derive(Clone, Debug)]
+pub enum LoadStore {
+    /// A SQLite file at this path (created).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database URL and the schema to use (created; it must hold
+    /// no connections yet).
+    Postgres {
+        /// The database.
+        url: String,
+        /// The schema.
+        schema: String,
+    },
+}
+
+/// What one run does.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Connections stored before the run.
+    pub connections: usize,
+    /// How long callers run.
+    pub duration: Duration,
+    /// Concurrent callers.
+    pub callers: usize,
+    /// The mock's access-token lifetime (a connection in use refreshes about
+    /// every half of it).
+    pub access_ttl: Duration,
+    /// The store.
+    pub store: LoadStore,
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LoadReport {
+    /// Connections.
+    pub connections: usize,
+    /// Seconds to store them (one compare-and-swap each, 16 at once).
+    pub seed_seconds: f64,
+    /// A fresh manager's first token, from the store (cold start), milliseconds.
+    pub cold_start_ms: f64,
+    /// Seconds callers ran.
+    pub seconds: f64,
+    /// Token requests the mock received.
+    pub provider_calls: u64,
+    /// Refresh tokens the mock minted (strict rotation: one per accepted refresh).
+    pub rotations: u64,
+    /// Provider calls per rotation (1.00 when no call was duplicated or refused).
+    pub calls_per_rotation: f64,
+    /// Rotations per second.
+    pub refreshes_per_second: f64,
+    /// Tokens callers received.
+    pub tokens_served: u64,
+    /// Tokens per second.
+    pub tokens_per_second: f64,
+    /// Calls that found no valid cached token and waited for a refresh.
+    pub waited: u64,
+    /// Their latency: median, 99th percentile, maximum, milliseconds.
+    pub wait_p50_ms: f64,
+    /// 99th percentile.
+    pub wait_p99_ms: f64,
+    /// Maximum.
+    pub wait_max_ms: f64,
+    /// Errors callers received (must be 0).
+    pub errors: u64,
+    /// The first few errors, in words.
+    pub error_examples: Vec<String>,
+    /// Resident memory of the process at the end, MiB.
+    pub rss_mib: f64,
+}
+
+fn keyring() -> Keyring {
+    Keyring::new(KeyId(1), EncryptionKey::from_slice(&[7; 32]).expect("key"))
+}
+
+/// Resident set size from /proc (Linux), MiB.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[at].as_secs_f64() * 1_000.0
+}
+
+/// Settings for short tokens: a lease shorter than the default minute.
+fn settings() -> Settings {
+    Settings {
+        lease_ttl: Duration::from_secs(10),
+        send_safety: Duration::from_secs(5),
+        in_doubt_safety: Duration::from_secs(1),
+        ..Settings::default()
+    }
+}
+
+/// Runs the load test.
+pub async fn run(opts: &LoadOptions) -> Result<LoadReport, String> {
+    let mock = Mock::start(ProviderSpec {
+        access_ttl: opts.access_ttl,
+        ..ProviderSpec::scaled(BehaviourClass::StrictRotation)
+    })
+    .await;
+    let store: Arc<dyn Store> = match &opts.store {
+        LoadStore::Sqlite(path) => {
+            Arc::new(SqliteStore::open(path, keyring()).map_err(|e| e.to_string())?)
+        }
+        LoadStore::Postgres { url, schema } => Arc::new(
+            PostgresStore::connect_with(
+                url,
+                keyring(),
+                PostgresOptions {
+                    schema: schema.clone(),
+                    ..PostgresOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?,
+        ),
+    };
+    let provider = mock.provider();
+    let ids: Arc<Vec<ConnectionId>> = Arc::new(
+        (0..opts.connections)
+            .map(|i| ConnectionId(format!("load-{i:07}")))
+            .collect(),
+    );
+
+    // Seed: a grant per connection, stored by compare-and-swap, 16 at once.
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut seeders = Vec::new();
+    for _ in 0..16 {
+        let (store, ids, next, mock_grants, provider) = (
+            store.clone(),
+            ids.clone(),
+            next.clone(),
+            mock.mock.clone(),
+            provider.clone(),
+        );
+        seeders.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(id) = ids.get(i) else {
+                    return Ok::<(), String>(());
+                };
+                let grant = crate::grant_of(&mock_grants, &provider);
+                let record = ConnectionRecord::from_authorization(
+                    id.clone(),
+                    provider.identity(),
+                    None,
+                    grant,
+                    &provider.profile,
+                    SystemClock.now(),
+                )
+                .ok_or_else(|| "the mock's grant has no refresh token".to_string())?;
+                store
+                    .compare_and_swap(None, &record)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }));
+    }
+    for s in seeders {
+        s.await.map_err(|e| e.to_string())??;
+    }
+    let seed_seconds = started.elapsed().as_secs_f64();
+
+    let tokens = TokenManager::builder()
+        .provider(provider)
+        .shared_store(store.clone())
+        .settings(settings())
+        .keepalive_scan(None)
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    // Cold start: the first token of a process that has never seen the store.
+    let first = Instant::now();
+    tokens
+        .access_token(&ids[opts.connections / 2])
+        .await
+        .map_err(|e| e.to_string())?;
+    let cold_start_ms = first.elapsed().as_secs_f64() * 1_000.0;
+
+    let before = mock.mock.stats();
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let waits = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    let started = Instant::now();
+    let mut callers = Vec::new();
+    for c in 0..opts.callers {
+        let (tokens, ids, stop, served, errors, waits) = (
+            tokens.clone(),
+            ids.clone(),
+            stop.clone(),
+            served.clone(),
+            errors.clone(),
+            waits.clone(),
+        );
+        callers.push(tokio::spawn(async move {
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(c as u64 + 1) | 1;
+            let mut mine = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let id = &ids[(rng % ids.len() as u64) as usize];
+                let at = Instant::now();
+                let cached = tokens.cached(id).is_some();
+                match tokens.access_token(id).await {
+                    Ok(_) => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                        if !cached {
+                            mine.push(at.elapsed());
+                        }
+                    }
+                    Err(e) => errors.lock().expect("errors").push(format!("{id}: {e}")),
+                }
+                if cached {
+                    // A caller that got a cached token does its API call now.
+                    tokio::task::yield_now().await;
+                }
+            }
+            waits.lock().expect("waits").extend(mine);
+        }));
+    }
+    tokio::time::sleep(opts.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.map_err(|e| e.to_string())?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tokens.shutdown().await;
+    let after = mock.mock.stats();
+    let provider_calls = after.token_requests - before.token_requests;
+    let rotations = after.rotations - before.rotations;
+    let mut waits = std::mem::take(&mut *waits.lock().expect("waits"));
+    waits.sort_unstable();
+    let errors = std::mem::take(&mut *errors.lock().expect("errors"));
+    let tokens_served = served.load(Ordering::Relaxed);
+    Ok(LoadReport {
+        connections: opts.connections,
+        seed_seconds,
+        cold_start_ms,
+        seconds,
+        provider_calls,
+        rotations,
+        calls_per_rotation: if rotations == 0 {
+            0.0
+        } else {
+            provider_calls as f64 / rotations as f64
+        },
+        refreshes_per_second: rotations as f64 / seconds,
+        tokens_served,
+        tokens_per_second: tokens_served as f64 / seconds,
+        waited: waits.len() as u64,
+        wait_p50_ms: percentile(&waits, 0.50),
+        wait_p99_ms: percentile(&waits, 0.99),
+        wait_max_ms: waits.last().map_or(0.0, |d| d.as_secs_f64() * 1_000.0),
+        errors: errors.len() as u64,
+        error_examples: errors.into_iter().take(5).collect(),
+        rss_mib: rss_mib(),
+    })
+}
