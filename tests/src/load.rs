@@ -119,14 +119,65 @@ fn settings() -> Settings {
     }
 }
 
-/// Runs the load test.
-pub async fn run(opts: &LoadOptions) -> Result<LoadReport, String> {
-    let mock = Mock::start(ProviderSpec {
-        access_ttl: opts.access_ttl,
+/// The mock provider: strict rotation, access tokens of `access_ttl`.
+async fn mock(access_ttl: Duration) -> Mock {
+    Mock::start(ProviderSpec {
+        access_ttl,
         ..ProviderSpec::scaled(BehaviourClass::StrictRotation)
     })
-    .await;
-    let store: Arc<dyn Store> = match &opts.store {
+    .await
+}
+
+/// A grant of the mock per connection, `adjust`ed, stored by compare-and-swap,
+/// 16 at once.
+async fn seed(
+    mock: &Mock,
+    store: &Arc<dyn Store>,
+    ids: &Arc<Vec<ConnectionId>>,
+    adjust: fn(&mut ConnectionRecord),
+) -> Result<(), String> {
+    let provider = mock.provider();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut seeders = Vec::new();
+    for _ in 0..16 {
+        let (store, ids, next, grants, provider) = (
+            store.clone(),
+            ids.clone(),
+            next.clone(),
+            mock.mock.clone(),
+            provider.clone(),
+        );
+        seeders.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(id) = ids.get(i) else {
+                    return Ok::<(), String>(());
+                };
+                let mut record = ConnectionRecord::from_authorization(
+                    id.clone(),
+                    provider.identity(),
+                    None,
+                    crate::grant_of(&grants, &provider),
+                    &provider.profile,
+                    SystemClock.now(),
+                )
+                .ok_or_else(|| "the mock's grant has no refresh token".to_string())?;
+                adjust(&mut record);
+                store
+                    .compare_and_swap(None, &record)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }));
+    }
+    for s in seeders {
+        s.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
+async fn open(store: &LoadStore) -> Result<Arc<dyn Store>, String> {
+    Ok(match store {
         LoadStore::Sqlite(path) => {
             Arc::new(SqliteStore::open(path, keyring()).map_err(|e| e.to_string())?)
         }
@@ -142,52 +193,25 @@ pub async fn run(opts: &LoadOptions) -> Result<LoadReport, String> {
             .await
             .map_err(|e| e.to_string())?,
         ),
-    };
-    let provider = mock.provider();
-    let ids: Arc<Vec<ConnectionId>> = Arc::new(
-        (0..opts.connections)
+    })
+}
+
+fn ids(n: usize) -> Arc<Vec<ConnectionId>> {
+    Arc::new(
+        (0..n)
             .map(|i| ConnectionId(format!("load-{i:07}")))
             .collect(),
-    );
+    )
+}
 
-    // Seed: a grant per connection, stored by compare-and-swap, 16 at once.
+/// Runs the load test.
+pub async fn run(opts: &LoadOptions) -> Result<LoadReport, String> {
+    let mock = mock(opts.access_ttl).await;
+    let store = open(&opts.store).await?;
+    let provider = mock.provider();
+    let ids = ids(opts.connections);
     let started = Instant::now();
-    let next = Arc::new(AtomicU64::new(0));
-    let mut seeders = Vec::new();
-    for _ in 0..16 {
-        let (store, ids, next, mock_grants, provider) = (
-            store.clone(),
-            ids.clone(),
-            next.clone(),
-            mock.mock.clone(),
-            provider.clone(),
-        );
-        seeders.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some(id) = ids.get(i) else {
-                    return Ok::<(), String>(());
-                };
-                let grant = crate::grant_of(&mock_grants, &provider);
-                let record = ConnectionRecord::from_authorization(
-                    id.clone(),
-                    provider.identity(),
-                    None,
-                    grant,
-                    &provider.profile,
-                    SystemClock.now(),
-                )
-                .ok_or_else(|| "the mock's grant has no refresh token".to_string())?;
-                store
-                    .compare_and_swap(None, &record)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }));
-    }
-    for s in seeders {
-        s.await.map_err(|e| e.to_string())??;
-    }
+    seed(&mock, &store, &ids, |_| {}).await?;
     let seed_seconds = started.elapsed().as_secs_f64();
 
     let tokens = TokenManager::builder()
@@ -285,5 +309,76 @@ pub async fn run(opts: &LoadOptions) -> Result<LoadReport, String> {
         errors: errors.len() as u64,
         error_examples: errors.into_iter().take(5).collect(),
         rss_mib: rss_mib(),
+    })
+}
+
+/// What one keep-alive run measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SweepReport {
+    /// Connections, every one due for keep-alive.
+    pub connections: usize,
+    /// Keep-alive passes (`TokenManager::sweep`) until none was due.
+    pub passes: usize,
+    /// Seconds for all of them.
+    pub seconds: f64,
+    /// Token requests the mock received.
+    pub provider_calls: u64,
+    /// Connections the store still reports due afterwards (must be 0).
+    pub still_due: usize,
+    /// The backpressure limit (`scan_concurrency`).
+    pub concurrency: usize,
+}
+
+/// Keep-alive of `connections` idle connections, all due at once (their idle
+/// deadline 10 days away, inside the 30-day lead): passes until none is due.
+pub async fn keepalive(
+    connections: usize,
+    concurrency: usize,
+    store: &LoadStore,
+) -> Result<SweepReport, String> {
+    let mock = mock(Duration::from_secs(3_600)).await;
+    let store = open(store).await?;
+    let ids = ids(connections);
+    seed(&mock, &store, &ids, |r| {
+        let now = SystemClock.now();
+        r.refresh_issued_at = now.saturating_sub(tokenfence_core::days(90));
+        r.last_refreshed_at = Some(r.refresh_issued_at);
+        r.idle_deadline = Some(now.saturating_add(tokenfence_core::days(10)));
+    })
+    .await?;
+    let tokens = TokenManager::builder()
+        .provider(mock.provider())
+        .shared_store(store.clone())
+        .settings(settings())
+        .keepalive_scan(None)
+        .scan_concurrency(concurrency)
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    let before = mock.mock.stats();
+    let started = Instant::now();
+    let mut passes = 0;
+    loop {
+        let pass = tokens.sweep(None).await.map_err(|e| e.to_string())?;
+        passes += 1;
+        if pass.due.is_empty() || passes > connections {
+            break;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tokens.shutdown().await;
+    let lead = Settings::default().keepalive_lead;
+    let still_due = store
+        .due_for_work(SystemClock.now(), lead, None, connections)
+        .await
+        .map_err(|e| e.to_string())?
+        .len();
+    Ok(SweepReport {
+        connections,
+        passes,
+        seconds,
+        provider_calls: mock.mock.stats().token_requests - before.token_requests,
+        still_due,
+        concurrency,
     })
 }

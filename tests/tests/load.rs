@@ -50,3 +50,22 @@ async fn postgres_holds_one_call_per_rotation_under_load() {
     let schema = format!("load_test_{}", std::process::id());
     short(LoadStore::Postgres { url, schema }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_refreshes_every_due_idle_connection_once_and_skips_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = tokenfence_tests::load::keepalive(
+        2_500,
+        16,
+        &LoadStore::Sqlite(dir.path().join("sweep.db")),
+    )
+    .await
+    .expect("the keep-alive runs");
+    eprintln!("{report:#?}");
+    assert_eq!(report.still_due, 0, "a due connection was skipped");
+    assert_eq!(report.provider_calls, 2_500, "one refresh per connection");
+    assert!(
+        report.passes >= 3,
+        "passes work at most 1,000 connections each"
+    );
+}

@@ -3,6 +3,7 @@
 //! ```text
 //! tokenfence-load [--connections 100000] [--seconds 60] [--callers 64]
 //!                 [--access-ttl-secs 60] [--store sqlite:PATH|postgres:URL] [--json]
+//! tokenfence-load --keepalive-concurrency 16 [--connections 100000] [--store ...]
 //!
 //! On PostgreSQL it works in a new schema `tokenfence_load_<pid>` (left behind
 //! for inspection: drop it when done).
@@ -37,6 +38,10 @@ struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Instead: keep-alive of --connections idle connections all due at once,
+    /// passes of at most this many refreshes in flight until none is due.
+    #[arg(long)]
+    keepalive_concurrency: Option<usize>,
 }
 
 #[tokio::main]
@@ -61,6 +66,26 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(concurrency) = args.keepalive_concurrency {
+        return match tokenfence_tests::load::keepalive(args.connections, concurrency, &store).await
+        {
+            Ok(report) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+                if report.still_due == 0 && report.provider_calls == report.connections as u64 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let opts = LoadOptions {
         connections: args.connections,
         duration: Duration::from_secs(args.seconds),
