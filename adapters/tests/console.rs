@@ -104,6 +104,21 @@ impl Console {
         assert_eq!(back.status(), 303);
     }
 
+    /// Imports a grant made elsewhere as `id`.
+    async fn imported(&self, id: &str) {
+        let grant = ExistingGrant {
+            refresh: RefreshToken::new(format!("RT-{id}")),
+            access: None,
+            realm_id: None,
+            idle_deadline: None,
+            hard_deadline: None,
+        };
+        self.tokens
+            .import(&ConnectionId(id.into()), grant, ImportOptions::default())
+            .await
+            .unwrap();
+    }
+
     /// Every secret the store holds, to search pages for.
     async fn secrets(&self) -> Vec<String> {
         let mut all = Vec::new();
@@ -233,31 +248,9 @@ async fn the_admin_token_guards_every_operator_route_and_pages_escape_what_they_
 
     // Five connections, one with a hostile id; two per page.
     for n in 0..4 {
-        let id = ConnectionId(format!("company-{n}"));
-        let grant = ExistingGrant {
-            refresh: RefreshToken::new(format!("RT-{n}")),
-            access: None,
-            realm_id: None,
-            idle_deadline: None,
-            hard_deadline: None,
-        };
-        c.tokens
-            .import(&id, grant, ImportOptions::default())
-            .await
-            .unwrap();
+        c.imported(&format!("company-{n}")).await;
     }
-    let hostile = ConnectionId("<script>alert(1)</script>".into());
-    let grant = ExistingGrant {
-        refresh: RefreshToken::new("RT-hostile"),
-        access: None,
-        realm_id: None,
-        idle_deadline: None,
-        hard_deadline: None,
-    };
-    c.tokens
-        .import(&hostile, grant, ImportOptions::default())
-        .await
-        .unwrap();
+    c.imported("<script>alert(1)</script>").await;
     let signed = |path: &str| {
         c.http
             .get(format!("{}{path}", c.base))

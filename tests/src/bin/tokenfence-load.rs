@@ -67,24 +67,10 @@ async fn main() -> ExitCode {
         }
     };
     if let Some(concurrency) = args.keepalive_concurrency {
-        return match tokenfence_tests::load::keepalive(args.connections, concurrency, &store).await
-        {
-            Ok(report) => {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-                if report.still_due == 0 && report.provider_calls == report.connections as u64 {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        let report = tokenfence_tests::load::keepalive(args.connections, concurrency, &store).await;
+        return finish(report, true, |r| {
+            r.still_due == 0 && r.provider_calls == r.connections as u64
+        });
     }
     let opts = LoadOptions {
         connections: args.connections,
@@ -93,9 +79,20 @@ async fn main() -> ExitCode {
         access_ttl: Duration::from_secs(args.access_ttl_secs),
         store,
     };
-    match run(&opts).await {
+    finish(run(&opts).await, args.json, |r| {
+        r.errors == 0 && r.provider_calls == r.rotations
+    })
+}
+
+/// Prints `report` (JSON, or Rust's pretty form) and exits 0 when `held`.
+fn finish<R: serde::Serialize + std::fmt::Debug>(
+    report: Result<R, String>,
+    json: bool,
+    held: impl Fn(&R) -> bool,
+) -> ExitCode {
+    match report {
         Ok(report) => {
-            if args.json {
+            if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&report).unwrap_or_default()
@@ -103,7 +100,7 @@ async fn main() -> ExitCode {
             } else {
                 println!("{report:#?}");
             }
-            if report.errors == 0 && report.provider_calls == report.rotations {
+            if held(&report) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
