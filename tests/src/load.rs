@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 use tokenfence::clock::{Clock, SystemClock};
 use tokenfence::crypto::{EncryptionKey, KeyId, Keyring};
 use tokenfence::store::{PostgresOptions, PostgresStore, SqliteStore, Store};
+use tokenfence::Provider;
 use tokenfence::TokenManager;
+use tokenfence_core::{parse_token_reply, HttpResponse, TokenGrant};
 use tokenfence_core::{ConnectionId, ConnectionRecord, Settings};
+use tokenfence_sim::mock::{MockProvider, Stats, TOKEN_PATH};
 use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
 /// Where the connections live.
@@ -44,6 +47,12 @@ pub struct LoadOptions {
     pub access_ttl: Duration,
     /// The store.
     pub store: LoadStore,
+    /// Run against a mock provider already serving at this base URL
+    /// (`tokenfence-sim mock-provider --profile strict`, shared by several
+    /// processes) instead of one in this process.
+    pub mock_url: Option<String>,
+    /// Store the connections first (off: another process did).
+    pub seed: bool,
 }
 
 /// What one run measured.
@@ -119,24 +128,95 @@ fn settings() -> Settings {
     }
 }
 
-/// The mock provider: strict rotation, access tokens of `access_ttl`.
-async fn mock(access_ttl: Duration) -> Mock {
-    Mock::start(ProviderSpec {
-        access_ttl,
-        ..ProviderSpec::scaled(BehaviourClass::StrictRotation)
-    })
-    .await
+/// The mock provider the load runs against: in this process, or another's.
+#[derive(Clone)]
+enum MockHandle {
+    Local(MockProvider),
+    Remote { base: String, http: reqwest::Client },
+}
+
+impl MockHandle {
+    /// In this process, strict rotation, access tokens of `access_ttl`; or the
+    /// one at `url` (its own lifetimes).
+    async fn start(access_ttl: Duration, url: Option<&str>) -> (MockHandle, Provider) {
+        match url {
+            None => {
+                let mock = Mock::start(ProviderSpec {
+                    access_ttl,
+                    ..ProviderSpec::scaled(BehaviourClass::StrictRotation)
+                })
+                .await;
+                let provider = mock.provider();
+                (MockHandle::Local(mock.mock), provider)
+            }
+            Some(base) => {
+                let spec = ProviderSpec::scaled(BehaviourClass::StrictRotation);
+                let mut profile = spec.profile.clone();
+                profile.token_url = format!("{base}{TOKEN_PATH}");
+                profile.revoke_url = None;
+                let provider = Provider {
+                    profile,
+                    client: spec.clients[0].credentials(),
+                };
+                let http = reqwest::Client::new();
+                (
+                    MockHandle::Remote {
+                        base: base.into(),
+                        http,
+                    },
+                    provider,
+                )
+            }
+        }
+    }
+
+    async fn grant(&self, provider: &Provider) -> Result<TokenGrant, String> {
+        match self {
+            MockHandle::Local(mock) => Ok(crate::grant_of(mock, provider)),
+            MockHandle::Remote { base, http } => {
+                let answer: serde_json::Value = http
+                    .post(format!("{base}/control"))
+                    .json(&serde_json::json!({"op": "authorize", "client_id": provider.client.client_id}))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let reply = HttpResponse {
+                    status: 200,
+                    headers: vec![],
+                    body: serde_json::to_vec(&answer["tokens"]).map_err(|e| e.to_string())?,
+                };
+                parse_token_reply(&provider.profile, &reply).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    async fn stats(&self) -> Result<Stats, String> {
+        match self {
+            MockHandle::Local(mock) => Ok(mock.stats()),
+            MockHandle::Remote { base, http } => http
+                .get(format!("{base}/control/stats"))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// A grant of the mock per connection, `adjust`ed, stored by compare-and-swap,
 /// 16 at once.
 async fn seed(
-    mock: &Mock,
+    mock: &MockHandle,
+    provider: &Provider,
     store: &Arc<dyn Store>,
     ids: &Arc<Vec<ConnectionId>>,
     adjust: fn(&mut ConnectionRecord),
 ) -> Result<(), String> {
-    let provider = mock.provider();
     let next = Arc::new(AtomicU64::new(0));
     let mut seeders = Vec::new();
     for _ in 0..16 {
@@ -144,7 +224,7 @@ async fn seed(
             store.clone(),
             ids.clone(),
             next.clone(),
-            mock.mock.clone(),
+            mock.clone(),
             provider.clone(),
         );
         seeders.push(tokio::spawn(async move {
@@ -157,7 +237,7 @@ async fn seed(
                     id.clone(),
                     provider.identity(),
                     None,
-                    crate::grant_of(&grants, &provider),
+                    grants.grant(&provider).await?,
                     &provider.profile,
                     SystemClock.now(),
                 )
@@ -206,12 +286,13 @@ fn ids(n: usize) -> Arc<Vec<ConnectionId>> {
 
 /// Runs the load test.
 pub async fn run(opts: &LoadOptions) -> Result<LoadReport, String> {
-    let mock = mock(opts.access_ttl).await;
+    let (mock, provider) = MockHandle::start(opts.access_ttl, opts.mock_url.as_deref()).await;
     let store = open(&opts.store).await?;
-    let provider = mock.provider();
     let ids = ids(opts.connections);
     let started = Instant::now();
-    seed(&mock, &store, &ids, |_| {}).await?;
+    if opts.seed {
+        seed(&mock, &provider, &store, &ids, |_| {}).await?;
+    }
     let seed_seconds = started.elapsed().as_secs_f64();
 
     let tokens = TokenManager::builder()
@@ -230,7 +311,7 @@ pub async fn run(opts: &LoadOptions) -> Result<LoadReport, String> {
         .map_err(|e| e.to_string())?;
     let cold_start_ms = first.elapsed().as_secs_f64() * 1_000.0;
 
-    let before = mock.mock.stats();
+    let before = mock.stats().await?;
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -280,7 +361,7 @@ pub async fn run(opts: &LoadOptions) -> Result<LoadReport, String> {
     }
     let seconds = started.elapsed().as_secs_f64();
     tokens.shutdown().await;
-    let after = mock.mock.stats();
+    let after = mock.stats().await?;
     let provider_calls = after.token_requests - before.token_requests;
     let rotations = after.rotations - before.rotations;
     let mut waits = std::mem::take(&mut *waits.lock().expect("waits"));
@@ -336,10 +417,10 @@ pub async fn keepalive(
     concurrency: usize,
     store: &LoadStore,
 ) -> Result<SweepReport, String> {
-    let mock = mock(Duration::from_secs(3_600)).await;
+    let (mock, provider) = MockHandle::start(Duration::from_secs(3_600), None).await;
     let store = open(store).await?;
     let ids = ids(connections);
-    seed(&mock, &store, &ids, |r| {
+    seed(&mock, &provider, &store, &ids, |r| {
         let now = SystemClock.now();
         r.refresh_issued_at = now.saturating_sub(tokenfence_core::days(90));
         r.last_refreshed_at = Some(r.refresh_issued_at);
@@ -347,7 +428,7 @@ pub async fn keepalive(
     })
     .await?;
     let tokens = TokenManager::builder()
-        .provider(mock.provider())
+        .provider(provider)
         .shared_store(store.clone())
         .settings(settings())
         .keepalive_scan(None)
@@ -355,7 +436,7 @@ pub async fn keepalive(
         .build()
         .await
         .map_err(|e| e.to_string())?;
-    let before = mock.mock.stats();
+    let before = mock.stats().await?;
     let started = Instant::now();
     let mut passes = 0;
     loop {
@@ -377,7 +458,7 @@ pub async fn keepalive(
         connections,
         passes,
         seconds,
-        provider_calls: mock.mock.stats().token_requests - before.token_requests,
+        provider_calls: mock.stats().await?.token_requests - before.token_requests,
         still_due,
         concurrency,
     })

@@ -14,6 +14,8 @@ async fn short(store: LoadStore) {
         callers: 16,
         access_ttl: Duration::from_secs(4),
         store,
+        mock_url: None,
+        seed: true,
     })
     .await
     .expect("the load test runs");

@@ -38,6 +38,17 @@ struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Use the mock provider serving at this base URL (`tokenfence-sim
+    /// mock-provider --profile strict`), shared with other processes.
+    #[arg(long)]
+    mock_url: Option<String>,
+    /// Do not store the connections (another process did).
+    #[arg(long)]
+    no_seed: bool,
+    /// PostgreSQL schema (default: tokenfence_load_<pid>); give several
+    /// processes the same one.
+    #[arg(long)]
+    schema: Option<String>,
     /// Instead: keep-alive of --connections idle connections all due at once,
     /// passes of at most this many refreshes in flight until none is due.
     #[arg(long)]
@@ -59,7 +70,10 @@ async fn main() -> ExitCode {
         Some(Some(("sqlite", path))) => LoadStore::Sqlite(path.into()),
         Some(Some(("postgres", url))) => LoadStore::Postgres {
             url: url.into(),
-            schema: format!("tokenfence_load_{}", std::process::id()),
+            schema: args
+                .schema
+                .clone()
+                .unwrap_or_else(|| format!("tokenfence_load_{}", std::process::id())),
         },
         Some(_) => {
             eprintln!("error: --store is sqlite:PATH or postgres:URL");
@@ -78,6 +92,8 @@ async fn main() -> ExitCode {
         callers: args.callers,
         access_ttl: Duration::from_secs(args.access_ttl_secs),
         store,
+        mock_url: args.mock_url,
+        seed: !args.no_seed,
     };
     finish(run(&opts).await, args.json, |r| {
         r.errors == 0 && r.provider_calls == r.rotations
