@@ -80,11 +80,7 @@ impl TokenManager {
     ) -> Result<AuthorizationUrl, ManagerError> {
         let config = self.registered(client)?;
         let mut entropy: ConnectEntropy = [0; 64];
-        getrandom::fill(&mut entropy).map_err(|e| {
-            ManagerError::Store(crate::store::StoreError::Config(format!(
-                "no randomness for the state: {e}"
-            )))
-        })?;
+        crate::manager::random(&mut entropy, "the state")?;
         let now = self.now();
         let existing = self.store().load(id).await?;
         let begun = begin(

@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use tokenfence_core::{ConnectionId, Status, Timestamp};
+use tokenfence_core::{ConnectionId, ConnectionRecord, Status, Timestamp};
 
 /// How the console is set up.
 #[derive(Clone, Debug)]
@@ -48,11 +48,7 @@ type Shared = State<Arc<Console>>;
 /// The console's routes over `tokens`.
 pub fn router(tokens: TokenManager, config: ConsoleConfig) -> Result<Router, ManagerError> {
     let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes).map_err(|e| {
-        ManagerError::Store(crate::store::StoreError::Config(format!(
-            "no randomness for the CSRF token: {e}"
-        )))
-    })?;
+    crate::manager::random(&mut bytes, "the CSRF token")?;
     let csrf = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let console = Arc::new(Console {
         tokens,
@@ -199,6 +195,23 @@ fn needs_reconnect(s: &ConnectionStatus) -> bool {
     )
 }
 
+/// Every stored record, and the rows that cannot be read (with why), in id order.
+async fn every_record(
+    tokens: &TokenManager,
+) -> Result<(Vec<ConnectionRecord>, Vec<(ConnectionId, String)>), crate::store::StoreError> {
+    let store = tokens.store();
+    let mut records = Vec::new();
+    let mut unreadable = Vec::new();
+    for id in store.list().await? {
+        match store.load(&id).await {
+            Ok(Some(r)) => records.push(r),
+            Ok(None) => {}
+            Err(e) => unreadable.push((id, e.to_string())),
+        }
+    }
+    Ok((records, unreadable))
+}
+
 #[derive(serde::Deserialize, Default)]
 struct ListQuery {
     /// `reconnect` (needs reconnect) or `deadline` (a deadline within 60 days).
@@ -211,9 +224,8 @@ async fn index(State(c): Shared, headers: HeaderMap, Query(q): Query<ListQuery>)
     if let Some(refused) = c.refuse(&headers) {
         return refused;
     }
-    let store = c.tokens.store();
-    let ids = match store.list().await {
-        Ok(ids) => ids,
+    let (records, unreadable) = match every_record(&c.tokens).await {
+        Ok(scan) => scan,
         Err(e) => {
             return page(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -226,15 +238,10 @@ async fn index(State(c): Shared, headers: HeaderMap, Query(q): Query<ListQuery>)
         }
     };
     let now = c.tokens.now();
-    let mut rows = Vec::new();
-    let mut unreadable = Vec::new();
-    for id in ids {
-        match store.load(&id).await {
-            Ok(Some(r)) => rows.push((id, ConnectionStatus::from(&r))),
-            Ok(None) => {}
-            Err(e) => unreadable.push((id, e.to_string())),
-        }
-    }
+    let mut rows: Vec<_> = records
+        .iter()
+        .map(|r| (r.id.clone(), ConnectionStatus::from(r)))
+        .collect();
     let soon = |s: &ConnectionStatus| {
         [s.idle_deadline, s.hard_deadline]
             .into_iter()
@@ -461,27 +468,16 @@ async fn metrics(State(c): Shared, headers: HeaderMap) -> Response {
             .into_response();
     };
     // Connections by status, counted now from the store.
-    let store = c.tokens.store();
     let mut counts = std::collections::BTreeMap::<(String, &str), u64>::new();
-    let mut unreadable = 0u64;
-    if let Ok(ids) = store.list().await {
-        for id in ids {
-            match store.load(&id).await {
-                Ok(Some(r)) => {
-                    let status = match r.status {
-                        Status::Active => "active",
-                        Status::Degraded { .. } => "degraded",
-                        Status::ReauthRequired { .. } => "reauth_required",
-                        Status::Disconnected { .. } => "disconnected",
-                    };
-                    *counts
-                        .entry((r.identity.provider.clone(), status))
-                        .or_default() += 1;
-                }
-                Ok(None) => {}
-                Err(_) => unreadable += 1,
-            }
+    let mut unreadable = 0;
+    if let Ok((records, bad)) = every_record(&c.tokens).await {
+        for r in &records {
+            let status = crate::store::status_name(&r.status);
+            *counts
+                .entry((r.identity.provider.clone(), status))
+                .or_default() += 1;
         }
+        unreadable = bad.len();
     }
     let mut text = handle.render();
     text.push_str("# HELP tokenfence_connections Connections in the store by provider and status.\n# TYPE tokenfence_connections gauge\n");

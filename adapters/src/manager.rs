@@ -1715,6 +1715,15 @@ fn store_failed(inner: &Inner, id: &ConnectionId, e: crate::store::StoreError) -
     Input::StoreFailed
 }
 
+/// Fills `bytes` from the OS's randomness; `what` says what they are for.
+pub(crate) fn random(bytes: &mut [u8], what: &str) -> Result<(), ManagerError> {
+    getrandom::fill(bytes).map_err(|e| {
+        ManagerError::Store(crate::store::StoreError::Config(format!(
+            "no randomness for {what}: {e}"
+        )))
+    })
+}
+
 /// An identity in words: `provider/environment/client id`.
 pub(crate) fn describe(identity: &GrantIdentity) -> String {
     format!(

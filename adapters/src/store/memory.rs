@@ -40,6 +40,14 @@ impl MemoryStore {
             .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))?;
         Ok(f(&mut rows))
     }
+
+    fn kept(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, PendingAuthorization>>, StoreError> {
+        self.pending
+            .lock()
+            .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))
+    }
 }
 
 #[async_trait]
@@ -167,20 +175,13 @@ impl Store for MemoryStore {
         pending: &PendingAuthorization,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let mut kept = self
-            .pending
-            .lock()
-            .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))?;
+        let mut kept = self.kept()?;
         kept.retain(|_, p| p.expires_at >= now);
         kept.insert(key.to_owned(), pending.clone());
         Ok(())
     }
 
     async fn take_pending(&self, key: &str) -> Result<Option<PendingAuthorization>, StoreError> {
-        let mut kept = self
-            .pending
-            .lock()
-            .map_err(|_| StoreError::Unavailable("memory store poisoned".into()))?;
-        Ok(kept.remove(key))
+        Ok(self.kept()?.remove(key))
     }
 }

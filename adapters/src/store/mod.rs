@@ -30,6 +30,7 @@ mod sqlite;
 pub(crate) use guard::RollbackGuard;
 pub use memory::MemoryStore;
 pub use postgres::{LeaseClock, PostgresOptions, PostgresStore};
+pub(crate) use row::status_name;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;

@@ -153,7 +153,8 @@ pub(crate) fn reseal(
         .map_err(corrupt)
 }
 
-fn status_name(status: &Status) -> &'static str {
+/// A status's name, as SQL columns and metrics labels spell it.
+pub(crate) fn status_name(status: &Status) -> &'static str {
     match status {
         Status::Active => "active",
         Status::Degraded { .. } => "degraded",
