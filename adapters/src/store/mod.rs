@@ -21,6 +21,7 @@
 //! `restore` puts the displaced row back, so that a lease given up without acting
 //! on its takeover leaves the doubt to the next worker.
 
+mod batch;
 mod guard;
 mod memory;
 mod postgres;

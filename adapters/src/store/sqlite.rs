@@ -11,16 +11,18 @@
 //! owner and the request match, in one transaction. Records are sealed with a [`Keyring`] (AES-256-GCM, bound to the
 //! connection id); the plain columns hold only what queries need.
 //!
-//! SQLite calls block, so they run on tokio's blocking pool, one at a time per
-//! store over a single connection.
+//! SQLite calls block, so they run on a thread of the store's own that owns its
+//! one connection; calls waiting at the same time share one transaction and one
+//! fsync, each in its own savepoint (group commit, [`batch`](super::batch)).
 
+use super::batch::Writer;
 use super::row::{self, LeaseColumns, SealedRecord};
 use super::{CasOutcome, DueWork, LeaseOutcome, Store, StoreError};
 use crate::crypto::Keyring;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokenfence_core::lease::{self, Acquired, LeaseSlot};
 use tokenfence_core::{
@@ -55,7 +57,7 @@ pub struct SqliteStore {
 }
 
 struct Inner {
-    conn: Mutex<Connection>,
+    writer: Writer,
     keyring: Keyring,
     path: PathBuf,
 }
@@ -100,7 +102,7 @@ impl SqliteStore {
         };
         Ok(SqliteStore {
             inner: Arc::new(Inner {
-                conn: Mutex::new(conn),
+                writer: Writer::start(conn, keyring.clone())?,
                 keyring,
                 path,
             }),
@@ -113,20 +115,17 @@ impl SqliteStore {
     }
 
     /// Re-seals every record that is not under the keyring's newest key; returns
-    /// how many rows changed. All in one transaction: if any row does not open,
-    /// the error names it and no row changes.
+    /// how many rows changed. In batches of rows, each batch all or nothing: if
+    /// a row does not open, the error names it and no row of its batch changes.
     pub async fn reencrypt_all(&self) -> Result<usize, StoreError> {
         let mut changed = 0;
         let mut after = String::new();
         loop {
             let from = after.clone();
             let (done, last, n) = self
-                .run(move |conn, keyring| {
-                    let tx = conn
-                        .transaction_with_behavior(TransactionBehavior::Immediate)
-                        .map_err(sql_error)?;
+                .run(true, move |conn, keyring| {
                     let rows: Vec<(String, Vec<u8>)> = {
-                        let mut stmt = tx
+                        let mut stmt = conn
                             .prepare_cached(
                                 "SELECT id, sealed FROM tokenfence_connections \
                                  WHERE id > ?1 ORDER BY id LIMIT ?2",
@@ -144,7 +143,7 @@ impl SqliteStore {
                         if let Some(resealed) = row::reseal(keyring, &cid, sealed)? {
                             // Only if the row is still what was read: a commit
                             // meanwhile sealed it anew already.
-                            n += tx
+                            n += conn
                                 .execute(
                                     "UPDATE tokenfence_connections SET sealed = ?2 \
                                      WHERE id = ?1 AND sealed = ?3",
@@ -153,7 +152,6 @@ impl SqliteStore {
                                 .map_err(sql_error)?;
                         }
                     }
-                    tx.commit().map_err(sql_error)?;
                     let last = rows.last().map(|(id, _)| id.clone());
                     Ok((rows.len() < row::RESEAL_BATCH, last, n))
                 })
@@ -166,22 +164,14 @@ impl SqliteStore {
         }
     }
 
-    /// Runs `f` with the connection on tokio's blocking pool.
-    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs `f` on the store's connection, on its writer thread, batched with
+    /// other calls (see [`batch`](super::batch)); `write`: `f` may change rows.
+    async fn run<T, F>(&self, write: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection, &Keyring) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection, &Keyring) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = inner
-                .conn
-                .lock()
-                .map_err(|_| StoreError::Unavailable("SQLite connection poisoned".into()))?;
-            f(&mut conn, &inner.keyring)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("SQLite task failed: {e}")))?
+        self.inner.writer.run(write, f).await
     }
 }
 
@@ -322,7 +312,7 @@ fn read_lease(conn: &Connection, id: &ConnectionId) -> Result<Option<LeaseSlot>,
 impl Store for SqliteStore {
     async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
         let id = id.clone();
-        self.run(move |conn, keyring| read_record(conn, keyring, &id))
+        self.run(false, move |conn, keyring| read_record(conn, keyring, &id))
             .await
     }
 
@@ -342,10 +332,7 @@ impl Store for SqliteStore {
             updated_at,
             sealed,
         } = row::seal(&self.inner.keyring, record)?;
-        self.run(move |conn, keyring| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql_error)?;
+        self.run(true, move |conn, keyring| {
             let columns = params![
                 id.0,
                 generation,
@@ -358,7 +345,7 @@ impl Store for SqliteStore {
                 hard_deadline
             ];
             let changed = match expected {
-                None => tx
+                None => conn
                     .prepare_cached(
                         "INSERT INTO tokenfence_connections (id, generation, status, \
                          idle_deadline, keepalive_floor, updated_at, sealed, pending_work_at, \
@@ -366,7 +353,7 @@ impl Store for SqliteStore {
                          ON CONFLICT (id) DO NOTHING",
                     )
                     .and_then(|mut s| s.execute(columns)),
-                Some(g) => tx
+                Some(g) => conn
                     .prepare_cached(
                         "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
                          idle_deadline = ?4, keepalive_floor = ?5, updated_at = ?6, sealed = ?7, \
@@ -383,9 +370,8 @@ impl Store for SqliteStore {
             let outcome = if changed == 1 {
                 CasOutcome::Committed
             } else {
-                CasOutcome::Conflict(read_record(&tx, keyring, &id)?)
+                CasOutcome::Conflict(read_record(conn, keyring, &id)?)
             };
-            tx.commit().map_err(sql_error)?;
             Ok(outcome)
         })
         .await
@@ -401,17 +387,14 @@ impl Store for SqliteStore {
     ) -> Result<LeaseOutcome, StoreError> {
         let id = id.clone();
         let owner = owner.clone();
-        self.run(move |conn, keyring| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql_error)?;
-            let current = read_lease(&tx, &id)?;
+        self.run(true, move |conn, keyring| {
+            let current = read_lease(conn, &id)?;
             if let Some(held) = current.as_ref().and_then(|l| l.held_against(&owner, now)) {
                 return Ok(LeaseOutcome::Held(held.clone()));
             }
             // A record that does not open fails the acquisition; the transaction
             // rolls back and the lease row stays as it was.
-            let record = read_record(&tx, keyring, &id)?;
+            let record = read_record(conn, keyring, &id)?;
             let generation = record.as_ref().map(|r| r.generation);
             let (slot, took_over) =
                 match lease::acquire(current.as_ref(), &owner, request, generation, now, ttl) {
@@ -420,7 +403,7 @@ impl Store for SqliteStore {
                 };
             let lease = slot.lease.clone();
             let c = LeaseColumns::of(&slot);
-            tx.prepare_cached(
+            conn.prepare_cached(
                 "INSERT INTO tokenfence_leases (id, owner, acquired_at, expires_at, generation, \
                  request, displaced_owner, displaced_acquired_at, displaced_expires_at, \
                  displaced_generation, displaced_request) \
@@ -449,7 +432,6 @@ impl Store for SqliteStore {
                 ])
             })
             .map_err(sql_error)?;
-            tx.commit().map_err(sql_error)?;
             Ok(LeaseOutcome::Granted {
                 lease,
                 record,
@@ -469,20 +451,17 @@ impl Store for SqliteStore {
         let id = id.clone();
         let owner = owner.clone();
         let request = row::request_to_sql(request);
-        self.run(move |conn, _| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql_error)?;
+        self.run(true, move |conn, _| {
             // Either the row goes (no restore, or nothing to restore) or the row it
             // displaced takes its place; both only where owner and request match.
-            tx.prepare_cached(
+            conn.prepare_cached(
                 "DELETE FROM tokenfence_leases WHERE id = ?1 AND owner = ?2 AND request = ?3 \
                  AND (NOT ?4 OR displaced_owner IS NULL)",
             )
             .and_then(|mut s| s.execute(params![id.0, owner.0, request, restore]))
             .map_err(sql_error)?;
             if restore {
-                tx.prepare_cached(
+                conn.prepare_cached(
                     "UPDATE tokenfence_leases SET owner = displaced_owner, \
                      acquired_at = displaced_acquired_at, expires_at = displaced_expires_at, \
                      generation = displaced_generation, request = displaced_request, \
@@ -494,7 +473,7 @@ impl Store for SqliteStore {
                 .and_then(|mut s| s.execute(params![id.0, owner.0, request]))
                 .map_err(sql_error)?;
             }
-            tx.commit().map_err(sql_error)
+            Ok(())
         })
         .await
     }
@@ -507,7 +486,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<DueWork>, StoreError> {
         let q = row::due_query(now, lead, after, limit);
-        self.run(move |conn, _| {
+        self.run(false, move |conn, _| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, MIN(due) FROM ( \
@@ -549,7 +528,7 @@ impl Store for SqliteStore {
         notice: Duration,
     ) -> Result<Vec<ConnectionId>, StoreError> {
         let (low, high) = row::notice_bounds(after, until, notice);
-        self.run(move |conn, _| {
+        self.run(false, move |conn, _| {
             ids(
                 conn,
                 "SELECT id FROM tokenfence_connections \
@@ -561,7 +540,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self) -> Result<Vec<ConnectionId>, StoreError> {
-        self.run(|conn, _| {
+        self.run(false, |conn, _| {
             ids(
                 conn,
                 "SELECT id FROM tokenfence_connections ORDER BY id",
@@ -583,27 +562,26 @@ impl Store for SqliteStore {
             row::time_to_sql(pending.expires_at),
             row::time_to_sql(now),
         );
-        self.run(move |conn, _| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_error)?;
-            tx.execute(
+        self.run(true, move |conn, _| {
+            conn.execute(
                 "DELETE FROM tokenfence_pending_authorizations WHERE expires_at < ?1",
                 params![now],
             )
             .map_err(sql_error)?;
-            tx.execute(
+            conn.execute(
                 "INSERT OR REPLACE INTO tokenfence_pending_authorizations (state_key, sealed, expires_at) \
                  VALUES (?1, ?2, ?3)",
                 params![key, sealed, expires_at],
             )
             .map_err(sql_error)?;
-            tx.commit().map_err(sql_error)
+            Ok(())
         })
         .await
     }
 
     async fn take_pending(&self, key: &str) -> Result<Option<PendingAuthorization>, StoreError> {
         let key = key.to_owned();
-        self.run(move |conn, keyring| {
+        self.run(true, move |conn, keyring| {
             let sealed: Option<Vec<u8>> = conn
                 .query_row(
                     "DELETE FROM tokenfence_pending_authorizations WHERE state_key = ?1 RETURNING sealed",

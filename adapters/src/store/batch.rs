@@ -1,0 +1,337 @@
+//! Group commit for the SQLite store: one thread owns the connection and runs
+//! what the store's callers ask for in batches, one transaction per batch.
+//!
+//! A durable SQLite commit costs an fsync; with one connection, callers that
+//! commit at the same moment used to queue for one fsync each. The writer takes
+//! every call waiting when it is free (at most [`MAX_BATCH`]), opens one
+//! transaction (`BEGIN IMMEDIATE` if any call writes), runs each call inside its
+//! own savepoint — so each compare-and-swap is still checked on its own, and a
+//! call that fails rolls back only its own changes — and commits once. Answers go
+//! out after the commit: nobody is told "committed" before the fsync. If the
+//! commit fails, every call that meant to keep its changes is told the store is
+//! unavailable (the machine then treats the outcome as unknown, as for any lost
+//! store answer).
+//!
+//! One caller alone pays what it paid on tokio's blocking pool: one hand-off to
+//! another thread and back.
+
+use super::StoreError;
+use crate::crypto::Keyring;
+use rusqlite::Connection;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+/// The most calls run in one transaction.
+pub(super) const MAX_BATCH: usize = 64;
+
+/// One call to run on the writer's connection.
+trait Job: Send {
+    /// Whether the call writes (the batch then takes the write lock at once).
+    fn writes(&self) -> bool;
+    /// Runs the call inside the batch's transaction; says whether to keep what it
+    /// changed and keeps its answer until the batch's outcome is known.
+    fn run(self: Box<Self>, conn: &Connection, keyring: &Keyring) -> Box<dyn Answer>;
+    /// The batch could not start: answer without running.
+    fn refuse(self: Box<Self>, why: &str);
+}
+
+/// A call's result, held until the batch commits.
+trait Answer: Send {
+    fn keep(&self) -> bool;
+    fn send(self: Box<Self>, committed: Result<(), &str>);
+}
+
+struct Call<T, F> {
+    write: bool,
+    f: F,
+    reply: tokio::sync::oneshot::Sender<Result<T, StoreError>>,
+}
+
+struct Reply<T> {
+    result: Result<T, StoreError>,
+    reply: tokio::sync::oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job for Call<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection, &Keyring) -> Result<T, StoreError> + Send,
+{
+    fn writes(&self) -> bool {
+        self.write
+    }
+
+    fn run(self: Box<Self>, conn: &Connection, keyring: &Keyring) -> Box<dyn Answer> {
+        let result = (self.f)(conn, keyring);
+        Box::new(Reply {
+            result,
+            reply: self.reply,
+        })
+    }
+
+    fn refuse(self: Box<Self>, why: &str) {
+        let _ = self.reply.send(Err(unavailable(why)));
+    }
+}
+
+impl<T: Send + 'static> Answer for Reply<T> {
+    fn keep(&self) -> bool {
+        self.result.is_ok()
+    }
+
+    fn send(self: Box<Self>, committed: Result<(), &str>) {
+        let result = match (self.result, committed) {
+            (Ok(_), Err(why)) => Err(unavailable(why)),
+            (result, _) => result,
+        };
+        // The caller may have stopped waiting; nothing to do then.
+        let _ = self.reply.send(result);
+    }
+}
+
+fn unavailable(why: &str) -> StoreError {
+    StoreError::Unavailable(format!("SQLite: {why}"))
+}
+
+/// The handle callers send work through; dropping it ends the writer once the
+/// work already sent is done.
+pub(super) struct Writer {
+    jobs: Option<mpsc::Sender<Box<dyn Job>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the thread that owns `conn`.
+    pub(super) fn start(conn: Connection, keyring: Keyring) -> Result<Self, StoreError> {
+        let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
+        let thread = std::thread::Builder::new()
+            .name("tokenfence-sqlite".into())
+            .spawn(move || {
+                while let Ok(first) = queue.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(queue.try_iter().take(MAX_BATCH - 1));
+                    run_batch(&conn, &keyring, batch);
+                }
+            })
+            .map_err(|e| unavailable(&format!("cannot start the writer thread: {e}")))?;
+        Ok(Writer {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `f` on the writer's connection, in a batch with whatever else is
+    /// waiting, and answers once the batch is committed (or rolled back).
+    pub(super) async fn run<T, F>(&self, write: bool, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Keyring) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Box::new(Call { write, f, reply });
+        self.jobs
+            .as_ref()
+            .and_then(|jobs| jobs.send(job).ok())
+            .ok_or_else(|| unavailable("the writer thread has stopped"))?;
+        answer
+            .await
+            .map_err(|_| unavailable("the writer thread stopped during the call"))?
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop; wait for it so that the
+        // connection is closed when the store is gone.
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+fn run_batch(conn: &Connection, keyring: &Keyring, batch: Vec<Box<dyn Job>>) {
+    let begin = if batch.iter().any(|j| j.writes()) {
+        "BEGIN IMMEDIATE"
+    } else {
+        "BEGIN DEFERRED"
+    };
+    if let Err(e) = conn.execute_batch(begin) {
+        let why = e.to_string();
+        return batch.into_iter().for_each(|j| j.refuse(&why));
+    }
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut broken: Option<String> = None;
+    for job in batch {
+        if let Some(why) = &broken {
+            job.refuse(why.as_str());
+            continue;
+        }
+        if let Err(e) = conn.execute_batch("SAVEPOINT call") {
+            broken = Some(e.to_string());
+            job.refuse(&e.to_string());
+            continue;
+        }
+        let answer = job.run(conn, keyring);
+        let end = if answer.keep() {
+            "RELEASE call"
+        } else {
+            "ROLLBACK TO call; RELEASE call"
+        };
+        if let Err(e) = conn.execute_batch(end) {
+            broken = Some(e.to_string());
+        }
+        answers.push(answer);
+    }
+    let committed = match broken {
+        None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+        Some(why) => Err(why),
+    };
+    if committed.is_err() {
+        // Nothing of this batch stays; the connection is ready for the next one.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    let committed = committed.as_ref().map(|_| ()).map_err(String::as_str);
+    for answer in answers {
+        answer.send(committed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{EncryptionKey, KeyId};
+    use std::time::Duration;
+
+    fn keyring() -> Keyring {
+        Keyring::new(KeyId(1), EncryptionKey::from_slice(&[7; 32]).expect("key"))
+    }
+
+    fn open(path: &std::path::Path) -> Connection {
+        let conn = Connection::open(path).expect("open");
+        let _: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .expect("wal");
+        conn.execute_batch("PRAGMA foreign_keys = ON").expect("fk");
+        conn
+    }
+
+    fn count(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .expect("count")
+    }
+
+    /// Starts a writer whose first call holds the thread until `calls` more are
+    /// queued behind it, so that those run as one batch; returns each call's
+    /// result with (rows it saw, rows another connection saw committed).
+    async fn batched(
+        calls: Vec<Box<dyn Fn(&Connection) -> Result<(), StoreError> + Send>>,
+    ) -> (Vec<Result<(i64, i64), StoreError>>, i64) {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("batch.db");
+        let conn = open(&path);
+        conn.execute_batch(
+            "CREATE TABLE parent (k INTEGER PRIMARY KEY); \
+             CREATE TABLE t (k INTEGER PRIMARY KEY, \
+               p INTEGER REFERENCES parent (k) DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .expect("schema");
+        let writer = std::sync::Arc::new(Writer::start(conn, keyring()).expect("writer"));
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let writer = std::sync::Arc::clone(&writer);
+            tokio::spawn(async move {
+                writer
+                    .run(true, move |_, _| {
+                        wait.recv().expect("go");
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let tasks: Vec<_> = calls
+            .into_iter()
+            .map(|call| {
+                let writer = std::sync::Arc::clone(&writer);
+                let path = path.clone();
+                tokio::spawn(async move {
+                    writer
+                        .run(true, move |conn, _| {
+                            call(conn)?;
+                            Ok((count(conn), count(&open(&path))))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        go.send(()).expect("release the first call");
+        first.await.expect("first").expect("first call");
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.expect("task"));
+        }
+        drop(writer);
+        (results, count(&open(&path)))
+    }
+
+    fn insert(k: i64, fail: bool) -> Box<dyn Fn(&Connection) -> Result<(), StoreError> + Send> {
+        Box::new(move |conn| {
+            conn.execute("INSERT INTO t (k) VALUES (?1)", [k])
+                .map_err(|e| unavailable(&e.to_string()))?;
+            if fail {
+                return Err(StoreError::Config(format!("call {k} fails")));
+            }
+            Ok(())
+        })
+    }
+
+    #[tokio::test]
+    async fn calls_waiting_together_share_one_commit_and_a_failing_call_rolls_back_alone() {
+        let calls = (0..10).map(|k| insert(k, k == 3 || k == 7)).collect();
+        let (results, stored) = batched(calls).await;
+        let mut seen = 0;
+        for (k, result) in results.into_iter().enumerate() {
+            match result {
+                Err(StoreError::Config(why)) => assert!(k == 3 || k == 7, "{k}: {why}"),
+                Ok((own, committed)) => {
+                    seen += 1;
+                    // Inside the batch every earlier kept call is visible...
+                    assert_eq!(own, seen, "call {k}");
+                    // ...and none is committed yet: one transaction for all.
+                    assert_eq!(committed, 0, "call {k} saw a commit inside its batch");
+                }
+                Err(e) => panic!("call {k}: {e}"),
+            }
+        }
+        assert_eq!(seen, 8);
+        assert_eq!(
+            stored, 8,
+            "the two failing calls' rows are rolled back, the rest kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_commit_fails_answers_unavailable_and_keeps_nothing() {
+        let mut calls = vec![insert(1, false), insert(2, true)];
+        // A row whose deferred foreign key fails only at COMMIT.
+        calls.push(Box::new(|conn: &Connection| {
+            conn.execute("INSERT INTO t (k, p) VALUES (3, 99)", [])
+                .map(|_| ())
+                .map_err(|e| unavailable(&e.to_string()))
+        }));
+        let (results, stored) = batched(calls).await;
+        assert!(
+            matches!(&results[0], Err(StoreError::Unavailable(why)) if why.contains("FOREIGN KEY"))
+        );
+        assert!(
+            matches!(&results[1], Err(StoreError::Config(_))),
+            "its own error"
+        );
+        assert!(matches!(&results[2], Err(StoreError::Unavailable(_))));
+        assert_eq!(stored, 0);
+    }
+}
