@@ -205,6 +205,9 @@ mod tests {
     use crate::crypto::{EncryptionKey, KeyId};
     use std::time::Duration;
 
+    /// What one test call does on the writer's connection.
+    type TestCall = Box<dyn Fn(&Connection) -> Result<(), StoreError> + Send>;
+
     fn keyring() -> Keyring {
         Keyring::new(KeyId(1), EncryptionKey::from_slice(&[7; 32]).expect("key"))
     }
@@ -226,9 +229,7 @@ mod tests {
     /// Starts a writer whose first call holds the thread until `calls` more are
     /// queued behind it, so that those run as one batch; returns each call's
     /// result with (rows it saw, rows another connection saw committed).
-    async fn batched(
-        calls: Vec<Box<dyn Fn(&Connection) -> Result<(), StoreError> + Send>>,
-    ) -> (Vec<Result<(i64, i64), StoreError>>, i64) {
+    async fn batched(calls: Vec<TestCall>) -> (Vec<Result<(i64, i64), StoreError>>, i64) {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("batch.db");
         let conn = open(&path);
@@ -278,7 +279,7 @@ mod tests {
         (results, count(&open(&path)))
     }
 
-    fn insert(k: i64, fail: bool) -> Box<dyn Fn(&Connection) -> Result<(), StoreError> + Send> {
+    fn insert(k: i64, fail: bool) -> TestCall {
         Box::new(move |conn| {
             conn.execute("INSERT INTO t (k) VALUES (?1)", [k])
                 .map_err(|e| unavailable(&e.to_string()))?;
