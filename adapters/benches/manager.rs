@@ -93,7 +93,7 @@ async fn manager_with(n: usize, valid: bool, latency: Duration) -> (TokenManager
     let store = MemoryStore::new();
     for i in 0..n {
         store
-            .compare_and_swap(None, &record(&p, i, valid))
+            .compare_and_swap(None, &record(&p, i, valid), None)
             .await
             .unwrap();
     }
@@ -233,7 +233,7 @@ async fn memory_with(n: usize, linger: Duration) {
         .sum();
     let store = MemoryStore::new();
     for r in &records {
-        store.compare_and_swap(None, r).await.unwrap();
+        store.compare_and_swap(None, r, None).await.unwrap();
     }
     drop(records);
     let tokens = TokenManager::builder()

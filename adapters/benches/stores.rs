@@ -79,7 +79,7 @@ async fn cas_run(store: &dyn Store, conn: &str, iters: u64) -> Duration {
     let mut g = match store.load(&id).await.expect("load") {
         Some(r) => r.generation.0,
         None => {
-            let outcome = store.compare_and_swap(None, &record(conn, 0)).await;
+            let outcome = store.compare_and_swap(None, &record(conn, 0), None).await;
             assert_eq!(outcome.expect("insert"), CasOutcome::Committed);
             0
         }
@@ -87,7 +87,9 @@ async fn cas_run(store: &dyn Store, conn: &str, iters: u64) -> Duration {
     let start = Instant::now();
     for _ in 0..iters {
         let next = record(conn, g + 1);
-        let outcome = store.compare_and_swap(Some(Generation(g)), &next).await;
+        let outcome = store
+            .compare_and_swap(Some(Generation(g)), &next, None)
+            .await;
         assert_eq!(outcome.expect("cas"), CasOutcome::Committed);
         g += 1;
     }
@@ -115,7 +117,7 @@ async fn refresh_cycle_run(store: &dyn Store, conn: &str, iters: u64) -> Duratio
         };
         let g = current.generation.0;
         let outcome = store
-            .compare_and_swap(Some(Generation(g)), &record(conn, g + 1))
+            .compare_and_swap(Some(Generation(g)), &record(conn, g + 1), None)
             .await;
         assert_eq!(outcome.expect("cas"), CasOutcome::Committed);
         store

@@ -23,9 +23,9 @@ use std::time::Duration;
 use tokenfence_core::{
     authorization_code_request, parse_token_reply, AccessError, AccessToken, ClientCredentials,
     ClientSecret, Config, Connection, ConnectionId, ConnectionRecord, Environment, Event,
-    Generation, GrantIdentity, Input, InputError, Output, ProviderProfile, ReauthReason,
-    RefreshToken, ReplyError, RequestId, SecretString, Settings, SettingsError, Status, Timestamp,
-    WorkerId,
+    Generation, GrantIdentity, Input, InputError, LeaseRelease, Output, ProviderProfile,
+    ReauthReason, RefreshToken, ReplyError, RequestId, SecretString, Settings, SettingsError,
+    Status, Timestamp, WorkerId,
 };
 use tokio::sync::{broadcast, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -713,7 +713,12 @@ impl TokenManager {
             generation,
             ..record
         };
-        match self.inner.store.compare_and_swap(expected, &record).await? {
+        match self
+            .inner
+            .store
+            .compare_and_swap(expected, &record, None)
+            .await?
+        {
             CasOutcome::Committed => {
                 self.stored_elsewhere(&record.id);
                 Ok(generation)
@@ -1529,12 +1534,13 @@ impl Actor {
                     }
                 }
                 Output::Event(event) => self.publish(event),
-                Output::ReleaseLease {
-                    owner,
-                    request,
-                    restore,
-                } => {
+                Output::ReleaseLease(release) => {
                     // Awaited inline so that it cannot overtake our next acquisition.
+                    let LeaseRelease {
+                        owner,
+                        request,
+                        restore,
+                    } = release;
                     if let Err(e) = self
                         .inner
                         .store
@@ -1587,8 +1593,15 @@ impl Actor {
                     }
                     Err(e) => store_failed(&inner, &id, e),
                 },
-                Output::CompareAndSwap { expected, record } => {
-                    match store.compare_and_swap(expected, &record).await {
+                Output::CompareAndSwap {
+                    expected,
+                    record,
+                    release,
+                } => {
+                    match store
+                        .compare_and_swap(expected, &record, release.as_ref())
+                        .await
+                    {
                         Ok(CasOutcome::Committed) => Input::Committed {
                             generation: record.generation,
                         },
@@ -1624,7 +1637,7 @@ impl Actor {
                     }
                 }
                 // Deliver, Event and ReleaseLease are handled in `drain`.
-                Output::Deliver { .. } | Output::Event(_) | Output::ReleaseLease { .. } => {
+                Output::Deliver { .. } | Output::Event(_) | Output::ReleaseLease(_) => {
                     Input::StoreChanged
                 }
             }

@@ -66,7 +66,7 @@ async fn setup_on(
     let now = clock.now();
     let base = ConnectionRecord::new(id(), p.identity(), RefreshToken::new("RT-1"), now);
     store
-        .compare_and_swap(None, &record(base, now))
+        .compare_and_swap(None, &record(base, now), None)
         .await
         .unwrap();
     let transport = Scripted::new(Duration::from_millis(20));

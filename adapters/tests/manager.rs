@@ -21,7 +21,7 @@ async fn seeded_store(p: &Provider) -> Arc<Watched> {
         ..ConnectionRecord::new(id(), p.identity(), RefreshToken::new("RT-1"), now)
     };
     assert_eq!(
-        store.compare_and_swap(None, &record).await.unwrap(),
+        store.compare_and_swap(None, &record, None).await.unwrap(),
         CasOutcome::Committed
     );
     store
@@ -374,7 +374,7 @@ async fn a_record_rolled_back_under_a_running_process_is_refused_not_presented()
     let now = SystemClock.now();
     let first = ConnectionRecord::new(id(), p.identity(), RefreshToken::new("RT-1"), now);
     assert_eq!(
-        store.compare_and_swap(None, &first).await.unwrap(),
+        store.compare_and_swap(None, &first, None).await.unwrap(),
         CasOutcome::Committed
     );
     let backup = store.inner.load(&id()).await.unwrap().unwrap();

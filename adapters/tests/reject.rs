@@ -26,7 +26,7 @@ async fn seeded_store() -> Arc<MemoryStore> {
         )
     };
     assert_eq!(
-        store.compare_and_swap(None, &record).await.unwrap(),
+        store.compare_and_swap(None, &record, None).await.unwrap(),
         CasOutcome::Committed
     );
     store

@@ -332,7 +332,7 @@ impl Backend for PgBackend {
 
 async fn committed(store: &impl Store, expected: Option<u64>, record: &ConnectionRecord) {
     let outcome = store
-        .compare_and_swap(expected.map(Generation), record)
+        .compare_and_swap(expected.map(Generation), record, None)
         .await
         .unwrap();
     assert_eq!(outcome, CasOutcome::Committed, "CAS of {:?}", record.id);
@@ -464,7 +464,7 @@ async fn insert_only_if_absent<B: Backend>(b: &B) {
     let mut other = record("a", 0);
     other.refresh = RefreshToken::new("RT-other");
     assert_eq!(
-        s.compare_and_swap(None, &other).await.unwrap(),
+        s.compare_and_swap(None, &other, None).await.unwrap(),
         CasOutcome::Conflict(Some(record("a", 0)))
     );
     assert_eq!(s.load(&id("a")).await.unwrap(), Some(record("a", 0)));
@@ -479,21 +479,21 @@ async fn cas_success_and_conflict_return_current<B: Backend>(b: &B) {
     let mut stale = record("a", 1);
     stale.refresh = RefreshToken::new("RT-stale");
     assert_eq!(
-        s.compare_and_swap(Some(Generation(0)), &stale)
+        s.compare_and_swap(Some(Generation(0)), &stale, None)
             .await
             .unwrap(),
         CasOutcome::Conflict(Some(record("a", 1)))
     );
     // Derived from a generation that was never stored.
     assert_eq!(
-        s.compare_and_swap(Some(Generation(7)), &record("a", 8))
+        s.compare_and_swap(Some(Generation(7)), &record("a", 8), None)
             .await
             .unwrap(),
         CasOutcome::Conflict(Some(record("a", 1)))
     );
     // An update of a connection that does not exist conflicts with nothing.
     assert_eq!(
-        s.compare_and_swap(Some(Generation(0)), &record("b", 1))
+        s.compare_and_swap(Some(Generation(0)), &record("b", 1), None)
             .await
             .unwrap(),
         CasOutcome::Conflict(None)
@@ -511,12 +511,14 @@ async fn generation_never_decreases<B: Backend>(b: &B) {
         // Every stale writer, from any older generation, is refused.
         for old in 0..g {
             let outcome = s
-                .compare_and_swap(Some(Generation(old)), &record("a", old + 1))
+                .compare_and_swap(Some(Generation(old)), &record("a", old + 1), None)
                 .await
                 .unwrap();
             assert_eq!(outcome, CasOutcome::Conflict(Some(record("a", g))));
             assert_eq!(
-                s.compare_and_swap(None, &record("a", 0)).await.unwrap(),
+                s.compare_and_swap(None, &record("a", 0), None)
+                    .await
+                    .unwrap(),
                 outcome
             );
         }
@@ -572,7 +574,7 @@ async fn records_round_trip_exactly<B: Backend>(b: &B) {
     top.status = Status::Active;
     committed(&*s, Some(u64::MAX - 1), &top).await;
     assert_eq!(
-        s.compare_and_swap(Some(Generation(u64::MAX - 1)), &top)
+        s.compare_and_swap(Some(Generation(u64::MAX - 1)), &top, None)
             .await
             .unwrap(),
         CasOutcome::Conflict(Some(top.clone()))
@@ -809,6 +811,84 @@ async fn release_with_restore_puts_back_the_displaced_row<B: Backend>(b: &B) {
     s.release_lease(&id("c"), &worker("A"), req("A"), true)
         .await
         .unwrap();
+    assert_eq!(took_over(&*s, "c", "B", req("B"), at(1)).await, None);
+}
+
+/// A compare-and-swap carrying a release: when it commits, the lease is released
+/// in the same step (the next worker is granted at once and told of no
+/// takeover; with restore, the displaced row is back); when it conflicts, or the
+/// release names another owner or request, the lease stays as it was.
+async fn a_committed_swap_releases_the_lease_with_it<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    let releasing = |owner: &str, request, restore| tokenfence_core::LeaseRelease {
+        owner: worker(owner),
+        request,
+        restore,
+    };
+    // Commits: released.
+    committed(&*s, None, &record("a", 0)).await;
+    granted(&*s, "a", "A", T0).await;
+    let outcome = s
+        .compare_and_swap(
+            Some(Generation(0)),
+            &record("a", 1),
+            Some(&releasing("A", req("A"), false)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, CasOutcome::Committed);
+    assert_eq!(took_over(&*s, "a", "B", req("B"), at(1)).await, None);
+    // Conflicts: nothing written, the lease still B's.
+    let outcome = s
+        .compare_and_swap(
+            Some(Generation(0)),
+            &record("a", 1),
+            Some(&releasing("B", req("B"), false)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(outcome, CasOutcome::Conflict(Some(r)) if r.generation == Generation(1)));
+    assert_eq!(held(&*s, "a", "C", at(2)).await, lease("B", at(1), Some(1)));
+    // Another owner's or request's release: the swap commits, the lease stays.
+    for (owner, request) in [("C", req("C")), ("B", LeaseRequestId(9))] {
+        let g = s.load(&id("a")).await.unwrap().unwrap().generation.0;
+        let outcome = s
+            .compare_and_swap(
+                Some(Generation(g)),
+                &record("a", g + 1),
+                Some(&releasing(owner, request, true)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, CasOutcome::Committed);
+        assert_eq!(held(&*s, "a", "C", at(3)).await, lease("B", at(1), Some(1)));
+    }
+    // With restore: the row the grant displaced is back, for the next worker.
+    committed(&*s, None, &record("b", 0)).await;
+    granted(&*s, "b", "B", T0).await;
+    let b_row = Some(lease("B", T0, Some(0)));
+    assert_eq!(took_over(&*s, "b", "A", req("A"), at(40)).await, b_row);
+    let outcome = s
+        .compare_and_swap(
+            Some(Generation(0)),
+            &record("b", 1),
+            Some(&releasing("A", req("A"), true)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, CasOutcome::Committed);
+    assert_eq!(took_over(&*s, "b", "C", req("C"), at(41)).await, b_row);
+    // Inserting the first record releases too.
+    granted(&*s, "c", "A", T0).await;
+    let outcome = s
+        .compare_and_swap(
+            None,
+            &record("c", 0),
+            Some(&releasing("A", req("A"), false)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, CasOutcome::Committed);
     assert_eq!(took_over(&*s, "c", "B", req("B"), at(1)).await, None);
 }
 
@@ -1238,7 +1318,7 @@ async fn concurrent_cas_has_one_winner_per_generation<B: Backend>(b: &B) {
                 let mut next = record("hot", g + 1);
                 next.refresh = RefreshToken::new(format!("RT-task-{t}-g{}", g + 1));
                 match s
-                    .compare_and_swap(Some(Generation(g)), &next)
+                    .compare_and_swap(Some(Generation(g)), &next, None)
                     .await
                     .unwrap()
                 {
@@ -1369,13 +1449,13 @@ async fn assert_corrupt_and_unchanged<B: Backend>(b: &B, s: &B::S, conn: &str, e
     );
     check(
         "insert conflict",
-        s.compare_and_swap(None, &record(conn, 0))
+        s.compare_and_swap(None, &record(conn, 0), None)
             .await
             .unwrap_err(),
     );
     check(
         "update conflict",
-        s.compare_and_swap(Some(Generation(999)), &record(conn, 1000))
+        s.compare_and_swap(Some(Generation(999)), &record(conn, 1000), None)
             .await
             .unwrap_err(),
     );
@@ -1707,6 +1787,7 @@ for_backends!(
     same_owner_new_request_reports_its_own_row,
     release_with_restore_puts_back_the_displaced_row,
     release_with_wrong_request_does_nothing,
+    a_committed_swap_releases_the_lease_with_it,
     chained_takeovers_report_the_earliest_start,
     due_for_work_finds_keepalive_and_abandoned,
     due_for_work_finds_records_in_doubt,

@@ -23,8 +23,8 @@ use tokenfence::store::{
 };
 use tokenfence_core::{
     AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, FailureKind, Generation,
-    GrantIdentity, LeaseRequestId, PendingAuthorization, ReauthReason, RefreshToken, SecretString,
-    Status, Timestamp, WorkerId,
+    GrantIdentity, LeaseRelease, LeaseRequestId, PendingAuthorization, ReauthReason, RefreshToken,
+    SecretString, Status, Timestamp, WorkerId,
 };
 
 const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
@@ -57,7 +57,12 @@ impl Rng {
 #[derive(Debug)]
 enum Op {
     Load(ConnectionId),
-    Cas(Option<Generation>, Box<ConnectionRecord>),
+    /// A compare-and-swap, half the time releasing a lease with it.
+    Cas(
+        Option<Generation>,
+        Box<ConnectionRecord>,
+        Option<LeaseRelease>,
+    ),
     Acquire(ConnectionId, WorkerId, LeaseRequestId, Timestamp, Duration),
     Release(ConnectionId, WorkerId, LeaseRequestId, bool),
     Due(Timestamp, Duration, Option<DueWork>, usize),
@@ -144,7 +149,15 @@ fn random_op(rng: &mut Rng, grants: &Grants) -> Op {
                 _ => Some(Generation(rng.below(5))),
             };
             let next = expected.map_or(0, |g| g.0 + 1);
-            Op::Cas(expected, Box::new(random_record(rng, &id.0, next)))
+            let release = (rng.below(2) == 0).then(|| {
+                let (owner, request) = requester(rng);
+                LeaseRelease {
+                    owner,
+                    request,
+                    restore: rng.below(2) == 0,
+                }
+            });
+            Op::Cas(expected, Box::new(random_record(rng, &id.0, next)), release)
         }
         4..=6 => {
             let (owner, request) = requester(rng);
@@ -226,9 +239,12 @@ fn pending(key: &str, expires_at: Timestamp) -> PendingAuthorization {
 async fn apply(store: &dyn Store, op: &Op) -> Answer {
     match op {
         Op::Load(id) => Answer::Record(store.load(id).await.unwrap()),
-        Op::Cas(expected, record) => {
-            Answer::Cas(store.compare_and_swap(*expected, record).await.unwrap())
-        }
+        Op::Cas(expected, record, release) => Answer::Cas(
+            store
+                .compare_and_swap(*expected, record, release.as_ref())
+                .await
+                .unwrap(),
+        ),
         Op::Acquire(id, owner, request, now, ttl) => Answer::Lease(
             store
                 .acquire_lease(id, owner, *request, *now, *ttl)
@@ -286,6 +302,8 @@ struct Seen {
     retries: u32,
     /// Releases with restore by the owner and request of the last grant.
     restores: u32,
+    /// Commits that released the last grant with them.
+    released_by_commit: u32,
     due: u32,
     /// Pending authorizations taken, and takes that found none (used, expired
     /// and dropped, never put).
@@ -349,6 +367,13 @@ async fn run_against(
                 seen.restores += u32::from(*restore);
                 grants.remove(id);
             }
+            Op::Cas(_, record, Some(r))
+                if want == Answer::Cas(CasOutcome::Committed)
+                    && grants.get(&record.id) == Some(&(r.owner.clone(), r.request)) =>
+            {
+                seen.released_by_commit += 1;
+                grants.remove(&record.id);
+            }
             _ => {}
         }
         match want {
@@ -373,6 +398,7 @@ fn assert_reached(seen: &Seen) {
         took_over,
         retries,
         restores,
+        released_by_commit,
         due,
         taken,
         taken_none,
@@ -384,6 +410,7 @@ fn assert_reached(seen: &Seen) {
             && took_over >= 10
             && retries >= 10
             && restores >= 5
+            && released_by_commit >= 5
             && due >= 10
             && taken >= 10
             && taken_none >= 10,

@@ -93,7 +93,7 @@ fn refresh_cycle(config: &Arc<Config>, record: &ConnectionRecord) -> usize {
                     delivered = result.map(|t| t.len()).unwrap_or(0);
                     None
                 }
-                Output::ReleaseLease { .. } | Output::Event(_) => None,
+                Output::ReleaseLease(_) | Output::Event(_) => None,
             }
             .or(input);
         }

@@ -170,19 +170,8 @@ pub enum Output {
         /// This request's name (the same on a retry after a lost answer).
         request: LeaseRequestId,
     },
-    /// Release the lease if `owner` still holds it under `request`; otherwise do
-    /// nothing. No answer expected. With `restore`, put back the unreleased row the
-    /// grant displaced instead of leaving none: the machine gives up a lease it may
-    /// hold (its answer was lost) or did not act on what the grant reported, so
-    /// the displaced holder's refresh is still in doubt for the next worker.
-    ReleaseLease {
-        /// Lease owner.
-        owner: WorkerId,
-        /// The request the lease was granted to.
-        request: LeaseRequestId,
-        /// Put back the row the grant displaced.
-        restore: bool,
-    },
+    /// Release the lease as [`LeaseRelease`] says. No answer expected.
+    ReleaseLease(LeaseRelease),
     /// Send this request; answer with [`Input::Replied`], [`Input::NotSent`] or
     /// [`Input::OutcomeUnknown`].
     Send(HttpRequest),
@@ -194,6 +183,10 @@ pub enum Output {
         expected: Option<Generation>,
         /// The new record (its generation is `expected + 1`).
         record: Box<ConnectionRecord>,
+        /// The lease to release in the same atomic step, only if the swap
+        /// commits: the commit ends the piece of work. A store that cannot do both
+        /// at once may release right after a committed swap.
+        release: Option<LeaseRelease>,
     },
     /// Answer a caller.
     Deliver {
@@ -204,6 +197,21 @@ pub enum Output {
     },
     /// A lifecycle event for subscribers.
     Event(Event),
+}
+
+/// Releasing a lease: only if `owner` still holds it under `request` (expired or
+/// not); otherwise nothing. With `restore`, the unreleased row the grant
+/// displaced is put back instead of leaving none: the machine gives up a lease it
+/// may hold (its answer was lost) or did not act on what the grant reported, so
+/// the displaced holder's refresh is still in doubt for the next worker.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseRelease {
+    /// Lease owner.
+    pub owner: WorkerId,
+    /// The request the lease was granted to.
+    pub request: LeaseRequestId,
+    /// Put back the row the grant displaced.
+    pub restore: bool,
 }
 
 /// Lifecycle events.

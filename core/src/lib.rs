@@ -74,10 +74,10 @@
 //! conn.handle_input(now, Input::AccessRequested(RequestId(1)))?;
 //! assert_eq!(conn.poll_output(), Some(Output::Load));
 //! conn.handle_input(now, Input::Loaded(Some(Box::new(stored.clone()))))?;
-//! assert!(matches!(conn.poll_output(), Some(Output::AcquireLease { .. })));
+//! let Some(Output::AcquireLease { request: asked, .. }) = conn.poll_output() else { panic!() };
 //! let lease = Lease { owner: config.worker.clone(), acquired_at: now,
 //!     expires_at: now.saturating_add(config.settings.lease_ttl), generation: Some(Generation(3)),
-//!     request: LeaseRequestId(1) };
+//!     request: asked };
 //! conn.handle_input(now, Input::LeaseGranted { lease, record: Some(Box::new(stored.clone())), took_over: None })?;
 //! let Some(Output::Send(request)) = conn.poll_output() else { panic!("expected a request") };
 //! assert_eq!(request.url, "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer");
@@ -86,13 +86,13 @@
 //! let body = br#"{"access_token":"AT-new","refresh_token":"RT-new","token_type":"bearer",
 //!                 "expires_in":3600,"x_refresh_token_expires_in":8726400}"#;
 //! conn.handle_input(now, Input::Replied(HttpResponse { status: 200, headers: vec![], body: body.to_vec() }))?;
-//! let Some(Output::CompareAndSwap { expected, record }) = conn.poll_output() else { panic!() };
-//! assert_eq!(expected, Some(Generation(3)));
+//! // The commit carries the lease's release: the store does both in one step.
+//! let Some(Output::CompareAndSwap { expected, record, release: Some(release) }) = conn.poll_output() else { panic!() };
+//! assert_eq!((expected, release.request), (Some(Generation(3)), asked));
 //! assert_eq!(record.refresh.expose(), "RT-new");
 //! stored = *record;
 //!
 //! conn.handle_input(now, Input::Committed { generation: stored.generation })?;
-//! assert!(matches!(conn.poll_output(), Some(Output::ReleaseLease { .. })));
 //! assert!(matches!(conn.poll_output(), Some(Output::Event(Event::Refreshed { rotated: true, .. }))));
 //! let Some(Output::Deliver { request: RequestId(1), result: Ok(token) }) = conn.poll_output() else { panic!() };
 //! assert_eq!(token.expose(), "AT-new");
@@ -131,7 +131,8 @@ mod time;
 
 pub use connect::{Callback, ConnectError, ConnectOptions, PendingAuthorization};
 pub use io::{
-    AccessError, ConfigError, Event, IdentityField, Input, InputError, Output, RequestId,
+    AccessError, ConfigError, Event, IdentityField, Input, InputError, LeaseRelease, Output,
+    RequestId,
 };
 pub use machine::{Config, Connection};
 pub use profile::{

@@ -1,7 +1,8 @@
 //! The per-connection state machine. See the crate docs for the run-loop contract.
 
 use crate::io::{
-    AccessError, ConfigError, Event, IdentityField, Input, InputError, Output, RequestId,
+    AccessError, ConfigError, Event, IdentityField, Input, InputError, LeaseRelease, Output,
+    RequestId,
 };
 use crate::profile::{ClientCredentials, GraceReplay, InDoubtRecovery, ProviderProfile, Rotation};
 use crate::record::{
@@ -637,15 +638,33 @@ impl Connection {
     /// for the next acquisition (a lost release then leaves a row the store
     /// recognises as ours, not a takeover).
     fn release_lease(&mut self) {
+        if let Some(release) = self.end_lease() {
+            self.outputs.push_back(Output::ReleaseLease(release));
+        }
+    }
+
+    /// Ends the lease held now, if any, and says how to release it: by a
+    /// separate [`Output::ReleaseLease`], or already done by the store with the
+    /// compare-and-swap that carried it.
+    fn end_lease(&mut self) -> Option<LeaseRelease> {
         if !self.holding_lease {
-            return;
+            return None;
         }
         self.holding_lease = false;
         let restore = self.took_over.take().is_some();
-        self.emit_release(restore);
+        let release = self.release_of(restore);
         if self.sent_under_lease {
             self.lease_request = None;
         }
+        release
+    }
+
+    /// The release of the lease held now that ending it would make, without
+    /// ending it: what a commit that ends the piece of work carries.
+    fn pending_release(&self) -> Option<LeaseRelease> {
+        self.holding_lease
+            .then(|| self.release_of(self.took_over.is_some()))
+            .flatten()
     }
 
     /// Ends the piece of work: releases the lease held, and gives up one that a
@@ -655,20 +674,18 @@ impl Connection {
     fn give_up_lease(&mut self) {
         self.release_lease();
         if core::mem::take(&mut self.lease_unknown) {
-            self.emit_release(true);
+            if let Some(release) = self.release_of(true) {
+                self.outputs.push_back(Output::ReleaseLease(release));
+            }
         }
     }
 
-    fn emit_release(&mut self, restore: bool) {
-        let Some(request) = self.lease_request else {
-            return;
-        };
-        let owner = self.config.worker.clone();
-        self.outputs.push_back(Output::ReleaseLease {
-            owner,
-            request,
+    fn release_of(&self, restore: bool) -> Option<LeaseRelease> {
+        Some(LeaseRelease {
+            owner: self.config.worker.clone(),
+            request: self.lease_request?,
             restore,
-        });
+        })
     }
 
     fn deliver_all(&mut self, result: &Result<AccessToken, AccessError>) {
@@ -708,8 +725,16 @@ impl Connection {
     ) {
         proposal.generation = expected.map(|g| g.next()).unwrap_or_default();
         let record = Box::new(proposal.clone());
-        self.outputs
-            .push_back(Output::CompareAndSwap { expected, record });
+        // Every commit but a doubt's ends the piece of work: the lease goes with it,
+        // in the same atomic step (one store transaction fewer per refresh).
+        let release = (intent != Intent::Doubt)
+            .then(|| self.pending_release())
+            .flatten();
+        self.outputs.push_back(Output::CompareAndSwap {
+            expected,
+            record,
+            release,
+        });
         self.phase = Phase::Committing {
             proposal: Box::new(proposal),
             intent,
@@ -1217,7 +1242,8 @@ impl Connection {
         self.adopt(Some(record));
         self.mark_fresh(now);
         if intent != Intent::Doubt {
-            self.release_lease();
+            // Released by the store with the commit (see `commit_on`).
+            let _ = self.end_lease();
         }
         match intent {
             Intent::Doubt => {}

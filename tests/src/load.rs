@@ -244,7 +244,7 @@ async fn seed(
                 .ok_or_else(|| "the mock's grant has no refresh token".to_string())?;
                 adjust(&mut record);
                 store
-                    .compare_and_swap(None, &record)
+                    .compare_and_swap(None, &record, None)
                     .await
                     .map_err(|e| e.to_string())?;
             }

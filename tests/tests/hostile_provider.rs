@@ -51,7 +51,7 @@ async fn seeded(p: &Provider) -> Arc<MemoryStore> {
         RefreshToken::new("RT-kept-safe"),
         now,
     );
-    store.compare_and_swap(None, &record).await.unwrap();
+    store.compare_and_swap(None, &record, None).await.unwrap();
     store
 }
 

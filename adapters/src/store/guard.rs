@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, PendingAuthorization, Timestamp,
-    WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRelease, LeaseRequestId, PendingAuthorization,
+    Timestamp, WorkerId,
 };
 
 /// A store that remembers the highest generation it has seen of each record.
@@ -75,8 +75,12 @@ impl Store for RollbackGuard {
         &self,
         expected: Option<Generation>,
         record: &ConnectionRecord,
+        release: Option<&LeaseRelease>,
     ) -> Result<CasOutcome, StoreError> {
-        let outcome = self.inner.compare_and_swap(expected, record).await?;
+        let outcome = self
+            .inner
+            .compare_and_swap(expected, record, release)
+            .await?;
         match &outcome {
             CasOutcome::Committed => self.note(&record.id, record.generation)?,
             CasOutcome::Conflict(current) => self.check(current.as_ref())?,

@@ -7,14 +7,21 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokenfence_core::lease::{self, Acquired, LeaseSlot};
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, PendingAuthorization, Timestamp,
-    WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRelease, LeaseRequestId, PendingAuthorization,
+    Timestamp, WorkerId,
 };
 
 #[derive(Default)]
 struct Row {
     record: Option<ConnectionRecord>,
     lease: Option<LeaseSlot>,
+}
+
+/// `tokenfence_core::lease::release` on one row.
+fn release_row(row: &mut Row, owner: &WorkerId, request: LeaseRequestId, restore: bool) {
+    if let Some(left) = lease::release(row.lease.as_ref(), owner, request, restore) {
+        row.lease = left;
+    }
 }
 
 /// Records and leases in a mutex-guarded map.
@@ -60,11 +67,15 @@ impl Store for MemoryStore {
         &self,
         expected: Option<Generation>,
         record: &ConnectionRecord,
+        release: Option<&LeaseRelease>,
     ) -> Result<CasOutcome, StoreError> {
         self.with(|rows| {
             let row = rows.entry(record.id.clone()).or_default();
             if row.record.as_ref().map(|r| r.generation) == expected {
                 row.record = Some(record.clone());
+                if let Some(r) = release {
+                    release_row(row, &r.owner, r.request, r.restore);
+                }
                 CasOutcome::Committed
             } else {
                 CasOutcome::Conflict(row.record.clone())
@@ -107,9 +118,7 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         self.with(|rows| {
             if let Some(row) = rows.get_mut(id) {
-                if let Some(left) = lease::release(row.lease.as_ref(), owner, request, restore) {
-                    row.lease = left;
-                }
+                release_row(row, owner, request, restore);
             }
         })
     }

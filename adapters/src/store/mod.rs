@@ -37,8 +37,8 @@ pub use sqlite::SqliteStore;
 use async_trait::async_trait;
 use std::time::Duration;
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRequestId, PendingAuthorization,
-    Timestamp, WorkerId,
+    ConnectionId, ConnectionRecord, Generation, Lease, LeaseRelease, LeaseRequestId,
+    PendingAuthorization, Timestamp, WorkerId,
 };
 
 /// A connection due for work ([`Store::due_for_work`]) and since when; ordered
@@ -118,11 +118,15 @@ pub trait Store: Send + Sync + 'static {
     async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError>;
 
     /// Stores `record` only if the stored generation is `expected` (`None`: only if
-    /// there is no record).
+    /// there is no record). If it is stored and `release` is given, releases that
+    /// lease as [`release_lease`](Store::release_lease) does, in the same atomic
+    /// step: a refresh ends with one transaction, not two. A conflict leaves the
+    /// lease as it is.
     async fn compare_and_swap(
         &self,
         expected: Option<Generation>,
         record: &ConnectionRecord,
+        release: Option<&LeaseRelease>,
     ) -> Result<CasOutcome, StoreError>;
 
     /// Takes the refresh lease of `id` for `ttl` from `now` if it is free, expired or
@@ -230,8 +234,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         &self,
         expected: Option<Generation>,
         record: &ConnectionRecord,
+        release: Option<&LeaseRelease>,
     ) -> Result<CasOutcome, StoreError> {
-        (**self).compare_and_swap(expected, record).await
+        (**self).compare_and_swap(expected, record, release).await
     }
     async fn acquire_lease(
         &self,

@@ -39,8 +39,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokenfence_core::lease::{self, Acquired};
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, PendingAuthorization, Timestamp,
-    WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRelease, LeaseRequestId, PendingAuthorization,
+    Timestamp, WorkerId,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -140,6 +140,9 @@ struct Sql {
     select_record: String,
     insert_record: String,
     update_record: String,
+    /// `insert_record` and `update_record` releasing a lease when they land.
+    insert_record_releasing: String,
+    update_record_releasing: String,
     select_lease: String,
     upsert_lease: String,
     release_lease: String,
@@ -157,20 +160,45 @@ impl Sql {
         let c = format!("\"{schema}\".tokenfence_connections");
         let l = format!("\"{schema}\".tokenfence_leases");
         let p = format!("\"{schema}\".tokenfence_pending_authorizations");
+        let insert_record = format!(
+            "INSERT INTO {c} (id, generation, status, idle_deadline, keepalive_floor, \
+             updated_at, sealed, pending_work_at, hard_deadline) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (id) DO NOTHING"
+        );
+        let update_record = format!(
+            "UPDATE {c} SET generation = $2, status = $3, idle_deadline = $4, \
+             keepalive_floor = $5, updated_at = $6, sealed = $7, pending_work_at = $8, \
+             hard_deadline = $9 WHERE id = $1 AND generation = $10"
+        );
+        // One statement: the swap, and only where it landed (joined on its
+        // returned id) the release, as `release_lease` does; owner, request and
+        // restore are the parameters from `first` on.
+        let releasing = |cas: &str, first: usize| {
+            let (owner, request, restore) = (first, first + 1, first + 2);
+            format!(
+                "WITH cas AS ({cas} RETURNING id), \
+                 restored AS (UPDATE {l} SET owner = displaced_owner, \
+                 acquired_at = displaced_acquired_at, expires_at = displaced_expires_at, \
+                 generation = displaced_generation, request = displaced_request, \
+                 displaced_owner = NULL, displaced_acquired_at = NULL, \
+                 displaced_expires_at = NULL, displaced_generation = NULL, \
+                 displaced_request = NULL FROM cas \
+                 WHERE {l}.id = cas.id AND owner = ${owner} AND request = ${request} \
+                 AND ${restore} AND displaced_owner IS NOT NULL RETURNING 1), \
+                 released AS (DELETE FROM {l} USING cas WHERE {l}.id = cas.id \
+                 AND owner = ${owner} AND request = ${request} \
+                 AND (NOT ${restore} OR displaced_owner IS NULL) RETURNING 1) \
+                 SELECT count(*) FROM cas"
+            )
+        };
         Sql {
             schema: schema.to_owned(),
+            insert_record_releasing: releasing(&insert_record, 10),
+            update_record_releasing: releasing(&update_record, 11),
+            insert_record,
+            update_record,
             select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
-            insert_record: format!(
-                "INSERT INTO {c} (id, generation, status, idle_deadline, keepalive_floor, \
-                 updated_at, sealed, pending_work_at, hard_deadline) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (id) DO NOTHING"
-            ),
-            update_record: format!(
-                "UPDATE {c} SET generation = $2, status = $3, idle_deadline = $4, \
-                 keepalive_floor = $5, updated_at = $6, sealed = $7, pending_work_at = $8, \
-                 hard_deadline = $9 WHERE id = $1 AND generation = $10"
-            ),
             select_lease: format!(
                 "SELECT owner, acquired_at, expires_at, generation, request, displaced_owner, \
                  displaced_acquired_at, displaced_expires_at, displaced_generation, \
@@ -572,8 +600,12 @@ impl Store for PostgresStore {
         &self,
         expected: Option<Generation>,
         record: &ConnectionRecord,
+        release: Option<&LeaseRelease>,
     ) -> Result<CasOutcome, StoreError> {
         check_text("connection id", &record.id.0)?;
+        if let Some(r) = release {
+            check_text("worker id", &r.owner.0)?;
+        }
         let SealedRecord {
             generation,
             status,
@@ -586,7 +618,7 @@ impl Store for PostgresStore {
         } = row::seal(&self.inner.keyring, record)?;
         let client = self.client().await?;
         let expected = expected.map(row::generation_to_sql);
-        let columns: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
             &record.id.0,
             &generation,
             &status,
@@ -596,25 +628,34 @@ impl Store for PostgresStore {
             &sealed,
             &pending_work_at,
             &hard_deadline,
-            &expected,
         ];
-        let changed = match expected {
-            None => {
-                let stmt = client
-                    .prepare_cached(&self.inner.sql.insert_record)
-                    .await
-                    .map_err(pg_error)?;
-                client.execute(&stmt, &columns[..9]).await
-            }
-            Some(_) => {
-                let stmt = client
-                    .prepare_cached(&self.inner.sql.update_record)
-                    .await
-                    .map_err(pg_error)?;
-                client.execute(&stmt, &columns).await
-            }
+        if expected.is_some() {
+            params.push(&expected);
         }
-        .map_err(pg_error)?;
+        let released = release.map(|r| (&r.owner.0, row::request_to_sql(r.request), r.restore));
+        if let Some((owner, request, restore)) = &released {
+            params.push(owner);
+            params.push(request);
+            params.push(restore);
+        }
+        let sql = &self.inner.sql;
+        let statement = match (expected.is_some(), released.is_some()) {
+            (false, false) => &sql.insert_record,
+            (true, false) => &sql.update_record,
+            (false, true) => &sql.insert_record_releasing,
+            (true, true) => &sql.update_record_releasing,
+        };
+        let stmt = client.prepare_cached(statement).await.map_err(pg_error)?;
+        let changed = if released.is_some() {
+            let landed: i64 = client
+                .query_one(&stmt, &params)
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            u64::try_from(landed).unwrap_or(0)
+        } else {
+            client.execute(&stmt, &params).await.map_err(pg_error)?
+        };
         if changed == 1 {
             return Ok(CasOutcome::Committed);
         }

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokenfence_core::lease::{self, Acquired, LeaseSlot};
 use tokenfence_core::{
-    ConnectionId, ConnectionRecord, Generation, LeaseRequestId, PendingAuthorization, Timestamp,
-    WorkerId,
+    ConnectionId, ConnectionRecord, Generation, LeaseRelease, LeaseRequestId, PendingAuthorization,
+    Timestamp, WorkerId,
 };
 
 /// Schema migrations, applied in order on open; `PRAGMA user_version` records the
@@ -308,6 +308,37 @@ fn read_lease(conn: &Connection, id: &ConnectionId) -> Result<Option<LeaseSlot>,
     columns.map(|c| c.into_slot(id)).transpose()
 }
 
+/// Releases a lease: either the row goes (no restore, or nothing to restore) or
+/// the row it displaced takes its place; both only where owner and request match.
+fn release_lease(
+    conn: &Connection,
+    id: &ConnectionId,
+    release: &LeaseRelease,
+) -> Result<(), StoreError> {
+    let request = row::request_to_sql(release.request);
+    let (owner, restore) = (&release.owner.0, release.restore);
+    conn.prepare_cached(
+        "DELETE FROM tokenfence_leases WHERE id = ?1 AND owner = ?2 AND request = ?3 \
+         AND (NOT ?4 OR displaced_owner IS NULL)",
+    )
+    .and_then(|mut s| s.execute(params![id.0, owner, request, restore]))
+    .map_err(sql_error)?;
+    if restore {
+        conn.prepare_cached(
+            "UPDATE tokenfence_leases SET owner = displaced_owner, \
+             acquired_at = displaced_acquired_at, expires_at = displaced_expires_at, \
+             generation = displaced_generation, request = displaced_request, \
+             displaced_owner = NULL, displaced_acquired_at = NULL, \
+             displaced_expires_at = NULL, displaced_generation = NULL, \
+             displaced_request = NULL \
+             WHERE id = ?1 AND owner = ?2 AND request = ?3 AND displaced_owner IS NOT NULL",
+        )
+        .and_then(|mut s| s.execute(params![id.0, owner, request]))
+        .map_err(sql_error)?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn load(&self, id: &ConnectionId) -> Result<Option<ConnectionRecord>, StoreError> {
@@ -320,8 +351,10 @@ impl Store for SqliteStore {
         &self,
         expected: Option<Generation>,
         record: &ConnectionRecord,
+        release: Option<&LeaseRelease>,
     ) -> Result<CasOutcome, StoreError> {
         let id = record.id.clone();
+        let release = release.cloned();
         let SealedRecord {
             generation,
             status,
@@ -368,6 +401,9 @@ impl Store for SqliteStore {
             }
             .map_err(sql_error)?;
             let outcome = if changed == 1 {
+                if let Some(release) = &release {
+                    release_lease(conn, &id, release)?;
+                }
                 CasOutcome::Committed
             } else {
                 CasOutcome::Conflict(read_record(conn, keyring, &id)?)
@@ -448,34 +484,14 @@ impl Store for SqliteStore {
         request: LeaseRequestId,
         restore: bool,
     ) -> Result<(), StoreError> {
+        let release = LeaseRelease {
+            owner: owner.clone(),
+            request,
+            restore,
+        };
         let id = id.clone();
-        let owner = owner.clone();
-        let request = row::request_to_sql(request);
-        self.run(true, move |conn, _| {
-            // Either the row goes (no restore, or nothing to restore) or the row it
-            // displaced takes its place; both only where owner and request match.
-            conn.prepare_cached(
-                "DELETE FROM tokenfence_leases WHERE id = ?1 AND owner = ?2 AND request = ?3 \
-                 AND (NOT ?4 OR displaced_owner IS NULL)",
-            )
-            .and_then(|mut s| s.execute(params![id.0, owner.0, request, restore]))
-            .map_err(sql_error)?;
-            if restore {
-                conn.prepare_cached(
-                    "UPDATE tokenfence_leases SET owner = displaced_owner, \
-                     acquired_at = displaced_acquired_at, expires_at = displaced_expires_at, \
-                     generation = displaced_generation, request = displaced_request, \
-                     displaced_owner = NULL, displaced_acquired_at = NULL, \
-                     displaced_expires_at = NULL, displaced_generation = NULL, \
-                     displaced_request = NULL \
-                     WHERE id = ?1 AND owner = ?2 AND request = ?3 AND displaced_owner IS NOT NULL",
-                )
-                .and_then(|mut s| s.execute(params![id.0, owner.0, request]))
-                .map_err(sql_error)?;
-            }
-            Ok(())
-        })
-        .await
+        self.run(true, move |conn, _| release_lease(conn, &id, &release))
+            .await
     }
 
     async fn due_for_work(

@@ -120,11 +120,12 @@ impl Store for Watched {
         &self,
         expected: Option<Generation>,
         record: &ConnectionRecord,
+        release: Option<&LeaseRelease>,
     ) -> Result<CasOutcome, StoreError> {
         let restored = self.restored.lock().unwrap().clone();
         match restored {
             Some(r) => Ok(CasOutcome::Conflict(Some(r))),
-            None => self.inner.compare_and_swap(expected, record).await,
+            None => self.inner.compare_and_swap(expected, record, release).await,
         }
     }
     async fn acquire_lease(
@@ -246,7 +247,7 @@ pub fn keepalive_due(id: &str, identity: GrantIdentity, now: Timestamp) -> Conne
 pub async fn seed(store: &dyn Store, records: impl IntoIterator<Item = ConnectionRecord>) {
     for r in records {
         assert_eq!(
-            store.compare_and_swap(None, &r).await.unwrap(),
+            store.compare_and_swap(None, &r, None).await.unwrap(),
             CasOutcome::Committed
         );
     }

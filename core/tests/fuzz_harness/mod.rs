@@ -556,7 +556,9 @@ pub fn reply_in_flight(profile: &ProviderProfile, reply: HttpResponse) -> InFlig
         while let Some(out) = conn.poll_output() {
             assert_no_secret("an output", &format!("{out:?}"));
             match &out {
-                Output::CompareAndSwap { expected, record } => {
+                Output::CompareAndSwap {
+                    expected, record, ..
+                } => {
                     assert!(answer.is_none(), "two store commands outstanding");
                     assert_eq!(
                         *expected,
@@ -625,7 +627,7 @@ pub fn reply_in_flight(profile: &ProviderProfile, reply: HttpResponse) -> InFlig
                 Output::Deliver { result: Err(e), .. } => {
                     assert_no_secret("an access error", &e.to_string());
                 }
-                Output::Event(_) | Output::ReleaseLease { .. } => {}
+                Output::Event(_) | Output::ReleaseLease(_) => {}
             }
             outputs.push(out);
         }
@@ -717,7 +719,12 @@ enum Pending {
         ttl: Duration,
         request: LeaseRequestId,
     },
-    Cas(Option<Generation>, Box<ConnectionRecord>),
+    /// A compare-and-swap, with the lease release it carries.
+    Cas(
+        Option<Generation>,
+        Box<ConnectionRecord>,
+        Option<LeaseRelease>,
+    ),
     /// A request sent: a refresh (S4's ghost tracks it) or a revocation.
     Send {
         sent_at: Timestamp,
@@ -821,6 +828,18 @@ pub const STEPS: [Duration; 12] = [
 const STATUSES: [u16; 16] = [
     200, 201, 204, 301, 400, 401, 403, 404, 408, 429, 500, 502, 503, 100, 0, 999,
 ];
+
+/// `tokenfence_core::lease::release` for the one row.
+fn release(row: &mut Option<LeaseSlot>, release: &LeaseRelease) {
+    let LeaseRelease {
+        owner,
+        request,
+        restore,
+    } = release;
+    if let Some(left) = lease::release(row.as_ref(), owner, *request, *restore) {
+        *row = left;
+    }
+}
 
 impl World<'_> {
     /// `tokenfence_core::lease::acquire` for the one row.
@@ -1317,7 +1336,7 @@ fn answer_store(w: &mut World<'_>, i: usize, stale: bool) {
             ttl,
             request,
         } => w.acquire_lease(&owner, request, ttl),
-        Pending::Cas(expected, record) => {
+        Pending::Cas(expected, record, release) => {
             let stored = w.store.as_ref().map(|r| r.generation);
             let lands = w.mutant == Some(StoreMutant::WriteUnconditionally) || stored == expected;
             if lands {
@@ -1342,6 +1361,10 @@ fn answer_store(w: &mut World<'_>, i: usize, stale: bool) {
                 let generation = record.generation;
                 w.history.push((*record).clone());
                 w.store = Some(*record);
+                // The release goes with the swap, atomically.
+                if let Some(r) = release {
+                    self::release(&mut w.lease, &r);
+                }
                 Input::Committed { generation }
             } else {
                 w.stats.conflicts += 1;
@@ -1575,7 +1598,11 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                     request,
                 });
             }
-            Output::CompareAndSwap { expected, record } => {
+            Output::CompareAndSwap {
+                expected,
+                record,
+                release,
+            } => {
                 assert!(worker.pending.is_none(), "two commands outstanding");
                 assert_eq!(
                     expected,
@@ -1601,7 +1628,7 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                     }
                 }
                 first_cas = false;
-                worker.pending = Some(Pending::Cas(expected, record));
+                worker.pending = Some(Pending::Cas(expected, record, release));
             }
             Output::Send(request) => {
                 assert!(worker.pending.is_none(), "two commands outstanding");
@@ -1625,15 +1652,7 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                     invariants::keep_unsettled(&mut w.unsettled, earlier);
                 }
             }
-            Output::ReleaseLease {
-                owner,
-                request,
-                restore,
-            } => {
-                if let Some(left) = lease::release(w.lease.as_ref(), &owner, request, restore) {
-                    w.lease = left;
-                }
-            }
+            Output::ReleaseLease(r) => release(&mut w.lease, &r),
             Output::Deliver { request, result } => {
                 assert!(
                     worker.callers.remove(&request.0),

@@ -153,16 +153,21 @@ impl Store {
                 ttl,
                 request,
             } => Some(self.acquire_lease(owner, *request, *ttl, now)),
-            Output::ReleaseLease {
-                owner,
-                request,
-                restore,
-            } => {
-                self.release_lease(owner, *request, *restore);
+            Output::ReleaseLease(release) => {
+                self.release_lease(release);
                 None
             }
-            Output::CompareAndSwap { expected, record } => {
-                Some(self.compare_and_swap(*expected, record))
+            Output::CompareAndSwap {
+                expected,
+                record,
+                release,
+            } => {
+                let answer = self.compare_and_swap(*expected, record);
+                // The release goes with the swap, atomically, only if it commits.
+                if let (Input::Committed { .. }, Some(release)) = (&answer, release) {
+                    self.release_lease(release);
+                }
+                Some(answer)
             }
             _ => None,
         };
@@ -219,9 +224,15 @@ impl Store {
 
     /// `tokenfence_core::lease::release`: only by owner and request; with
     /// `restore`, the displaced row takes its place.
-    fn release_lease(&mut self, owner: &WorkerId, request: LeaseRequestId, restore: bool) -> bool {
+    fn release_lease(&mut self, release: &LeaseRelease) -> bool {
+        let LeaseRelease {
+            owner,
+            request,
+            restore,
+        } = release;
+        let restore = *restore;
         let displaced = self.lease.as_ref().is_some_and(|s| s.displaced.is_some());
-        match lease::release(self.lease.as_ref(), owner, request, restore) {
+        match lease::release(self.lease.as_ref(), owner, *request, restore) {
             Some(left) => {
                 self.restores += u32::from(restore && displaced);
                 self.lease = left;

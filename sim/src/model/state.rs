@@ -29,6 +29,8 @@ pub enum StoreCommand {
         expected: Option<Generation>,
         /// The record to store.
         record: Box<ConnectionRecord>,
+        /// The lease released with it if it lands: (request, restore).
+        release: Option<(LeaseRequestId, bool)>,
     },
 }
 

@@ -263,6 +263,7 @@ impl TokenfenceModel {
                 Output::CompareAndSwap {
                     expected,
                     mut record,
+                    release,
                 } => {
                     let ghost = &mut s.workers[w].ghost;
                     let of_grant = ghost.grant.as_ref().filter(|g| {
@@ -294,24 +295,16 @@ impl TokenfenceModel {
                             super::describe_record(&record)
                         )
                     });
-                    self.set_pending(s, w, StoreCommand::Cas { expected, record });
+                    let release = release.map(|r| (r.request, r.restore));
+                    let cas = StoreCommand::Cas {
+                        expected,
+                        record,
+                        release,
+                    };
+                    self.set_pending(s, w, cas);
                 }
-                Output::ReleaseLease {
-                    request, restore, ..
-                } => {
-                    let owner = owner_name(w, s.workers[w].incarnation);
-                    let strategy = self.cfg.strategy;
-                    let id = connection_id();
-                    if strategy.release_lease(&mut s.store, id, &owner, request, restore) {
-                        log.note(|| {
-                            let how = if restore {
-                                " (restoring the row it displaced)"
-                            } else {
-                                ""
-                            };
-                            format!("w{} releases the lease{how}", w + 1)
-                        });
-                    }
+                Output::ReleaseLease(release) => {
+                    self.release(s, w, release.request, release.restore, log)
                 }
                 Output::Send(request) => {
                     let worker = &s.workers[w];
@@ -533,7 +526,11 @@ impl TokenfenceModel {
                     LeaseOutcome::Held { holder } => Input::LeaseHeld { holder },
                 }
             }
-            StoreCommand::Cas { expected, record } => {
+            StoreCommand::Cas {
+                expected,
+                record,
+                release,
+            } => {
                 // Every machine of the model runs under the name `self`, so the
                 // holder a record names would be ambiguous between workers: the
                 // model keeps none, and the undoing of a lost rotation by the
@@ -543,10 +540,38 @@ impl TokenfenceModel {
                     in_doubt_holder: None,
                     ..*record
                 };
-                self.write(s, w, expected, record, log)
+                let input = self.write(s, w, expected, record, log);
+                // The release goes with the swap, atomically, if it landed.
+                if let (Input::Committed { .. }, Some((request, restore))) = (&input, release) {
+                    self.release(s, w, request, restore, log);
+                }
+                input
             }
         };
         Some(input)
+    }
+
+    /// Releases worker `w`'s lease as the strategy does.
+    fn release(
+        &self,
+        s: &mut State,
+        w: usize,
+        request: tokenfence_core::LeaseRequestId,
+        restore: bool,
+        log: &mut Log,
+    ) {
+        let owner = owner_name(w, s.workers[w].incarnation);
+        let strategy = self.cfg.strategy;
+        if strategy.release_lease(&mut s.store, connection_id(), &owner, request, restore) {
+            log.note(|| {
+                let how = if restore {
+                    " (restoring the row it displaced)"
+                } else {
+                    ""
+                };
+                format!("w{} releases the lease{how}", w + 1)
+            });
+        }
     }
 
     /// A write as the strategy under test does it; checks S1 when it lands.

@@ -268,6 +268,7 @@ impl World {
                 Output::CompareAndSwap {
                     expected,
                     mut record,
+                    release,
                 } => {
                     let strategy = self.strategy;
                     let spec = self.spec(c);
@@ -289,22 +290,16 @@ impl World {
                         self.ledger
                             .violation("S6", c, now, || format!("w{} commits a reply: {v}", w + 1));
                     }
-                    self.issue(w, c, StoreCmd::Cas { expected, record });
+                    let cas = StoreCmd::Cas {
+                        expected,
+                        record,
+                        release,
+                    };
+                    self.issue(w, c, cas);
                 }
-                Output::ReleaseLease {
-                    owner,
-                    request,
-                    restore,
-                } => {
-                    let id = self.conns[c].id.clone();
-                    let store = &mut self.store;
-                    if self
-                        .strategy
-                        .release_lease(store, &id, &owner, request, restore)
-                    {
-                        self.note(c, || format!("w{} releases the lease", w + 1));
-                        self.reindex(c);
-                    }
+                Output::ReleaseLease(release) => {
+                    self.release(w, c, &release);
+                    self.reindex(c);
                 }
                 Output::Send(request) => self.send(w, c, request),
                 Output::Deliver { request, result } => self.delivered(w, c, request, result),
@@ -432,10 +427,36 @@ impl World {
                     LeaseOutcome::Held { holder } => Input::LeaseHeld { holder },
                 }
             }
-            StoreCmd::Cas { expected, record } => self.write(w, c, expected, *record),
+            StoreCmd::Cas {
+                expected,
+                record,
+                release,
+            } => {
+                let input = self.write(w, c, expected, *record);
+                // The release goes with the swap, atomically, if it landed.
+                if let (Input::Committed { .. }, Some(release)) = (&input, release) {
+                    self.release(w, c, &release);
+                }
+                input
+            }
         };
         self.reindex(c);
         input
+    }
+
+    /// Releases a lease as the strategy does.
+    fn release(&mut self, w: usize, c: usize, release: &tokenfence_core::LeaseRelease) {
+        let id = self.conns[c].id.clone();
+        let released = self.strategy.release_lease(
+            &mut self.store,
+            &id,
+            &release.owner,
+            release.request,
+            release.restore,
+        );
+        if released {
+            self.note(c, || format!("w{} releases the lease", w + 1));
+        }
     }
 
     /// A write as the strategy does it; S1 is checked when it lands.

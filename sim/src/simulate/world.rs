@@ -42,6 +42,7 @@ pub(super) enum StoreCmd {
     Cas {
         expected: Option<Generation>,
         record: Box<ConnectionRecord>,
+        release: Option<tokenfence_core::LeaseRelease>,
     },
 }
 
