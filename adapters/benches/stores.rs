@@ -4,7 +4,7 @@
 //! - `cas`: a compare-and-swap of the next generation of one connection
 //!   (sealing included), one after another;
 //! - `refresh_cycle`: what one refresh costs the store — acquire the lease (reading
-//!   the record), compare-and-swap, release;
+//!   the record), then compare-and-swap releasing the lease: two transactions;
 //! - `cas_8_tasks`: eight tasks each committing to its own connection at once
 //!   (throughput under concurrency);
 //! - `bare_update` and `bare_update_8`: the engine without tokenfence, side by
@@ -32,7 +32,7 @@ use tokenfence::store::{
 };
 use tokenfence_core::{
     days, AccessGrant, AccessToken, ConnectionId, ConnectionRecord, Environment, Generation,
-    GrantIdentity, LeaseRequestId, RefreshToken, Status, Timestamp, WorkerId,
+    GrantIdentity, LeaseRelease, LeaseRequestId, RefreshToken, Status, Timestamp, WorkerId,
 };
 
 const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
@@ -116,14 +116,15 @@ async fn refresh_cycle_run(store: &dyn Store, conn: &str, iters: u64) -> Duratio
             panic!("lease not granted: {lease:?}")
         };
         let g = current.generation.0;
+        let release = LeaseRelease {
+            owner: owner.clone(),
+            request,
+            restore: false,
+        };
         let outcome = store
-            .compare_and_swap(Some(Generation(g)), &record(conn, g + 1), None)
+            .compare_and_swap(Some(Generation(g)), &record(conn, g + 1), Some(&release))
             .await;
         assert_eq!(outcome.expect("cas"), CasOutcome::Committed);
-        store
-            .release_lease(&id, &owner, request, false)
-            .await
-            .expect("release");
     }
     start.elapsed()
 }
