@@ -197,14 +197,21 @@ impl Unsettled {
     /// the stored token was sent under it (a pause, a lost answer, a crash), so it
     /// counts as one for S4. So does a lease granted after the stored tokens
     /// were obtained (an active record refreshed before the grant, or of unknown
-    /// age): its holder may have presented that very token. The harness decides
-    /// whose lease it was: a worker's own earlier grant never counts.
-    pub fn taken_over(lease: &Lease, record: Option<&ConnectionRecord>) -> Option<Unsettled> {
+    /// age received before the lease ended, or within `late` after it, the time a
+    /// request sent under it may still be processed): its holder may have
+    /// presented that very token, or superseded it. The harness decides whose
+    /// lease it was: a worker's own earlier grant never counts.
+    pub fn taken_over(
+        lease: &Lease,
+        record: Option<&ConnectionRecord>,
+        late: Duration,
+    ) -> Option<Unsettled> {
         let record = record?;
         let older_tokens = record.status == Status::Active
-            && record
-                .last_refreshed_at
-                .is_none_or(|t| t < lease.acquired_at);
+            && match record.last_refreshed_at {
+                Some(t) => t < lease.acquired_at,
+                None => record.refresh_issued_at < lease.expires_at.saturating_add(late),
+            };
         (lease.generation == Some(record.generation) || older_tokens).then(|| Unsettled {
             token: record.refresh.clone(),
             lease_at: lease.acquired_at,

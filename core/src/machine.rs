@@ -1022,8 +1022,18 @@ impl Connection {
             // older than its grant (another worker's late commit; exchanges happen
             // inside leases, which do not overlap): still in doubt (the second case
             // was found by the model checker under a forking provider).
+            // Tokens never refreshed here (imported, connected, or written by
+            // another process) date from their receipt: received after that lease
+            // ended, and after a request sent under it may still have been
+            // processed (`in_doubt_safety`), they cannot have been presented under
+            // it nor superseded by its exchange (found by the fuzzer: a rotation
+            // declared lost on a token received a day after the lease ended).
+            let safety = self.config.settings.in_doubt_safety;
             let older_tokens = base.status == Status::Active
-                && base.last_refreshed_at.is_none_or(|t| t < prev.acquired_at);
+                && match base.last_refreshed_at {
+                    Some(t) => t < prev.acquired_at,
+                    None => base.refresh_issued_at < prev.expires_at.saturating_add(safety),
+                };
             let in_doubt = prev.generation == Some(base.generation) || older_tokens;
             if in_doubt && in_doubt_since.is_none_or(|t| prev.acquired_at < t) {
                 in_doubt_since = Some(prev.acquired_at);

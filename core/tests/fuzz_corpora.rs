@@ -108,3 +108,23 @@ fn machine_inputs_s1_bites_with_a_store_that_writes_unconditionally() {
     }
     assert!(caught > 0, "no seed fails S1 under a store without CAS");
 }
+
+/// Every input the fuzzer (or an investigation of its findings) turned up
+/// (`fuzz/findings/`), replayed: each was a failure once, and is a regression test
+/// now.
+#[test]
+fn machine_inputs_findings_hold() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/findings");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 3, "the findings are missing: {names:?}");
+    for path in names {
+        let bytes = std::fs::read(&path).expect("readable finding");
+        let run = std::panic::catch_unwind(|| fuzz_harness::check_machine(&bytes));
+        assert!(run.is_ok(), "{} fails again", path.display());
+    }
+}

@@ -1214,6 +1214,7 @@ fn foreign_writer(w: &mut World<'_>) {
             next.refresh_issued_at = now;
             next.status = Status::Active;
             next.in_doubt_since = None;
+            next.in_doubt_holder = None;
             w.issued.insert(format!("atSECRET-x{n}"));
             w.issued.insert(format!("rtSECRET-x{n}"));
         }
@@ -1545,10 +1546,11 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
     {
         worker.lease_at = Some(lease.acquired_at);
         let me = &worker.conn.config().worker;
+        let late = worker.conn.config().settings.in_doubt_safety;
         let forced = took_over
             .as_ref()
             .filter(|l| l.owner != *me)
-            .and_then(|l| Unsettled::taken_over(l, record.as_deref()));
+            .and_then(|l| Unsettled::taken_over(l, record.as_deref(), late));
         invariants::keep_unsettled(&mut w.taken_over, forced);
     }
     let worker = &mut w.workers[i];

@@ -536,7 +536,8 @@ impl World {
                                     !(l.owner == *me && worker.requests.contains(&l.request))
                                 })
                                 .and_then(|l| {
-                                    invariants::Unsettled::taken_over(l, record.as_deref())
+                                    let late = worker.conn.config().settings.in_doubt_safety;
+                                    invariants::Unsettled::taken_over(l, record.as_deref(), late)
                                 });
                         }
                         worker

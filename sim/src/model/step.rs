@@ -498,8 +498,9 @@ impl TokenfenceModel {
                         // takes it over cannot know whether a request was sent under
                         // it (a pause, a lost answer, a crash); S4's ghost counts it
                         // as possibly presented. Our own earlier grant never counts.
+                        let late = s.workers[w].conn.config().settings.in_doubt_safety;
                         let forced =
-                            other.and_then(|l| Unsettled::taken_over(l, record.as_deref()));
+                            other.and_then(|l| Unsettled::taken_over(l, record.as_deref(), late));
                         s.keep_taken_over(forced);
                         s.workers[w].ghost.lease_at = now;
                         s.workers[w].ghost.took_over =

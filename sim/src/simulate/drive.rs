@@ -388,6 +388,7 @@ impl World {
                     return Input::StoreFailed;
                 };
                 let me = slot.conn.config().worker.clone();
+                let late = slot.conn.config().settings.in_doubt_safety;
                 // Leases on the store's own clock (PostgreSQL's `now()`; SQLite
                 // and memory stores live on one host), or, to show what skew does,
                 // on the requester's.
@@ -411,7 +412,7 @@ impl World {
                         // nothing committed since cannot know whether a request was
                         // sent under it. Our own earlier grant never counts.
                         let forced =
-                            other.and_then(|l| Unsettled::taken_over(l, record.as_deref()));
+                            other.and_then(|l| Unsettled::taken_over(l, record.as_deref(), late));
                         invariants::keep_unsettled(&mut self.conns[c].taken_over, forced);
                         if let Some(s) = self.slot(w, c) {
                             s.ghost.took_over = doubt;
