@@ -563,11 +563,17 @@ async fn read_record<C: GenericClient>(
 ) -> Result<Option<ConnectionRecord>, StoreError> {
     let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
     let row = client.query_opt(&stmt, &[&id.0]).await.map_err(pg_error)?;
-    row.map(|r| {
-        let sealed: &[u8] = r.try_get(1).map_err(column_error)?;
-        row::open(keyring, id, r.try_get(0).map_err(column_error)?, sealed)
-    })
-    .transpose()
+    row.map(|r| open_record(&r, keyring, id)).transpose()
+}
+
+/// Opens a record row (`generation, sealed`).
+fn open_record(
+    row: &tokio_postgres::Row,
+    keyring: &Keyring,
+    id: &ConnectionId,
+) -> Result<ConnectionRecord, StoreError> {
+    let sealed: &[u8] = row.try_get(1).map_err(column_error)?;
+    row::open(keyring, id, row.try_get(0).map_err(column_error)?, sealed)
 }
 
 async fn ids<C: GenericClient>(
@@ -684,25 +690,34 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let lock_key = format!("{}/{}", self.inner.sql.schema, id.0);
-        // One prepared round trip takes the lock and, on the database's clock,
-        // reads the time after it (the lock in FROM comes first).
+        let sql = &self.inner.sql;
         let lock = tx.prepare_cached(LOCK_AND_CLOCK).await.map_err(pg_error)?;
-        let row = tx
-            .query_one(&lock, &[&LEASE_LOCK, &lock_key])
+        let select_lease = tx
+            .prepare_cached(&sql.select_lease)
             .await
             .map_err(pg_error)?;
+        let select_record = tx
+            .prepare_cached(&sql.select_record)
+            .await
+            .map_err(pg_error)?;
+        // One round trip for three statements (tokio-postgres pipelines requests
+        // polled together): the first takes the lock and, on the database's clock,
+        // reads the time after it (the lock in FROM comes first); the server runs
+        // the other two after it, each on a snapshot of its own, so they read the
+        // lease row and the record as they are under the lock.
+        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&LEASE_LOCK, &lock_key];
+        let id_param: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id.0];
+        let (clock, lease_row, record_row) = tokio::try_join!(
+            tx.query_one(&lock, &lock_params),
+            tx.query_opt(&select_lease, &id_param),
+            tx.query_opt(&select_record, &id_param),
+        )
+        .map_err(pg_error)?;
         let now = match self.inner.lease_clock {
             LeaseClock::Caller => now,
-            LeaseClock::Database => row::time_from_sql(row.try_get(0).map_err(column_error)?),
+            LeaseClock::Database => row::time_from_sql(clock.try_get(0).map_err(column_error)?),
         };
-        let select = tx
-            .prepare_cached(&self.inner.sql.select_lease)
-            .await
-            .map_err(pg_error)?;
-        let current = tx
-            .query_opt(&select, &[&id.0])
-            .await
-            .map_err(pg_error)?
+        let current = lease_row
             .map(|r| {
                 LeaseColumns {
                     owner: r.try_get(0).map_err(column_error)?,
@@ -726,8 +741,9 @@ impl Store for PostgresStore {
         }
         // A record that does not open fails the acquisition: the transaction is
         // dropped, so rolled back, and the lease row stays as it was.
-        let record =
-            read_record(&tx, &self.inner.sql.select_record, &self.inner.keyring, id).await?;
+        let record = record_row
+            .map(|r| open_record(&r, &self.inner.keyring, id))
+            .transpose()?;
         let generation = record.as_ref().map(|r| r.generation);
         let (slot, took_over) =
             match lease::acquire(current.as_ref(), owner, request, generation, now, ttl) {
