@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 use tokenfence_core::*;
@@ -221,4 +222,97 @@ fn a_disconnect_of_another_clients_connection_sends_nothing() {
         .expect("a disconnect is always accepted");
     assert!(world.workers[0].sent.is_empty(), "nothing sent");
     assert!(matches!(world.stored().status, Status::Disconnected { .. }));
+}
+
+/// What a worker does first after taking over `prev`, an abandoned lease granted
+/// at generation 0 and expired at T0 + 60 s, with `stored` (generation 1) in the
+/// store, under a reuse-detecting provider: `true` if it treats the stored token
+/// as possibly presented under that lease (it then declares the rotation lost
+/// without sending), `false` if it presents the token.
+fn doubts_after_takeover(stored: &ConnectionRecord) -> bool {
+    let config = config(reuse_detecting(), "w2");
+    let mut conn = Connection::new(conn_id(), Arc::clone(&config), 7);
+    let now = T0.saturating_add(Duration::from_secs(86_400));
+    conn.handle_input(now, Input::AccessRequested(RequestId(1)))
+        .unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    conn.handle_input(now, Input::Loaded(Some(Box::new(stored.clone()))))
+        .unwrap();
+    let Some(Output::AcquireLease {
+        owner,
+        ttl,
+        request,
+    }) = conn.poll_output()
+    else {
+        panic!("a lease is asked for")
+    };
+    let prev = Lease {
+        owner: WorkerId("w1".into()),
+        acquired_at: T0,
+        expires_at: T0.saturating_add(Duration::from_secs(60)),
+        generation: Some(Generation(0)),
+        request: LeaseRequestId(1),
+    };
+    let lease = Lease {
+        owner,
+        acquired_at: now,
+        expires_at: now.saturating_add(ttl),
+        generation: Some(stored.generation),
+        request,
+    };
+    conn.handle_input(
+        now,
+        Input::LeaseGranted {
+            lease,
+            record: Some(Box::new(stored.clone())),
+            took_over: Some(prev),
+        },
+    )
+    .unwrap();
+    match conn.poll_output() {
+        Some(Output::Send(_)) => false,
+        Some(Output::CompareAndSwap { record, .. }) => {
+            assert_eq!(record.in_doubt_since, Some(T0), "the doubt is the lease's");
+            true
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_takeover_doubts_only_tokens_that_may_have_been_presented_under_the_lease() {
+    let c = config(reuse_detecting(), "w2");
+    let safety = Settings::default().in_doubt_safety;
+    let expired = T0.saturating_add(Duration::from_secs(60));
+    let at = |t: Timestamp| ConnectionRecord {
+        generation: Generation(1),
+        ..record(&c, "RT-stored", t)
+    };
+    // Never refreshed here (imported, connected, another process's write): the
+    // token dates from its receipt. Received while the lease ran, or within
+    // `in_doubt_safety` after its expiry: in doubt; from then on: not (found by
+    // the fuzzer: a healthy connection declared lost).
+    assert!(doubts_after_takeover(&at(T0)));
+    let just_before = Timestamp::from_millis(expired.saturating_add(safety).as_millis() - 1);
+    assert!(doubts_after_takeover(&at(just_before)));
+    assert!(!doubts_after_takeover(&at(expired.saturating_add(safety))));
+    assert!(!doubts_after_takeover(&at(expired.saturating_add(days(1)))));
+    // Refreshed here: the refresh's time decides, against the lease's grant.
+    let refreshed = |t: Timestamp| ConnectionRecord {
+        last_refreshed_at: Some(t),
+        ..at(expired.saturating_add(days(1)))
+    };
+    let before_grant = Timestamp::from_millis(T0.as_millis() - 1);
+    assert!(doubts_after_takeover(&refreshed(before_grant)));
+    assert!(!doubts_after_takeover(&refreshed(T0)));
+    // A record no longer active is not doubted for its age.
+    let degraded = ConnectionRecord {
+        status: Status::Degraded {
+            failures: 1,
+            retry_at: T0,
+            last: FailureKind::ServerError(503),
+        },
+        ..at(T0)
+    };
+    assert!(!doubts_after_takeover(&degraded));
 }
