@@ -814,52 +814,70 @@ async fn release_with_restore_puts_back_the_displaced_row<B: Backend>(b: &B) {
     assert_eq!(took_over(&*s, "c", "B", req("B"), at(1)).await, None);
 }
 
+/// A compare-and-swap carrying `owner`'s release of its lease under `request`.
+async fn cas_releasing(
+    store: &impl Store,
+    expected: Option<Generation>,
+    record: &ConnectionRecord,
+    owner: &str,
+    request: LeaseRequestId,
+    restore: bool,
+) -> CasOutcome {
+    let release = tokenfence_core::LeaseRelease {
+        owner: worker(owner),
+        request,
+        restore,
+    };
+    store
+        .compare_and_swap(expected, record, Some(&release))
+        .await
+        .unwrap()
+}
+
 /// A compare-and-swap carrying a release: when it commits, the lease is released
 /// in the same step (the next worker is granted at once and told of no
 /// takeover; with restore, the displaced row is back); when it conflicts, or the
 /// release names another owner or request, the lease stays as it was.
 async fn a_committed_swap_releases_the_lease_with_it<B: Backend>(b: &B) {
     let s = b.open(keyring()).await;
-    let releasing = |owner: &str, request, restore| tokenfence_core::LeaseRelease {
-        owner: worker(owner),
-        request,
-        restore,
-    };
     // Commits: released.
     committed(&*s, None, &record("a", 0)).await;
     granted(&*s, "a", "A", T0).await;
-    let outcome = s
-        .compare_and_swap(
-            Some(Generation(0)),
-            &record("a", 1),
-            Some(&releasing("A", req("A"), false)),
-        )
-        .await
-        .unwrap();
+    let outcome = cas_releasing(
+        &*s,
+        Some(Generation(0)),
+        &record("a", 1),
+        "A",
+        req("A"),
+        false,
+    )
+    .await;
     assert_eq!(outcome, CasOutcome::Committed);
     assert_eq!(took_over(&*s, "a", "B", req("B"), at(1)).await, None);
     // Conflicts: nothing written, the lease still B's.
-    let outcome = s
-        .compare_and_swap(
-            Some(Generation(0)),
-            &record("a", 1),
-            Some(&releasing("B", req("B"), false)),
-        )
-        .await
-        .unwrap();
+    let outcome = cas_releasing(
+        &*s,
+        Some(Generation(0)),
+        &record("a", 1),
+        "B",
+        req("B"),
+        false,
+    )
+    .await;
     assert!(matches!(outcome, CasOutcome::Conflict(Some(r)) if r.generation == Generation(1)));
     assert_eq!(held(&*s, "a", "C", at(2)).await, lease("B", at(1), Some(1)));
     // Another owner's or request's release: the swap commits, the lease stays.
     for (owner, request) in [("C", req("C")), ("B", LeaseRequestId(9))] {
         let g = s.load(&id("a")).await.unwrap().unwrap().generation.0;
-        let outcome = s
-            .compare_and_swap(
-                Some(Generation(g)),
-                &record("a", g + 1),
-                Some(&releasing(owner, request, true)),
-            )
-            .await
-            .unwrap();
+        let outcome = cas_releasing(
+            &*s,
+            Some(Generation(g)),
+            &record("a", g + 1),
+            owner,
+            request,
+            true,
+        )
+        .await;
         assert_eq!(outcome, CasOutcome::Committed);
         assert_eq!(held(&*s, "a", "C", at(3)).await, lease("B", at(1), Some(1)));
     }
@@ -868,26 +886,20 @@ async fn a_committed_swap_releases_the_lease_with_it<B: Backend>(b: &B) {
     granted(&*s, "b", "B", T0).await;
     let b_row = Some(lease("B", T0, Some(0)));
     assert_eq!(took_over(&*s, "b", "A", req("A"), at(40)).await, b_row);
-    let outcome = s
-        .compare_and_swap(
-            Some(Generation(0)),
-            &record("b", 1),
-            Some(&releasing("A", req("A"), true)),
-        )
-        .await
-        .unwrap();
+    let outcome = cas_releasing(
+        &*s,
+        Some(Generation(0)),
+        &record("b", 1),
+        "A",
+        req("A"),
+        true,
+    )
+    .await;
     assert_eq!(outcome, CasOutcome::Committed);
     assert_eq!(took_over(&*s, "b", "C", req("C"), at(41)).await, b_row);
     // Inserting the first record releases too.
     granted(&*s, "c", "A", T0).await;
-    let outcome = s
-        .compare_and_swap(
-            None,
-            &record("c", 0),
-            Some(&releasing("A", req("A"), false)),
-        )
-        .await
-        .unwrap();
+    let outcome = cas_releasing(&*s, None, &record("c", 0), "A", req("A"), false).await;
     assert_eq!(outcome, CasOutcome::Committed);
     assert_eq!(took_over(&*s, "c", "B", req("B"), at(1)).await, None);
 }
