@@ -1212,6 +1212,12 @@ fn foreign_writer(w: &mut World<'_>) {
             });
             next.refresh = RefreshToken::new(format!("rtSECRET-x{n}"));
             next.refresh_issued_at = now;
+            // Tokens another process stores without a refresh of its own (a
+            // connect, an import) carry no refresh time; keeping the old one would
+            // date new tokens from an exchange that did not produce them, which no
+            // writer of this crate does (found by the fuzzer:
+            // `findings/open/s4-stale-refresh-time-268b615b`).
+            next.last_refreshed_at = None;
             next.status = Status::Active;
             next.in_doubt_since = None;
             next.in_doubt_holder = None;
