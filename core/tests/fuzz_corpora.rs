@@ -111,7 +111,7 @@ fn machine_inputs_s1_bites_with_a_store_that_writes_unconditionally() {
 
 /// Every input the fuzzer (or an investigation of its findings) turned up
 /// (`fuzz/findings/`), replayed: each was a failure once, and is a regression test
-/// now. Findings not yet resolved wait in `fuzz/findings/open/`.
+/// now.
 #[test]
 fn machine_inputs_findings_hold() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/findings");

@@ -800,6 +800,10 @@ struct World<'a> {
     /// (nobody can know whether a request was sent under them): S4 only, the rule
     /// of the model checker and the simulator.
     taken_over: Vec<Unsettled>,
+    /// The owner of the row the last lease grant replaced: a chain the store
+    /// reports under the requester's own name (its earlier row, which another
+    /// worker's row displaced since) still holds another worker's lease.
+    replaced_owner: Option<WorkerId>,
     /// Every record the store has held.
     history: Vec<ConnectionRecord>,
     /// Tokens a provider reply that parsed, or an authorization, handed out.
@@ -856,6 +860,7 @@ impl World<'_> {
             lease::Acquired::Held(holder) => Input::LeaseHeld { holder },
             lease::Acquired::Granted { slot, took_over } => {
                 let lease = slot.lease.clone();
+                self.replaced_owner = self.lease.as_ref().map(|s| s.lease.owner.clone());
                 self.lease = Some(slot);
                 Input::LeaseGranted {
                     lease,
@@ -1041,6 +1046,7 @@ fn run_machine(data: &[u8], mutant: Option<StoreMutant>) -> Stats {
         rejected: BTreeSet::new(),
         unsettled: Vec::new(),
         taken_over: Vec::new(),
+        replaced_owner: None,
         history: Vec::new(),
         issued: BTreeSet::new(),
         workers: Vec::new(),
@@ -1216,7 +1222,7 @@ fn foreign_writer(w: &mut World<'_>) {
             // connect, an import) carry no refresh time; keeping the old one would
             // date new tokens from an exchange that did not produce them, which no
             // writer of this crate does (found by the fuzzer:
-            // `findings/open/s4-stale-refresh-time-268b615b`).
+            // `s4-stale-refresh-time-268b615b`).
             next.last_refreshed_at = None;
             next.status = Status::Active;
             next.in_doubt_since = None;
@@ -1553,9 +1559,13 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
         worker.lease_at = Some(lease.acquired_at);
         let me = &worker.conn.config().worker;
         let late = worker.conn.config().settings.in_doubt_safety;
+        // Another worker's lease, even when the store reports the chain it heads
+        // under our own earlier row (found by the fuzzer:
+        // `s4-stale-refresh-time-268b615b`).
+        let others = w.replaced_owner.as_ref().is_some_and(|o| o != me);
         let forced = took_over
             .as_ref()
-            .filter(|l| l.owner != *me)
+            .filter(|l| l.owner != *me || others)
             .and_then(|l| Unsettled::taken_over(l, record.as_deref(), late));
         invariants::keep_unsettled(&mut w.taken_over, forced);
     }
