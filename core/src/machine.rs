@@ -638,23 +638,20 @@ impl Connection {
     /// for the next acquisition (a lost release then leaves a row the store
     /// recognises as ours, not a takeover).
     fn release_lease(&mut self) {
-        if let Some(release) = self.end_lease() {
-            self.outputs.push_back(Output::ReleaseLease(release));
-        }
+        let release = self.end_lease();
+        self.outputs.extend(release.map(Output::ReleaseLease));
     }
 
     /// Ends the lease held now, if any, and says how to release it: by a
     /// separate [`Output::ReleaseLease`], or already done by the store with the
     /// compare-and-swap that carried it.
     fn end_lease(&mut self) -> Option<LeaseRelease> {
-        if !self.holding_lease {
-            return None;
-        }
-        self.holding_lease = false;
-        let restore = self.took_over.take().is_some();
-        let release = self.release_of(restore);
-        if self.sent_under_lease {
-            self.lease_request = None;
+        let release = self.pending_release();
+        if core::mem::take(&mut self.holding_lease) {
+            self.took_over = None;
+            if self.sent_under_lease {
+                self.lease_request = None;
+            }
         }
         release
     }
@@ -674,9 +671,8 @@ impl Connection {
     fn give_up_lease(&mut self) {
         self.release_lease();
         if core::mem::take(&mut self.lease_unknown) {
-            if let Some(release) = self.release_of(true) {
-                self.outputs.push_back(Output::ReleaseLease(release));
-            }
+            let release = self.release_of(true);
+            self.outputs.extend(release.map(Output::ReleaseLease));
         }
     }
 

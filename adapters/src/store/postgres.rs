@@ -171,6 +171,12 @@ impl Sql {
              keepalive_floor = $5, updated_at = $6, sealed = $7, pending_work_at = $8, \
              hard_deadline = $9 WHERE id = $1 AND generation = $10"
         );
+        // A lease row put back in place of the one it displaced.
+        let restored = "owner = displaced_owner, acquired_at = displaced_acquired_at, \
+             expires_at = displaced_expires_at, generation = displaced_generation, \
+             request = displaced_request, displaced_owner = NULL, \
+             displaced_acquired_at = NULL, displaced_expires_at = NULL, \
+             displaced_generation = NULL, displaced_request = NULL";
         // One statement: the swap, and only where it landed (joined on its
         // returned id) the release, as `release_lease` does; owner, request and
         // restore are the parameters from `first` on.
@@ -178,12 +184,7 @@ impl Sql {
             let (owner, request, restore) = (first, first + 1, first + 2);
             format!(
                 "WITH cas AS ({cas} RETURNING id), \
-                 restored AS (UPDATE {l} SET owner = displaced_owner, \
-                 acquired_at = displaced_acquired_at, expires_at = displaced_expires_at, \
-                 generation = displaced_generation, request = displaced_request, \
-                 displaced_owner = NULL, displaced_acquired_at = NULL, \
-                 displaced_expires_at = NULL, displaced_generation = NULL, \
-                 displaced_request = NULL FROM cas \
+                 restored AS (UPDATE {l} SET {restored} FROM cas \
                  WHERE {l}.id = cas.id AND owner = ${owner} AND request = ${request} \
                  AND ${restore} AND displaced_owner IS NOT NULL RETURNING 1), \
                  released AS (DELETE FROM {l} USING cas WHERE {l}.id = cas.id \
@@ -222,12 +223,7 @@ impl Sql {
             // row goes unless it is to be restored; a row to restore becomes the
             // one it displaced. Each rechecks its guard after waiting for a lock.
             release_lease: format!(
-                "WITH restored AS (UPDATE {l} SET owner = displaced_owner, \
-                 acquired_at = displaced_acquired_at, expires_at = displaced_expires_at, \
-                 generation = displaced_generation, request = displaced_request, \
-                 displaced_owner = NULL, displaced_acquired_at = NULL, \
-                 displaced_expires_at = NULL, displaced_generation = NULL, \
-                 displaced_request = NULL \
+                "WITH restored AS (UPDATE {l} SET {restored} \
                  WHERE id = $1 AND owner = $2 AND request = $3 AND $4 \
                  AND displaced_owner IS NOT NULL RETURNING id) \
                  DELETE FROM {l} WHERE id = $1 AND owner = $2 AND request = $3 \

@@ -224,21 +224,16 @@ impl Store {
 
     /// `tokenfence_core::lease::release`: only by owner and request; with
     /// `restore`, the displaced row takes its place.
-    fn release_lease(&mut self, release: &LeaseRelease) -> bool {
+    fn release_lease(&mut self, release: &LeaseRelease) {
         let LeaseRelease {
             owner,
             request,
             restore,
         } = release;
-        let restore = *restore;
         let displaced = self.lease.as_ref().is_some_and(|s| s.displaced.is_some());
-        match lease::release(self.lease.as_ref(), owner, *request, restore) {
-            Some(left) => {
-                self.restores += u32::from(restore && displaced);
-                self.lease = left;
-                true
-            }
-            None => false,
+        if let Some(left) = lease::release(self.lease.as_ref(), owner, *request, *restore) {
+            self.restores += u32::from(*restore && displaced);
+            self.lease = left;
         }
     }
 
