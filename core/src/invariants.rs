@@ -128,13 +128,20 @@ pub fn generation_monotonic(before: Generation, after: Generation) -> Result<(),
 /// a worker is resolving a refresh (`resolving`: a request outstanding or fresh tokens
 /// not yet committed, with `pending` the refresh tokens those workers hold), or the
 /// record says explicitly that the rotation was lost, or a fault took the successor
-/// (`profile` is the provider's, for narrowing that allowance to providers with no
-/// grace window: not done yet).
-pub fn no_self_inflicted_loss<'a>(
+/// where INVARIANTS.md allows it: a provider with no grace window (the machine ends
+/// in an explicit `LostRotation` when it next tries). Under a grace window a fault's
+/// loss is excused only while it is known: the record carries the doubt (the
+/// machine recovers inside the window or declares the loss), or the harness's ghost
+/// (`unsettled`, never the core's word) holds a request presenting the stored token
+/// whose outcome has not reached the store (a pause or crash before the doubt could
+/// be written). An active record without a doubt whose successor is gone under a
+/// grace window is a dropped doubt: a violation.
+pub fn no_self_inflicted_loss<'a, 'u>(
     stored: &ConnectionRecord,
     profile: &ProviderProfile,
     resolving: bool,
     pending: impl IntoIterator<Item = &'a RefreshToken>,
+    unsettled: impl IntoIterator<Item = &'u Unsettled>,
     truth: &impl ProviderTruth,
 ) -> Result<(), Violation> {
     let explicit = matches!(
@@ -145,14 +152,10 @@ pub fn no_self_inflicted_loss<'a>(
                 ..
             }
     );
-    // A fault (lost reply, crashed receiver) took the successor, and the stored
-    // token is no longer accepted: no grace, or every worker was paused past it.
-    // The machine must then end in an explicit LostRotation when it next tries.
-    // Not yet narrowed to INVARIANTS.md's "no grace" case: under a grace window the
-    // model's pauses make such losses unavoidable, and telling those from a dropped
-    // doubt needs the harness's ghost (issue 9, open; `profile` is for that).
-    let _ = profile;
-    let lost_to_fault = truth.successor_lost(&stored.refresh);
+    let lost_to_fault = truth.successor_lost(&stored.refresh)
+        && (profile.rotation.grace.is_zero()
+            || stored.in_doubt_since.is_some()
+            || unsettled.into_iter().any(|u| u.token == stored.refresh));
     if truth.ended_by_provider()
         || explicit
         || resolving

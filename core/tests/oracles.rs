@@ -28,6 +28,61 @@ impl ProviderTruth for AcceptsAll {
     }
 }
 
+/// A provider whose only fact is that the stored token's successor went to
+/// nobody (a lost reply, a crashed receiver) and that it no longer accepts it.
+struct SuccessorLost;
+
+impl ProviderTruth for SuccessorLost {
+    fn accepts(&self, _: &RefreshToken) -> bool {
+        false
+    }
+    fn ended_by_provider(&self) -> bool {
+        false
+    }
+    fn replayed_outside_grace(&self) -> bool {
+        false
+    }
+    fn successor_lost(&self, _: &RefreshToken) -> bool {
+        true
+    }
+}
+
+/// S2's allowance for a fault's loss is INVARIANTS.md's: a provider with no grace
+/// window. Under a grace window (Intuit) an active record without a doubt whose
+/// successor is gone is a dropped doubt, excused only while the record carries the
+/// doubt or the harness's ghost holds the request that presented the token.
+#[test]
+fn s2_excuses_a_fault_under_a_grace_window_only_while_the_loss_is_known() {
+    let s2 = |profile: &ProviderProfile, stored: &ConnectionRecord, ghost: &[Unsettled]| {
+        invariants::no_self_inflicted_loss(stored, profile, false, [], ghost, &SuccessorLost)
+    };
+    let intuit = ProviderProfile::intuit();
+    let active = record(&config(intuit.clone(), "w0"), "RT-1", T0);
+    assert_eq!(s2(&intuit, &active, &[]), Err(Violation::SelfInflictedLoss));
+    let doubted = ConnectionRecord {
+        in_doubt_since: Some(T0),
+        ..active.clone()
+    };
+    assert_eq!(s2(&intuit, &doubted, &[]), Ok(()));
+    let sent = Unsettled {
+        token: active.refresh.clone(),
+        lease_at: T0,
+    };
+    assert_eq!(s2(&intuit, &active, &[sent]), Ok(()));
+    let other = Unsettled {
+        token: RefreshToken::new("RT-0"),
+        lease_at: T0,
+    };
+    assert_eq!(
+        s2(&intuit, &active, &[other]),
+        Err(Violation::SelfInflictedLoss),
+        "a request presenting another token excuses nothing"
+    );
+    let strict = ProviderProfile::strict_reuse_detecting("strict", "https://auth.example/token");
+    let active = record(&config(strict.clone(), "w0"), "RT-1", T0);
+    assert_eq!(s2(&strict, &active, &[]), Ok(()), "no grace: INVARIANTS.md's exception");
+}
+
 /// A record the core declared lost at `since`, carrying a doubt since `doubt`.
 fn declared_lost(
     profile: &ProviderProfile,

@@ -253,13 +253,9 @@ impl Sut {
             panic!("{v}");
         }
         let workers = &self.world.workers;
-        // Resolving: a request outstanding, fresh tokens not committed, or (the
-        // ghost) a request presenting the stored token whose outcome never reached
-        // the store: the grace window may close while every worker is paused.
         let resolving = workers
             .iter()
-            .any(|w| w.outstanding.is_some() || w.conn.uncommitted().is_some())
-            || self.world.unsettled().any(|u| u.token == stored.refresh);
+            .any(|w| w.outstanding.is_some() || w.conn.uncommitted().is_some());
         let pending = workers
             .iter()
             .filter_map(|w| w.conn.uncommitted().map(|r| &r.refresh));
@@ -268,6 +264,7 @@ impl Sut {
             &self.profile,
             resolving,
             pending,
+            self.world.may_have_rotated(),
             &self.provider,
         ) {
             panic!("{v}: stored {stored:?}");

@@ -94,8 +94,15 @@ fn s2(m: &TokenfenceModel, s: &State) -> bool {
         .workers
         .iter()
         .filter_map(|w| w.conn.uncommitted().map(|r| &r.refresh));
-    invariants::no_self_inflicted_loss(stored, &m.spec.profile, resolving, pending, &truth(m, s))
-        .is_ok()
+    invariants::no_self_inflicted_loss(
+        stored,
+        &m.spec.profile,
+        resolving,
+        pending,
+        s.may_have_rotated(),
+        &truth(m, s),
+    )
+    .is_ok()
 }
 
 fn s3(m: &TokenfenceModel, s: &State) -> bool {

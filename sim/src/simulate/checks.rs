@@ -28,26 +28,33 @@ impl World {
         invariants::keep_unsettled(&mut self.conns[c].unsettled, u);
     }
 
-    /// S4 for connection `c` as stored now, judged from the harness's ghost: the
-    /// provider's truth, and the refresh requests really sent whose outcome has not
-    /// reached the store (kept at connection level, or still with their sender).
-    pub(super) fn sound_reauth(&self, c: usize) -> Option<Violation> {
+    /// The harness's ghost for connection `c`: refresh requests really sent whose
+    /// outcome has not reached the store (kept at connection level, or still with
+    /// their sender), and leases taken over with no word of what was sent.
+    fn ghost(&self, c: usize) -> impl Iterator<Item = &Unsettled> {
         let conn = &self.conns[c];
-        let grant = self.stored_grant(c)?;
-        let stored = self.store.row(&conn.id).and_then(|r| r.record.as_ref())?;
-        let workers = &self.workers;
-        let senders = workers.iter().filter_map(|wk| {
+        let senders = self.workers.iter().filter_map(move |wk| {
             wk.slots
                 .get(c)
                 .and_then(|s| s.as_deref())
                 .and_then(|s| s.ghost.sender.unsettled())
         });
+        conn.unsettled.iter().chain(&conn.taken_over).chain(senders)
+    }
+
+    /// S4 for connection `c` as stored now, judged from the harness's ghost: the
+    /// provider's truth, and the refresh requests really sent whose outcome has not
+    /// reached the store.
+    pub(super) fn sound_reauth(&self, c: usize) -> Option<Violation> {
+        let conn = &self.conns[c];
+        let grant = self.stored_grant(c)?;
+        let stored = self.store.row(&conn.id).and_then(|r| r.record.as_ref())?;
         invariants::sound_reauth_within(
             stored,
             &self.specs[conn.kind].profile,
             self.settings.in_doubt_safety,
             &conn.provider.truth(grant, self.now),
-            conn.unsettled.iter().chain(&conn.taken_over).chain(senders),
+            self.ghost(c),
         )
         .err()
     }
@@ -101,7 +108,8 @@ impl World {
         let spec = self.spec(c);
         let profile = &spec.profile;
         let s2 =
-            invariants::no_self_inflicted_loss(stored, profile, resolving, pending, &truth).err();
+            invariants::no_self_inflicted_loss(stored, profile, resolving, pending, self.ghost(c), &truth)
+                .err();
         let s3 = invariants::no_self_inflicted_replay(&truth).err();
         let replayed = self.conns[c]
             .provider
