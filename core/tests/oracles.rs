@@ -80,7 +80,11 @@ fn s2_excuses_a_fault_under_a_grace_window_only_while_the_loss_is_known() {
     );
     let strict = ProviderProfile::strict_reuse_detecting("strict", "https://auth.example/token");
     let active = record(&config(strict.clone(), "w0"), "RT-1", T0);
-    assert_eq!(s2(&strict, &active, &[]), Ok(()), "no grace: INVARIANTS.md's exception");
+    assert_eq!(
+        s2(&strict, &active, &[]),
+        Ok(()),
+        "no grace: INVARIANTS.md's exception"
+    );
 }
 
 /// A record the core declared lost at `since`, carrying a doubt since `doubt`.
