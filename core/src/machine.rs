@@ -4,7 +4,9 @@ use crate::io::{
     AccessError, ConfigError, Event, IdentityField, Input, InputError, LeaseRelease, Output,
     RequestId,
 };
-use crate::profile::{ClientCredentials, GraceReplay, InDoubtRecovery, ProviderProfile, Rotation};
+use crate::profile::{
+    ClientCredentials, GraceReplay, InDoubtRecovery, ProviderProfile, Rotation, RotationPolicy,
+};
 use crate::record::{
     ConnectionId, ConnectionRecord, FailureKind, GrantIdentity, Lease, LeaseRequestId,
     ReauthReason, Status, WorkerId,
@@ -177,6 +179,221 @@ impl Phase {
             Phase::RetryingCommit { .. } => "waiting to retry a commit",
         }
     }
+
+    /// Whether the store's answer is what this phase waits for.
+    fn awaits_store(&self) -> bool {
+        matches!(
+            self,
+            Phase::Loading | Phase::Leasing | Phase::Rereading(_) | Phase::Committing { .. }
+        )
+    }
+}
+
+/// The piece of work in progress: who waits for a token, what was asked for, and
+/// how far it got. It starts with a caller, a due keep-alive or a scheduler's
+/// request, and ends in [`Connection::end_work`] (or, held off by a back-off,
+/// [`Connection::stop_work`], which keeps the count and the read).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct Work {
+    /// Callers waiting for a token.
+    waiting: VecDeque<RequestId>,
+    /// Since when the oldest caller in `waiting` waits.
+    waiting_since: Option<Timestamp>,
+    /// Callers of [`Input::RefreshNow`] (also in `waiting`): answered with a token
+    /// only once a refresh committed after they asked.
+    forced: Vec<RequestId>,
+    /// A refresh committed since the oldest of `forced` asked.
+    forced_answerable: bool,
+    /// The keep-alive is due, or was asked for.
+    keepalive: bool,
+    /// The keep-alive was asked for by a scheduler: refresh even if not due.
+    maintain: bool,
+    /// Failures (the provider's or the store's) since the work last succeeded.
+    attempts: u32,
+    /// The record was read from the store during this piece of work.
+    fresh: bool,
+    /// An operator's [`Input::RefreshNow`] clears a configuration block.
+    retry_now: bool,
+}
+
+impl Work {
+    fn wait(&mut self, request: RequestId, now: Timestamp) {
+        self.waiting.push_back(request);
+        self.waiting_since.get_or_insert(now);
+    }
+
+    /// Whether anything is asked of this piece of work.
+    fn wanted(&self) -> bool {
+        !self.waiting.is_empty() || self.keepalive
+    }
+
+    /// Nothing more is asked of the keep-alive: done, or given up.
+    fn settle(&mut self) {
+        self.keepalive = false;
+        self.maintain = false;
+    }
+}
+
+/// The lease, as this worker knows it: whether it holds one, the name of its
+/// request, and what a request whose answer was lost may have left at the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct LeaseState {
+    held: bool,
+    /// The name of the lease request to make next: kept after a lost answer (we may
+    /// hold the lease) and while no request was sent under the lease, so the store
+    /// recognises its own earlier grant; drawn anew once a request was sent.
+    request: Option<LeaseRequestId>,
+    /// The last lease request's answer was lost: the store may have granted it.
+    answer_lost: bool,
+    /// A refresh request was sent under the lease held now.
+    sent_under: bool,
+    /// When (on this machine's clock) the lease held now was asked for: the
+    /// store granted it no earlier, so a send deadline counted from here ends
+    /// before the lease does whatever the store's clock says (stores decide
+    /// expiry on their own clock: PostgreSQL's `now()`).
+    asked_at: Timestamp,
+    /// When the store granted the lease held now (on the store's clock).
+    granted_at: Timestamp,
+    /// The unreleased row the grant displaced: its holder's refresh may be in
+    /// flight. Taken when the refresh starts.
+    took_over: Option<Lease>,
+    /// Lease requests whose answer was lost, until a request is sent.
+    unknown_grant: Option<Box<UnknownGrant>>,
+}
+
+impl LeaseState {
+    fn granted(&mut self, lease: &Lease, took_over: Option<Lease>) {
+        self.held = true;
+        self.answer_lost = false;
+        self.sent_under = false;
+        self.granted_at = lease.acquired_at;
+        // Any unreleased lease row counts, even one with our own name: a
+        // restarted worker may reuse its id while its previous incarnation's
+        // refresh is still in flight (found by proptest).
+        self.took_over = took_over;
+    }
+
+    /// Another worker holds the lease: whatever our earlier request did, the row
+    /// is someone else's now.
+    fn refused(&mut self) {
+        self.answer_lost = false;
+        self.request = None;
+    }
+
+    /// A refresh request leaves under the lease held now.
+    fn sent(&mut self) {
+        self.sent_under = true;
+        self.unknown_grant = None;
+    }
+
+    /// The last instant a request may leave under the lease held now.
+    fn send_deadline(&self, s: &Settings) -> Timestamp {
+        self.asked_at
+            .saturating_add(s.lease_ttl.saturating_sub(s.send_safety))
+    }
+
+    fn release(&self, owner: &WorkerId, restore: bool) -> Option<LeaseRelease> {
+        Some(LeaseRelease {
+            owner: owner.clone(),
+            request: self.request?,
+            restore,
+        })
+    }
+
+    /// The release that ending the lease held now would make, without ending it:
+    /// what a commit that ends the piece of work carries. If nothing was done with
+    /// what its grant reported (a displaced row whose refresh may be in flight),
+    /// that row is put back for the next worker.
+    fn pending_release(&self, owner: &WorkerId) -> Option<LeaseRelease> {
+        self.held
+            .then(|| self.release(owner, self.took_over.is_some()))
+            .flatten()
+    }
+
+    /// Ends the lease held now, if any, and says how to release it: by a
+    /// separate [`Output::ReleaseLease`], or already done by the store with the
+    /// compare-and-swap that carried it. If no request was sent under it, its
+    /// name is kept for the next acquisition (a lost release then leaves a row
+    /// the store recognises as ours, not a takeover).
+    fn end(&mut self, owner: &WorkerId) -> Option<LeaseRelease> {
+        let release = self.pending_release(owner);
+        if core::mem::take(&mut self.held) {
+            self.took_over = None;
+            if self.sent_under {
+                self.request = None;
+            }
+        }
+        release
+    }
+
+    /// Ends the lease held, and gives up one that a request whose answer was lost
+    /// may have been granted, putting back what that grant displaced (a phantom
+    /// lease row must not linger, nor count as a refresh in flight: find 18).
+    fn give_up(&mut self, owner: &WorkerId) -> [Option<LeaseRelease>; 2] {
+        let held = self.end(owner);
+        let unknown = core::mem::take(&mut self.answer_lost)
+            .then(|| self.release(owner, true))
+            .flatten();
+        [held, unknown]
+    }
+
+    /// The answer to the lease request asked for after reading `read` was lost:
+    /// the store may have granted it.
+    fn answer_lost(&mut self, read: Option<&ConnectionRecord>) {
+        self.answer_lost = true;
+        // Nothing was sent since an earlier unknown grant either: any of them may
+        // be the one taken over.
+        let mut requests = self
+            .unknown_grant
+            .take()
+            .map(|u| u.requests)
+            .unwrap_or_default();
+        // A retry under a known name is kept with what it read too: the earlier
+        // lost answer may have been a refusal, and this one the grant (found by
+        // the property test: a grant stamped with the newer read was not
+        // recognised, and a rotation declared lost because of it was never
+        // undone).
+        let entry = self.request.map(|r| {
+            (
+                r,
+                read.map(|rec| rec.generation),
+                read.map(|rec| rec.refresh.clone()),
+                self.asked_at,
+            )
+        });
+        // The same read asked for again: the first ask is the bound.
+        let known = |e: &(_, _, _, _)| {
+            requests
+                .iter()
+                .any(|(r, g, t, _)| (r, g, t) == (&e.0, &e.1, &e.2))
+        };
+        if let Some(entry) = entry.filter(|e| !known(e)) {
+            requests.push(entry);
+        }
+        self.unknown_grant = Some(Box::new(UnknownGrant { requests }));
+    }
+}
+
+/// The doubt merge, the one rule for every place two doubts meet: of a doubt
+/// already known and a new one, the earlier wins (a request presenting the token
+/// since then may have been processed), with the holder it came from; on a tie
+/// the known one stays. Whether `new` replaces `known`.
+fn replaces_doubt(known: Option<Timestamp>, new: Option<Timestamp>) -> bool {
+    match (known, new) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(known), Some(new)) => new < known,
+    }
+}
+
+/// The fork-ordering rule. Exchanges happen inside leases, which do not overlap,
+/// so their send times order them: under a provider that forks on a replay inside
+/// the grace window, an exchange sent at `sent_at` minted the family's current
+/// token and demoted `stored`'s to its grace window when `stored`'s tokens came
+/// from an exchange sent before it.
+fn fork_demotes(rotation: &RotationPolicy, stored: &ConnectionRecord, sent_at: Timestamp) -> bool {
+    rotation.grace_replay == GraceReplay::Fork
+        && stored.last_refreshed_at.is_some_and(|t| t < sent_at)
 }
 
 /// The lifecycle of one connection as seen by one worker.
@@ -191,54 +408,28 @@ pub struct Connection {
     entropy: u64,
     record: Option<ConnectionRecord>,
     identity_ok: bool,
-    /// The record was read from the store during the current piece of work.
-    fresh: bool,
     /// When the record was last read from (or written to) the store.
     read_at: Option<Timestamp>,
-    holding_lease: bool,
-    /// The name of the lease request to make next: kept after a lost answer (we may
-    /// hold the lease) and while no request was sent under the lease, so the store
-    /// recognises its own earlier grant; drawn anew once a request was sent.
-    lease_request: Option<LeaseRequestId>,
-    /// The last lease request's answer was lost: the store may have granted it.
-    lease_unknown: bool,
-    /// A refresh request was sent under the lease held now.
-    sent_under_lease: bool,
-    /// When (on this machine's clock) the lease held now was asked for: the
-    /// store granted it no earlier, so a send deadline counted from here ends
-    /// before the lease does whatever the store's clock says (stores decide
-    /// expiry on their own clock: PostgreSQL's `now()`).
-    lease_asked_at: Timestamp,
-    /// A lease request whose answer was lost, until a request is sent.
-    unknown_grant: Option<Box<UnknownGrant>>,
-    lease_at: Timestamp,
-    took_over: Option<Lease>,
+    /// What the machine waits for.
     phase: Phase,
-    waiting: VecDeque<RequestId>,
-    keepalive: bool,
-    /// The keep-alive was asked for by a scheduler: refresh even if not due.
-    maintain: bool,
-    attempts: u32,
-    /// Callers of [`Input::RefreshNow`] (also in `waiting`): answered with a token
-    /// only once a refresh committed after they asked.
-    forced: Vec<RequestId>,
-    /// A refresh committed since the oldest of `forced` asked.
-    forced_answerable: bool,
-    /// Since when the oldest caller in `waiting` waits.
-    waiting_since: Option<Timestamp>,
-    /// An operator's [`Input::RefreshNow`] clears a configuration block.
-    retry_now: bool,
+    /// The piece of work in progress.
+    work: Work,
+    /// The lease, as this worker knows it.
+    lease: LeaseState,
     /// When this machine last saw one of its refreshes commit a token that was
     /// already inside its margin (a reply slower than half the lifetime): the
     /// floor between refreshes counts from here then, not only from the send.
     refreshed_at: Option<Timestamp>,
+    /// This machine's own back-off after a store failure.
     not_before: Option<(Timestamp, FailureKind)>,
     /// Access tokens a caller reported the resource API refused, and when: not
     /// served again, unless a refresh sent after the report brings one back (the
     /// provider issued it anew). Only those this machine could still serve are
     /// kept: the stored one and fresh ones not committed yet.
     rejected: Vec<(AccessToken, Timestamp)>,
+    /// A user's authorization to commit (before any access request).
     authorized: Option<Box<ConnectionRecord>>,
+    /// The user asked to disconnect.
     disconnect: bool,
     warned_deadline: Option<Timestamp>,
     outputs: VecDeque<Output>,
@@ -254,25 +445,10 @@ impl Connection {
             entropy,
             record: None,
             identity_ok: false,
-            fresh: false,
             read_at: None,
-            holding_lease: false,
-            lease_request: None,
-            lease_unknown: false,
-            sent_under_lease: false,
-            lease_asked_at: Timestamp::EPOCH,
-            unknown_grant: None,
-            lease_at: Timestamp::EPOCH,
-            took_over: None,
             phase: Phase::Idle,
-            waiting: VecDeque::new(),
-            keepalive: false,
-            maintain: false,
-            attempts: 0,
-            forced: Vec::new(),
-            forced_answerable: false,
-            waiting_since: None,
-            retry_now: false,
+            work: Work::default(),
+            lease: LeaseState::default(),
             refreshed_at: None,
             not_before: None,
             rejected: Vec::new(),
@@ -323,7 +499,7 @@ impl Connection {
 
     /// Callers waiting for a token.
     pub fn waiting(&self) -> usize {
-        self.waiting.len()
+        self.work.waiting.len()
     }
 
     /// The record this machine is sending a refresh from, while a refresh request
@@ -388,6 +564,10 @@ impl Connection {
     }
 
     /// When to call `handle_input(now, Input::Timeout)` if nothing else happens.
+    /// The timers: a wait's or a commit retry's end while busy; when idle, the
+    /// keep-alive (after the retry gate), the reconnect notice, and the
+    /// resolution of a lease request whose answer was lost (as soon as the retry
+    /// gate allows, callers or not).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         match &self.phase {
@@ -409,9 +589,7 @@ impl Connection {
             .hard_deadline
             .filter(|d| self.warned_deadline != Some(*d))
             .map(|d| d.saturating_sub(s.reconnect_notice));
-        // A lease request whose answer was lost is resolved as soon as the retry
-        // gate allows, callers or not.
-        let unknown = self.unknown_grant.as_ref().map(|_| gate);
+        let unknown = self.lease.unknown_grant.as_ref().map(|_| gate);
         [keepalive, warn, unknown].into_iter().flatten().min()
     }
 
@@ -420,17 +598,9 @@ impl Connection {
     /// An input the machine is not waiting for (the answer to a command it did not
     /// issue) is refused with [`InputError`] and changes nothing.
     pub fn handle_input(&mut self, now: Timestamp, input: Input) -> Result<(), InputError> {
-        let phase = core::mem::replace(&mut self.phase, Phase::Idle);
-        match (input, phase) {
-            (Input::AccessRequested(request), phase) => {
-                self.phase = phase;
-                self.serve_or_wait(now, request);
-            }
-            (Input::Timeout, phase) => self.on_timeout(now, phase),
-            (Input::StoreChanged, Phase::Waiting { .. } | Phase::Idle) => self.fresh = false,
-            (Input::StoreChanged, phase) => self.phase = phase,
-            (Input::Authorized { grant, realm_id }, phase) => {
-                self.phase = phase;
+        match input {
+            Input::AccessRequested(request) => self.serve_or_wait(now, request),
+            Input::Authorized { grant, realm_id } => {
                 let record = ConnectionRecord::from_authorization(
                     self.id.clone(),
                     self.config.identity(),
@@ -442,58 +612,36 @@ impl Connection {
                 .ok_or(InputError::NoRefreshToken)?;
                 self.authorized = Some(Box::new(record));
             }
-            (Input::Disconnect, phase) => {
-                self.phase = phase;
-                self.disconnect = true;
+            Input::Disconnect => self.disconnect = true,
+            Input::RefreshNow {
+                request,
+                clear_block,
+            } => {
+                self.work.wait(request, now);
+                self.work.forced.push(request);
+                self.work.retry_now |= clear_block;
+                self.look_after();
             }
-            (
-                Input::RefreshNow {
-                    request,
-                    clear_block,
-                },
-                phase,
-            ) => {
-                self.phase = phase;
-                self.waiting.push_back(request);
-                self.waiting_since.get_or_insert(now);
-                self.forced.push(request);
-                self.retry_now |= clear_block;
-                self.keepalive = true;
-                self.maintain = true;
-                if matches!(self.phase, Phase::Idle) {
-                    self.fresh = false;
+            Input::Rejected { request, token } => self.on_rejected(now, request, token),
+            Input::Maintain => self.look_after(),
+            // A change elsewhere ends a wait: look again.
+            Input::StoreChanged => {
+                if matches!(self.phase, Phase::Waiting { .. } | Phase::Idle) {
+                    self.phase = Phase::Idle;
+                    self.work.fresh = false;
                 }
             }
-            (Input::Rejected { request, token }, phase) => {
-                self.phase = phase;
-                // The stored token, or fresh tokens not committed yet (served
-                // while a commit is retried).
-                let serving = self.access_source(&token).is_some();
-                let known = self.rejected.iter().any(|(t, _)| *t == token);
-                if serving && !known {
-                    let rejected = core::mem::take(&mut self.rejected);
-                    self.rejected = rejected
-                        .into_iter()
-                        .filter(|(t, _)| self.access_source(t).is_some())
-                        .collect();
-                    self.rejected.push((token, now));
-                    self.emit(Event::AccessRejected);
-                    if matches!(self.phase, Phase::Idle) {
-                        // Look in the store first: another process may have
-                        // refreshed already.
-                        self.fresh = false;
-                    }
-                }
-                self.serve_or_wait(now, request);
-            }
-            (Input::Maintain, phase) => {
-                self.phase = phase;
-                self.keepalive = true;
-                self.maintain = true;
-                if matches!(self.phase, Phase::Idle) {
-                    self.fresh = false;
-                }
-            }
+            answer => self.resume(now, answer)?,
+        }
+        self.advance(now);
+        Ok(())
+    }
+
+    /// An answer to the command the machine waits for, or its timer.
+    fn resume(&mut self, now: Timestamp, input: Input) -> Result<(), InputError> {
+        let phase = core::mem::replace(&mut self.phase, Phase::Idle);
+        match (input, phase) {
+            (Input::Timeout, phase) => self.on_timeout(now, phase),
             (Input::Loaded(record), Phase::Loading) => {
                 self.adopt(record.map(|r| *r));
                 self.mark_fresh(now);
@@ -509,35 +657,11 @@ impl Connection {
                 },
                 Phase::Leasing,
             ) => {
-                self.holding_lease = true;
-                self.lease_unknown = false;
-                self.sent_under_lease = false;
-                self.lease_at = lease.acquired_at;
-                // Any unreleased lease row counts, even one with our own name: a
-                // restarted worker may reuse its id while its previous
-                // incarnation's refresh is still in flight (found by proptest).
-                self.took_over = took_over;
+                self.lease.granted(&lease, took_over);
                 self.adopt(record.map(|r| *r));
                 self.mark_fresh(now);
             }
-            (Input::LeaseHeld { holder }, Phase::Leasing) => {
-                // Whatever our earlier request did, the row is someone else's now.
-                self.lease_unknown = false;
-                self.lease_request = None;
-                let s = &self.config.settings;
-                let poll = now.saturating_add(s.lease_poll);
-                let until = holder.expires_at.min(poll).max(now);
-                let waited = self.waiting_since.map(|t| now.saturating_since(t));
-                if waited.is_some_and(|w| w >= s.max_inline_delay) {
-                    // The holder may be dead: its lease can run for a minute.
-                    // Callers are not kept that long; the next one looks again.
-                    self.deliver_all(&Err(AccessError::Transient {
-                        kind: FailureKind::RefreshInProgress,
-                        retry_at: poll,
-                    }));
-                }
-                self.phase = Phase::Waiting { until };
-            }
+            (Input::LeaseHeld { holder }, Phase::Leasing) => self.on_lease_held(now, &holder),
             (Input::Replied(reply), Phase::Sending(attempt)) => self.on_reply(now, *attempt, reply),
             (Input::NotSent, Phase::Sending(attempt)) => {
                 self.fail(now, *attempt, FailureKind::NotSent, None)
@@ -563,9 +687,7 @@ impl Connection {
             (Input::Conflict { current }, Phase::Committing { proposal, intent }) => {
                 self.on_conflict(now, proposal, intent, current.map(|r| *r))
             }
-            (Input::StoreFailed, phase) if Self::awaits_store(&phase) => {
-                self.on_store_failed(now, phase)
-            }
+            (Input::StoreFailed, phase) if phase.awaits_store() => self.on_store_failed(now, phase),
             (input, phase) => {
                 let err = InputError::Unexpected {
                     input: input.name(),
@@ -575,7 +697,6 @@ impl Connection {
                 return Err(err);
             }
         }
-        self.advance(now);
         Ok(())
     }
 
@@ -586,18 +707,59 @@ impl Connection {
                 let result = Ok(t.clone());
                 self.outputs.push_back(Output::Deliver { request, result });
             }
-            None => {
-                self.waiting.push_back(request);
-                self.waiting_since.get_or_insert(now);
-            }
+            None => self.work.wait(request, now),
         }
     }
 
-    fn awaits_store(phase: &Phase) -> bool {
-        matches!(
-            phase,
-            Phase::Loading | Phase::Leasing | Phase::Rereading(_) | Phase::Committing { .. }
-        )
+    /// A scheduler (or an operator) asks for the connection to be looked after:
+    /// refresh even if not due, from a fresh read if nothing is under way.
+    fn look_after(&mut self) {
+        self.work.keepalive = true;
+        self.work.maintain = true;
+        if matches!(self.phase, Phase::Idle) {
+            self.work.fresh = false;
+        }
+    }
+
+    /// A caller reports that the resource API refused `token`.
+    fn on_rejected(&mut self, now: Timestamp, request: RequestId, token: AccessToken) {
+        // The stored token, or fresh tokens not committed yet (served while a
+        // commit is retried).
+        let serving = self.access_source(&token).is_some();
+        let known = self.rejected.iter().any(|(t, _)| *t == token);
+        if serving && !known {
+            let rejected = core::mem::take(&mut self.rejected);
+            self.rejected = rejected
+                .into_iter()
+                .filter(|(t, _)| self.access_source(t).is_some())
+                .collect();
+            self.rejected.push((token, now));
+            self.emit(Event::AccessRejected);
+            if matches!(self.phase, Phase::Idle) {
+                // Look in the store first: another process may have refreshed
+                // already.
+                self.work.fresh = false;
+            }
+        }
+        self.serve_or_wait(now, request);
+    }
+
+    /// Another worker holds the lease: wait for its end, or poll.
+    fn on_lease_held(&mut self, now: Timestamp, holder: &Lease) {
+        self.lease.refused();
+        let s = &self.config.settings;
+        let poll = now.saturating_add(s.lease_poll);
+        let until = holder.expires_at.min(poll).max(now);
+        let waited = self.work.waiting_since.map(|t| now.saturating_since(t));
+        if waited.is_some_and(|w| w >= s.max_inline_delay) {
+            // The holder may be dead: its lease can run for a minute. Callers are
+            // not kept that long; the next one looks again.
+            self.deliver_all(&Err(AccessError::Transient {
+                kind: FailureKind::RefreshInProgress,
+                retry_at: poll,
+            }));
+        }
+        self.phase = Phase::Waiting { until };
     }
 
     /// Takes `record` as the newest, unless it is older than one already seen (S5).
@@ -614,7 +776,7 @@ impl Connection {
     }
 
     fn mark_fresh(&mut self, now: Timestamp) {
-        self.fresh = true;
+        self.work.fresh = true;
         self.read_at = Some(now);
     }
 
@@ -632,64 +794,38 @@ impl Connection {
         self.config.settings.backoff(failures, roll)
     }
 
-    /// Releases the lease held now. If nothing was done with what its grant
-    /// reported (a displaced row whose refresh may be in flight), that row is put
-    /// back for the next worker; if no request was sent under it, its name is kept
-    /// for the next acquisition (a lost release then leaves a row the store
-    /// recognises as ours, not a takeover).
+    /// Releases the lease held now (see [`LeaseState::end`]).
     fn release_lease(&mut self) {
-        let release = self.end_lease();
+        let release = self.lease.end(&self.config.worker);
         self.outputs.extend(release.map(Output::ReleaseLease));
     }
 
-    /// Ends the lease held now, if any, and says how to release it: by a
-    /// separate [`Output::ReleaseLease`], or already done by the store with the
-    /// compare-and-swap that carried it.
-    fn end_lease(&mut self) -> Option<LeaseRelease> {
-        let release = self.pending_release();
-        if core::mem::take(&mut self.holding_lease) {
-            self.took_over = None;
-            if self.sent_under_lease {
-                self.lease_request = None;
-            }
-        }
-        release
+    /// Ends the piece of work: nothing more is asked of it, the lease goes (and
+    /// one a lost answer may have left, see [`LeaseState::give_up`]), and the
+    /// next piece starts from a fresh read and a fresh count.
+    fn end_work(&mut self) {
+        self.stop_work();
+        self.work.fresh = false;
+        self.work.attempts = 0;
     }
 
-    /// The release of the lease held now that ending it would make, without
-    /// ending it: what a commit that ends the piece of work carries.
-    fn pending_release(&self) -> Option<LeaseRelease> {
-        self.holding_lease
-            .then(|| self.release_of(self.took_over.is_some()))
-            .flatten()
-    }
-
-    /// Ends the piece of work: releases the lease held, and gives up one that a
-    /// request whose answer was lost may have been granted, putting back what that
-    /// grant displaced (a phantom lease row must not linger, nor count as a
-    /// refresh in flight: find 18).
-    fn give_up_lease(&mut self) {
-        self.release_lease();
-        if core::mem::take(&mut self.lease_unknown) {
-            let release = self.release_of(true);
-            self.outputs.extend(release.map(Output::ReleaseLease));
-        }
-    }
-
-    fn release_of(&self, restore: bool) -> Option<LeaseRelease> {
-        Some(LeaseRelease {
-            owner: self.config.worker.clone(),
-            request: self.lease_request?,
-            restore,
-        })
+    /// Stops the piece of work for a back-off: as [`Self::end_work`], but the
+    /// count of attempts goes on (the next caller is not held inline again
+    /// before a refresh settles) and the read stays.
+    fn stop_work(&mut self) {
+        self.work.settle();
+        let releases = self.lease.give_up(&self.config.worker);
+        self.outputs
+            .extend(releases.into_iter().flatten().map(Output::ReleaseLease));
     }
 
     fn deliver_all(&mut self, result: &Result<AccessToken, AccessError>) {
+        let work = &mut self.work;
         // A token for a `RefreshNow` caller must come from a refresh after it asked.
-        let hold = result.is_ok() && !self.forced.is_empty() && !self.forced_answerable;
+        let hold = result.is_ok() && !work.forced.is_empty() && !work.forced_answerable;
         let mut held = VecDeque::new();
-        while let Some(request) = self.waiting.pop_front() {
-            if hold && self.forced.contains(&request) {
+        while let Some(request) = work.waiting.pop_front() {
+            if hold && work.forced.contains(&request) {
                 held.push_back(request);
                 continue;
             }
@@ -697,11 +833,11 @@ impl Connection {
             self.outputs.push_back(Output::Deliver { request, result });
         }
         if held.is_empty() {
-            self.forced.clear();
-            self.forced_answerable = false;
-            self.waiting_since = None;
+            work.forced.clear();
+            work.forced_answerable = false;
+            work.waiting_since = None;
         }
-        self.waiting = held;
+        work.waiting = held;
     }
 
     fn emit(&mut self, event: Event) {
@@ -724,7 +860,7 @@ impl Connection {
         // Every commit but a doubt's ends the piece of work: the lease goes with it,
         // in the same atomic step (one store transaction fewer per refresh).
         let release = (intent != Intent::Doubt)
-            .then(|| self.pending_release())
+            .then(|| self.lease.pending_release(&self.config.worker))
             .flatten();
         self.outputs.push_back(Output::CompareAndSwap {
             expected,
@@ -739,37 +875,34 @@ impl Connection {
 
     fn on_timeout(&mut self, now: Timestamp, phase: Phase) {
         match phase {
-            Phase::Waiting { until } if now >= until => self.fresh = false,
+            Phase::Waiting { until } if now >= until => self.work.fresh = false,
             Phase::RetryingCommit {
                 proposal,
                 intent,
                 until,
-            } if now >= until => {
-                let expected = self.record.as_ref().map(|r| r.generation);
-                self.commit_on(expected, *proposal, intent);
-            }
+            } if now >= until => self.commit(*proposal, intent),
             Phase::Idle => {
                 let lead = self.config.settings.keepalive_lead;
                 let due = self.record.as_ref().and_then(|r| r.work_due_at(lead));
                 if due.is_some_and(|d| d <= now) {
-                    self.keepalive = true;
+                    self.work.keepalive = true;
                 }
                 // Resolve a lease request whose answer was lost: re-read, undo a
                 // lost rotation declared because of it, or take the lease again
                 // under the same name (the store then reports what the lost grant
                 // displaced) and refresh. Giving up instead left a connection
                 // declared dead for good (found by the property test).
-                if self.unknown_grant.is_some() {
-                    self.keepalive = true;
-                    self.maintain = true;
-                    self.fresh = false;
+                if self.lease.unknown_grant.is_some() {
+                    self.look_after();
                 }
             }
             phase => self.phase = phase,
         }
     }
 
-    /// The decision loop: runs whenever the machine is idle after an input.
+    /// The decision loop: runs whenever the machine is idle after an input, and
+    /// takes the next step of the work: the user's action first, then the end of
+    /// the work, a read, the verdict on a dead record, or a refresh.
     fn advance(&mut self, now: Timestamp) {
         if !matches!(self.phase, Phase::Idle) {
             return;
@@ -778,54 +911,70 @@ impl Connection {
         if self.authorized.is_some() || self.disconnect {
             return self.advance_user_action(now);
         }
-        if self.waiting.is_empty() && !self.keepalive {
-            self.fresh = false;
-            self.maintain = false;
-            self.attempts = 0;
-            return self.give_up_lease();
+        if !self.work.wanted() {
+            return self.end_work();
         }
         let Some(rec) = self.record.as_ref() else {
-            if self.fresh {
-                return self.conclude(&Err(AccessError::NotConnected));
-            }
-            // The store failed before any record was read: back off like any other
-            // failure (found by fuzzing: the first Load was retried at once).
-            if let Some((retry_at, kind)) = self.not_before.filter(|(t, _)| *t > now) {
-                return self.hold_off(now, retry_at, kind);
-            }
-            return self.load();
+            return self.advance_unread(now);
         };
         if let Some(err) = self.config.identity_mismatch(&rec.identity) {
             return self.conclude(&Err(err.into()));
         }
-        let dead = match rec.status {
-            Status::ReauthRequired { reason, .. } => Some(AccessError::ReauthRequired(reason)),
-            Status::Disconnected { .. } => Some(AccessError::Disconnected),
-            _ => None,
-        };
         if let Some(revived) = self.revivable(now, rec) {
             return self.commit(revived, Intent::Revived);
         }
-        if dead.is_some() && self.fresh {
-            // Read just now and nothing of ours to undo: the unknown grant is moot.
-            self.unknown_grant = None;
-        }
-        if let Some(err) = dead {
-            let recheck = self.config.settings.dead_recheck;
-            let stale = self
-                .read_at
-                .is_none_or(|t| now.saturating_since(t) >= recheck);
-            if !self.fresh && stale {
-                // The re-read failed: back off like any other store failure, not
-                // re-read at once (found by the simulator: a worker holding a dead
-                // verdict re-read a down store every few milliseconds).
-                if let Some((retry_at, kind)) = self.not_before.filter(|(t, _)| *t > now) {
-                    return self.hold_off(now, retry_at, kind);
-                }
-                return self.load();
+        match rec.status {
+            Status::ReauthRequired { reason, .. } => {
+                self.advance_dead(now, AccessError::ReauthRequired(reason))
             }
+            Status::Disconnected { .. } => self.advance_dead(now, AccessError::Disconnected),
+            Status::Active | Status::Degraded { .. } => self.advance_live(now),
+        }
+    }
+
+    /// No record read yet: read it, or there is none.
+    fn advance_unread(&mut self, now: Timestamp) {
+        if self.work.fresh {
+            return self.conclude(&Err(AccessError::NotConnected));
+        }
+        self.load_after_backoff(now);
+    }
+
+    /// Reads the record, unless this machine's back-off after a store failure
+    /// holds: then back off like any other failure (found by fuzzing: the first
+    /// read was retried at once; found by the simulator: a worker holding a dead
+    /// verdict re-read a down store every few milliseconds).
+    fn load_after_backoff(&mut self, now: Timestamp) {
+        match self.not_before.filter(|(t, _)| *t > now) {
+            Some((retry_at, kind)) => self.hold_off(now, retry_at, kind),
+            None => self.load(),
+        }
+    }
+
+    /// The record says the grant is gone: answer callers, after re-reading a
+    /// verdict read too long ago.
+    fn advance_dead(&mut self, now: Timestamp, err: AccessError) {
+        if self.work.fresh {
+            // Read just now and nothing of ours to undo: the unknown grant is moot.
+            self.lease.unknown_grant = None;
             return self.conclude(&Err(err));
         }
+        let recheck = self.config.settings.dead_recheck;
+        let stale = self
+            .read_at
+            .is_none_or(|t| now.saturating_since(t) >= recheck);
+        if stale {
+            return self.load_after_backoff(now);
+        }
+        self.conclude(&Err(err));
+    }
+
+    /// A live record: serve what it holds, then refresh if callers or the
+    /// keep-alive still want it and nothing holds the refresh back.
+    fn advance_live(&mut self, now: Timestamp) {
+        let Some(rec) = self.record.as_ref() else {
+            return;
+        };
         let usable = self.usable(rec, now).cloned();
         let s = &self.config.settings;
         let keepalive_due = rec.work_due_at(s.keepalive_lead).is_some_and(|d| d <= now);
@@ -840,14 +989,14 @@ impl Connection {
         if let Some(token) = usable {
             self.deliver_all(&Ok(token));
         }
-        self.keepalive &= keepalive_due || self.maintain;
-        if self.waiting.is_empty() && !self.keepalive {
-            return self.advance(now);
+        self.work.keepalive &= keepalive_due || self.work.maintain;
+        if !self.work.wanted() {
+            return self.end_work();
         }
         if let Some((retry_at, kind)) = self.retry_gate(now) {
             return self.hold_off(now, retry_at, kind);
         }
-        if let Some(until) = floor.filter(|_| !self.keepalive) {
+        if let Some(until) = floor.filter(|_| !self.work.keepalive) {
             // A refresh committed moments ago and its token is already inside the
             // margin: answer callers now rather than refresh in a loop. (A due
             // keep-alive or a scheduler's request is not held up: they have their
@@ -856,29 +1005,31 @@ impl Connection {
                 kind: FailureKind::RefreshThrottled,
                 retry_at: until,
             }));
-            return self.advance(now);
+            return self.end_work();
         }
-        if self.holding_lease {
+        if self.lease.held {
             self.start_refresh(now);
-        } else if self.fresh {
-            self.phase = Phase::Leasing;
-            let owner = self.config.worker.clone();
-            let ttl = self.config.settings.lease_ttl;
-            // 0 is the request of rows written before requests had names.
-            let request = match self.lease_request {
-                Some(r) => r,
-                None => LeaseRequestId(self.next_entropy().max(1)),
-            };
-            self.lease_request = Some(request);
-            self.lease_asked_at = now;
-            self.outputs.push_back(Output::AcquireLease {
-                owner,
-                ttl,
-                request,
-            });
+        } else if self.work.fresh {
+            self.acquire_lease(now);
         } else {
             self.load();
         }
+    }
+
+    fn acquire_lease(&mut self, now: Timestamp) {
+        // 0 is the request of rows written before requests had names.
+        let request = match self.lease.request {
+            Some(r) => r,
+            None => LeaseRequestId(self.next_entropy().max(1)),
+        };
+        self.lease.request = Some(request);
+        self.lease.asked_at = now;
+        self.phase = Phase::Leasing;
+        self.outputs.push_back(Output::AcquireLease {
+            owner: self.config.worker.clone(),
+            ttl: self.config.settings.lease_ttl,
+            request,
+        });
     }
 
     /// The record with a lost rotation undone, if `rec` declares one only because
@@ -890,7 +1041,7 @@ impl Connection {
     /// presenting the token (found by the property test: one lost store answer and
     /// a pause killed a healthy connection for good).
     fn revivable(&self, now: Timestamp, rec: &ConnectionRecord) -> Option<ConnectionRecord> {
-        let u = self.unknown_grant.as_deref()?;
+        let u = self.lease.unknown_grant.as_deref()?;
         let lost = matches!(
             rec.status,
             Status::ReauthRequired {
@@ -925,12 +1076,8 @@ impl Connection {
 
     /// Answers every waiting caller with `result` and ends the piece of work.
     fn conclude(&mut self, result: &Result<AccessToken, AccessError>) {
-        self.keepalive = false;
-        self.maintain = false;
         self.deliver_all(result);
-        self.give_up_lease();
-        self.fresh = false;
-        self.attempts = 0;
+        self.end_work();
     }
 
     fn load(&mut self) {
@@ -940,9 +1087,10 @@ impl Connection {
 
     /// The earliest instant a refresh may be tried, if that is in the future.
     fn retry_gate(&self, now: Timestamp) -> Option<(Timestamp, FailureKind)> {
+        let retry_now = self.work.retry_now;
         let mut gate = self
             .not_before
-            .filter(|(t, kind)| *t > now && !(self.retry_now && kind.is_configuration()));
+            .filter(|(t, kind)| *t > now && !(retry_now && kind.is_configuration()));
         let Some(record) = self.record.as_ref() else {
             return gate;
         };
@@ -951,7 +1099,7 @@ impl Connection {
             // from (a record from before fingerprints: every one), and not an
             // operator's explicit retry.
             let held = !last.is_configuration()
-                || (!self.retry_now
+                || (!retry_now
                     && record
                         .blocked_client
                         .is_none_or(|c| c == self.config.client.fingerprint()));
@@ -972,25 +1120,20 @@ impl Connection {
             _ => None,
         };
         let soon = retry_at.saturating_since(now) <= s.max_inline_delay;
-        if config_error.is_none()
+        let wait_inline = config_error.is_none()
             && soon
-            && self.attempts < s.max_attempts
-            && !self.waiting.is_empty()
-        {
-            self.release_lease();
-            self.phase = Phase::Waiting { until: retry_at };
-            return;
-        }
-        if self.waiting.is_empty()
-            && self.maintain
+            && self.work.attempts < s.max_attempts
+            && !self.work.waiting.is_empty();
+        // The driver asked for this connection to be looked after and the store
+        // failed before the record could be read: keep the request and read again
+        // after the back-off. Dropping it lost a `ReconnectSoon` that a scanner
+        // reports once (found by the simulator: a notice due during a store outage
+        // was announced six days late).
+        let keep_unread = self.work.waiting.is_empty()
+            && self.work.maintain
             && self.record.is_none()
-            && kind == FailureKind::StoreUnavailable
-        {
-            // The driver asked for this connection to be looked after and the store
-            // failed before the record could be read: keep the request and read
-            // again after the back-off. Dropping it lost a `ReconnectSoon` that a
-            // scanner reports once (found by the simulator: a notice due during a
-            // store outage was announced six days late).
+            && kind == FailureKind::StoreUnavailable;
+        if wait_inline || keep_unread {
             self.release_lease();
             self.phase = Phase::Waiting { until: retry_at };
             return;
@@ -1000,38 +1143,21 @@ impl Connection {
             None => AccessError::Transient { kind, retry_at },
         };
         self.deliver_all(&Err(err));
-        self.keepalive = false;
-        self.maintain = false;
-        self.give_up_lease();
+        self.stop_work();
     }
 
+    /// Under the lease: record a doubt a takeover brings, declare a rotation
+    /// lost that the profile cannot recover, or send the refresh.
     fn start_refresh(&mut self, now: Timestamp) {
         let Some(base) = self.record.clone() else {
             return self.release_lease();
         };
         let mut in_doubt_since = base.in_doubt_since;
         let mut holder = base.in_doubt_holder.clone();
-        if let Some(prev) = self.took_over.take() {
-            // The previous holder never released its lease: its refresh may be in
-            // flight, unless what is stored now came from its own exchange. Nothing
-            // committed since its grant, or the stored tokens come from an exchange
-            // older than its grant (another worker's late commit; exchanges happen
-            // inside leases, which do not overlap): still in doubt (the second case
-            // was found by the model checker under a forking provider).
-            // Tokens never refreshed here (imported, connected, or written by
-            // another process) date from their receipt: received after that lease
-            // ended, and after a request sent under it may still have been
-            // processed (`in_doubt_safety`), they cannot have been presented under
-            // it nor superseded by its exchange (found by the fuzzer: a rotation
-            // declared lost on a token received a day after the lease ended).
-            let safety = self.config.settings.in_doubt_safety;
-            let older_tokens = base.status == Status::Active
-                && match base.last_refreshed_at {
-                    Some(t) => t < prev.acquired_at,
-                    None => base.refresh_issued_at < prev.expires_at.saturating_add(safety),
-                };
-            let in_doubt = prev.generation == Some(base.generation) || older_tokens;
-            if in_doubt && in_doubt_since.is_none_or(|t| prev.acquired_at < t) {
+        if let Some(prev) = self.lease.took_over.take() {
+            if self.takeover_doubts(&base, &prev)
+                && replaces_doubt(in_doubt_since, Some(prev.acquired_at))
+            {
                 in_doubt_since = Some(prev.acquired_at);
                 holder = Some((prev.owner, prev.request));
             }
@@ -1061,13 +1187,11 @@ impl Connection {
             };
             return self.commit(proposal, Intent::Doubt);
         }
-        let send_deadline = self
-            .lease_asked_at
-            .saturating_add(s.lease_ttl.saturating_sub(s.send_safety));
+        let send_deadline = self.lease.send_deadline(s);
         if send_deadline <= now {
             // Too little of the lease is left to send safely: take it anew.
             self.release_lease();
-            self.fresh = false;
+            self.work.fresh = false;
             return self.load();
         }
         let request = refresh_request(
@@ -1077,25 +1201,45 @@ impl Connection {
             send_deadline,
         );
         self.outputs.push_back(Output::Send(request));
-        self.retry_now = false;
-        self.sent_under_lease = true;
-        self.unknown_grant = None;
+        self.work.retry_now = false;
+        self.lease.sent();
         self.phase = Phase::Sending(Box::new(Attempt {
             base,
             sent_at: now,
-            lease_at: self.lease_at,
+            lease_at: self.lease.granted_at,
             in_doubt_since,
         }));
+    }
+
+    /// Whether taking over `prev`, an unreleased lease, puts `base`'s token in
+    /// doubt. Its holder never released it: its refresh may be in flight, unless
+    /// what is stored now came from its own exchange. Nothing committed since its
+    /// grant, or the stored tokens come from an exchange older than its grant
+    /// (another worker's late commit; exchanges happen inside leases, which do not
+    /// overlap): still in doubt (the second case was found by the model checker
+    /// under a forking provider). Tokens never refreshed here (imported,
+    /// connected, or written by another process) date from their receipt:
+    /// received after that lease ended, and after a request sent under it may
+    /// still have been processed (`in_doubt_safety`), they cannot have been
+    /// presented under it nor superseded by its exchange (found by the fuzzer: a
+    /// rotation declared lost on a token received a day after the lease ended).
+    fn takeover_doubts(&self, base: &ConnectionRecord, prev: &Lease) -> bool {
+        let safety = self.config.settings.in_doubt_safety;
+        let older_tokens = base.status == Status::Active
+            && match base.last_refreshed_at {
+                Some(t) => t < prev.acquired_at,
+                None => base.refresh_issued_at < prev.expires_at.saturating_add(safety),
+            };
+        prev.generation == Some(base.generation) || older_tokens
     }
 
     fn on_reply(&mut self, now: Timestamp, attempt: Attempt, reply: crate::HttpResponse) {
         match parse_token_reply(&self.config.profile, &reply) {
             Ok(grant) => {
                 if !grant.ignored.is_empty() {
-                    self.outputs
-                        .push_back(Output::Event(Event::IgnoredReplyFields {
-                            fields: grant.ignored.clone(),
-                        }));
+                    self.emit(Event::IgnoredReplyFields {
+                        fields: grant.ignored.clone(),
+                    });
                 }
                 let rotated = grant
                     .refresh
@@ -1135,9 +1279,10 @@ impl Connection {
 
     /// The request may have rotated the token without us seeing the reply.
     fn in_doubt(&mut self, now: Timestamp, mut attempt: Attempt, retry_after: Option<Duration>) {
-        let since = attempt
-            .in_doubt_since
-            .map_or(attempt.sent_at, |t| t.min(attempt.sent_at));
+        let since = match attempt.in_doubt_since {
+            Some(known) if !replaces_doubt(Some(known), Some(attempt.sent_at)) => known,
+            _ => attempt.sent_at,
+        };
         attempt.in_doubt_since = Some(since);
         let recovery = self.config.profile.rotation.in_doubt_recovery(
             since,
@@ -1190,7 +1335,7 @@ impl Connection {
             updated_at: now,
             ..attempt.base
         };
-        self.attempts = self.attempts.saturating_add(1);
+        self.work.attempts = self.work.attempts.saturating_add(1);
         self.commit(
             proposal,
             Intent::Failed {
@@ -1249,7 +1394,7 @@ impl Connection {
         self.mark_fresh(now);
         if intent != Intent::Doubt {
             // Released by the store with the commit (see `commit_on`).
-            let _ = self.end_lease();
+            let _ = self.lease.end(&self.config.worker);
         }
         match intent {
             Intent::Doubt => {}
@@ -1263,10 +1408,9 @@ impl Connection {
                     .as_ref()
                     .is_some_and(|r| r.usable_access(now, margin).is_some());
                 self.refreshed_at = (!usable).then_some(now);
-                self.forced_answerable = true;
-                self.attempts = 0;
-                self.keepalive = false;
-                self.maintain = false;
+                self.work.forced_answerable = true;
+                self.work.attempts = 0;
+                self.work.settle();
                 self.not_before = None;
                 self.emit(Event::Refreshed {
                     generation,
@@ -1292,7 +1436,7 @@ impl Connection {
             Intent::Reauth { reason } => self.emit(Event::ReauthRequired { reason }),
             Intent::Authorized => {
                 self.authorized = None;
-                self.attempts = 0;
+                self.work.attempts = 0;
                 self.not_before = None;
                 self.emit(Event::Connected { generation });
             }
@@ -1301,12 +1445,14 @@ impl Connection {
                 self.emit(Event::Disconnected { revoked });
             }
             Intent::Revived => {
-                self.unknown_grant = None;
+                self.lease.unknown_grant = None;
                 self.emit(Event::Recovered { generation });
             }
         }
     }
 
+    /// The store holds something else than the commit expected: committed
+    /// already (a lost answer), rebased onto what is stored, or given up for it.
     fn on_conflict(
         &mut self,
         now: Timestamp,
@@ -1326,27 +1472,62 @@ impl Connection {
         let Some(stored) = self.record.as_ref() else {
             return self.release_lease();
         };
-        let rebase = match &intent {
+        let expected = Some(stored.generation);
+        match self.rebased(now, *proposal, &intent, stored) {
+            Some(proposal) => self.commit_on(expected, proposal, intent),
+            // Someone else's newer write stands; decide again from it.
+            None => self.release_lease(),
+        }
+    }
+
+    /// `proposal` made to stand on `stored`, if it still holds there: what each
+    /// intent keeps of its own and takes of the stored record.
+    fn rebased(
+        &self,
+        now: Timestamp,
+        proposal: ConnectionRecord,
+        intent: &Intent,
+        stored: &ConnectionRecord,
+    ) -> Option<ConnectionRecord> {
+        let rotation = &self.config.profile.rotation;
+        let with_stored_doubt = |proposal: ConnectionRecord| ConnectionRecord {
+            in_doubt_since: stored.in_doubt_since,
+            in_doubt_holder: stored.in_doubt_holder.clone(),
+            ..proposal
+        };
+        match intent {
             // Our tokens descend from the token still stored: nobody replaced it,
             // so they are the newest of the family and must not be dropped, even
-            // if someone marked the record dead meanwhile (the S4 trap).
-            Intent::Refreshed { attempt, .. } => {
+            // if someone marked the record dead meanwhile (the S4 trap). Under a
+            // forking provider ours are also the newer when the stored tokens come
+            // from an earlier exchange: dropping ours loses the connection when
+            // the grace window closes (found by the model checker).
+            Intent::Refreshed { attempt, rotated } => {
                 let same_grant = stored.identity == attempt.base.identity
                     && !matches!(stored.status, Status::Disconnected { .. });
-                // Under a provider that forks on a replay inside the grace window,
-                // every successful exchange mints the family's current token and
-                // demotes the previous one to its grace window: ours is the newer
-                // when the stored tokens come from an earlier exchange (exchanges
-                // happen inside leases, which do not overlap, so their send times
-                // order them). Dropping ours loses the connection when the grace
-                // window closes (found by the model checker).
-                let newer_fork = self.config.profile.rotation.grace_replay == GraceReplay::Fork
-                    && stored
-                        .last_refreshed_at
-                        .is_some_and(|t| t < attempt.sent_at);
-                same_grant && (stored.refresh == attempt.base.refresh || newer_fork)
+                let descends = stored.refresh == attempt.base.refresh
+                    || fork_demotes(rotation, stored, attempt.sent_at);
+                if !(same_grant && descends) {
+                    return None;
+                }
+                // Our reply did not rotate, but a worker that took over meanwhile
+                // may have presented the same token and rotated it: keep its doubt
+                // (found by proptest under Intuit's periodic rotation). Under a
+                // forking provider, an unseen replay recorded meanwhile may have
+                // demoted our new token too: keep the doubt until a refresh
+                // settles it (found by the model checker).
+                Some(if !rotated || rotation.grace_replay == GraceReplay::Fork {
+                    with_stored_doubt(proposal)
+                } else {
+                    proposal
+                })
             }
-            Intent::Authorized | Intent::Disconnected { .. } => true,
+            Intent::Authorized => Some(proposal),
+            Intent::Disconnected { .. } => Some(ConnectionRecord {
+                status: Status::Disconnected { at: now },
+                updated_at: now,
+                ..stored.clone()
+            }),
             // Another worker declared the rotation lost because of our expired
             // lease; we know our request never left, so the doubt is void. Only if
             // that declaration is the one commit since our base: had the worker
@@ -1357,7 +1538,7 @@ impl Connection {
                 unsent: Some((lease_at, presented)),
                 ..
             } => {
-                stored.refresh == *presented
+                let void = stored.refresh == *presented
                     && stored.generation == proposal.generation
                     && stored.in_doubt_since == Some(*lease_at)
                     && matches!(
@@ -1366,7 +1547,8 @@ impl Connection {
                             reason: ReauthReason::LostRotation,
                             ..
                         }
-                    )
+                    );
+                void.then_some(proposal)
             }
             // Our request may have rotated the stored token unseen: it presented
             // the token still stored (someone committed a refresh that did not
@@ -1375,96 +1557,58 @@ impl Connection {
             // came from an earlier exchange). The stored record must carry the
             // doubt, or its holder presents the token after the grace window as if
             // nothing had happened instead of recovering inside it (both found by
-            // the model checker; the first under Intuit's periodic rotation).
+            // the model checker; the first under Intuit's periodic rotation). The
+            // earlier doubt wins, with the holder it came from.
             Intent::Failed {
                 unseen: Some((sent_at, presented)),
                 ..
             } => {
-                let rotation = &self.config.profile.rotation;
                 let same_token =
                     rotation.rotation != Rotation::Never && stored.refresh == *presented;
-                let demoted = rotation.grace_replay == GraceReplay::Fork
-                    && stored.last_refreshed_at.is_some_and(|t| t < *sent_at);
-                stored.is_live() && stored.identity == proposal.identity && (same_token || demoted)
-            }
-            Intent::Failed { .. } | Intent::Reauth { .. } | Intent::Doubt | Intent::Revived => {
-                false
-            }
-        };
-        if !rebase {
-            // Someone else's newer write stands; decide again from it.
-            return self.release_lease();
-        }
-        let proposal = match &intent {
-            Intent::Disconnected { .. } => ConnectionRecord {
-                status: Status::Disconnected { at: now },
-                updated_at: now,
-                ..stored.clone()
-            },
-            // Our reply did not rotate, but a worker that took over meanwhile may
-            // have presented the same token and rotated it: keep its doubt
-            // (found by proptest under Intuit's periodic rotation).
-            Intent::Refreshed { rotated: false, .. } => ConnectionRecord {
-                in_doubt_since: stored.in_doubt_since,
-                in_doubt_holder: stored.in_doubt_holder.clone(),
-                ..*proposal
-            },
-            // Under a forking provider, an unseen replay recorded meanwhile may have
-            // demoted our new token too: keep the doubt until a refresh settles it
-            // (found by the model checker).
-            Intent::Refreshed { .. }
-                if self.config.profile.rotation.grace_replay == GraceReplay::Fork =>
-            {
-                ConnectionRecord {
-                    in_doubt_since: stored.in_doubt_since,
-                    in_doubt_holder: stored.in_doubt_holder.clone(),
-                    ..*proposal
+                let demoted = fork_demotes(rotation, stored, *sent_at);
+                if !(stored.is_live()
+                    && stored.identity == proposal.identity
+                    && (same_token || demoted))
+                {
+                    return None;
                 }
-            }
-            Intent::Failed {
-                unseen: Some(_), ..
-            } => {
-                // The earlier doubt wins, with the holder it came from.
-                let ours = match (stored.in_doubt_since, proposal.in_doubt_since) {
-                    (Some(a), Some(b)) => b < a,
-                    (a, b) => a.is_none() && b.is_some(),
+                let from = if replaces_doubt(stored.in_doubt_since, proposal.in_doubt_since) {
+                    &proposal
+                } else {
+                    stored
                 };
-                let from = if ours { &*proposal } else { stored };
-                ConnectionRecord {
+                Some(ConnectionRecord {
                     status: proposal.status,
                     in_doubt_since: from.in_doubt_since,
                     in_doubt_holder: from.in_doubt_holder.clone(),
                     updated_at: now,
                     ..stored.clone()
-                }
+                })
             }
-            _ => *proposal,
-        };
-        let expected = Some(stored.generation);
-        self.commit_on(expected, proposal, intent);
+            Intent::Failed { .. } | Intent::Reauth { .. } | Intent::Doubt | Intent::Revived => None,
+        }
     }
 
     fn on_store_failed(&mut self, now: Timestamp, phase: Phase) {
-        let failures = self.attempts.saturating_add(1);
+        let failures = self.work.attempts.saturating_add(1);
         let retry_at = now.saturating_add(self.backoff(failures));
-        self.attempts = failures;
-        self.fresh = false;
+        self.work.attempts = failures;
+        self.work.fresh = false;
         match phase {
             Phase::Committing { proposal, intent } => {
                 // A commit carries knowledge (fresh, possibly rotated tokens; a
                 // doubt; a request known unsent; a user's action): never drop it
                 // (USERS.md #2). Keep the lease, retry the commit, and answer
                 // callers meanwhile: with the new token if there is one.
+                let refreshed = matches!(intent, Intent::Refreshed { .. });
                 let result = match self.usable(&proposal, now) {
-                    Some(access) if matches!(intent, Intent::Refreshed { .. }) => {
-                        Ok(access.clone())
-                    }
+                    Some(access) if refreshed => Ok(access.clone()),
                     _ => Err(AccessError::Transient {
                         kind: FailureKind::StoreUnavailable,
                         retry_at,
                     }),
                 };
-                self.forced_answerable |= matches!(intent, Intent::Refreshed { .. });
+                self.work.forced_answerable |= refreshed;
                 self.deliver_all(&result);
                 self.phase = Phase::RetryingCommit {
                     proposal,
@@ -1475,38 +1619,7 @@ impl Connection {
             phase => {
                 // A lost answer to a lease request: the store may have granted it.
                 if matches!(phase, Phase::Leasing) {
-                    self.lease_unknown = true;
-                    // Nothing was sent since an earlier unknown grant either: any
-                    // of them may be the one taken over.
-                    let mut requests = self
-                        .unknown_grant
-                        .take()
-                        .map(|u| u.requests)
-                        .unwrap_or_default();
-                    // A retry under a known name is kept with what it read too:
-                    // the earlier lost answer may have been a refusal, and this
-                    // one the grant (found by the property test: a grant stamped
-                    // with the newer read was not recognised, and a rotation
-                    // declared lost because of it was never undone).
-                    let read = self.record.as_ref();
-                    let entry = self.lease_request.map(|r| {
-                        (
-                            r,
-                            read.map(|rec| rec.generation),
-                            read.map(|rec| rec.refresh.clone()),
-                            self.lease_asked_at,
-                        )
-                    });
-                    // The same read asked for again: the first ask is the bound.
-                    let known = |e: &(_, _, _, _)| {
-                        requests
-                            .iter()
-                            .any(|(r, g, t, _)| (r, g, t) == (&e.0, &e.1, &e.2))
-                    };
-                    if let Some(entry) = entry.filter(|e| !known(e)) {
-                        requests.push(entry);
-                    }
-                    self.unknown_grant = Some(Box::new(UnknownGrant { requests }));
+                    self.lease.answer_lost(self.record.as_ref());
                 }
                 self.not_before = Some((retry_at, FailureKind::StoreUnavailable));
             }
@@ -1515,7 +1628,7 @@ impl Connection {
 
     /// Authorization and disconnection come before access requests.
     fn advance_user_action(&mut self, now: Timestamp) {
-        if !self.fresh {
+        if !self.work.fresh {
             return self.load();
         }
         if let Some(record) = self.authorized.take() {

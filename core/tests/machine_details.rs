@@ -316,3 +316,329 @@ fn a_takeover_doubts_only_tokens_that_may_have_been_presented_under_the_lease() 
     };
     assert!(!doubts_after_takeover(&degraded));
 }
+
+/// What a commit that met `stored` instead of its base does next: rebased onto
+/// `stored`, the compare-and-swap it makes (expected generation, record); `None`
+/// if it gave up for `stored` (the lease is released and it decides again).
+type AfterConflict = Option<(Option<Generation>, ConnectionRecord)>;
+
+/// One machine of `profile` takes the lease over `base` (never taken over) at `NOW`,
+/// sends a refresh, gets `reply` (`None`: none it could read), proposes its commit,
+/// and meets `stored` in the store instead of `base`. Returns the first proposal and
+/// what the machine does next. The rebase rules were found by the model checker;
+/// these pin them in the core's own tests (each was a surviving mutant).
+fn conflict(
+    profile: ProviderProfile,
+    base: &ConnectionRecord,
+    reply: Option<HttpResponse>,
+    stored: &ConnectionRecord,
+) -> (ConnectionRecord, AfterConflict) {
+    let mut conn = Connection::new(conn_id(), config(profile, "w1"), 7);
+    conn.handle_input(NOW, Input::AccessRequested(RequestId(1)))
+        .unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    conn.handle_input(NOW, Input::Loaded(Some(Box::new(base.clone()))))
+        .unwrap();
+    let Some(Output::AcquireLease {
+        owner,
+        ttl,
+        request,
+    }) = conn.poll_output()
+    else {
+        panic!("a lease is asked for")
+    };
+    let lease = Lease {
+        owner,
+        acquired_at: NOW,
+        expires_at: NOW.saturating_add(ttl),
+        generation: Some(base.generation),
+        request,
+    };
+    let granted = Input::LeaseGranted {
+        lease,
+        record: Some(Box::new(base.clone())),
+        took_over: None,
+    };
+    conn.handle_input(NOW, granted).unwrap();
+    assert!(matches!(conn.poll_output(), Some(Output::Send(_))));
+    let answer = reply.map_or(Input::OutcomeUnknown, Input::Replied);
+    conn.handle_input(NOW, answer).unwrap();
+    let proposal = std::iter::from_fn(|| conn.poll_output())
+        .find_map(|o| match o {
+            Output::CompareAndSwap { record, .. } => Some(*record),
+            _ => None,
+        })
+        .expect("the outcome is committed");
+    let current = Some(Box::new(stored.clone()));
+    conn.handle_input(NOW, Input::Conflict { current }).unwrap();
+    let next = match conn.poll_output() {
+        Some(Output::CompareAndSwap {
+            expected, record, ..
+        }) => Some((expected, *record)),
+        Some(Output::ReleaseLease(_)) => None,
+        other => panic!("unexpected {other:?}"),
+    };
+    (proposal, next)
+}
+
+const NOW: Timestamp = Timestamp::from_secs(1_800_086_400);
+
+fn rebased(next: AfterConflict) -> (Option<Generation>, ConnectionRecord) {
+    next.expect("the commit must be rebased")
+}
+
+fn gave_up(next: AfterConflict) -> bool {
+    next.is_none()
+}
+
+/// The base every conflict starts from: generation 1, `RT-1`, stored a day ago.
+fn base(profile: &ProviderProfile) -> ConnectionRecord {
+    record(&config(profile.clone(), "w1"), "RT-1", T0)
+}
+
+fn forking() -> ProviderProfile {
+    let mut profile = ProviderProfile::xero();
+    profile.rotation.grace_replay = GraceReplay::Fork;
+    profile
+}
+
+fn doubt(
+    since: Timestamp,
+    holder: &str,
+) -> (Option<Timestamp>, Option<(WorkerId, LeaseRequestId)>) {
+    (
+        Some(since),
+        Some((WorkerId(holder.into()), LeaseRequestId(5))),
+    )
+}
+
+#[test]
+fn fresh_tokens_from_the_token_still_stored_are_rebased_whatever_marks_it() {
+    let intuit = ProviderProfile::intuit();
+    let base = base(&intuit);
+    let fresh = || Some(granted("AT-2", Some("RT-2")));
+    // The S4 trap: someone marked the record dead meanwhile, on our token.
+    let marked = ConnectionRecord {
+        generation: Generation(2),
+        status: Status::ReauthRequired {
+            reason: ReauthReason::InvalidGrant,
+            since: NOW,
+        },
+        ..base.clone()
+    };
+    let (_, next) = conflict(intuit.clone(), &base, fresh(), &marked);
+    let (expected, record) = rebased(next);
+    assert_eq!(expected, Some(Generation(2)));
+    assert_eq!(record.refresh.expose(), "RT-2");
+    assert_eq!(record.status, Status::Active);
+    // A rotation replaces a doubt recorded meanwhile on the token it rotated.
+    let (since, holder) = doubt(NOW, "w9");
+    let doubted = ConnectionRecord {
+        in_doubt_since: since,
+        in_doubt_holder: holder.clone(),
+        ..marked.clone()
+    };
+    let (_, next) = conflict(intuit.clone(), &base, fresh(), &doubted);
+    let (_, record) = rebased(next);
+    assert_eq!(
+        (record.in_doubt_since, record.in_doubt_holder),
+        (None, None)
+    );
+    // A reply that did not rotate keeps it: another worker may have rotated it.
+    let (_, next) = conflict(
+        intuit.clone(),
+        &base,
+        Some(granted("AT-2", Some("RT-1"))),
+        &doubted,
+    );
+    let (_, record) = rebased(next);
+    assert_eq!(
+        (record.in_doubt_since, record.in_doubt_holder),
+        (since, holder)
+    );
+    // Not the same grant, or disconnected by the user, or another token: given up.
+    let disconnected = ConnectionRecord {
+        status: Status::Disconnected { at: NOW },
+        ..marked.clone()
+    };
+    assert!(gave_up(
+        conflict(intuit.clone(), &base, fresh(), &disconnected).1
+    ));
+    let mut other_grant = marked.clone();
+    other_grant.identity.client_id = "another-app".into();
+    assert!(gave_up(
+        conflict(intuit.clone(), &base, fresh(), &other_grant).1
+    ));
+    let replaced = ConnectionRecord {
+        refresh: RefreshToken::new("RT-9"),
+        last_refreshed_at: Some(T0),
+        ..marked
+    };
+    assert!(gave_up(conflict(intuit, &base, fresh(), &replaced).1));
+}
+
+#[test]
+fn under_a_forking_provider_our_later_exchange_wins_over_an_earlier_one() {
+    let fork = forking();
+    let base = base(&fork);
+    let fresh = || Some(granted("AT-2", Some("RT-2")));
+    let (since, holder) = doubt(T0, "w9");
+    let stored_at = |t: Timestamp| ConnectionRecord {
+        generation: Generation(2),
+        refresh: RefreshToken::new("RT-9"),
+        last_refreshed_at: Some(t),
+        in_doubt_since: since,
+        in_doubt_holder: holder.clone(),
+        ..base.clone()
+    };
+    let earlier = Timestamp::from_millis(NOW.as_millis() - 1);
+    let (_, next) = conflict(fork.clone(), &base, fresh(), &stored_at(earlier));
+    let (expected, record) = rebased(next);
+    assert_eq!(expected, Some(Generation(2)));
+    assert_eq!(record.refresh.expose(), "RT-2");
+    // A replay recorded meanwhile may have demoted ours too: its doubt stays.
+    assert_eq!(
+        (record.in_doubt_since, record.in_doubt_holder),
+        (since, holder.clone())
+    );
+    // The stored tokens come from an exchange no earlier than ours: they stand.
+    assert!(gave_up(
+        conflict(fork.clone(), &base, fresh(), &stored_at(NOW)).1
+    ));
+    let later = NOW.saturating_add(Duration::from_millis(1));
+    assert!(gave_up(conflict(fork, &base, fresh(), &stored_at(later)).1));
+    // No fork, no demotion: the stored tokens stand.
+    let idempotent = ProviderProfile::xero();
+    let base = self::base(&idempotent);
+    assert!(gave_up(
+        conflict(idempotent, &base, fresh(), &stored_at(earlier)).1
+    ));
+}
+
+#[test]
+fn an_unseen_request_leaves_its_doubt_on_the_record_it_may_have_rotated() {
+    let intuit = ProviderProfile::intuit();
+    let base = base(&intuit);
+    let with_doubt = |since: Timestamp| {
+        let (since, holder) = doubt(since, "w9");
+        ConnectionRecord {
+            generation: Generation(2),
+            access: Some(AccessGrant {
+                token: AccessToken::new("AT-other"),
+                expires_at: NOW,
+            }),
+            in_doubt_since: since,
+            in_doubt_holder: holder,
+            ..base.clone()
+        }
+    };
+    // Ours (sent at NOW) is the earlier doubt: it wins, without a holder.
+    let stored = with_doubt(NOW.saturating_add(Duration::from_secs(1)));
+    let (proposal, next) = conflict(intuit.clone(), &base, None, &stored);
+    assert!(matches!(proposal.status, Status::Degraded { .. }));
+    assert_eq!(proposal.in_doubt_since, Some(NOW));
+    let (expected, record) = rebased(next);
+    assert_eq!(expected, Some(Generation(2)));
+    assert_eq!(record.in_doubt_since, Some(NOW));
+    assert_eq!(record.in_doubt_holder, None);
+    assert_eq!(record.status, proposal.status, "the failure is ours");
+    assert_eq!(record.updated_at, NOW);
+    assert_eq!(
+        record.access, stored.access,
+        "the rest is the stored record's"
+    );
+    // An earlier or equal stored doubt stays, with its holder.
+    for since in [Timestamp::from_millis(NOW.as_millis() - 1), NOW] {
+        let stored = with_doubt(since);
+        let (_, next) = conflict(intuit.clone(), &base, None, &stored);
+        let (_, record) = rebased(next);
+        assert_eq!(
+            (record.in_doubt_since, record.in_doubt_holder),
+            (stored.in_doubt_since, stored.in_doubt_holder.clone())
+        );
+    }
+    // A provider that never rotates, a record no longer live, another grant, or
+    // another token (no fork): nothing of ours to leave there.
+    let google = ProviderProfile::google();
+    let google_base = self::base(&google);
+    let google_stored = ConnectionRecord {
+        generation: Generation(2),
+        ..google_base.clone()
+    };
+    assert!(gave_up(
+        conflict(google, &google_base, None, &google_stored).1
+    ));
+    let dead = ConnectionRecord {
+        status: Status::ReauthRequired {
+            reason: ReauthReason::InvalidGrant,
+            since: NOW,
+        },
+        ..stored.clone()
+    };
+    assert!(gave_up(conflict(intuit.clone(), &base, None, &dead).1));
+    let mut other_grant = stored.clone();
+    other_grant.identity.environment = Environment::Sandbox;
+    assert!(gave_up(
+        conflict(intuit.clone(), &base, None, &other_grant).1
+    ));
+    let replaced = ConnectionRecord {
+        refresh: RefreshToken::new("RT-9"),
+        last_refreshed_at: Some(T0),
+        ..stored.clone()
+    };
+    assert!(gave_up(conflict(intuit, &base, None, &replaced).1));
+    // Under a forking provider our request may have demoted a token from an
+    // earlier exchange.
+    let fork = forking();
+    let fork_base = self::base(&fork);
+    let demoted = ConnectionRecord {
+        identity: fork_base.identity.clone(),
+        ..replaced
+    };
+    assert!(!gave_up(conflict(fork, &fork_base, None, &demoted).1));
+}
+
+#[test]
+fn a_lost_rotation_declared_over_a_request_known_unsent_is_void() {
+    let intuit = ProviderProfile::intuit();
+    let base = base(&intuit);
+    let refused = || Some(json_reply(503, ""));
+    // Another worker took over our lease (granted at NOW) and declared the
+    // rotation lost: the one commit since our base, on our token.
+    let declared = |since: Timestamp, generation: u64, refresh: &str| ConnectionRecord {
+        generation: Generation(generation),
+        refresh: RefreshToken::new(refresh),
+        in_doubt_since: Some(since),
+        status: Status::ReauthRequired {
+            reason: ReauthReason::LostRotation,
+            since: NOW,
+        },
+        ..base.clone()
+    };
+    let (proposal, next) = conflict(intuit.clone(), &base, refused(), &declared(NOW, 2, "RT-1"));
+    let (expected, record) = rebased(next);
+    assert_eq!(expected, Some(Generation(2)));
+    assert_eq!(
+        record.status, proposal.status,
+        "our definite failure stands"
+    );
+    assert!(matches!(record.status, Status::Degraded { .. }));
+    // Any other doubt, commit count, token or verdict: the declaration stands.
+    let earlier = Timestamp::from_millis(NOW.as_millis() - 1);
+    for stored in [
+        declared(earlier, 2, "RT-1"),
+        declared(NOW, 3, "RT-1"),
+        declared(NOW, 2, "RT-9"),
+        ConnectionRecord {
+            status: Status::ReauthRequired {
+                reason: ReauthReason::InvalidGrant,
+                since: NOW,
+            },
+            ..declared(NOW, 2, "RT-1")
+        },
+    ] {
+        assert!(gave_up(
+            conflict(intuit.clone(), &base, refused(), &stored).1
+        ));
+    }
+}
