@@ -133,9 +133,10 @@ pub fn generation_monotonic(before: Generation, after: Generation) -> Result<(),
 /// loss is excused only while it is known: the record carries the doubt (the
 /// machine recovers inside the window or declares the loss), or the harness's ghost
 /// (`unsettled`, never the core's word) holds a request presenting the stored token
-/// whose outcome has not reached the store (a pause or crash before the doubt could
-/// be written). An active record without a doubt whose successor is gone under a
-/// grace window is a dropped doubt: a violation.
+/// with nothing committed since it was sent (a pause or crash before anyone who
+/// knew of it could write the doubt). A record without a doubt whose successor is
+/// gone under a grace window, committed after the request that lost it, is a
+/// dropped doubt: a violation.
 pub fn no_self_inflicted_loss<'a, 'u>(
     stored: &ConnectionRecord,
     profile: &ProviderProfile,
@@ -155,7 +156,9 @@ pub fn no_self_inflicted_loss<'a, 'u>(
     let lost_to_fault = truth.successor_lost(&stored.refresh)
         && (profile.rotation.grace.is_zero()
             || stored.in_doubt_since.is_some()
-            || unsettled.into_iter().any(|u| u.token == stored.refresh));
+            || unsettled
+                .into_iter()
+                .any(|u| u.token == stored.refresh && u.generation == Some(stored.generation)));
     if truth.ended_by_provider()
         || explicit
         || resolving
@@ -191,6 +194,10 @@ pub struct Unsettled {
     /// When the store granted the lease it was sent under (the earliest instant the
     /// provider could have processed it).
     pub lease_at: Timestamp,
+    /// The generation stored when it was sent (as the harness's store held it):
+    /// while it is still the stored one, nothing was committed since, so nobody
+    /// who knew of the request could have recorded its doubt yet.
+    pub generation: Option<Generation>,
 }
 
 impl Unsettled {
@@ -218,6 +225,7 @@ impl Unsettled {
         (lease.generation == Some(record.generation) || older_tokens).then(|| Unsettled {
             token: record.refresh.clone(),
             lease_at: lease.acquired_at,
+            generation: Some(record.generation),
         })
     }
 }
@@ -245,10 +253,19 @@ pub struct SenderGhost {
 
 impl SenderGhost {
     /// The worker sent a refresh presenting `token` under a lease granted at
-    /// `lease_at`. An earlier request of this worker whose outcome it never
-    /// committed is handed back.
-    pub fn sent(&mut self, token: RefreshToken, lease_at: Timestamp) -> Option<Unsettled> {
-        self.sent.replace(Unsettled { token, lease_at })
+    /// `lease_at`, with generation `generation` stored. An earlier request of this
+    /// worker whose outcome it never committed is handed back.
+    pub fn sent(
+        &mut self,
+        token: RefreshToken,
+        lease_at: Timestamp,
+        generation: Option<Generation>,
+    ) -> Option<Unsettled> {
+        self.sent.replace(Unsettled {
+            token,
+            lease_at,
+            generation,
+        })
     }
 
     /// The worker got its answer: `seen` when it learnt the outcome for certain (a

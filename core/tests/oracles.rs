@@ -67,11 +67,25 @@ fn s2_excuses_a_fault_under_a_grace_window_only_while_the_loss_is_known() {
     let sent = Unsettled {
         token: active.refresh.clone(),
         lease_at: T0,
+        generation: Some(Generation(1)),
     };
-    assert_eq!(s2(&intuit, &active, &[sent]), Ok(()));
+    assert_eq!(s2(&intuit, &active, std::slice::from_ref(&sent)), Ok(()));
+    // Once something was committed after the request, whoever committed it knew
+    // of the doubt (its sender, or a worker that took its lease over): the record
+    // must carry it.
+    let committed_since = ConnectionRecord {
+        generation: Generation(2),
+        ..active.clone()
+    };
+    assert_eq!(
+        s2(&intuit, &committed_since, &[sent]),
+        Err(Violation::SelfInflictedLoss),
+        "a doubt dropped by a later commit"
+    );
     let other = Unsettled {
         token: RefreshToken::new("RT-0"),
         lease_at: T0,
+        generation: Some(Generation(1)),
     };
     assert_eq!(
         s2(&intuit, &active, &[other]),
@@ -121,6 +135,7 @@ fn s4_rejects_a_lost_rotation_that_only_the_record_claims() {
     let other = Unsettled {
         token: RefreshToken::new("RT-0"),
         lease_at: T0,
+        generation: Some(Generation(1)),
     };
     assert_eq!(
         invariants::sound_reauth(&stored, &profile, &AcceptsAll, [&other]),
@@ -130,6 +145,7 @@ fn s4_rejects_a_lost_rotation_that_only_the_record_claims() {
     let sent = Unsettled {
         token: RefreshToken::new("RT-1"),
         lease_at: T0,
+        generation: Some(Generation(1)),
     };
     assert_eq!(
         invariants::sound_reauth(&stored, &profile, &AcceptsAll, [&other, &sent]),
@@ -147,6 +163,7 @@ fn s4_rejects_a_lost_rotation_declared_inside_the_grace_window() {
     let sent = Unsettled {
         token: RefreshToken::new("RT-1"),
         lease_at: T0,
+        generation: Some(Generation(1)),
     };
     let early = declared_lost(&profile, T0, T0.saturating_add(hours(1)));
     assert!(

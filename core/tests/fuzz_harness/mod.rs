@@ -1085,6 +1085,7 @@ fn run_machine(data: &[u8], mutant: Option<StoreMutant>) -> Stats {
             w.unsettled.push(Unsettled {
                 token: r.refresh.clone(),
                 lease_at: since,
+                generation: Some(r.generation),
             });
         }
         w.last_generation = Some(r.generation);
@@ -1666,7 +1667,8 @@ fn feed(w: &mut World<'_>, i: usize, input: Input) {
                 });
                 if let Some(base) = refresh {
                     let lease_at = worker.lease_at.expect("a refresh sent without a lease");
-                    let earlier = worker.ghost.sent(base.refresh, lease_at);
+                    let stored = w.store.as_ref().map(|r| r.generation);
+                    let earlier = worker.ghost.sent(base.refresh, lease_at, stored);
                     invariants::keep_unsettled(&mut w.unsettled, earlier);
                 }
             }

@@ -484,9 +484,10 @@ impl World {
                     assert!(worker.outstanding.is_none(), "one request at a time");
                     if let Some(base) = worker.conn.in_flight() {
                         // A refresh presenting `base.refresh` under the lease the
-                        // store granted this worker.
+                        // store granted this worker, with the generation stored.
                         let lease_at = worker.lease_at.expect("a refresh without a lease");
-                        let earlier = worker.ghost.sent(base.refresh.clone(), lease_at);
+                        let stored = self.store.record.as_ref().map(|r| r.generation);
+                        let earlier = worker.ghost.sent(base.refresh.clone(), lease_at, stored);
                         self.keep(earlier);
                     }
                     let worker = &mut self.workers[w];

@@ -331,10 +331,11 @@ impl TokenfenceModel {
                             )
                         });
                     }
+                    let stored = s.stored().map(|r| r.generation);
                     let ghost = &mut s.workers[w].ghost;
                     let earlier = base
                         .as_ref()
-                        .and_then(|b| ghost.sender.sent(b.refresh.clone(), ghost.lease_at));
+                        .and_then(|b| ghost.sender.sent(b.refresh.clone(), ghost.lease_at, stored));
                     ghost.in_doubt = ghost.took_over
                         || base.as_ref().is_some_and(|b| b.in_doubt_since.is_some());
                     ghost.took_over = false;

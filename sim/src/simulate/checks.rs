@@ -107,9 +107,15 @@ impl World {
         }
         let spec = self.spec(c);
         let profile = &spec.profile;
-        let s2 =
-            invariants::no_self_inflicted_loss(stored, profile, resolving, pending, self.ghost(c), &truth)
-                .err();
+        let s2 = invariants::no_self_inflicted_loss(
+            stored,
+            profile,
+            resolving,
+            pending,
+            self.ghost(c),
+            &truth,
+        )
+        .err();
         let s3 = invariants::no_self_inflicted_replay(&truth).err();
         let replayed = self.conns[c]
             .provider

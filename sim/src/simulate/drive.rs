@@ -587,6 +587,12 @@ impl World {
         let op = self.op_seq;
         let inc = self.inc(w);
         let strategy = self.strategy;
+        // The generation stored as the request leaves (the harness's store).
+        let stored = self
+            .store
+            .row(&self.conns[c].id)
+            .and_then(|r| r.record.as_ref())
+            .map(|r| r.generation);
         let Some(slot) = self.slot(w, c) else { return };
         let base = slot.conn.in_flight().cloned();
         let refresh = base.is_some();
@@ -596,7 +602,7 @@ impl World {
         let earlier = match &base {
             Some(b) => {
                 let acquired = slot.ghost.lease_acquired;
-                slot.ghost.sender.sent(b.refresh.clone(), acquired)
+                slot.ghost.sender.sent(b.refresh.clone(), acquired, stored)
             }
             None => None,
         };
