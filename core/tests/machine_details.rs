@@ -224,15 +224,14 @@ fn a_disconnect_of_another_clients_connection_sends_nothing() {
     assert!(matches!(world.stored().status, Status::Disconnected { .. }));
 }
 
-/// What a worker does first after taking over `prev`, an abandoned lease granted
-/// at generation 0 and expired at T0 + 60 s, with `stored` (generation 1) in the
-/// store, under a reuse-detecting provider: `true` if it treats the stored token
-/// as possibly presented under that lease (it then declares the rotation lost
-/// without sending), `false` if it presents the token.
-fn doubts_after_takeover(stored: &ConnectionRecord) -> bool {
-    let config = config(reuse_detecting(), "w2");
-    let mut conn = Connection::new(conn_id(), Arc::clone(&config), 7);
-    let now = T0.saturating_add(Duration::from_secs(86_400));
+/// Drives `conn` from an access request at `now` to a lease granted over `stored`
+/// (read first, then read again with the grant), displacing `took_over`.
+fn lease_over(
+    conn: &mut Connection,
+    now: Timestamp,
+    stored: &ConnectionRecord,
+    took_over: Option<Lease>,
+) {
     conn.handle_input(now, Input::AccessRequested(RequestId(1)))
         .unwrap();
     assert_eq!(conn.poll_output(), Some(Output::Load));
@@ -246,13 +245,6 @@ fn doubts_after_takeover(stored: &ConnectionRecord) -> bool {
     else {
         panic!("a lease is asked for")
     };
-    let prev = Lease {
-        owner: WorkerId("w1".into()),
-        acquired_at: T0,
-        expires_at: T0.saturating_add(Duration::from_secs(60)),
-        generation: Some(Generation(0)),
-        request: LeaseRequestId(1),
-    };
     let lease = Lease {
         owner,
         acquired_at: now,
@@ -260,15 +252,31 @@ fn doubts_after_takeover(stored: &ConnectionRecord) -> bool {
         generation: Some(stored.generation),
         request,
     };
-    conn.handle_input(
-        now,
-        Input::LeaseGranted {
-            lease,
-            record: Some(Box::new(stored.clone())),
-            took_over: Some(prev),
-        },
-    )
-    .unwrap();
+    let granted = Input::LeaseGranted {
+        lease,
+        record: Some(Box::new(stored.clone())),
+        took_over,
+    };
+    conn.handle_input(now, granted).unwrap();
+}
+
+/// What a worker does first after taking over `prev`, an abandoned lease granted
+/// at generation 0 and expired at T0 + 60 s, with `stored` (generation 1) in the
+/// store, under a reuse-detecting provider: `true` if it treats the stored token
+/// as possibly presented under that lease (it then declares the rotation lost
+/// without sending), `false` if it presents the token.
+fn doubts_after_takeover(stored: &ConnectionRecord) -> bool {
+    let config = config(reuse_detecting(), "w2");
+    let mut conn = Connection::new(conn_id(), Arc::clone(&config), 7);
+    let now = T0.saturating_add(Duration::from_secs(86_400));
+    let prev = Lease {
+        owner: WorkerId("w1".into()),
+        acquired_at: T0,
+        expires_at: T0.saturating_add(Duration::from_secs(60)),
+        generation: Some(Generation(0)),
+        request: LeaseRequestId(1),
+    };
+    lease_over(&mut conn, now, stored, Some(prev));
     match conn.poll_output() {
         Some(Output::Send(_)) => false,
         Some(Output::CompareAndSwap { record, .. }) => {
@@ -334,32 +342,7 @@ fn conflict(
     stored: &ConnectionRecord,
 ) -> (ConnectionRecord, AfterConflict) {
     let mut conn = Connection::new(conn_id(), config(profile, "w1"), 7);
-    conn.handle_input(NOW, Input::AccessRequested(RequestId(1)))
-        .unwrap();
-    assert_eq!(conn.poll_output(), Some(Output::Load));
-    conn.handle_input(NOW, Input::Loaded(Some(Box::new(base.clone()))))
-        .unwrap();
-    let Some(Output::AcquireLease {
-        owner,
-        ttl,
-        request,
-    }) = conn.poll_output()
-    else {
-        panic!("a lease is asked for")
-    };
-    let lease = Lease {
-        owner,
-        acquired_at: NOW,
-        expires_at: NOW.saturating_add(ttl),
-        generation: Some(base.generation),
-        request,
-    };
-    let granted = Input::LeaseGranted {
-        lease,
-        record: Some(Box::new(base.clone())),
-        took_over: None,
-    };
-    conn.handle_input(NOW, granted).unwrap();
+    lease_over(&mut conn, NOW, base, None);
     assert!(matches!(conn.poll_output(), Some(Output::Send(_))));
     let answer = reply.map_or(Input::OutcomeUnknown, Input::Replied);
     conn.handle_input(NOW, answer).unwrap();
