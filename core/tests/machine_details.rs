@@ -625,3 +625,76 @@ fn a_lost_rotation_declared_over_a_request_known_unsent_is_void() {
         ));
     }
 }
+
+/// The next lease request `conn` makes once its timer has fired at `at` and the
+/// record `stored` was read again: its name.
+fn next_lease_request(
+    conn: &mut Connection,
+    at: Timestamp,
+    stored: &ConnectionRecord,
+) -> LeaseRequestId {
+    conn.handle_input(at, Input::Timeout).unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    conn.handle_input(at, Input::Loaded(Some(Box::new(stored.clone()))))
+        .unwrap();
+    match conn.poll_output() {
+        Some(Output::AcquireLease { request, .. }) => request,
+        other => panic!("a lease is asked for, not {other:?}"),
+    }
+}
+
+/// A lease request whose answer was lost keeps its name (the store may have
+/// granted it: a retry under that name recognises the grant); once the store
+/// answers that another worker holds the lease, whatever the lost request did is
+/// moot: the next request is a new one, and giving up releases nothing of it.
+#[test]
+fn a_lease_refused_after_a_lost_answer_forgets_that_request() {
+    let intuit = ProviderProfile::intuit();
+    let stored = base(&intuit);
+    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    conn.handle_input(NOW, Input::AccessRequested(RequestId(1)))
+        .unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    conn.handle_input(NOW, Input::Loaded(Some(Box::new(stored.clone()))))
+        .unwrap();
+    let Some(Output::AcquireLease { request: lost, .. }) = conn.poll_output() else {
+        panic!("a lease is asked for")
+    };
+    conn.handle_input(NOW, Input::StoreFailed).unwrap();
+    let retry = conn.poll_timeout().expect("a retry after the back-off");
+    assert_eq!(next_lease_request(&mut conn, retry, &stored), lost);
+    let holder = Lease {
+        owner: WorkerId("w2".into()),
+        acquired_at: retry,
+        expires_at: retry.saturating_add(Duration::from_secs(30)),
+        generation: Some(stored.generation),
+        request: LeaseRequestId(77),
+    };
+    conn.handle_input(
+        retry,
+        Input::LeaseHeld {
+            holder: holder.clone(),
+        },
+    )
+    .unwrap();
+    let wake = conn.poll_timeout().expect("a poll of the holder's lease");
+    assert_ne!(next_lease_request(&mut conn, wake, &stored), lost);
+    // Held again, long after the caller came: it is answered, and once the wait
+    // ends nothing is left to do. Nothing of the refused request is released.
+    let late = NOW.saturating_add(Duration::from_secs(11));
+    conn.handle_input(late, Input::LeaseHeld { holder })
+        .unwrap();
+    let until = conn.poll_timeout().expect("the wait's end");
+    conn.handle_input(until, Input::Timeout).unwrap();
+    let outputs: Vec<_> = std::iter::from_fn(|| conn.poll_output()).collect();
+    assert!(
+        matches!(outputs.first(), Some(Output::Deliver { request, result: Err(_) }) if *request == RequestId(1)),
+        "{outputs:?}"
+    );
+    assert!(
+        !outputs
+            .iter()
+            .any(|o| matches!(o, Output::ReleaseLease(r) if r.request == lost)),
+        "{outputs:?}"
+    );
+}
