@@ -698,3 +698,89 @@ fn a_lease_refused_after_a_lost_answer_forgets_that_request() {
         "{outputs:?}"
     );
 }
+
+/// A 401 is counted once per token this machine serves: a second report of the
+/// same token, or a report of a token it never served, is no new news.
+#[test]
+fn a_refusal_is_news_once_and_only_for_a_token_served_here() {
+    let rejections = |world: &World| {
+        world.workers[0]
+            .events
+            .iter()
+            .filter(|e| **e == Event::AccessRejected)
+            .count()
+    };
+    let mut world = World::intuit(1);
+    let first = world.request(0);
+    world.reply(0, granted("AT-2", Some("RT-2")));
+    assert_eq!(world.token(0, first), "AT-2");
+    world.advance(minutes(1));
+    world.reject(0, "AT-never-served");
+    assert_eq!(rejections(&world), 0, "not ours: nothing refused");
+    world.reject(0, "AT-2");
+    world.reject(0, "AT-2");
+    assert_eq!(rejections(&world), 1, "the same refusal, reported twice");
+}
+
+/// The timers of an idle machine: none for a connection it may not refresh
+/// (another client's) or one that is no longer live; the reconnect notice is due
+/// at the hard deadline minus the notice, and once given it is not due again.
+#[test]
+fn an_idle_machine_wakes_only_for_what_it_can_do() {
+    let intuit = ProviderProfile::intuit();
+    let config = config(intuit.clone(), "w1");
+    let notice = config.settings.reconnect_notice;
+    let deadline = NOW.saturating_add(notice).saturating_add(days(10));
+    let live = ConnectionRecord {
+        access: Some(AccessGrant {
+            token: AccessToken::new("AT-1"),
+            expires_at: NOW.saturating_add(minutes(50)),
+        }),
+        last_refreshed_at: Some(NOW),
+        idle_deadline: Some(NOW.saturating_add(days(90))),
+        hard_deadline: Some(deadline),
+        ..base(&intuit)
+    };
+    let idle = |config: Arc<Config>, record: &ConnectionRecord| {
+        let mut conn = Connection::new(conn_id(), config, 7);
+        conn.handle_input(NOW, Input::AccessRequested(RequestId(1)))
+            .unwrap();
+        assert_eq!(conn.poll_output(), Some(Output::Load));
+        conn.handle_input(NOW, Input::Loaded(Some(Box::new(record.clone()))))
+            .unwrap();
+        while conn.poll_output().is_some() {}
+        conn
+    };
+    let conn = idle(Arc::clone(&config), &live);
+    let warn_at = deadline.saturating_sub(notice);
+    let timer = conn
+        .poll_timeout()
+        .expect("an idle live connection has timers");
+    assert!(
+        timer <= warn_at,
+        "the notice is not late: {timer} > {warn_at}"
+    );
+    // Given once at its instant, the notice is not due again.
+    let mut conn = conn;
+    conn.handle_input(warn_at, Input::Timeout).unwrap();
+    let outputs: Vec<_> = std::iter::from_fn(|| conn.poll_output()).collect();
+    assert!(
+        outputs.contains(&Output::Event(Event::ReconnectSoon { deadline })),
+        "{outputs:?}"
+    );
+    if let Some(next) = conn.poll_timeout() {
+        assert!(next > warn_at, "woken again for a notice already given");
+    }
+    // Another client's connection, or a dead one: nothing to wake for.
+    let mut sandbox = (*config).clone();
+    sandbox.client.environment = Environment::Sandbox;
+    assert_eq!(idle(Arc::new(sandbox), &live).poll_timeout(), None);
+    let dead = ConnectionRecord {
+        status: Status::ReauthRequired {
+            reason: ReauthReason::InvalidGrant,
+            since: NOW,
+        },
+        ..live
+    };
+    assert_eq!(idle(config, &dead).poll_timeout(), None);
+}
