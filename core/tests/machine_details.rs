@@ -784,3 +784,156 @@ fn an_idle_machine_wakes_only_for_what_it_can_do() {
     };
     assert_eq!(idle(config, &dead).poll_timeout(), None);
 }
+
+/// A machine of `profile` asked for a token at `at`, that read `stored`: the
+/// outputs it made since the read.
+fn after_read(
+    profile: ProviderProfile,
+    at: Timestamp,
+    stored: Option<&ConnectionRecord>,
+) -> (Connection, Vec<Output>) {
+    let mut conn = Connection::new(conn_id(), config(profile, "w1"), 7);
+    conn.handle_input(at, Input::AccessRequested(RequestId(1)))
+        .unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    let record = stored.map(|r| Box::new(r.clone()));
+    conn.handle_input(at, Input::Loaded(record)).unwrap();
+    let outputs = std::iter::from_fn(|| conn.poll_output()).collect();
+    (conn, outputs)
+}
+
+/// The floor between refreshes ends at the last refresh plus
+/// `min_refresh_interval`: a caller then gets a refresh, a caller just before is
+/// told to retry then.
+#[test]
+fn the_refresh_floor_ends_at_its_instant() {
+    let intuit = ProviderProfile::intuit();
+    let floor = Settings::default().min_refresh_interval;
+    let stored = ConnectionRecord {
+        last_refreshed_at: Some(NOW),
+        ..base(&intuit)
+    };
+    let until = NOW.saturating_add(floor);
+    let (_, outputs) = after_read(intuit.clone(), until, Some(&stored));
+    assert!(
+        matches!(outputs.as_slice(), [Output::AcquireLease { .. }]),
+        "{outputs:?}"
+    );
+    let before = Timestamp::from_millis(until.as_millis() - 1);
+    let (_, outputs) = after_read(intuit, before, Some(&stored));
+    let throttled = Err(AccessError::Transient {
+        kind: FailureKind::RefreshThrottled,
+        retry_at: until,
+    });
+    assert_eq!(
+        outputs,
+        [Output::Deliver {
+            request: RequestId(1),
+            result: throttled
+        }]
+    );
+}
+
+/// A wait for another worker's lease ends at its instant, not before: an early
+/// timer reads nothing.
+#[test]
+fn a_wait_for_a_held_lease_ends_at_its_instant() {
+    let intuit = ProviderProfile::intuit();
+    let stored = base(&intuit);
+    let (mut conn, outputs) = after_read(intuit, NOW, Some(&stored));
+    assert!(matches!(outputs.as_slice(), [Output::AcquireLease { .. }]));
+    let holder = Lease {
+        owner: WorkerId("w2".into()),
+        acquired_at: NOW,
+        expires_at: NOW.saturating_add(Duration::from_secs(30)),
+        generation: Some(stored.generation),
+        request: LeaseRequestId(77),
+    };
+    conn.handle_input(NOW, Input::LeaseHeld { holder }).unwrap();
+    let until = conn.poll_timeout().expect("the wait's end");
+    let early = Timestamp::from_millis(until.as_millis() - 1);
+    conn.handle_input(early, Input::Timeout).unwrap();
+    assert_eq!(conn.poll_output(), None, "nothing before the wait ends");
+    assert_eq!(conn.poll_timeout(), Some(until));
+    conn.handle_input(until, Input::Timeout).unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+}
+
+/// The retry gate is the later of this machine's own back-off after a store
+/// failure and the record's retry time, and the back-off gates nothing once it
+/// has passed.
+#[test]
+fn the_retry_gate_is_the_later_of_the_back_off_and_the_record() {
+    let intuit = ProviderProfile::intuit();
+    let degraded = |retry_at: Timestamp| ConnectionRecord {
+        status: Status::Degraded {
+            failures: 1,
+            retry_at,
+            last: FailureKind::ServerError(503),
+        },
+        ..base(&intuit)
+    };
+    // The first read fails: back off; the second read finds the record.
+    let read_after_failure = |stored: &ConnectionRecord| {
+        let mut conn = Connection::new(conn_id(), config(intuit.clone(), "w1"), 7);
+        conn.handle_input(NOW, Input::AccessRequested(RequestId(1)))
+            .unwrap();
+        assert_eq!(conn.poll_output(), Some(Output::Load));
+        conn.handle_input(NOW, Input::StoreFailed).unwrap();
+        let back_off = conn.retry_gate_at(NOW).expect("a back-off");
+        assert!(back_off > NOW);
+        assert_eq!(conn.retry_gate_at(back_off), None, "passed: no gate");
+        conn.handle_input(back_off, Input::Timeout).unwrap();
+        assert_eq!(conn.poll_output(), Some(Output::Load));
+        let record = Some(Box::new(stored.clone()));
+        conn.handle_input(back_off, Input::Loaded(record)).unwrap();
+        (conn, back_off)
+    };
+    let later = NOW.saturating_add(hours(1));
+    let (conn, _) = read_after_failure(&degraded(later));
+    assert_eq!(conn.retry_gate_at(NOW), Some(later), "the record's, later");
+    let sooner = NOW.saturating_add(Duration::from_millis(1));
+    let (conn, back_off) = read_after_failure(&degraded(sooner));
+    assert_eq!(
+        conn.retry_gate_at(NOW),
+        Some(back_off),
+        "the back-off, later"
+    );
+}
+
+/// A scheduler's keep-alive whose first read fails is kept: the machine reads
+/// again after the back-off (a reconnect notice due meanwhile is not lost).
+#[test]
+fn a_keepalive_whose_read_failed_reads_again_after_the_back_off() {
+    let mut conn = Connection::new(conn_id(), config(ProviderProfile::intuit(), "w1"), 7);
+    conn.handle_input(NOW, Input::Maintain).unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    conn.handle_input(NOW, Input::StoreFailed).unwrap();
+    let retry = conn.poll_timeout().expect("read again after the back-off");
+    assert!(retry > NOW);
+    conn.handle_input(retry, Input::Timeout).unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+}
+
+/// A commit the store failed is retried at the back-off's end, not before: an
+/// early timer sends nothing.
+#[test]
+fn a_failed_commit_is_retried_at_its_instant() {
+    let intuit = ProviderProfile::intuit();
+    let stored = base(&intuit);
+    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    lease_over(&mut conn, NOW, &stored, None);
+    assert!(matches!(conn.poll_output(), Some(Output::Send(_))));
+    conn.handle_input(NOW, Input::Replied(granted("AT-2", Some("RT-2"))))
+        .unwrap();
+    let cas = |o: Option<Output>| matches!(o, Some(Output::CompareAndSwap { .. }));
+    assert!(cas(conn.poll_output()));
+    conn.handle_input(NOW, Input::StoreFailed).unwrap();
+    while conn.poll_output().is_some() {}
+    let until = conn.poll_timeout().expect("the commit's retry");
+    let early = Timestamp::from_millis(until.as_millis() - 1);
+    conn.handle_input(early, Input::Timeout).unwrap();
+    assert_eq!(conn.poll_output(), None, "nothing before the retry");
+    conn.handle_input(until, Input::Timeout).unwrap();
+    assert!(cas(conn.poll_output()), "the same commit, again");
+}
