@@ -937,3 +937,34 @@ fn a_failed_commit_is_retried_at_its_instant() {
     conn.handle_input(until, Input::Timeout).unwrap();
     assert!(cas(conn.poll_output()), "the same commit, again");
 }
+
+/// Under a grace window, a takeover's doubt is stored before the token is
+/// presented: the record names the lease taken over and is stamped when written.
+#[test]
+fn a_takeover_doubt_is_stored_naming_the_lease_and_stamped_now() {
+    let intuit = ProviderProfile::intuit();
+    let stored = ConnectionRecord {
+        updated_at: T0,
+        ..base(&intuit)
+    };
+    let prev = Lease {
+        owner: WorkerId("w2".into()),
+        acquired_at: NOW.saturating_sub(minutes(2)),
+        expires_at: NOW.saturating_sub(minutes(1)),
+        generation: Some(stored.generation),
+        request: LeaseRequestId(9),
+    };
+    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    lease_over(&mut conn, NOW, &stored, Some(prev.clone()));
+    let Some(Output::CompareAndSwap {
+        record, release, ..
+    }) = conn.poll_output()
+    else {
+        panic!("the doubt is stored first")
+    };
+    assert_eq!(record.in_doubt_since, Some(prev.acquired_at));
+    assert_eq!(record.in_doubt_holder, Some((prev.owner, prev.request)));
+    assert_eq!(record.updated_at, NOW);
+    assert_eq!(record.status, Status::Active);
+    assert_eq!(release, None, "the lease is kept to present the token");
+}
