@@ -232,8 +232,19 @@ fn lease_over(
     stored: &ConnectionRecord,
     took_over: Option<Lease>,
 ) {
-    conn.handle_input(now, Input::AccessRequested(RequestId(1)))
-        .unwrap();
+    let first = Input::AccessRequested(RequestId(1));
+    lease_after(conn, first, now, stored, took_over);
+}
+
+/// As [`lease_over`], from `first` (a caller's request, or a `RefreshNow`).
+fn lease_after(
+    conn: &mut Connection,
+    first: Input,
+    now: Timestamp,
+    stored: &ConnectionRecord,
+    took_over: Option<Lease>,
+) {
+    conn.handle_input(now, first).unwrap();
     assert_eq!(conn.poll_output(), Some(Output::Load));
     conn.handle_input(now, Input::Loaded(Some(Box::new(stored.clone()))))
         .unwrap();
@@ -967,4 +978,126 @@ fn a_takeover_doubt_is_stored_naming_the_lease_and_stamped_now() {
     assert_eq!(record.updated_at, NOW);
     assert_eq!(record.status, Status::Active);
     assert_eq!(release, None, "the lease is kept to present the token");
+}
+
+/// A disconnect whose commit meets another worker's write is rebased onto it:
+/// the newer record is what is marked disconnected, stamped now.
+#[test]
+fn a_disconnect_meeting_another_write_marks_the_newer_record() {
+    let intuit = ProviderProfile::intuit();
+    let stored = base(&intuit);
+    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    conn.handle_input(NOW, Input::Disconnect).unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    conn.handle_input(NOW, Input::Loaded(Some(Box::new(stored.clone()))))
+        .unwrap();
+    assert!(
+        matches!(conn.poll_output(), Some(Output::Send(_))),
+        "revoke"
+    );
+    conn.handle_input(NOW, Input::Replied(json_reply(200, "")))
+        .unwrap();
+    let Some(Output::CompareAndSwap { record, .. }) = conn.poll_output() else {
+        panic!("the disconnect is committed")
+    };
+    assert_eq!(record.status, Status::Disconnected { at: NOW });
+    assert_eq!(record.updated_at, NOW);
+    let newer = ConnectionRecord {
+        generation: Generation(2),
+        refresh: RefreshToken::new("RT-2"),
+        updated_at: T0,
+        ..stored
+    };
+    let current = Some(Box::new(newer));
+    conn.handle_input(NOW, Input::Conflict { current }).unwrap();
+    let Some(Output::CompareAndSwap {
+        expected, record, ..
+    }) = conn.poll_output()
+    else {
+        panic!("rebased onto the newer record")
+    };
+    assert_eq!(expected, Some(Generation(2)));
+    assert_eq!(record.refresh.expose(), "RT-2");
+    assert_eq!(record.status, Status::Disconnected { at: NOW });
+    assert_eq!(record.updated_at, NOW);
+}
+
+/// A worker that sends while the record is already in doubt keeps the earlier
+/// doubt when its own reply is lost too: the grace window counts from the
+/// earlier request.
+#[test]
+fn a_lost_reply_keeps_an_earlier_doubt() {
+    let intuit = ProviderProfile::intuit();
+    let since = NOW.saturating_sub(hours(1));
+    let stored = ConnectionRecord {
+        in_doubt_since: Some(since),
+        ..base(&intuit)
+    };
+    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    lease_over(&mut conn, NOW, &stored, None);
+    assert!(matches!(conn.poll_output(), Some(Output::Send(_))));
+    conn.handle_input(NOW, Input::OutcomeUnknown).unwrap();
+    let Some(Output::CompareAndSwap { record, .. }) = conn.poll_output() else {
+        panic!("the failure is committed")
+    };
+    assert_eq!(record.in_doubt_since, Some(since));
+}
+
+/// After invalid_grant the store is re-read: any commit since the token was
+/// presented (a newer generation, even with the same token) means another
+/// worker's word stands; the machine decides again instead of declaring re-auth.
+#[test]
+fn invalid_grant_after_another_commit_decides_again() {
+    let intuit = ProviderProfile::intuit();
+    let stored = base(&intuit);
+    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    lease_over(&mut conn, NOW, &stored, None);
+    assert!(matches!(conn.poll_output(), Some(Output::Send(_))));
+    conn.handle_input(NOW, Input::Replied(invalid_grant()))
+        .unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load), "re-read first");
+    let recommitted = ConnectionRecord {
+        generation: Generation(2),
+        ..stored
+    };
+    conn.handle_input(NOW, Input::Loaded(Some(Box::new(recommitted))))
+        .unwrap();
+    let outputs: Vec<_> = std::iter::from_fn(|| conn.poll_output()).collect();
+    assert!(
+        !outputs
+            .iter()
+            .any(|o| matches!(o, Output::CompareAndSwap { .. })),
+        "no re-auth declared over another worker's commit: {outputs:?}"
+    );
+}
+
+/// A `RefreshNow` caller is answered with the fresh token its refresh brought,
+/// even while the store fails to commit it (the token is the provider's newest).
+#[test]
+fn a_refresh_now_caller_gets_the_fresh_token_while_its_commit_is_retried() {
+    let intuit = ProviderProfile::intuit();
+    let stored = base(&intuit);
+    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    let request = RequestId(5);
+    let now_please = Input::RefreshNow {
+        request,
+        clear_block: false,
+    };
+    lease_after(&mut conn, now_please, NOW, &stored, None);
+    assert!(matches!(conn.poll_output(), Some(Output::Send(_))));
+    conn.handle_input(NOW, Input::Replied(granted("AT-2", Some("RT-2"))))
+        .unwrap();
+    assert!(matches!(
+        conn.poll_output(),
+        Some(Output::CompareAndSwap { .. })
+    ));
+    conn.handle_input(NOW, Input::StoreFailed).unwrap();
+    let outputs: Vec<_> = std::iter::from_fn(|| conn.poll_output()).collect();
+    assert!(
+        outputs.iter().any(|o| matches!(
+            o,
+            Output::Deliver { request: r, result: Ok(t) } if *r == request && t.expose() == "AT-2"
+        )),
+        "{outputs:?}"
+    );
 }
