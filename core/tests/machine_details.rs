@@ -1101,3 +1101,51 @@ fn a_refresh_now_caller_gets_the_fresh_token_while_its_commit_is_retried() {
         "{outputs:?}"
     );
 }
+
+/// The revival of a rotation declared lost over our lost lease grant (find 20),
+/// as the machine commits it: active again, the doubt gone, stamped now.
+#[test]
+fn a_revival_is_committed_active_without_the_doubt_and_stamped_now() {
+    let intuit = ProviderProfile::intuit();
+    let stored = base(&intuit);
+    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    conn.handle_input(NOW, Input::AccessRequested(RequestId(1)))
+        .unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    conn.handle_input(NOW, Input::Loaded(Some(Box::new(stored.clone()))))
+        .unwrap();
+    let Some(Output::AcquireLease { owner, request, .. }) = conn.poll_output() else {
+        panic!("a lease is asked for")
+    };
+    conn.handle_input(NOW, Input::StoreFailed).unwrap();
+    let retry = conn.poll_timeout().expect("a retry after the back-off");
+    conn.handle_input(retry, Input::Timeout).unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    // Meanwhile another worker took the grant over and declared the loss.
+    let declared = ConnectionRecord {
+        generation: Generation(2),
+        status: Status::ReauthRequired {
+            reason: ReauthReason::LostRotation,
+            since: NOW,
+        },
+        in_doubt_since: Some(NOW),
+        in_doubt_holder: Some((owner, request)),
+        updated_at: NOW,
+        ..stored
+    };
+    let current = Some(Box::new(declared));
+    conn.handle_input(retry, Input::Loaded(current)).unwrap();
+    let Some(Output::CompareAndSwap {
+        expected, record, ..
+    }) = conn.poll_output()
+    else {
+        panic!("the declaration is undone")
+    };
+    assert_eq!(expected, Some(Generation(2)));
+    assert_eq!(record.status, Status::Active);
+    assert_eq!(
+        (record.in_doubt_since, record.in_doubt_holder),
+        (None, None)
+    );
+    assert_eq!(record.updated_at, retry);
+}
