@@ -30,6 +30,8 @@ pub struct CheckOptions {
     pub stop_at_first_failure: bool,
     /// Print progress to stderr every few seconds.
     pub progress: bool,
+    /// Stop after this many states (the search is then not exhaustive).
+    pub max_states: Option<usize>,
 }
 
 impl Default for CheckOptions {
@@ -40,6 +42,7 @@ impl Default for CheckOptions {
             threads: 1,
             stop_at_first_failure: false,
             progress: false,
+            max_states: None,
         }
     }
 }
@@ -219,6 +222,9 @@ pub fn run_check(cfg: ModelConfig, opts: &CheckOptions) -> Result<CheckReport, S
     if opts.stop_at_first_failure {
         builder = builder.finish_when(HasDiscoveries::AnyFailures);
     }
+    if let Some(budget) = opts.max_states {
+        builder = builder.target_state_count(budget);
+    }
     let mut collect = Collect {
         progress: opts.progress,
         last_print: Duration::ZERO,
@@ -247,7 +253,9 @@ fn summarize(model: &TokenfenceModel, collect: &Collect, opts: &CheckOptions) ->
     let any_failure = properties.iter().any(|p| {
         p.expectation != Expectation::Sometimes && collect.discoveries.contains_key(p.name)
     });
-    let exhaustive = !(opts.stop_at_first_failure && any_failure)
+    let budget_spent = opts.max_states.is_some_and(|budget| states >= budget);
+    let stopped_early = budget_spent || (opts.stop_at_first_failure && any_failure);
+    let exhaustive = !stopped_early
         && properties
             .iter()
             .any(|p| !collect.discoveries.contains_key(p.name));

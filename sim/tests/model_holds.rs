@@ -197,3 +197,29 @@ fn a_provider_profile_file_is_model_checked() {
     assert_eq!(report.provider, "profile auth0");
     assert!(report.unique_states > 5_000, "{}", report.unique_states);
 }
+
+/// A state budget (`check --max-states`, for `--deep`) stops the search: what did
+/// not fail by then is undecided, never "holds".
+#[test]
+fn a_state_budget_leaves_the_verdicts_undecided() {
+    use tokenfence_sim::check::{run_check, CheckOptions, Search, Verdict};
+    let opts = CheckOptions {
+        search: Search::Dfs,
+        symmetry: true,
+        max_states: Some(2_000),
+        ..CheckOptions::default()
+    };
+    let report = run_check(config(StrictRotation, 2, 1), &opts).expect("valid");
+    assert!(!report.exhaustive);
+    assert!(
+        report.states >= 2_000 && report.states < 45_000,
+        "{}",
+        report.states
+    );
+    let s1 = report
+        .properties
+        .iter()
+        .find(|p| p.property == "S1 no stale overwrite")
+        .expect("S1 is checked");
+    assert_eq!(s1.verdict, Verdict::Undecided);
+}
