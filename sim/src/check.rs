@@ -3,7 +3,7 @@
 use crate::model::{representative, trace, Action, ModelConfig, State, TokenfenceModel};
 use serde::Serialize;
 use stateright::report::{ReportData, ReportDiscovery, Reporter};
-use stateright::{Checker, Expectation, HasDiscoveries, Model, Path};
+use stateright::{Checker, Expectation, HasDiscoveries, Model, Path, UniformChooser};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -15,6 +15,10 @@ pub enum Search {
     /// Depth first; with `symmetry`, states equal up to a permutation of workers are
     /// explored once (stateright applies symmetry only in DFS).
     Dfs,
+    /// Random walks from the initial states, each action chosen uniformly, the
+    /// walks derived from this seed: breadth over a space too deep to search,
+    /// never a proof (the verdicts of what did not fail are undecided).
+    Random(u64),
 }
 
 /// Checker options.
@@ -243,6 +247,13 @@ pub fn run_check(cfg: ModelConfig, opts: &CheckOptions) -> Result<CheckReport, S
             let checker = builder.spawn_dfs().report(&mut collect).join();
             summarize(checker.model(), &collect, opts)
         }
+        Search::Random(seed) => {
+            let checker = builder
+                .spawn_simulation(seed, UniformChooser)
+                .report(&mut collect)
+                .join();
+            summarize(checker.model(), &collect, opts)
+        }
     })
 }
 
@@ -254,7 +265,8 @@ fn summarize(model: &TokenfenceModel, collect: &Collect, opts: &CheckOptions) ->
         p.expectation != Expectation::Sometimes && collect.discoveries.contains_key(p.name)
     });
     let budget_spent = opts.max_states.is_some_and(|budget| states >= budget);
-    let stopped_early = budget_spent || (opts.stop_at_first_failure && any_failure);
+    let sampled = matches!(opts.search, Search::Random(_));
+    let stopped_early = sampled || budget_spent || (opts.stop_at_first_failure && any_failure);
     let exhaustive = !stopped_early
         && properties
             .iter()
@@ -296,6 +308,7 @@ fn summarize(model: &TokenfenceModel, collect: &Collect, opts: &CheckOptions) ->
             (Search::Bfs, _) => "bfs".into(),
             (Search::Dfs, false) => "dfs".into(),
             (Search::Dfs, true) => "dfs+symmetry".into(),
+            (Search::Random(seed), _) => format!("random walks (seed {seed})"),
         },
         states,
         unique_states: unique,

@@ -89,6 +89,8 @@ enum SearchArg {
     Bfs,
     /// Depth-first (use with --symmetry for larger runs).
     Dfs,
+    /// Random walks from the initial states (with --seed; needs --max-states).
+    Random,
 }
 
 #[derive(Args)]
@@ -145,14 +147,17 @@ struct CheckArgs {
     #[arg(long)]
     quiet: bool,
     /// The deep profile: 4 workers, 2 faults and 3 time jumps per behaviour, DFS
-    /// with symmetry (overrides those options). Far beyond an exhaustive run on a
-    /// small machine: give it a --max-states budget.
+    /// with symmetry unless --search random (overrides those options). Far beyond
+    /// an exhaustive run on a small machine: give it a --max-states budget.
     #[arg(long)]
     deep: bool,
     /// Stop after this many states: properties not failed by then are reported
     /// undecided (the search was not exhaustive).
     #[arg(long)]
     max_states: Option<usize>,
+    /// The seed of `--search random` (the same seed, the same walks).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 fn main() -> ExitCode {
@@ -264,8 +269,10 @@ fn check(mut args: CheckArgs) -> ExitCode {
         args.workers = 4;
         args.max_faults = 2;
         args.max_ticks = 3;
-        args.search = SearchArg::Dfs;
-        args.symmetry = true;
+        if !matches!(args.search, SearchArg::Random) {
+            args.search = SearchArg::Dfs;
+            args.symmetry = true;
+        }
     }
     let providers: Vec<ModelProvider> = match args.provider.as_str() {
         "all" => BehaviourClass::ALL
@@ -296,7 +303,10 @@ fn check(mut args: CheckArgs) -> ExitCode {
     if !(1..=8).contains(&args.workers) {
         return bad_args("--workers must be between 1 and 8");
     }
-    if args.symmetry && matches!(args.search, SearchArg::Bfs) {
+    if matches!(args.search, SearchArg::Random) && args.max_states.is_none() {
+        return bad_args("--search random needs --max-states (random walks never end)");
+    }
+    if args.symmetry && !matches!(args.search, SearchArg::Dfs) {
         return bad_args("--symmetry needs --search dfs (stateright applies symmetry only in DFS)");
     }
     let config = |provider| ModelConfig {
@@ -323,6 +333,7 @@ fn check(mut args: CheckArgs) -> ExitCode {
         search: match args.search {
             SearchArg::Bfs => Search::Bfs,
             SearchArg::Dfs => Search::Dfs,
+            SearchArg::Random => Search::Random(args.seed),
         },
         symmetry: args.symmetry,
         threads: args.threads,

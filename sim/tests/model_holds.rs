@@ -223,3 +223,47 @@ fn a_state_budget_leaves_the_verdicts_undecided() {
         .expect("S1 is checked");
     assert_eq!(s1.verdict, Verdict::Undecided);
 }
+
+/// Random walks (`check --search random`, for the deep profile) are a real search:
+/// they find a baseline's counterexample, with its trace; and over the real core
+/// they prove nothing (what did not fail is undecided).
+#[test]
+fn random_walks_find_a_baselines_failure_and_prove_nothing_else() {
+    use std::collections::BTreeSet;
+    use tokenfence_sim::check::{run_check, CheckOptions, Search, Verdict};
+    use tokenfence_sim::model::Strategy;
+    let opts = CheckOptions {
+        search: Search::Random(7),
+        max_states: Some(200_000),
+        stop_at_first_failure: true,
+        ..CheckOptions::default()
+    };
+    let b1 = ModelConfig {
+        strategy: Strategy::NaiveB1,
+        faults: BTreeSet::new(),
+        max_ticks: 0,
+        ..ModelConfig::new(StrictRotation, 2)
+    };
+    let report = run_check(b1, &opts).expect("valid");
+    let failed: Vec<_> = report.failures().map(|p| p.property).collect();
+    assert!(
+        failed.contains(&"S1 no stale overwrite")
+            || failed.contains(&"S3 no self-inflicted replay"),
+        "{}",
+        report.render()
+    );
+    assert!(report.failures().all(|p| p.trace.is_some()));
+    let opts = CheckOptions {
+        stop_at_first_failure: false,
+        max_states: Some(5_000),
+        ..opts
+    };
+    let report = run_check(config(StrictRotation, 2, 1), &opts).expect("valid");
+    assert!(!report.exhaustive);
+    assert!(report.failures().next().is_none(), "{}", report.render());
+    assert!(report
+        .properties
+        .iter()
+        .filter(|p| p.kind == "always")
+        .all(|p| p.verdict == Verdict::Undecided));
+}
