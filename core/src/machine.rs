@@ -1087,10 +1087,10 @@ impl Connection {
 
     /// The earliest instant a refresh may be tried, if that is in the future.
     fn retry_gate(&self, now: Timestamp) -> Option<(Timestamp, FailureKind)> {
+        // This machine's own back-off after a store failure: an operator's retry
+        // does not skip it (the store is down either way).
+        let mut gate = self.not_before.filter(|(t, _)| *t > now);
         let retry_now = self.work.retry_now;
-        let mut gate = self
-            .not_before
-            .filter(|(t, kind)| *t > now && !(retry_now && kind.is_configuration()));
         let Some(record) = self.record.as_ref() else {
             return gate;
         };

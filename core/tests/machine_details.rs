@@ -1149,3 +1149,26 @@ fn a_revival_is_committed_active_without_the_doubt_and_stamped_now() {
     );
     assert_eq!(record.updated_at, retry);
 }
+
+/// An operator's retry clears a configuration block, not this machine's back-off
+/// after a store failure: the store is down either way.
+#[test]
+fn an_operators_retry_does_not_skip_the_stores_back_off() {
+    let mut conn = Connection::new(conn_id(), config(ProviderProfile::intuit(), "w1"), 7);
+    conn.handle_input(NOW, Input::AccessRequested(RequestId(1)))
+        .unwrap();
+    assert_eq!(conn.poll_output(), Some(Output::Load));
+    conn.handle_input(NOW, Input::StoreFailed).unwrap();
+    let back_off = conn.retry_gate_at(NOW).expect("a back-off");
+    let retry = Input::RefreshNow {
+        request: RequestId(2),
+        clear_block: true,
+    };
+    conn.handle_input(NOW, retry).unwrap();
+    assert_eq!(conn.retry_gate_at(NOW), Some(back_off));
+    assert_eq!(
+        conn.poll_output(),
+        None,
+        "nothing read before the back-off ends"
+    );
+}
