@@ -236,14 +236,14 @@ fn lease_over(
     lease_after(conn, first, now, stored, took_over);
 }
 
-/// As [`lease_over`], from `first` (a caller's request, or a `RefreshNow`).
-fn lease_after(
+/// Drives `conn` from `first` at `now` through the read of `stored` to its lease
+/// request: the owner, lifetime and name it asks for.
+fn ask_lease(
     conn: &mut Connection,
     first: Input,
     now: Timestamp,
     stored: &ConnectionRecord,
-    took_over: Option<Lease>,
-) {
+) -> (WorkerId, Duration, LeaseRequestId) {
     conn.handle_input(now, first).unwrap();
     assert_eq!(conn.poll_output(), Some(Output::Load));
     conn.handle_input(now, Input::Loaded(Some(Box::new(stored.clone()))))
@@ -256,6 +256,18 @@ fn lease_after(
     else {
         panic!("a lease is asked for")
     };
+    (owner, ttl, request)
+}
+
+/// As [`lease_over`], from `first` (a caller's request, or a `RefreshNow`).
+fn lease_after(
+    conn: &mut Connection,
+    first: Input,
+    now: Timestamp,
+    stored: &ConnectionRecord,
+    took_over: Option<Lease>,
+) {
+    let (owner, ttl, request) = ask_lease(conn, first, now, stored);
     let lease = Lease {
         owner,
         acquired_at: now,
@@ -660,17 +672,9 @@ fn next_lease_request(
 /// moot: the next request is a new one, and giving up releases nothing of it.
 #[test]
 fn a_lease_refused_after_a_lost_answer_forgets_that_request() {
-    let intuit = ProviderProfile::intuit();
-    let stored = base(&intuit);
-    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
-    conn.handle_input(NOW, Input::AccessRequested(RequestId(1)))
-        .unwrap();
-    assert_eq!(conn.poll_output(), Some(Output::Load));
-    conn.handle_input(NOW, Input::Loaded(Some(Box::new(stored.clone()))))
-        .unwrap();
-    let Some(Output::AcquireLease { request: lost, .. }) = conn.poll_output() else {
-        panic!("a lease is asked for")
-    };
+    let (stored, mut conn) = intuit_machine();
+    let first = Input::AccessRequested(RequestId(1));
+    let (_, _, lost) = ask_lease(&mut conn, first, NOW, &stored);
     conn.handle_input(NOW, Input::StoreFailed).unwrap();
     let retry = conn.poll_timeout().expect("a retry after the back-off");
     assert_eq!(next_lease_request(&mut conn, retry, &stored), lost);
@@ -697,7 +701,7 @@ fn a_lease_refused_after_a_lost_answer_forgets_that_request() {
         .unwrap();
     let until = conn.poll_timeout().expect("the wait's end");
     conn.handle_input(until, Input::Timeout).unwrap();
-    let outputs: Vec<_> = std::iter::from_fn(|| conn.poll_output()).collect();
+    let outputs = drain(&mut conn);
     assert!(
         matches!(outputs.first(), Some(Output::Deliver { request, result: Err(_) }) if *request == RequestId(1)),
         "{outputs:?}"
@@ -774,7 +778,7 @@ fn an_idle_machine_wakes_only_for_what_it_can_do() {
     // Given once at its instant, the notice is not due again.
     let mut conn = conn;
     conn.handle_input(warn_at, Input::Timeout).unwrap();
-    let outputs: Vec<_> = std::iter::from_fn(|| conn.poll_output()).collect();
+    let outputs = drain(&mut conn);
     assert!(
         outputs.contains(&Output::Event(Event::ReconnectSoon { deadline })),
         "{outputs:?}"
@@ -809,7 +813,7 @@ fn after_read(
     assert_eq!(conn.poll_output(), Some(Output::Load));
     let record = stored.map(|r| Box::new(r.clone()));
     conn.handle_input(at, Input::Loaded(record)).unwrap();
-    let outputs = std::iter::from_fn(|| conn.poll_output()).collect();
+    let outputs = drain(&mut conn);
     (conn, outputs)
 }
 
@@ -930,9 +934,7 @@ fn a_keepalive_whose_read_failed_reads_again_after_the_back_off() {
 /// early timer sends nothing.
 #[test]
 fn a_failed_commit_is_retried_at_its_instant() {
-    let intuit = ProviderProfile::intuit();
-    let stored = base(&intuit);
-    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    let (stored, mut conn) = intuit_machine();
     lease_over(&mut conn, NOW, &stored, None);
     assert!(matches!(conn.poll_output(), Some(Output::Send(_))));
     conn.handle_input(NOW, Input::Replied(granted("AT-2", Some("RT-2"))))
@@ -984,9 +986,7 @@ fn a_takeover_doubt_is_stored_naming_the_lease_and_stamped_now() {
 /// the newer record is what is marked disconnected, stamped now.
 #[test]
 fn a_disconnect_meeting_another_write_marks_the_newer_record() {
-    let intuit = ProviderProfile::intuit();
-    let stored = base(&intuit);
-    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    let (stored, mut conn) = intuit_machine();
     conn.handle_input(NOW, Input::Disconnect).unwrap();
     assert_eq!(conn.poll_output(), Some(Output::Load));
     conn.handle_input(NOW, Input::Loaded(Some(Box::new(stored.clone()))))
@@ -1048,9 +1048,7 @@ fn a_lost_reply_keeps_an_earlier_doubt() {
 /// worker's word stands; the machine decides again instead of declaring re-auth.
 #[test]
 fn invalid_grant_after_another_commit_decides_again() {
-    let intuit = ProviderProfile::intuit();
-    let stored = base(&intuit);
-    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    let (stored, mut conn) = intuit_machine();
     lease_over(&mut conn, NOW, &stored, None);
     assert!(matches!(conn.poll_output(), Some(Output::Send(_))));
     conn.handle_input(NOW, Input::Replied(invalid_grant()))
@@ -1062,7 +1060,7 @@ fn invalid_grant_after_another_commit_decides_again() {
     };
     conn.handle_input(NOW, Input::Loaded(Some(Box::new(recommitted))))
         .unwrap();
-    let outputs: Vec<_> = std::iter::from_fn(|| conn.poll_output()).collect();
+    let outputs = drain(&mut conn);
     assert!(
         !outputs
             .iter()
@@ -1075,9 +1073,7 @@ fn invalid_grant_after_another_commit_decides_again() {
 /// even while the store fails to commit it (the token is the provider's newest).
 #[test]
 fn a_refresh_now_caller_gets_the_fresh_token_while_its_commit_is_retried() {
-    let intuit = ProviderProfile::intuit();
-    let stored = base(&intuit);
-    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
+    let (stored, mut conn) = intuit_machine();
     let request = RequestId(5);
     let now_please = Input::RefreshNow {
         request,
@@ -1092,7 +1088,7 @@ fn a_refresh_now_caller_gets_the_fresh_token_while_its_commit_is_retried() {
         Some(Output::CompareAndSwap { .. })
     ));
     conn.handle_input(NOW, Input::StoreFailed).unwrap();
-    let outputs: Vec<_> = std::iter::from_fn(|| conn.poll_output()).collect();
+    let outputs = drain(&mut conn);
     assert!(
         outputs.iter().any(|o| matches!(
             o,
@@ -1106,17 +1102,9 @@ fn a_refresh_now_caller_gets_the_fresh_token_while_its_commit_is_retried() {
 /// as the machine commits it: active again, the doubt gone, stamped now.
 #[test]
 fn a_revival_is_committed_active_without_the_doubt_and_stamped_now() {
-    let intuit = ProviderProfile::intuit();
-    let stored = base(&intuit);
-    let mut conn = Connection::new(conn_id(), config(intuit, "w1"), 7);
-    conn.handle_input(NOW, Input::AccessRequested(RequestId(1)))
-        .unwrap();
-    assert_eq!(conn.poll_output(), Some(Output::Load));
-    conn.handle_input(NOW, Input::Loaded(Some(Box::new(stored.clone()))))
-        .unwrap();
-    let Some(Output::AcquireLease { owner, request, .. }) = conn.poll_output() else {
-        panic!("a lease is asked for")
-    };
+    let (stored, mut conn) = intuit_machine();
+    let first = Input::AccessRequested(RequestId(1));
+    let (owner, _, request) = ask_lease(&mut conn, first, NOW, &stored);
     conn.handle_input(NOW, Input::StoreFailed).unwrap();
     let retry = conn.poll_timeout().expect("a retry after the back-off");
     conn.handle_input(retry, Input::Timeout).unwrap();
@@ -1171,4 +1159,17 @@ fn an_operators_retry_does_not_skip_the_stores_back_off() {
         None,
         "nothing read before the back-off ends"
     );
+}
+
+/// A machine of worker `w1` for an Intuit connection, and the record stored
+/// ([`base`]).
+fn intuit_machine() -> (ConnectionRecord, Connection) {
+    let intuit = ProviderProfile::intuit();
+    let conn = Connection::new(conn_id(), config(intuit.clone(), "w1"), 7);
+    (base(&intuit), conn)
+}
+
+/// Every output `conn` has made since last asked.
+fn drain(conn: &mut Connection) -> Vec<Output> {
+    std::iter::from_fn(|| conn.poll_output()).collect()
 }
