@@ -420,8 +420,9 @@ pub struct Connection {
     /// already inside its margin (a reply slower than half the lifetime): the
     /// floor between refreshes counts from here then, not only from the send.
     refreshed_at: Option<Timestamp>,
-    /// This machine's own back-off after a store failure.
-    not_before: Option<(Timestamp, FailureKind)>,
+    /// This machine's own back-off after a store failure (its kind is always
+    /// [`FailureKind::StoreUnavailable`]).
+    not_before: Option<Timestamp>,
     /// Access tokens a caller reported the resource API refused, and when: not
     /// served again, unless a refresh sent after the report brings one back (the
     /// provider issued it anew). Only those this machine could still serve are
@@ -580,7 +581,7 @@ impl Connection {
             .as_ref()
             .filter(|r| r.is_live() && self.identity_ok)?;
         let s = &self.config.settings;
-        let mut gate = self.not_before.map(|(t, _)| t).unwrap_or_default();
+        let mut gate = self.not_before.unwrap_or_default();
         if let Status::Degraded { retry_at, .. } = rec.status {
             gate = gate.max(retry_at);
         }
@@ -945,8 +946,8 @@ impl Connection {
     /// read was retried at once; found by the simulator: a worker holding a dead
     /// verdict re-read a down store every few milliseconds).
     fn load_after_backoff(&mut self, now: Timestamp) {
-        match self.not_before.filter(|(t, _)| *t > now) {
-            Some((retry_at, kind)) => self.hold_off(now, retry_at, kind),
+        match self.not_before.filter(|t| *t > now) {
+            Some(retry_at) => self.hold_off(now, retry_at, FailureKind::StoreUnavailable),
             None => self.load(),
         }
     }
@@ -1089,7 +1090,10 @@ impl Connection {
     fn retry_gate(&self, now: Timestamp) -> Option<(Timestamp, FailureKind)> {
         // This machine's own back-off after a store failure: an operator's retry
         // does not skip it (the store is down either way).
-        let mut gate = self.not_before.filter(|(t, _)| *t > now);
+        let mut gate = self
+            .not_before
+            .filter(|t| *t > now)
+            .map(|t| (t, FailureKind::StoreUnavailable));
         let retry_now = self.work.retry_now;
         let Some(record) = self.record.as_ref() else {
             return gate;
@@ -1621,7 +1625,7 @@ impl Connection {
                 if matches!(phase, Phase::Leasing) {
                     self.lease.answer_lost(self.record.as_ref());
                 }
-                self.not_before = Some((retry_at, FailureKind::StoreUnavailable));
+                self.not_before = Some(retry_at);
             }
         }
     }

@@ -259,6 +259,19 @@ fn ask_lease(
     (owner, ttl, request)
 }
 
+/// `conn` asks for a lease over `stored` and the store's answer is lost: the
+/// request (owner, lifetime, name) and when the machine retries.
+fn lease_answer_lost(
+    conn: &mut Connection,
+    stored: &ConnectionRecord,
+) -> ((WorkerId, Duration, LeaseRequestId), Timestamp) {
+    let first = Input::AccessRequested(RequestId(1));
+    let asked = ask_lease(conn, first, NOW, stored);
+    conn.handle_input(NOW, Input::StoreFailed).unwrap();
+    let retry = conn.poll_timeout().expect("a retry after the back-off");
+    (asked, retry)
+}
+
 /// As [`lease_over`], from `first` (a caller's request, or a `RefreshNow`).
 fn lease_after(
     conn: &mut Connection,
@@ -673,10 +686,7 @@ fn next_lease_request(
 #[test]
 fn a_lease_refused_after_a_lost_answer_forgets_that_request() {
     let (stored, mut conn) = intuit_machine();
-    let first = Input::AccessRequested(RequestId(1));
-    let (_, _, lost) = ask_lease(&mut conn, first, NOW, &stored);
-    conn.handle_input(NOW, Input::StoreFailed).unwrap();
-    let retry = conn.poll_timeout().expect("a retry after the back-off");
+    let ((_, _, lost), retry) = lease_answer_lost(&mut conn, &stored);
     assert_eq!(next_lease_request(&mut conn, retry, &stored), lost);
     let holder = Lease {
         owner: WorkerId("w2".into()),
@@ -1103,10 +1113,7 @@ fn a_refresh_now_caller_gets_the_fresh_token_while_its_commit_is_retried() {
 #[test]
 fn a_revival_is_committed_active_without_the_doubt_and_stamped_now() {
     let (stored, mut conn) = intuit_machine();
-    let first = Input::AccessRequested(RequestId(1));
-    let (owner, _, request) = ask_lease(&mut conn, first, NOW, &stored);
-    conn.handle_input(NOW, Input::StoreFailed).unwrap();
-    let retry = conn.poll_timeout().expect("a retry after the back-off");
+    let ((owner, _, request), retry) = lease_answer_lost(&mut conn, &stored);
     conn.handle_input(retry, Input::Timeout).unwrap();
     assert_eq!(conn.poll_output(), Some(Output::Load));
     // Meanwhile another worker took the grant over and declared the loss.
