@@ -206,8 +206,11 @@ struct Work {
     forced_answerable: bool,
     /// The keep-alive is due, or was asked for.
     keepalive: bool,
-    /// The keep-alive was asked for by a scheduler: refresh even if not due.
-    maintain: bool,
+    /// When a scheduler last asked for the keep-alive: refresh even if not due,
+    /// unless the record holds a refresh sent since then (another worker's:
+    /// found by the model checker, a commit whose answer was lost conflicted with
+    /// a newer refresh and the request then sent one the record did not need).
+    maintain: Option<Timestamp>,
     /// Failures (the provider's or the store's) since the work last succeeded.
     attempts: u32,
     /// The record was read from the store during this piece of work.
@@ -230,7 +233,7 @@ impl Work {
     /// Nothing more is asked of the keep-alive: done, or given up.
     fn settle(&mut self) {
         self.keepalive = false;
-        self.maintain = false;
+        self.maintain = None;
     }
 }
 
@@ -621,10 +624,10 @@ impl Connection {
                 self.work.wait(request, now);
                 self.work.forced.push(request);
                 self.work.retry_now |= clear_block;
-                self.look_after();
+                self.look_after(now);
             }
             Input::Rejected { request, token } => self.on_rejected(now, request, token),
-            Input::Maintain => self.look_after(),
+            Input::Maintain => self.look_after(now),
             // A change elsewhere ends a wait: look again.
             Input::StoreChanged => {
                 if matches!(self.phase, Phase::Waiting { .. } | Phase::Idle) {
@@ -714,9 +717,9 @@ impl Connection {
 
     /// A scheduler (or an operator) asks for the connection to be looked after:
     /// refresh even if not due, from a fresh read if nothing is under way.
-    fn look_after(&mut self) {
+    fn look_after(&mut self, now: Timestamp) {
         self.work.keepalive = true;
-        self.work.maintain = true;
+        self.work.maintain = Some(now);
         if matches!(self.phase, Phase::Idle) {
             self.work.fresh = false;
         }
@@ -894,7 +897,7 @@ impl Connection {
                 // displaced) and refresh. Giving up instead left a connection
                 // declared dead for good (found by the property test).
                 if self.lease.unknown_grant.is_some() {
-                    self.look_after();
+                    self.look_after(now);
                 }
             }
             phase => self.phase = phase,
@@ -987,10 +990,18 @@ impl Connection {
             .max()
             .map(|t| t.saturating_add(s.min_refresh_interval))
             .filter(|until| *until > now && rec.in_doubt_since.is_none());
+        // A scheduler's request is met by any refresh sent after it asked.
+        let maintained = rec
+            .last_refreshed_at
+            .zip(self.work.maintain)
+            .is_some_and(|(sent, asked)| sent > asked);
         if let Some(token) = usable {
             self.deliver_all(&Ok(token));
         }
-        self.work.keepalive &= keepalive_due || self.work.maintain;
+        if maintained {
+            self.work.maintain = None;
+        }
+        self.work.keepalive &= keepalive_due || self.work.maintain.is_some();
         if !self.work.wanted() {
             return self.end_work();
         }
@@ -1134,7 +1145,7 @@ impl Connection {
         // reports once (found by the simulator: a notice due during a store outage
         // was announced six days late).
         let keep_unread = self.work.waiting.is_empty()
-            && self.work.maintain
+            && self.work.maintain.is_some()
             && self.record.is_none()
             && kind == FailureKind::StoreUnavailable;
         if wait_inline || keep_unread {
@@ -1158,17 +1169,19 @@ impl Connection {
         };
         let mut in_doubt_since = base.in_doubt_since;
         let mut holder = base.in_doubt_holder.clone();
+        let mut holder_may_commit = false;
         if let Some(prev) = self.lease.took_over.take() {
-            if self.takeover_doubts(&base, &prev)
-                && replaces_doubt(in_doubt_since, Some(prev.acquired_at))
-            {
-                in_doubt_since = Some(prev.acquired_at);
-                holder = Some((prev.owner, prev.request));
+            if self.takeover_doubts(&base, &prev) {
+                holder_may_commit = true;
+                if replaces_doubt(in_doubt_since, Some(prev.acquired_at)) {
+                    in_doubt_since = Some(prev.acquired_at);
+                    holder = Some((prev.owner, prev.request));
+                }
             }
         }
         let s = &self.config.settings;
+        let rotation = &self.config.profile.rotation;
         if let Some(since) = in_doubt_since {
-            let rotation = &self.config.profile.rotation;
             if rotation.in_doubt_recovery(since, now, s.in_doubt_safety)
                 == InDoubtRecovery::DeclareLost
             {
@@ -1180,9 +1193,15 @@ impl Connection {
                 return self.commit_reauth(now, &base, ReauthReason::LostRotation);
             }
         }
-        if in_doubt_since != base.in_doubt_since {
-            // Store the doubt before presenting the token, so that it survives
-            // this worker's crash too (found by proptest).
+        // Store the doubt before presenting the token, so that it survives this
+        // worker's crash too (found by proptest). Under a forking provider, write
+        // even when the stored doubt is the earlier one: our replay may demote the
+        // token the holder we took over from has yet to commit, and its commit must
+        // then conflict so that its rebase keeps the doubt (found by the model
+        // checker at two faults and two jumps: otherwise the holder's commit
+        // cleared the doubt, and a crash of ours lost the connection unrecorded).
+        let holder_may_be_demoted = holder_may_commit && rotation.grace_replay == GraceReplay::Fork;
+        if in_doubt_since != base.in_doubt_since || holder_may_be_demoted {
             let proposal = ConnectionRecord {
                 in_doubt_since,
                 in_doubt_holder: holder,

@@ -304,3 +304,125 @@ fn a_lost_answer_to_a_lease_request_does_not_declare_a_rotation_lost() {
         .expect("a valid configuration");
     assert!(after.all_hold(), "{}", after.render());
 }
+
+/// Found at 2 faults and 2 jumps under a forking provider: a worker that takes
+/// over a lease on a token already in doubt (the stored doubt is the earlier one)
+/// presented it without writing anything. Its replay minted a sibling that
+/// demoted the paused holder's uncommitted token; the taker crashed; the holder's
+/// commit landed on the unchanged record and cleared the doubt; when the demoted
+/// token's grace window closed the connection was lost with nothing on record
+/// (S2). Now the taker commits before presenting, the holder's commit conflicts,
+/// and the rebase keeps the doubt.
+#[test]
+fn a_forking_takeover_on_a_token_in_doubt_writes_before_presenting() {
+    let model = TokenfenceModel::new(ModelConfig {
+        faults: [FaultKind::Garbled, FaultKind::Crash].into_iter().collect(),
+        max_faults: 2,
+        max_ticks: 2,
+        ..ModelConfig::new(BehaviourClass::GraceFork, 2)
+    })
+    .expect("model");
+    use Action::*;
+    let prefix = [
+        Store(0),         // w1 loads g0 (rt1)
+        Store(1),         // w2 loads g0
+        Store(0),         // w1 takes the lease and sends rt1
+        Store(1),         // w2: the lease is held
+        Garble(0),        // rt1 -> rt2, the reply is truncated: w1 records the doubt
+        Store(0),         // g1: rt1 in doubt since T+0
+        Tick(at(932)),    // w1's retry time
+        Timer(0),         //
+        Store(0),         // w1 loads g1
+        Store(0),         // w1 takes the lease and presents rt1 again (grace window)
+        Reply(0),         // the fork provider mints rt3; w1 pauses before committing
+        Tick(at(28_000)), // w1's lease expires
+        Timer(1),         //
+        Store(1),         // w2 loads g1
+        Store(1),         // w2 takes over w1's lease
+    ];
+    let states = replay(&model, &prefix);
+    let last = states.last().expect("a state");
+    assert!(
+        matches!(&last.workers[1].pending, Some(StoreCommand::Cas { .. })),
+        "w2 must write before presenting rt1 (before the fix it sent at once)"
+    );
+    let mut path = prefix.to_vec();
+    path.extend([
+        Store(1),         // w2's write lands (g2); w2 presents rt1
+        Crash(1),         // and crashes
+        OrphanArrives(0), // its request mints rt4 and demotes rt3
+        Tick(at(58_000)), // rt3's grace window closes
+        Store(0),         // w1's commit of rt3 conflicts with g2: the rebase keeps the doubt
+    ]);
+    let states = replay(&model, &path);
+    let last = settle(&model, states.last().expect("a state").clone());
+    let stored = last.stored().expect("a record");
+    assert!(
+        stored.in_doubt_since.is_some() || !stored.is_live(),
+        "the loss must be on record: {stored:?}"
+    );
+}
+
+/// Found at 2 faults and 2 jumps under a forking provider (R2): w2 resolves a
+/// lease request whose answer was lost (the scheduler's look-after: refresh even
+/// if not due), refreshes, and its commit lands with the answer lost; w1 then
+/// refreshes and commits; w2's retry conflicts with w1's newer record and, still
+/// asked to look after the connection, sent a refresh the record did not need.
+/// Now a scheduler's request is met by any refresh sent since it asked.
+#[test]
+fn a_look_after_request_is_met_by_another_workers_later_refresh() {
+    let model = TokenfenceModel::new(ModelConfig {
+        faults: [FaultKind::StoreFail].into_iter().collect(),
+        max_faults: 2,
+        max_ticks: 2,
+        ..ModelConfig::new(BehaviourClass::GraceFork, 2)
+    })
+    .expect("model");
+    use Action::*;
+    let states = replay(
+        &model,
+        &[
+            Store(0),         // w1 loads g0 (rt1)
+            Store(1),         // w2 loads g0
+            Store(0),         // w1 takes the lease and sends rt1; its reply is slow
+            Tick(at(10_000)), // w1's lease expires
+            Store(1),         // w2 takes it over: records the doubt (g1)
+            Store(1),         // committed, lease released with it
+            Store(1),         // w2 reads g1
+            Store(1),         // w2 takes the lease and presents rt1 (grace window)
+            Reply(1),         // rt1 -> rt2 for w2
+            GiveUp(0),        // w1 stops waiting: records its own doubt
+            Store(0),         // conflict on g1
+            Store(0),         // w1 commits its doubt on g1 (g2)
+            Store(1),         // w2's commit of rt2 conflicts, rebases (g3, doubt kept)
+            Store(1),         // committed
+            Timer(1),         // the doubt on record is work: w2 reads again
+            Store(1),         //
+            StoreFails {
+                w: 1,
+                applied: false,
+            }, // w2's lease request: its answer is lost
+            Tick(at(10_890)), //
+            Timer(1),         // w2 resolves it: looks after the connection
+            Store(1),         //
+            Store(1),         // the lease, under the same name; w2 presents rt2
+            Reply(1),         // rt2 -> rt3
+            StoreFails {
+                w: 1,
+                applied: true,
+            }, // w2's commit of rt3 lands (g4), its answer is lost
+            Tick(at(40_890)), // at3 is inside its margin
+            Timer(1),         // w2 retries its commit later
+            Timer(0),         //
+            Store(0),         // w1 reads g4
+            Store(0),         // takes the lease, presents rt3
+            Reply(0),         // rt3 -> rt4
+            Store(0),         // w1 commits rt4 (g5)
+            Store(1),         // w2's retry conflicts with g5
+        ],
+    );
+    // Before the fix w2, still asked to look after the connection, took the
+    // lease and presented rt4: R2 broken in `settle`.
+    let last = settle(&model, states.last().expect("a state").clone());
+    assert_eq!(last.stored().expect("a record").refresh.expose(), "rt4");
+}
