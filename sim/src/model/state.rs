@@ -384,10 +384,12 @@ pub fn representative(state: &State) -> State {
     for (j, (_, i)) in order.iter().enumerate() {
         new_slot[*i] = j;
     }
+    // One clone of the state; the workers are then moved into their new order.
     let mut out = state.clone();
+    let mut workers: Vec<Option<Worker>> = out.workers.drain(..).map(Some).collect();
     out.workers = order
         .iter()
-        .map(|(_, i)| state.workers[*i].clone())
+        .filter_map(|(_, i)| workers[*i].take())
         .collect();
     let id = super::connection_id();
     if let Some(mut slot) = state.store.row(id).and_then(|r| r.lease.clone()) {

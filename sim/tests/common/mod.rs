@@ -31,9 +31,13 @@ pub fn config(class: impl Into<ModelProvider>, workers: usize, max_ticks: u8) ->
 /// Checks `cfg` exhaustively and asserts that every property holds and every
 /// vacuity guard is reached; prints the report.
 pub fn assert_all_hold(cfg: ModelConfig, search: Search) -> CheckReport {
+    // Depth-first runs are the long ones: two checker threads let the last of
+    // them use both cores once the other tests are done.
+    let dfs = search == Search::Dfs;
     let opts = CheckOptions {
         search,
-        symmetry: search == Search::Dfs,
+        symmetry: dfs,
+        threads: if dfs { 2 } else { 1 },
         ..CheckOptions::default()
     };
     let report = run_check(cfg, &opts).expect("a valid configuration");
