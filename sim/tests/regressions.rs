@@ -63,15 +63,27 @@ fn settle(model: &TokenfenceModel, mut state: State) -> State {
     state
 }
 
+/// Two workers under `class`, with `faults` (at most `max_faults` per behaviour)
+/// and `max_ticks` time jumps.
+fn two_workers(
+    class: BehaviourClass,
+    faults: &[FaultKind],
+    max_faults: u8,
+    max_ticks: u8,
+) -> TokenfenceModel {
+    TokenfenceModel::new(ModelConfig {
+        faults: faults.iter().copied().collect(),
+        max_faults,
+        max_ticks,
+        ..ModelConfig::new(class, 2)
+    })
+    .expect("model")
+}
+
 /// Two workers under a provider that forks on replays in the grace window, no
 /// faults, three time jumps: where the fork finds were made.
 fn grace_fork_without_faults() -> TokenfenceModel {
-    TokenfenceModel::new(ModelConfig {
-        faults: Default::default(),
-        max_ticks: 3,
-        ..ModelConfig::new(BehaviourClass::GraceFork, 2)
-    })
-    .expect("model")
+    two_workers(BehaviourClass::GraceFork, &[], 1, 3)
 }
 
 #[test]
@@ -125,15 +137,12 @@ fn fork_sibling_minted_by_a_replay_in_doubt_is_not_dropped() {
 
 #[test]
 fn a_doubt_another_worker_acted_on_is_not_voided_by_an_unsent_request() {
-    let model = TokenfenceModel::new(ModelConfig {
-        faults: [FaultKind::ConnectError, FaultKind::Garbled]
-            .into_iter()
-            .collect(),
-        max_faults: 2,
-        max_ticks: 3,
-        ..ModelConfig::new(BehaviourClass::StrictRotation, 2)
-    })
-    .expect("model");
+    let model = two_workers(
+        BehaviourClass::StrictRotation,
+        &[FaultKind::ConnectError, FaultKind::Garbled],
+        2,
+        3,
+    );
     use Action::*;
     let states = replay(
         &model,
@@ -222,13 +231,7 @@ fn taking_over_a_lease_after_another_workers_late_commit_is_still_in_doubt() {
 
 #[test]
 fn an_unseen_request_leaves_its_doubt_on_a_record_that_still_holds_its_token() {
-    let model = TokenfenceModel::new(ModelConfig {
-        faults: [FaultKind::Garbled].into_iter().collect(),
-        max_faults: 1,
-        max_ticks: 3,
-        ..ModelConfig::new(BehaviourClass::Periodic, 2)
-    })
-    .expect("model");
+    let model = two_workers(BehaviourClass::Periodic, &[FaultKind::Garbled], 1, 3);
     use Action::*;
     let states = replay(
         &model,
@@ -315,13 +318,12 @@ fn a_lost_answer_to_a_lease_request_does_not_declare_a_rotation_lost() {
 /// and the rebase keeps the doubt.
 #[test]
 fn a_forking_takeover_on_a_token_in_doubt_writes_before_presenting() {
-    let model = TokenfenceModel::new(ModelConfig {
-        faults: [FaultKind::Garbled, FaultKind::Crash].into_iter().collect(),
-        max_faults: 2,
-        max_ticks: 2,
-        ..ModelConfig::new(BehaviourClass::GraceFork, 2)
-    })
-    .expect("model");
+    let model = two_workers(
+        BehaviourClass::GraceFork,
+        &[FaultKind::Garbled, FaultKind::Crash],
+        2,
+        2,
+    );
     use Action::*;
     let prefix = [
         Store(0),         // w1 loads g0 (rt1)
@@ -371,13 +373,7 @@ fn a_forking_takeover_on_a_token_in_doubt_writes_before_presenting() {
 /// Now a scheduler's request is met by any refresh sent since it asked.
 #[test]
 fn a_look_after_request_is_met_by_another_workers_later_refresh() {
-    let model = TokenfenceModel::new(ModelConfig {
-        faults: [FaultKind::StoreFail].into_iter().collect(),
-        max_faults: 2,
-        max_ticks: 2,
-        ..ModelConfig::new(BehaviourClass::GraceFork, 2)
-    })
-    .expect("model");
+    let model = two_workers(BehaviourClass::GraceFork, &[FaultKind::StoreFail], 2, 2);
     use Action::*;
     let states = replay(
         &model,
