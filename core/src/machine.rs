@@ -1495,6 +1495,19 @@ impl Connection {
         let Some(stored) = self.record.as_ref() else {
             return self.release_lease();
         };
+        // A connect meets a live record of the same grant holding tokens issued
+        // after its own: its create landed unseen and another process has
+        // refreshed since (or the user connected again elsewhere). It stands as
+        // landed; writing its older tokens again would undo that rotation (found
+        // by the fuzzer: a token a caller reported refused was served again).
+        if intent == Intent::Authorized
+            && stored.is_live()
+            && stored.identity == proposal.identity
+            && stored.refresh_issued_at > proposal.refresh_issued_at
+        {
+            let stored = stored.clone();
+            return self.on_committed(now, stored, intent);
+        }
         let expected = Some(stored.generation);
         match self.rebased(now, *proposal, &intent, stored) {
             Some(proposal) => self.commit_on(expected, proposal, intent),
