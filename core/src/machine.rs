@@ -389,6 +389,21 @@ fn replaces_doubt(known: Option<Timestamp>, new: Option<Timestamp>) -> bool {
     }
 }
 
+/// Whether `stored`, met by a commit of `proposal` on a conflict, shows that an
+/// earlier attempt of that commit landed with its answer lost: it is exactly the
+/// proposal (the retry after `StoreFailed` conflicts with itself), or, for a
+/// connect, a live record of the same grant holding tokens issued after the
+/// connect's own (another process refreshed since, or the user connected again
+/// elsewhere: writing the connect's older tokens again would undo that rotation;
+/// found by the fuzzer, a token a caller reported refused was served again).
+fn landed(proposal: &ConnectionRecord, intent: &Intent, stored: &ConnectionRecord) -> bool {
+    stored == proposal
+        || (*intent == Intent::Authorized
+            && stored.is_live()
+            && stored.identity == proposal.identity
+            && stored.refresh_issued_at > proposal.refresh_issued_at)
+}
+
 /// The fork-ordering rule. Exchanges happen inside leases, which do not overlap,
 /// so their send times order them: under a provider that forks on a replay inside
 /// the grace window, an exchange sent at `sent_at` minted the family's current
@@ -1169,18 +1184,19 @@ impl Connection {
         };
         let mut in_doubt_since = base.in_doubt_since;
         let mut holder = base.in_doubt_holder.clone();
-        let mut holder_may_commit = false;
+        let s = &self.config.settings;
+        let rotation = &self.config.profile.rotation;
+        // The holder we took over from may still commit a token our replay demotes.
+        let mut holder_may_be_demoted = false;
         if let Some(prev) = self.lease.took_over.take() {
             if self.takeover_doubts(&base, &prev) {
-                holder_may_commit = true;
+                holder_may_be_demoted = rotation.grace_replay == GraceReplay::Fork;
                 if replaces_doubt(in_doubt_since, Some(prev.acquired_at)) {
                     in_doubt_since = Some(prev.acquired_at);
                     holder = Some((prev.owner, prev.request));
                 }
             }
         }
-        let s = &self.config.settings;
-        let rotation = &self.config.profile.rotation;
         if let Some(since) = in_doubt_since {
             if rotation.in_doubt_recovery(since, now, s.in_doubt_safety)
                 == InDoubtRecovery::DeclareLost
@@ -1200,7 +1216,6 @@ impl Connection {
         // then conflict so that its rebase keeps the doubt (found by the model
         // checker at two faults and two jumps: otherwise the holder's commit
         // cleared the doubt, and a crash of ours lost the connection unrecorded).
-        let holder_may_be_demoted = holder_may_commit && rotation.grace_replay == GraceReplay::Fork;
         if in_doubt_since != base.in_doubt_since || holder_may_be_demoted {
             let proposal = ConnectionRecord {
                 in_doubt_since,
@@ -1483,31 +1498,18 @@ impl Connection {
         intent: Intent,
         current: Option<ConnectionRecord>,
     ) {
-        // The record stored is exactly our proposal: our earlier attempt of this
-        // commit landed and only its answer was lost (the retry after
-        // `StoreFailed` conflicts with itself). It is committed: its events are
-        // emitted now, once, and nothing is decided again (no second refresh).
-        if current.as_ref() == Some(&*proposal) {
-            return self.on_committed(now, *proposal, intent);
+        // Our earlier attempt of this commit landed and only its answer was lost:
+        // it is committed. Its events are emitted now, once, and nothing is
+        // decided again (no second refresh, no older tokens written again).
+        if let Some(stored) = current.as_ref().filter(|s| landed(&proposal, &intent, s)) {
+            let stored = stored.clone();
+            return self.on_committed(now, stored, intent);
         }
         self.adopt(current);
         self.mark_fresh(now);
         let Some(stored) = self.record.as_ref() else {
             return self.release_lease();
         };
-        // A connect meets a live record of the same grant holding tokens issued
-        // after its own: its create landed unseen and another process has
-        // refreshed since (or the user connected again elsewhere). It stands as
-        // landed; writing its older tokens again would undo that rotation (found
-        // by the fuzzer: a token a caller reported refused was served again).
-        if intent == Intent::Authorized
-            && stored.is_live()
-            && stored.identity == proposal.identity
-            && stored.refresh_issued_at > proposal.refresh_issued_at
-        {
-            let stored = stored.clone();
-            return self.on_committed(now, stored, intent);
-        }
         let expected = Some(stored.generation);
         match self.rebased(now, *proposal, &intent, stored) {
             Some(proposal) => self.commit_on(expected, proposal, intent),
