@@ -33,7 +33,7 @@ pub mod trace;
 pub use config::{FaultKind, ModelConfig, ModelProvider, Strategy};
 pub use state::{
     describe_record, owner_name, owner_slot, representative, show_refresh, Breach, Flight,
-    GrantCheck, Orphan, Seen, State, StoreCommand, Worker, WorkerGhost,
+    GrantCheck, Orphan, Seen, Shared, State, StoreCommand, Worker, WorkerGhost,
 };
 
 use crate::provider::{GrantId, Provider, ProviderSpec};
@@ -184,15 +184,17 @@ impl TokenfenceModel {
         let _ = store.compare_and_swap(connection_id(), None, record);
         let workers = configs
             .iter()
-            .map(|c| Worker {
-                conn: Connection::new(connection_id().clone(), c.clone(), ENTROPY),
-                incarnation: 0,
-                pending: None,
-                net: None,
-                paused: None,
-                requests_left: cfg.requests,
-                rejects_left: cfg.rejects,
-                ghost: WorkerGhost::default(),
+            .map(|c| {
+                Shared::new(Worker {
+                    conn: Connection::new(connection_id().clone(), c.clone(), ENTROPY),
+                    incarnation: 0,
+                    pending: None,
+                    net: None,
+                    paused: None,
+                    requests_left: cfg.requests,
+                    rejects_left: cfg.rejects,
+                    ghost: WorkerGhost::default(),
+                })
             })
             .collect();
         let init = State {

@@ -4,7 +4,10 @@
 use crate::provider::Provider;
 use crate::store::MemoryStore;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, OnceLock};
 use tokenfence_core::invariants::{keep_unsettled, SenderGhost, Unsettled};
 use tokenfence_core::{
     AccessGrant, AccessToken, Connection, ConnectionRecord, Generation, HttpRequest, Input,
@@ -206,7 +209,7 @@ pub struct State {
     /// The virtual clock.
     pub now: Timestamp,
     /// Workers, by slot.
-    pub workers: Vec<Worker>,
+    pub workers: Vec<Shared>,
     /// The shared store.
     pub store: MemoryStore,
     /// The provider with its ghost state.
@@ -310,57 +313,87 @@ pub fn show_refresh(t: &RefreshToken) -> String {
     }
 }
 
-/// A stable fingerprint of a value, for ordering workers under symmetry (FxHash:
-/// fast, deterministic, not collision-resistant, which symmetry does not need).
-pub fn stable_hash<T: Hash>(value: &T) -> u64 {
-    let mut h = FxHasher(0);
-    value.hash(&mut h);
-    h.finish()
+/// A worker as the states hold it: shared by every state that did not change it,
+/// with its digest computed once per change. A step changes one worker, so cloning
+/// a state copies pointers, and hashing it (the checker does that for every state it
+/// generates, twice under symmetry) reads the digests of the workers it did not
+/// change. Writing through `DerefMut` copies the worker if another state shares it
+/// and forgets the digest.
+#[derive(Clone)]
+pub struct Shared(Arc<Digested>);
+
+/// Fixed seeds: the same worker gets the same digest in every run.
+const DIGEST_SEEDS: [u64; 4] = [
+    0x243f_6a88_85a3_08d3,
+    0x1319_8a2e_0370_7344,
+    0xa409_3822_299f_31d0,
+    0x082e_fa98_ec4e_6c89,
+];
+
+#[derive(Clone)]
+struct Digested {
+    worker: Worker,
+    digest: OnceLock<u64>,
 }
 
-struct FxHasher(u64);
+impl Shared {
+    /// A worker no other state holds yet.
+    pub fn new(worker: Worker) -> Self {
+        Shared(Arc::new(Digested {
+            worker,
+            digest: OnceLock::new(),
+        }))
+    }
 
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    /// A 64-bit digest of the worker's whole state: aHash with fixed seeds, the
+    /// hasher of the checker's own fingerprints, which this digest feeds
+    /// (deterministic across runs, and no weaker than those fingerprints).
+    pub fn digest(&self) -> u64 {
+        *self.0.digest.get_or_init(|| {
+            ahash::RandomState::with_seeds(
+                DIGEST_SEEDS[0],
+                DIGEST_SEEDS[1],
+                DIGEST_SEEDS[2],
+                DIGEST_SEEDS[3],
+            )
+            .hash_one(&self.0.worker)
+        })
     }
 }
 
-impl Hasher for FxHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
+impl Deref for Shared {
+    type Target = Worker;
 
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(c);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 56));
-        }
+    fn deref(&self) -> &Worker {
+        &self.0.worker
     }
+}
 
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
+impl DerefMut for Shared {
+    fn deref_mut(&mut self) -> &mut Worker {
+        let d = Arc::make_mut(&mut self.0);
+        d.digest = OnceLock::new();
+        &mut d.worker
     }
+}
 
-    fn write_u32(&mut self, i: u32) {
-        self.add(u64::from(i));
+impl Hash for Shared {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.digest());
     }
+}
 
-    fn write_u64(&mut self, i: u64) {
-        self.add(i);
+impl PartialEq for Shared {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.worker == other.0.worker
     }
+}
 
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
+impl Eq for Shared {}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.worker.fmt(f)
     }
 }
 
@@ -374,22 +407,20 @@ pub fn representative(state: &State) -> State {
         .workers
         .iter()
         .enumerate()
-        .map(|(i, w)| (stable_hash(w), i))
+        .map(|(i, w)| (w.digest(), i))
         .collect();
     order.sort();
+    let mut out = state.clone();
     if order.iter().enumerate().all(|(j, (_, i))| j == *i) {
-        return state.clone();
+        return out;
     }
     let mut new_slot = vec![0; n];
     for (j, (_, i)) in order.iter().enumerate() {
         new_slot[*i] = j;
     }
-    // One clone of the state; the workers are then moved into their new order.
-    let mut out = state.clone();
-    let mut workers: Vec<Option<Worker>> = out.workers.drain(..).map(Some).collect();
     out.workers = order
         .iter()
-        .filter_map(|(_, i)| workers[*i].take())
+        .map(|(_, i)| state.workers[*i].clone())
         .collect();
     let id = super::connection_id();
     if let Some(mut slot) = state.store.row(id).and_then(|r| r.lease.clone()) {

@@ -226,7 +226,8 @@ impl TokenfenceModel {
             }
         }
         for worker in &mut s.workers {
-            if !worker.conn.is_busy() {
+            // Written only when it changes: a write copies a worker other states share.
+            if !worker.conn.is_busy() && worker.ghost.sender.unsettled().is_some() {
                 worker.ghost.sender.settle();
             }
         }

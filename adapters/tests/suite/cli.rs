@@ -5,8 +5,7 @@
 use tokenfence::crypto::EncryptionKey;
 use tokenfence_sim::mock::{AUTHORIZE_PATH, REVOKE_PATH, TOKEN_PATH};
 
-mod common;
-use common::serve_mock;
+use crate::common::serve_mock;
 use tokenfence_sim::provider::ProviderSpec;
 
 struct Env {

@@ -10,8 +10,7 @@ use tokenfence::store::{MemoryStore, Store};
 use tokenfence::{ImportOptions, Imported};
 use tokenfence_core::*;
 
-mod common;
-use common::{memory_manager, provider, Scripted};
+use crate::common::{memory_manager, provider, Scripted};
 
 fn line(id: &str, refresh: &str, extra: &str) -> String {
     format!(

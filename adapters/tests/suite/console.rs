@@ -12,8 +12,7 @@ use tokenfence_core::*;
 use tokenfence_sim::mock::{Control, MockProvider};
 use tokenfence_sim::provider::ProviderSpec;
 
-mod common;
-use common::serve_mock;
+use crate::common::serve_mock;
 
 fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();

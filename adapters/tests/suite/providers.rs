@@ -14,8 +14,7 @@ use tokenfence::{
 use tokenfence_core::GrantIdentity;
 use tokenfence_sim::mock::{Control, MockProvider};
 
-mod common;
-use common::{consent_code, serve_mock};
+use crate::common::{consent_code, serve_mock};
 use tokenfence_sim::provider::{BehaviourClass, ProviderSpec};
 
 fn client(id: &str, secret: &str, environment: Environment) -> ClientCredentials {

@@ -11,8 +11,7 @@ use tokenfence::store::{CasOutcome, MemoryStore, Store};
 use tokenfence::{ApiResult, ManagerError};
 use tokenfence_core::*;
 
-mod common;
-use common::{id, memory_manager, provider, Scripted};
+use crate::common::{id, memory_manager, provider, Scripted};
 
 async fn seeded_store() -> Arc<MemoryStore> {
     let store = Arc::new(MemoryStore::new());

@@ -10,8 +10,9 @@ use tokenfence::store::{CasOutcome, MemoryStore, Store};
 use tokenfence::{LifecycleEvent, Provider, TokenManager};
 use tokenfence_core::*;
 
-mod common;
-use common::{granting_manager, id, keepalive_due, provider, seed, Granting, Scripted, Watched};
+use crate::common::{
+    granting_manager, id, keepalive_due, provider, seed, Granting, Scripted, Watched,
+};
 
 async fn seeded_store(p: &Provider) -> Arc<Watched> {
     let store = Arc::new(Watched::default());

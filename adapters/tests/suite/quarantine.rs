@@ -14,8 +14,7 @@ use tokenfence::store::{SqliteStore, Store, StoreError};
 use tokenfence::ManagerError;
 use tokenfence_core::*;
 
-mod common;
-use common::{granting_manager, keepalive_due, provider, seed, Granting};
+use crate::common::{granting_manager, keepalive_due, provider, seed, Granting};
 
 /// The connection that can be worked: due (keep-alive) a day after the 2,000
 /// that cannot, whose ids sort after it (neither id order nor a fixed limit

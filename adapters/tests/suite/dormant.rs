@@ -13,8 +13,7 @@ use tokenfence::store::{MemoryStore, Store};
 use tokenfence::{LifecycleEvent, TokenManager};
 use tokenfence_core::*;
 
-mod common;
-use common::{id, provider, Scripted, Watched};
+use crate::common::{id, provider, Scripted, Watched};
 
 /// A clock the test moves by hand.
 #[derive(Clone)]

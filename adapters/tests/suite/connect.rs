@@ -15,8 +15,7 @@ use tokenfence_core::*;
 use tokenfence_sim::mock::{Control, MockProvider};
 use tokenfence_sim::provider::ProviderSpec;
 
-mod common;
-use common::serve_mock;
+use crate::common::serve_mock;
 
 const CALLBACK: &str = "http://127.0.0.1:1/qbo/callback";
 
