@@ -147,6 +147,28 @@ mod tests {
         }
     }
 
+    /// Clocks may disagree (leases on the processes' clocks): a chain's row starts
+    /// at the earlier of the two grants' stamps, whichever was granted first.
+    #[test]
+    fn an_inherited_row_starts_at_the_earlier_stamp() {
+        let lease = |owner: &str, at: u64| Lease {
+            owner: WorkerId(owner.into()),
+            acquired_at: Timestamp::from_secs(at),
+            expires_at: Timestamp::from_secs(at + 10),
+            generation: Some(Generation(1)),
+            request: LeaseRequestId(1),
+        };
+        let row = inherit(lease("b", 5), Some(lease("a", 8)));
+        assert_eq!(row.owner, WorkerId("a".into()));
+        assert_eq!(row.acquired_at, Timestamp::from_secs(5));
+        assert_eq!(row.expires_at, Timestamp::from_secs(15));
+        let unrelated = Lease {
+            generation: Some(Generation(2)),
+            ..lease("a", 1)
+        };
+        assert_eq!(inherit(lease("b", 5), Some(unrelated)), lease("b", 5));
+    }
+
     #[test]
     fn a_retry_inherits_what_its_lost_grant_displaced_and_giving_up_restores_it() {
         let (a, b, c) = (

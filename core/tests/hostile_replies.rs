@@ -433,3 +433,40 @@ fn the_reply_file_format_decodes_as_documented() {
     assert_eq!((bare.response.status, bare.response.body.len()), (302, 0));
     assert_eq!(parse_case(b"no digits\n\nbody").response.status, 200);
 }
+
+#[test]
+fn a_token_one_byte_over_16_kib_is_refused() {
+    let reply = |n: usize| HttpResponse {
+        status: 200,
+        headers: vec![],
+        body: format!(
+            r#"{{"access_token":"{}","expires_in":3600}}"#,
+            "A".repeat(n)
+        )
+        .into_bytes(),
+    };
+    let intuit = ProviderProfile::intuit();
+    assert!(parse_token_reply(&intuit, &reply(16 * 1024)).is_ok());
+    assert!(parse_token_reply(&intuit, &reply(16 * 1024 + 1)).is_err());
+}
+
+/// Intuit's transaction id is read from its header, cleaned for logs; the body,
+/// which may carry tokens, never shows in `Debug`.
+#[test]
+fn the_transaction_id_is_read_sanitized_and_the_body_never_shown() {
+    let reply = HttpResponse {
+        status: 400,
+        headers: vec![("Intuit_TID".into(), "1-abc\n\u{7}def".into())],
+        body: br#"{"error":"invalid_grant","refresh_token":"RT-secret"}"#.to_vec(),
+    };
+    assert_eq!(
+        reply.transaction_id(&ProviderProfile::intuit()).as_deref(),
+        Some("1-abcdef")
+    );
+    let other = ProviderProfile::strict_reuse_detecting("strict", "https://auth.example/token");
+    assert_eq!(reply.transaction_id(&other), None);
+    let shown = format!("{reply:?}");
+    assert!(shown.contains("status: 400"), "{shown}");
+    assert!(shown.contains("redacted 53 bytes"), "{shown}");
+    assert!(!shown.contains("RT-secret"), "{shown}");
+}

@@ -299,3 +299,349 @@ fn s1_bites_when_the_driver_rewrites_the_commit_base() {
         "{v:?}"
     );
 }
+
+/// A provider that accepts at most one token and may have ended the grant.
+struct Accepts {
+    token: Option<&'static str>,
+    ended: bool,
+}
+
+impl ProviderTruth for Accepts {
+    fn accepts(&self, t: &RefreshToken) -> bool {
+        self.token == Some(t.expose())
+    }
+    fn ended_by_provider(&self) -> bool {
+        self.ended
+    }
+    fn replayed_outside_grace(&self) -> bool {
+        false
+    }
+    fn successor_lost(&self, _: &RefreshToken) -> bool {
+        false
+    }
+}
+
+/// S2 with no fault involved: a stored token the provider no longer accepts is a
+/// loss unless one excuse holds, and each excuse is enough alone.
+#[test]
+fn s2_takes_each_excuse_alone_and_nothing_less() {
+    let intuit = ProviderProfile::intuit();
+    let active = record(&config(intuit.clone(), "w0"), "RT-1", T0);
+    let nobody: &[Unsettled] = &[];
+    let s2 = |stored: &ConnectionRecord, resolving: bool, pending: &[RefreshToken], t: &Accepts| {
+        invariants::no_self_inflicted_loss(stored, &intuit, resolving, pending, nobody, t)
+    };
+    let rejects_all = Accepts {
+        token: None,
+        ended: false,
+    };
+    assert_eq!(
+        s2(&active, false, &[], &rejects_all),
+        Err(Violation::SelfInflictedLoss)
+    );
+    let revoked = Accepts {
+        token: None,
+        ended: true,
+    };
+    assert_eq!(
+        s2(&active, false, &[], &revoked),
+        Ok(()),
+        "the provider ended it"
+    );
+    let lost = ConnectionRecord {
+        status: Status::ReauthRequired {
+            reason: ReauthReason::LostRotation,
+            since: T0,
+        },
+        ..active.clone()
+    };
+    assert_eq!(s2(&lost, false, &[], &rejects_all), Ok(()), "declared lost");
+    let disconnected = ConnectionRecord {
+        status: Status::Disconnected { at: T0 },
+        ..active.clone()
+    };
+    assert_eq!(s2(&disconnected, false, &[], &rejects_all), Ok(()));
+    let other_reason = ConnectionRecord {
+        status: Status::ReauthRequired {
+            reason: ReauthReason::InvalidGrant,
+            since: T0,
+        },
+        ..active.clone()
+    };
+    assert_eq!(
+        s2(&other_reason, false, &[], &rejects_all),
+        Err(Violation::SelfInflictedLoss),
+        "only a declared lost rotation says so"
+    );
+    assert_eq!(s2(&active, true, &[], &rejects_all), Ok(()), "resolving");
+    let holds_rt2 = Accepts {
+        token: Some("RT-2"),
+        ended: false,
+    };
+    assert_eq!(
+        s2(&active, false, &[RefreshToken::new("RT-2")], &holds_rt2),
+        Ok(()),
+        "fresh tokens not committed yet"
+    );
+    assert_eq!(
+        s2(&active, false, &[RefreshToken::new("RT-3")], &holds_rt2),
+        Err(Violation::SelfInflictedLoss),
+        "held tokens the provider refuses excuse nothing"
+    );
+    let stored_ok = Accepts {
+        token: Some("RT-1"),
+        ended: false,
+    };
+    assert_eq!(s2(&active, false, &[], &stored_ok), Ok(()));
+}
+
+/// S3 fails exactly when the provider saw a replay outside the grace window.
+#[test]
+fn s3_bites_on_a_replay_outside_grace() {
+    struct Replayed(bool);
+    impl ProviderTruth for Replayed {
+        fn accepts(&self, _: &RefreshToken) -> bool {
+            true
+        }
+        fn ended_by_provider(&self) -> bool {
+            self.0
+        }
+        fn replayed_outside_grace(&self) -> bool {
+            self.0
+        }
+        fn successor_lost(&self, _: &RefreshToken) -> bool {
+            false
+        }
+    }
+    assert_eq!(
+        invariants::no_self_inflicted_replay(&Replayed(true)),
+        Err(Violation::SelfInflictedReplay)
+    );
+    assert_eq!(
+        invariants::no_self_inflicted_replay(&Replayed(false)),
+        Ok(())
+    );
+}
+
+/// S4's takeover ghost at its boundaries: a lease granted at the stored
+/// generation counts; otherwise only an active record whose tokens predate the
+/// lease (refreshed strictly before its grant, or of unknown age received
+/// strictly before its end plus `late`).
+#[test]
+fn a_taken_over_lease_counts_only_over_older_tokens() {
+    let cfg = config(ProviderProfile::intuit(), "w0");
+    let late = Duration::from_secs(30);
+    let at = T0.saturating_add(Duration::from_secs(600));
+    let lease = Lease {
+        owner: WorkerId("w1".into()),
+        acquired_at: at,
+        expires_at: at.saturating_add(Duration::from_secs(60)),
+        generation: Some(Generation(7)),
+        request: LeaseRequestId(1),
+    };
+    let counts = |r: &ConnectionRecord| Unsettled::taken_over(&lease, Some(r), late).is_some();
+    let refreshed = |t: Timestamp| ConnectionRecord {
+        last_refreshed_at: Some(t),
+        ..record(&cfg, "RT-1", T0)
+    };
+    assert!(counts(&ConnectionRecord {
+        generation: Generation(7),
+        ..refreshed(at.saturating_add(Duration::from_secs(1)))
+    }));
+    assert!(counts(&refreshed(
+        at.saturating_sub(Duration::from_secs(1))
+    )));
+    assert!(!counts(&refreshed(at)), "refreshed at the grant: not older");
+    assert!(!counts(&refreshed(
+        at.saturating_add(Duration::from_secs(1))
+    )));
+    let reauth = ConnectionRecord {
+        status: Status::ReauthRequired {
+            reason: ReauthReason::InvalidGrant,
+            since: T0,
+        },
+        ..refreshed(at.saturating_sub(Duration::from_secs(1)))
+    };
+    assert!(!counts(&reauth), "only an active record's tokens");
+    let end = lease.expires_at.saturating_add(late);
+    let unknown_age = |issued: Timestamp| record(&cfg, "RT-1", issued);
+    assert!(counts(&unknown_age(
+        end.saturating_sub(Duration::from_millis(1))
+    )));
+    assert!(
+        !counts(&unknown_age(end)),
+        "received once the lease was over"
+    );
+    assert!(Unsettled::taken_over(&lease, None, late).is_none());
+}
+
+/// S5 at its boundaries: before expiry minus the margin, and never older than a
+/// generation the worker has seen.
+#[test]
+fn s5_bites_at_the_margin_and_on_an_older_generation() {
+    let margin = Duration::from_secs(60);
+    let expires = T0.saturating_add(Duration::from_secs(3600));
+    let serve = |served: u64, now: Timestamp, newest: u64| {
+        invariants::fresh_serve(Generation(served), expires, now, margin, Generation(newest))
+            .is_ok()
+    };
+    assert!(serve(2, T0, 2));
+    assert!(serve(3, T0, 2));
+    let edge = expires.saturating_sub(margin);
+    assert!(serve(2, edge.saturating_sub(Duration::from_millis(1)), 2));
+    assert!(!serve(2, edge, 2), "inside the margin");
+    assert!(!serve(1, T0, 2), "a newer generation was seen");
+}
+
+/// S6: a reply without `refresh_token` keeps the stored one, and an access token
+/// whose lifetime the reply did not state lives at most the profile's default.
+#[test]
+fn s6_bites_on_a_dropped_refresh_token_and_an_unbounded_access_token() {
+    let profile = ProviderProfile::intuit();
+    let before = record(&config(profile.clone(), "w0"), "RT-1", T0);
+    let sent = T0;
+    let grant = |refresh: Option<&str>, expires_in: Option<Duration>| TokenGrant {
+        access: AccessToken::new("AT-2"),
+        refresh: refresh.map(RefreshToken::new),
+        expires_in,
+        refresh_expires_in: None,
+        hard_expires_in: None,
+        ignored: Vec::new(),
+    };
+    let after = |refresh: &str, expires_at: Option<Timestamp>| ConnectionRecord {
+        refresh: RefreshToken::new(refresh),
+        access: expires_at.map(|e| AccessGrant {
+            token: AccessToken::new("AT-2"),
+            expires_at: e,
+        }),
+        ..before.clone()
+    };
+    let s6 = |g: &TokenGrant, a: &ConnectionRecord| {
+        invariants::keeps_what_was_not_replaced(&before, g, a, &profile, sent)
+    };
+    let bound = sent.saturating_add(profile.default_access_ttl);
+    assert_eq!(s6(&grant(None, None), &after("RT-1", Some(bound))), Ok(()));
+    assert_eq!(
+        s6(&grant(None, None), &after("", Some(bound))),
+        Err(Violation::DroppedRefreshToken)
+    );
+    assert_eq!(
+        s6(&grant(Some("RT-2"), None), &after("RT-2", Some(bound))),
+        Ok(())
+    );
+    let beyond = bound.saturating_add(Duration::from_secs(1));
+    assert_eq!(
+        s6(&grant(None, None), &after("RT-1", Some(beyond))),
+        Err(Violation::UnboundedAccessLifetime)
+    );
+    let stated = Some(Duration::from_secs(7200));
+    assert_eq!(
+        s6(&grant(None, stated), &after("RT-1", Some(beyond))),
+        Ok(())
+    );
+    assert_eq!(
+        s6(&grant(None, stated), &after("RT-1", None)),
+        Err(Violation::UnboundedAccessLifetime)
+    );
+}
+
+/// S7, S8 and S9 each fail on the state they must reject.
+#[test]
+fn s7_s8_s9_bite() {
+    let prod = config(ProviderProfile::intuit(), "w0");
+    let stored = record(&prod, "RT-1", T0);
+    assert_eq!(invariants::right_credentials(&prod, &stored), Ok(()));
+    let sandbox = Config {
+        client: client(Environment::Sandbox),
+        ..(*prod).clone()
+    };
+    assert_eq!(
+        invariants::right_credentials(&sandbox, &stored),
+        Err(Violation::WrongCredentials)
+    );
+    assert_eq!(invariants::single_flight(1, true), Ok(()));
+    assert_eq!(
+        invariants::single_flight(2, true),
+        Err(Violation::DuplicateRefresh { outstanding: 2 })
+    );
+    assert_eq!(
+        invariants::single_flight(2, false),
+        Ok(()),
+        "a lease broken"
+    );
+    assert_eq!(
+        invariants::unchanged_by_bad_input(Some(&stored), Some(&stored)),
+        Ok(())
+    );
+    let changed = ConnectionRecord {
+        generation: Generation(2),
+        ..stored.clone()
+    };
+    assert_eq!(
+        invariants::unchanged_by_bad_input(Some(&stored), Some(&changed)),
+        Err(Violation::BadInputChangedRecord)
+    );
+}
+
+/// R1 and R2 each fail on the state they must reject, and each reason R2 knows
+/// for a refresh is enough alone.
+#[test]
+fn r1_and_r2_bite() {
+    let at1 = AccessToken::new("AT-1");
+    let refused = [AccessToken::new("AT-0"), at1.clone()];
+    assert_eq!(
+        invariants::refused_not_served(&at1, &refused, false),
+        Err(Violation::RefusedServed)
+    );
+    assert_eq!(invariants::refused_not_served(&at1, &refused, true), Ok(()));
+    assert_eq!(
+        invariants::refused_not_served(&AccessToken::new("AT-2"), &refused, false),
+        Ok(())
+    );
+
+    let cfg = config(ProviderProfile::intuit(), "w0");
+    let margin = Duration::from_secs(300);
+    let lead = Duration::from_secs(86_400);
+    let fresh = ConnectionRecord {
+        access: Some(AccessGrant {
+            token: at1.clone(),
+            expires_at: T0.saturating_add(Duration::from_secs(3600)),
+        }),
+        idle_deadline: Some(T0.saturating_add(Duration::from_secs(30 * 86_400))),
+        ..record(&cfg, "RT-1", T0)
+    };
+    let nothing_refused = |_: &AccessToken| false;
+    let r2 = |r: &ConnectionRecord, now: Timestamp, doubt: bool| {
+        invariants::refresh_needed(r, now, margin, lead, doubt, nothing_refused)
+    };
+    assert_eq!(r2(&fresh, T0, false), Err(Violation::UnprovokedRefresh));
+    let expiry = T0.saturating_add(Duration::from_secs(3600));
+    assert_eq!(r2(&fresh, expiry.saturating_sub(margin), false), Ok(()));
+    assert_eq!(
+        invariants::refresh_needed(&fresh, T0, margin, lead, false, |t| *t == at1),
+        Ok(()),
+        "its access token was refused"
+    );
+    let keepalive = fresh.idle_deadline.expect("set").saturating_sub(lead);
+    assert_eq!(r2(&fresh, keepalive, false), Ok(()));
+    assert_eq!(r2(&fresh, T0, true), Ok(()), "the ghost knows a doubt");
+    let doubted = ConnectionRecord {
+        in_doubt_since: Some(T0),
+        ..fresh.clone()
+    };
+    assert_eq!(r2(&doubted, T0, false), Ok(()));
+    let degraded = ConnectionRecord {
+        status: Status::Degraded {
+            failures: 1,
+            retry_at: T0,
+            last: FailureKind::RateLimited,
+        },
+        ..fresh.clone()
+    };
+    assert_eq!(r2(&degraded, T0, false), Ok(()));
+    let no_access = ConnectionRecord {
+        access: None,
+        ..fresh.clone()
+    };
+    assert_eq!(r2(&no_access, T0, false), Ok(()));
+}
