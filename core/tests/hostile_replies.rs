@@ -470,3 +470,42 @@ fn the_transaction_id_is_read_sanitized_and_the_body_never_shown() {
     assert!(shown.contains("redacted 53 bytes"), "{shown}");
     assert!(!shown.contains("RT-secret"), "{shown}");
 }
+
+/// A lifetime given as a string is read only if it is all digits (Rust's own
+/// integer parser would take `"+60"`); otherwise the optional member is unusable,
+/// treated as absent, and named.
+#[test]
+fn a_signed_string_lifetime_is_not_read() {
+    let reply = |expires_in: &str| HttpResponse {
+        status: 200,
+        headers: vec![],
+        body: format!(r#"{{"access_token":"AT-2","expires_in":{expires_in}}}"#).into_bytes(),
+    };
+    let intuit = ProviderProfile::intuit();
+    let grant = parse_token_reply(&intuit, &reply(r#""60""#)).expect("digits");
+    assert_eq!(grant.expires_in, Some(std::time::Duration::from_secs(60)));
+    for unusable in [r#""+60""#, r#""""#] {
+        let grant = parse_token_reply(&intuit, &reply(unusable)).expect("usable otherwise");
+        assert_eq!(grant.expires_in, None, "{unusable}");
+        assert_eq!(grant.ignored, vec!["expires_in"], "{unusable}");
+    }
+}
+
+/// An OAuth error keeps its description, cleaned for logs.
+#[test]
+fn an_oauth_error_keeps_its_description() {
+    let reply = HttpResponse {
+        status: 400,
+        headers: vec![],
+        body: br#"{"error":"invalid_grant","error_description":"Token\u0007 expired"}"#.to_vec(),
+    };
+    match parse_token_reply(&ProviderProfile::intuit(), &reply) {
+        Err(ReplyError::OAuth {
+            code, description, ..
+        }) => {
+            assert_eq!(code, "invalid_grant");
+            assert_eq!(description.as_deref(), Some("Token expired"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
