@@ -1501,10 +1501,12 @@ impl Connection {
         // Our earlier attempt of this commit landed and only its answer was lost:
         // it is committed. Its events are emitted now, once, and nothing is
         // decided again (no second refresh, no older tokens written again).
-        if let Some(stored) = current.as_ref().filter(|s| landed(&proposal, &intent, s)) {
-            let stored = stored.clone();
-            return self.on_committed(now, stored, intent);
-        }
+        let current = match current {
+            Some(stored) if landed(&proposal, &intent, &stored) => {
+                return self.on_committed(now, stored, intent)
+            }
+            current => current,
+        };
         self.adopt(current);
         self.mark_fresh(now);
         let Some(stored) = self.record.as_ref() else {

@@ -9,43 +9,63 @@ use support::*;
 use tokenfence_core::invariants::{self, ProviderTruth, Unsettled, Violation};
 use tokenfence_core::*;
 
-/// A provider that still accepts every token and ended nothing: only the ghost can
-/// justify a re-auth flag.
-struct AcceptsAll;
+/// Which refresh tokens a hand-set provider still accepts.
+#[derive(Clone, Copy)]
+enum Accepted {
+    None,
+    All,
+    Only(&'static str),
+}
 
-impl ProviderTruth for AcceptsAll {
-    fn accepts(&self, _: &RefreshToken) -> bool {
-        true
+/// A provider's facts about one grant, set by hand: each test states those it needs.
+#[derive(Clone, Copy)]
+struct Truth {
+    accepted: Accepted,
+    ended: bool,
+    replayed: bool,
+    successor_lost: bool,
+}
+
+impl ProviderTruth for Truth {
+    fn accepts(&self, t: &RefreshToken) -> bool {
+        match self.accepted {
+            Accepted::None => false,
+            Accepted::All => true,
+            Accepted::Only(token) => token == t.expose(),
+        }
     }
     fn ended_by_provider(&self) -> bool {
-        false
+        self.ended
     }
     fn replayed_outside_grace(&self) -> bool {
-        false
+        self.replayed
     }
     fn successor_lost(&self, _: &RefreshToken) -> bool {
-        false
+        self.successor_lost
     }
 }
+
+/// A provider that accepts no token and knows nothing else.
+const NOTHING: Truth = Truth {
+    accepted: Accepted::None,
+    ended: false,
+    replayed: false,
+    successor_lost: false,
+};
+
+/// A provider that still accepts every token and ended nothing: only the ghost can
+/// justify a re-auth flag.
+const ACCEPTS_ALL: Truth = Truth {
+    accepted: Accepted::All,
+    ..NOTHING
+};
 
 /// A provider whose only fact is that the stored token's successor went to
 /// nobody (a lost reply, a crashed receiver) and that it no longer accepts it.
-struct SuccessorLost;
-
-impl ProviderTruth for SuccessorLost {
-    fn accepts(&self, _: &RefreshToken) -> bool {
-        false
-    }
-    fn ended_by_provider(&self) -> bool {
-        false
-    }
-    fn replayed_outside_grace(&self) -> bool {
-        false
-    }
-    fn successor_lost(&self, _: &RefreshToken) -> bool {
-        true
-    }
-}
+const SUCCESSOR_LOST: Truth = Truth {
+    successor_lost: true,
+    ..NOTHING
+};
 
 /// S2's allowance for a fault's loss is INVARIANTS.md's: a provider with no grace
 /// window. Under a grace window (Intuit) an active record without a doubt whose
@@ -54,7 +74,7 @@ impl ProviderTruth for SuccessorLost {
 #[test]
 fn s2_excuses_a_fault_under_a_grace_window_only_while_the_loss_is_known() {
     let s2 = |profile: &ProviderProfile, stored: &ConnectionRecord, ghost: &[Unsettled]| {
-        invariants::no_self_inflicted_loss(stored, profile, false, [], ghost, &SuccessorLost)
+        invariants::no_self_inflicted_loss(stored, profile, false, [], ghost, &SUCCESSOR_LOST)
     };
     let intuit = ProviderProfile::intuit();
     let active = record(&config(intuit.clone(), "w0"), "RT-1", T0);
@@ -128,7 +148,7 @@ fn s4_rejects_a_lost_rotation_that_only_the_record_claims() {
     // The record's own in_doubt_since is written by the core under test: alone, it
     // justifies nothing.
     assert_eq!(
-        invariants::sound_reauth(&stored, &profile, &AcceptsAll, []),
+        invariants::sound_reauth(&stored, &profile, &ACCEPTS_ALL, []),
         unsound
     );
     // A request really sent presenting another token justifies nothing either.
@@ -138,7 +158,7 @@ fn s4_rejects_a_lost_rotation_that_only_the_record_claims() {
         generation: Some(Generation(1)),
     };
     assert_eq!(
-        invariants::sound_reauth(&stored, &profile, &AcceptsAll, [&other]),
+        invariants::sound_reauth(&stored, &profile, &ACCEPTS_ALL, [&other]),
         unsound
     );
     // A request really sent presenting the stored token, outcome never seen: sound.
@@ -148,7 +168,7 @@ fn s4_rejects_a_lost_rotation_that_only_the_record_claims() {
         generation: Some(Generation(1)),
     };
     assert_eq!(
-        invariants::sound_reauth(&stored, &profile, &AcceptsAll, [&other, &sent]),
+        invariants::sound_reauth(&stored, &profile, &ACCEPTS_ALL, [&other, &sent]),
         Ok(())
     );
 }
@@ -167,15 +187,15 @@ fn s4_rejects_a_lost_rotation_declared_inside_the_grace_window() {
     };
     let early = declared_lost(&profile, T0, T0.saturating_add(hours(1)));
     assert!(
-        invariants::sound_reauth_within(&early, &profile, safety, &AcceptsAll, [&sent]).is_err()
+        invariants::sound_reauth_within(&early, &profile, safety, &ACCEPTS_ALL, [&sent]).is_err()
     );
     let late = declared_lost(&profile, T0, T0.saturating_add(hours(25)));
     assert_eq!(
-        invariants::sound_reauth_within(&late, &profile, safety, &AcceptsAll, [&sent]),
+        invariants::sound_reauth_within(&late, &profile, safety, &ACCEPTS_ALL, [&sent]),
         Ok(())
     );
     // The doubt the record claims (since T0) changes nothing without the request.
-    assert!(invariants::sound_reauth_within(&late, &profile, safety, &AcceptsAll, []).is_err());
+    assert!(invariants::sound_reauth_within(&late, &profile, safety, &ACCEPTS_ALL, []).is_err());
 }
 
 #[test]
@@ -208,9 +228,9 @@ fn the_worlds_ghost_justifies_the_lost_rotation_a_crash_leaves() {
         }
     ));
     let safety = Settings::default().in_doubt_safety;
-    invariants::sound_reauth_within(stored, &profile, safety, &AcceptsAll, world.unsettled())
+    invariants::sound_reauth_within(stored, &profile, safety, &ACCEPTS_ALL, world.unsettled())
         .expect("S4 from the ghost");
-    assert!(invariants::sound_reauth_within(stored, &profile, safety, &AcceptsAll, []).is_err());
+    assert!(invariants::sound_reauth_within(stored, &profile, safety, &ACCEPTS_ALL, []).is_err());
 }
 
 #[test]
@@ -300,27 +320,6 @@ fn s1_bites_when_the_driver_rewrites_the_commit_base() {
     );
 }
 
-/// A provider that accepts at most one token and may have ended the grant.
-struct Accepts {
-    token: Option<&'static str>,
-    ended: bool,
-}
-
-impl ProviderTruth for Accepts {
-    fn accepts(&self, t: &RefreshToken) -> bool {
-        self.token == Some(t.expose())
-    }
-    fn ended_by_provider(&self) -> bool {
-        self.ended
-    }
-    fn replayed_outside_grace(&self) -> bool {
-        false
-    }
-    fn successor_lost(&self, _: &RefreshToken) -> bool {
-        false
-    }
-}
-
 /// S2 with no fault involved: a stored token the provider no longer accepts is a
 /// loss unless one excuse holds, and each excuse is enough alone.
 #[test]
@@ -328,20 +327,17 @@ fn s2_takes_each_excuse_alone_and_nothing_less() {
     let intuit = ProviderProfile::intuit();
     let active = record(&config(intuit.clone(), "w0"), "RT-1", T0);
     let nobody: &[Unsettled] = &[];
-    let s2 = |stored: &ConnectionRecord, resolving: bool, pending: &[RefreshToken], t: &Accepts| {
+    let s2 = |stored: &ConnectionRecord, resolving: bool, pending: &[RefreshToken], t: &Truth| {
         invariants::no_self_inflicted_loss(stored, &intuit, resolving, pending, nobody, t)
     };
-    let rejects_all = Accepts {
-        token: None,
-        ended: false,
-    };
+    let rejects_all = NOTHING;
     assert_eq!(
         s2(&active, false, &[], &rejects_all),
         Err(Violation::SelfInflictedLoss)
     );
-    let revoked = Accepts {
-        token: None,
+    let revoked = Truth {
         ended: true,
+        ..NOTHING
     };
     assert_eq!(
         s2(&active, false, &[], &revoked),
@@ -374,9 +370,9 @@ fn s2_takes_each_excuse_alone_and_nothing_less() {
         "only a declared lost rotation says so"
     );
     assert_eq!(s2(&active, true, &[], &rejects_all), Ok(()), "resolving");
-    let holds_rt2 = Accepts {
-        token: Some("RT-2"),
-        ended: false,
+    let holds_rt2 = Truth {
+        accepted: Accepted::Only("RT-2"),
+        ..NOTHING
     };
     assert_eq!(
         s2(&active, false, &[RefreshToken::new("RT-2")], &holds_rt2),
@@ -388,9 +384,9 @@ fn s2_takes_each_excuse_alone_and_nothing_less() {
         Err(Violation::SelfInflictedLoss),
         "held tokens the provider refuses excuse nothing"
     );
-    let stored_ok = Accepts {
-        token: Some("RT-1"),
-        ended: false,
+    let stored_ok = Truth {
+        accepted: Accepted::Only("RT-1"),
+        ..NOTHING
     };
     assert_eq!(s2(&active, false, &[], &stored_ok), Ok(()));
 }
@@ -398,29 +394,15 @@ fn s2_takes_each_excuse_alone_and_nothing_less() {
 /// S3 fails exactly when the provider saw a replay outside the grace window.
 #[test]
 fn s3_bites_on_a_replay_outside_grace() {
-    struct Replayed(bool);
-    impl ProviderTruth for Replayed {
-        fn accepts(&self, _: &RefreshToken) -> bool {
-            true
-        }
-        fn ended_by_provider(&self) -> bool {
-            self.0
-        }
-        fn replayed_outside_grace(&self) -> bool {
-            self.0
-        }
-        fn successor_lost(&self, _: &RefreshToken) -> bool {
-            false
-        }
-    }
+    let replayed = Truth {
+        replayed: true,
+        ..NOTHING
+    };
     assert_eq!(
-        invariants::no_self_inflicted_replay(&Replayed(true)),
+        invariants::no_self_inflicted_replay(&replayed),
         Err(Violation::SelfInflictedReplay)
     );
-    assert_eq!(
-        invariants::no_self_inflicted_replay(&Replayed(false)),
-        Ok(())
-    );
+    assert_eq!(invariants::no_self_inflicted_replay(&NOTHING), Ok(()));
 }
 
 /// S4's takeover ghost at its boundaries: a lease granted at the stored

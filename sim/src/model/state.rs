@@ -323,12 +323,12 @@ pub fn show_refresh(t: &RefreshToken) -> String {
 pub struct Shared(Arc<Digested>);
 
 /// Fixed seeds: the same worker gets the same digest in every run.
-const DIGEST_SEEDS: [u64; 4] = [
+const DIGEST: ahash::RandomState = ahash::RandomState::with_seeds(
     0x243f_6a88_85a3_08d3,
     0x1319_8a2e_0370_7344,
     0xa409_3822_299f_31d0,
     0x082e_fa98_ec4e_6c89,
-];
+);
 
 #[derive(Clone)]
 struct Digested {
@@ -349,15 +349,10 @@ impl Shared {
     /// hasher of the checker's own fingerprints, which this digest feeds
     /// (deterministic across runs, and no weaker than those fingerprints).
     pub fn digest(&self) -> u64 {
-        *self.0.digest.get_or_init(|| {
-            ahash::RandomState::with_seeds(
-                DIGEST_SEEDS[0],
-                DIGEST_SEEDS[1],
-                DIGEST_SEEDS[2],
-                DIGEST_SEEDS[3],
-            )
-            .hash_one(&self.0.worker)
-        })
+        *self
+            .0
+            .digest
+            .get_or_init(|| DIGEST.hash_one(&self.0.worker))
     }
 }
 
