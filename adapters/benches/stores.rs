@@ -325,6 +325,44 @@ fn bench_store(
         b.iter_custom(|iters| bare_parallel(&bare, "bench-bare-par", iters))
     });
     group.finish();
+    paired(name, rt, &store, &bare);
+}
+
+/// The ratios again, paired: criterion measures each loop for seconds, one after
+/// the other, and a shared disk's fsync latency drifts more than the store's cost
+/// between them. Here each round runs the store's CAS, its refresh cycle and the
+/// bare update back to back (a few hundred commits each), and the ratios are of
+/// the same round; printed as the median and range over the rounds.
+fn paired(name: &str, rt: &tokio::runtime::Runtime, store: &Arc<dyn Store>, bare: &Arc<dyn Bare>) {
+    const ROUNDS: usize = 15;
+    const COMMITS: u64 = 200;
+    let per_s = |d: Duration, n: u64| n as f64 / d.as_secs_f64();
+    let (mut cas, mut cycle) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let s = Arc::clone(store);
+        let c = on_workers(rt, async move { cas_run(&*s, "bench-cas", COMMITS).await });
+        let s = Arc::clone(store);
+        let r = on_workers(rt, async move {
+            refresh_cycle_run(&*s, "bench-cycle", COMMITS / 2).await
+        });
+        let b = per_s(bare.run("bench-bare", COMMITS), COMMITS);
+        cas.push(per_s(c, COMMITS) / b);
+        cycle.push(per_s(r, COMMITS / 2) / b);
+    }
+    let show = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        format!(
+            "median {:.0}% (range {:.0}-{:.0}%)",
+            100.0 * v[v.len() / 2],
+            100.0 * v[0],
+            100.0 * v[v.len() - 1]
+        )
+    };
+    println!(
+        "{name}, paired over {ROUNDS} rounds, of the bare guarded UPDATE: CAS {}; refresh cycle {}",
+        show(&mut cas),
+        show(&mut cycle)
+    );
 }
 
 fn stores(c: &mut Criterion) {

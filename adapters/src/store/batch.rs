@@ -12,14 +12,21 @@
 //! unavailable (the machine then treats the outcome as unknown, as for any lost
 //! store answer).
 //!
-//! One caller alone pays what it paid on tokio's blocking pool: one hand-off to
-//! another thread and back.
+//! A caller that finds nobody else waiting and the connection free does not hand
+//! its call to the thread: on a multi-threaded tokio runtime it runs it as a batch
+//! of one on its own thread (`block_in_place`, so the runtime's other tasks move
+//! on meanwhile), with no savepoint since nothing shares the transaction. On a
+//! current-thread runtime, or when the connection is busy, the call goes to the
+//! thread and is batched with whatever else waits.
 
 use super::StoreError;
 use crate::crypto::Keyring;
 use rusqlite::Connection;
-use std::sync::mpsc;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
+use tokio::runtime::{Handle, RuntimeFlavor};
 
 /// The most calls run in one transaction.
 const MAX_BATCH: usize = 64;
@@ -96,25 +103,59 @@ fn unavailable(why: &str) -> StoreError {
 /// The handle callers send work through; dropping it ends the writer once the
 /// work already sent is done.
 pub(super) struct Writer {
+    owned: Arc<Mutex<Owned>>,
+    /// Calls sent to the thread that it has not taken yet.
+    queued: Arc<AtomicUsize>,
     jobs: Option<mpsc::Sender<Box<dyn Job>>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The connection and the keys its calls seal with, used by one batch at a time.
+struct Owned {
+    conn: Connection,
+    keyring: Keyring,
+}
+
+impl Owned {
+    fn run(&self, batch: Vec<Box<dyn Job>>) {
+        run_batch(&self.conn, &self.keyring, batch);
+    }
+}
+
+/// The connection, even if a call panicked while holding it: every batch starts
+/// by rolling back whatever such a call left open.
+fn lock(owned: &Mutex<Owned>) -> MutexGuard<'_, Owned> {
+    owned.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Writer {
     /// Starts the thread that owns `conn`.
     pub(super) fn start(conn: Connection, keyring: Keyring) -> Result<Self, StoreError> {
+        let owned = Arc::new(Mutex::new(Owned { conn, keyring }));
+        let queued = Arc::new(AtomicUsize::new(0));
         let (jobs, queue) = mpsc::channel::<Box<dyn Job>>();
-        let thread = std::thread::Builder::new()
-            .name("tokenfence-sqlite".into())
-            .spawn(move || {
-                while let Ok(first) = queue.recv() {
-                    let mut batch = vec![first];
-                    batch.extend(queue.try_iter().take(MAX_BATCH - 1));
-                    run_batch(&conn, &keyring, batch);
-                }
-            })
-            .map_err(|e| unavailable(&format!("cannot start the writer thread: {e}")))?;
+        let thread = {
+            let (owned, queued) = (Arc::clone(&owned), Arc::clone(&queued));
+            std::thread::Builder::new()
+                .name("tokenfence-sqlite".into())
+                .spawn(move || {
+                    while let Ok(first) = queue.recv() {
+                        let mut batch = vec![first];
+                        batch.extend(queue.try_iter().take(MAX_BATCH - 1));
+                        queued.fetch_sub(batch.len(), Ordering::AcqRel);
+                        // A call that panics loses its batch (its callers hear
+                        // that the call was abandoned), not the writer.
+                        let owned = &owned;
+                        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            lock(owned).run(batch);
+                        }));
+                    }
+                })
+                .map_err(|e| unavailable(&format!("cannot start the writer thread: {e}")))?
+        };
         Ok(Writer {
+            owned,
+            queued,
             jobs: Some(jobs),
             thread: Some(thread),
         })
@@ -128,14 +169,35 @@ impl Writer {
         F: FnOnce(&Connection, &Keyring) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = Box::new(Call { write, f, reply });
-        self.jobs
-            .as_ref()
-            .and_then(|jobs| jobs.send(job).ok())
-            .ok_or_else(|| unavailable("the writer thread has stopped"))?;
-        answer
-            .await
-            .map_err(|_| unavailable("the writer thread stopped during the call"))?
+        let job: Box<dyn Job> = Box::new(Call { write, f, reply });
+        if let Some(job) = self.run_here(job) {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+            if let Some(Err(_)) | None = self.jobs.as_ref().map(|jobs| jobs.send(job)) {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                return Err(unavailable("the writer thread has stopped"));
+            }
+        }
+        answer.await.map_err(|_| {
+            unavailable("the call was abandoned (the writer stopped or the call panicked)")
+        })?
+    }
+
+    /// Runs `job` on this thread as a batch of one if nobody waits for the
+    /// connection and it is free, on a runtime whose other tasks can move to
+    /// another worker meanwhile; otherwise gives it back for the writer thread.
+    fn run_here(&self, job: Box<dyn Job>) -> Option<Box<dyn Job>> {
+        let multi_thread =
+            Handle::try_current().is_ok_and(|rt| rt.runtime_flavor() == RuntimeFlavor::MultiThread);
+        if !multi_thread || self.queued.load(Ordering::Acquire) > 0 {
+            return Some(job);
+        }
+        let owned = match self.owned.try_lock() {
+            Ok(owned) => owned,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Some(job),
+        };
+        tokio::task::block_in_place(|| owned.run(vec![job]));
+        None
     }
 }
 
@@ -153,6 +215,11 @@ impl Drop for Writer {
 }
 
 fn run_batch(conn: &Connection, keyring: &Keyring, batch: Vec<Box<dyn Job>>) {
+    if !conn.is_autocommit() {
+        // A call panicked inside its batch: nothing of that batch was answered
+        // "committed", so nothing of it may stay.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
     let begin = if batch.iter().any(|j| j.writes()) {
         "BEGIN IMMEDIATE"
     } else {
@@ -162,6 +229,8 @@ fn run_batch(conn: &Connection, keyring: &Keyring, batch: Vec<Box<dyn Job>>) {
         let why = e.to_string();
         return batch.into_iter().for_each(|j| j.refuse(&why));
     }
+    // A call alone needs no savepoint: if it fails, the whole transaction is its.
+    let savepoints = batch.len() > 1;
     let mut answers = Vec::with_capacity(batch.len());
     let mut broken: Option<String> = None;
     for job in batch {
@@ -169,24 +238,30 @@ fn run_batch(conn: &Connection, keyring: &Keyring, batch: Vec<Box<dyn Job>>) {
             job.refuse(why.as_str());
             continue;
         }
-        if let Err(e) = conn.execute_batch("SAVEPOINT call") {
-            broken = Some(e.to_string());
-            job.refuse(&e.to_string());
-            continue;
+        if savepoints {
+            if let Err(e) = conn.execute_batch("SAVEPOINT call") {
+                broken = Some(e.to_string());
+                job.refuse(&e.to_string());
+                continue;
+            }
         }
         let answer = job.run(conn, keyring);
-        let end = if answer.keep() {
-            "RELEASE call"
-        } else {
-            "ROLLBACK TO call; RELEASE call"
+        let end = match (savepoints, answer.keep()) {
+            (false, _) => None,
+            (true, true) => Some("RELEASE call"),
+            (true, false) => Some("ROLLBACK TO call; RELEASE call"),
         };
-        if let Err(e) = conn.execute_batch(end) {
+        if let Some(Err(e)) = end.map(|end| conn.execute_batch(end)) {
             broken = Some(e.to_string());
         }
         answers.push(answer);
     }
     let committed = match broken {
-        None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+        None if answers.iter().any(|a| a.keep()) => {
+            conn.execute_batch("COMMIT").map_err(|e| e.to_string())
+        }
+        // Every call failed and answers with its own error: nothing to keep.
+        None => conn.execute_batch("ROLLBACK").map_err(|e| e.to_string()),
         Some(why) => Err(why),
     };
     if committed.is_err() {
@@ -239,10 +314,10 @@ mod tests {
                p INTEGER REFERENCES parent (k) DEFERRABLE INITIALLY DEFERRED)",
         )
         .expect("schema");
-        let writer = std::sync::Arc::new(Writer::start(conn, keyring()).expect("writer"));
+        let writer = Arc::new(Writer::start(conn, keyring()).expect("writer"));
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let first = {
-            let writer = std::sync::Arc::clone(&writer);
+            let writer = Arc::clone(&writer);
             tokio::spawn(async move {
                 writer
                     .run(true, move |_, _| {
@@ -256,7 +331,7 @@ mod tests {
         let tasks: Vec<_> = calls
             .into_iter()
             .map(|call| {
-                let writer = std::sync::Arc::clone(&writer);
+                let writer = Arc::clone(&writer);
                 let path = path.clone();
                 tokio::spawn(async move {
                     writer
@@ -312,6 +387,89 @@ mod tests {
         assert_eq!(
             stored, 8,
             "the two failing calls' rows are rolled back, the rest kept"
+        );
+    }
+
+    /// A writer on a fresh database with the test table; the directory lives as
+    /// long as the returned guard.
+    fn writer() -> (Arc<Writer>, std::path::PathBuf, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("w.db");
+        let conn = open(&path);
+        conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+            .expect("schema");
+        let writer = Arc::new(Writer::start(conn, keyring()).expect("writer"));
+        (writer, path, dir)
+    }
+
+    /// Inserts `k` through the writer; says which thread ran the call.
+    async fn insert_on(writer: &Writer, k: i64) -> Result<Option<String>, StoreError> {
+        writer
+            .run(true, move |conn, _| {
+                insert(k, false)(conn)?;
+                Ok(std::thread::current().name().map(str::to_string))
+            })
+            .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_alone_runs_on_its_callers_thread_and_commits() {
+        let (writer, path, _dir) = writer();
+        let thread = insert_on(&writer, 1).await.expect("insert");
+        assert_ne!(thread.as_deref(), Some("tokenfence-sqlite"), "handed off");
+        assert_eq!(count(&open(&path)), 1, "committed before the answer");
+        // Under a current-thread runtime the writer thread runs it.
+        let on_thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("rt");
+            rt.block_on(insert_on(&writer, 2))
+        })
+        .join()
+        .expect("thread")
+        .expect("insert");
+        assert_eq!(on_thread.as_deref(), Some("tokenfence-sqlite"));
+        assert_eq!(count(&open(&path)), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_panics_keeps_nothing_and_the_writer_goes_on() {
+        let (writer, path, _dir) = writer();
+        let panicking = |writer: Arc<Writer>| async move {
+            writer
+                .run(true, |conn, _| -> Result<(), StoreError> {
+                    insert(1, false)(conn)?;
+                    panic!("a bug in a store call");
+                })
+                .await
+        };
+        // On the caller's thread: the task panics.
+        let here = tokio::spawn(panicking(Arc::clone(&writer))).await;
+        assert!(here.expect_err("the call panicked").is_panic());
+        assert!(insert_on(&writer, 2).await.is_ok(), "usable after it");
+        // On the writer thread (a current-thread runtime hands calls to it): the
+        // caller hears the call was abandoned, and the thread goes on.
+        let w = Arc::clone(&writer);
+        let answer = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("rt");
+            let abandoned = rt.block_on(panicking(Arc::clone(&w)));
+            (abandoned, rt.block_on(insert_on(&w, 3)))
+        })
+        .join()
+        .expect("thread");
+        assert!(matches!(answer.0, Err(StoreError::Unavailable(why)) if why.contains("abandoned")));
+        assert!(answer.1.is_ok(), "the writer thread is still there");
+        let conn = open(&path);
+        let kept: Vec<i64> = conn
+            .prepare("SELECT k FROM t ORDER BY k")
+            .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+            .expect("rows");
+        assert_eq!(
+            kept,
+            vec![2, 3],
+            "the panicking calls' rows are rolled back"
         );
     }
 
