@@ -18,6 +18,10 @@
 //! on meanwhile), with no savepoint since nothing shares the transaction. On a
 //! current-thread runtime, or when the connection is busy, the call goes to the
 //! thread and is batched with whatever else waits.
+//!
+//! A call that panics (a bug in the store's own code) loses its batch, nothing
+//! more: its callers are told the call was abandoned, the next batch rolls back
+//! whatever it left open, and the thread goes on.
 
 use super::StoreError;
 use crate::crypto::Keyring;
