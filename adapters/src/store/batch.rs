@@ -17,7 +17,11 @@
 //! of one on its own thread (`block_in_place`, so the runtime's other tasks move
 //! on meanwhile), with no savepoint since nothing shares the transaction. On a
 //! current-thread runtime, or when the connection is busy, the call goes to the
-//! thread and is batched with whatever else waits.
+//! thread and is batched with whatever else waits. While a call runs on its
+//! caller's thread, the task that made it does nothing else: a connection's actor
+//! notices a shutdown or a drain deadline when the call returns (usually within a
+//! millisecond; at most the busy timeout, when another process holds the
+//! database's write lock that long).
 //!
 //! A call that panics (a bug in the store's own code) loses its batch, nothing
 //! more: its callers are told the call was abandoned, the next batch rolls back
@@ -26,6 +30,7 @@
 use super::StoreError;
 use crate::crypto::Keyring;
 use rusqlite::Connection;
+use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, TryLockError};
@@ -126,6 +131,11 @@ impl Owned {
     }
 }
 
+thread_local! {
+    /// tokio refused to block on this thread (see [`Writer::run_here`]).
+    static CANNOT_BLOCK: Cell<bool> = const { Cell::new(false) };
+}
+
 /// The connection, even if a call panicked while holding it: every batch starts
 /// by rolling back whatever such a call left open.
 fn lock(owned: &Mutex<Owned>) -> MutexGuard<'_, Owned> {
@@ -146,13 +156,14 @@ impl Writer {
                     while let Ok(first) = queue.recv() {
                         let mut batch = vec![first];
                         batch.extend(queue.try_iter().take(MAX_BATCH - 1));
+                        let owned = lock(&owned);
+                        // Counted out once the connection is the batch's: until
+                        // then a caller sees it waiting and queues behind it
+                        // rather than overtaking it on its own thread.
                         queued.fetch_sub(batch.len(), Ordering::AcqRel);
                         // A call that panics loses its batch (its callers hear
                         // that the call was abandoned), not the writer.
-                        let owned = &owned;
-                        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            lock(owned).run(batch);
-                        }));
+                        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| owned.run(batch)));
                     }
                 })
                 .map_err(|e| unavailable(&format!("cannot start the writer thread: {e}")))?
@@ -189,10 +200,16 @@ impl Writer {
     /// Runs `job` on this thread as a batch of one if nobody waits for the
     /// connection and it is free, on a runtime whose other tasks can move to
     /// another worker meanwhile; otherwise gives it back for the writer thread.
+    ///
+    /// tokio refuses to block in some places its runtime flavor does not show (a
+    /// `LocalSet` on the thread of a multi-threaded runtime's `block_on`): it
+    /// panics before running anything, the call goes to the writer thread, and so
+    /// does every later call from this thread. A call that panics itself is
+    /// abandoned, as on the writer thread: its caller hears so.
     fn run_here(&self, job: Box<dyn Job>) -> Option<Box<dyn Job>> {
         let multi_thread =
             Handle::try_current().is_ok_and(|rt| rt.runtime_flavor() == RuntimeFlavor::MultiThread);
-        if !multi_thread || self.queued.load(Ordering::Acquire) > 0 {
+        if !multi_thread || CANNOT_BLOCK.get() || self.queued.load(Ordering::Acquire) > 0 {
             return Some(job);
         }
         let owned = match self.owned.try_lock() {
@@ -200,8 +217,17 @@ impl Writer {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return Some(job),
         };
-        tokio::task::block_in_place(|| owned.run(vec![job]));
-        None
+        let mut job = Some(job);
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            tokio::task::block_in_place(|| job.take().map(|job| owned.run(vec![job])))
+        }));
+        match (ran, job) {
+            (Err(_), Some(job)) => {
+                CANNOT_BLOCK.set(true);
+                Some(job)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -214,6 +240,18 @@ impl Drop for Writer {
             if thread.thread().id() != std::thread::current().id() {
                 let _ = thread.join();
             }
+        }
+    }
+}
+
+/// Rolls the batch's transaction back if a call panics inside it, so that the
+/// write lock other processes wait for is not held until the next batch.
+struct RollbackOnPanic<'a>(&'a Connection);
+
+impl Drop for RollbackOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.execute_batch("ROLLBACK");
         }
     }
 }
@@ -233,6 +271,7 @@ fn run_batch(conn: &Connection, keyring: &Keyring, batch: Vec<Box<dyn Job>>) {
         let why = e.to_string();
         return batch.into_iter().for_each(|j| j.refuse(&why));
     }
+    let _open = RollbackOnPanic(conn);
     // A call alone needs no savepoint: if it fails, the whole transaction is its.
     let savepoints = batch.len() > 1;
     let mut answers = Vec::with_capacity(batch.len());
@@ -416,28 +455,80 @@ mod tests {
             .await
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_call_alone_runs_on_its_callers_thread_and_commits() {
-        let (writer, path, _dir) = writer();
-        let thread = insert_on(&writer, 1).await.expect("insert");
-        assert_ne!(thread.as_deref(), Some("tokenfence-sqlite"), "handed off");
-        assert_eq!(count(&open(&path)), 1, "committed before the answer");
-        // Under a current-thread runtime the writer thread runs it.
-        let on_thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
+    /// Runs `f` on a current-thread runtime of its own thread (where calls go to
+    /// the writer thread).
+    fn on_current_thread<T: Send + 'static>(
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
                 .build()
-                .expect("rt");
-            rt.block_on(insert_on(&writer, 2))
+                .expect("rt")
+                .block_on(f)
         })
         .join()
         .expect("thread")
-        .expect("insert");
-        assert_eq!(on_thread.as_deref(), Some("tokenfence-sqlite"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_alone_runs_on_its_callers_thread_and_commits() {
+        let (writer, path, _dir) = writer();
+        let w = Arc::clone(&writer);
+        let thread = tokio::spawn(async move { insert_on(&w, 1).await })
+            .await
+            .expect("task")
+            .expect("insert");
+        assert_ne!(thread.as_deref(), Some("tokenfence-sqlite"), "handed off");
+        assert_eq!(count(&open(&path)), 1, "committed before the answer");
+        // Under a current-thread runtime the writer thread runs it.
+        let w = Arc::clone(&writer);
+        let on_thread = on_current_thread(async move { insert_on(&w, 2).await });
+        assert_eq!(
+            on_thread.expect("insert").as_deref(),
+            Some("tokenfence-sqlite")
+        );
+        assert_eq!(count(&open(&path)), 2);
+    }
+
+    #[test]
+    fn where_tokio_refuses_to_block_the_writer_thread_runs_the_call() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("rt");
+        let (writer, path, _dir) = writer();
+        // A LocalSet on the thread of a multi-threaded runtime's `block_on`.
+        let local = tokio::task::LocalSet::new();
+        for k in [1, 2] {
+            let thread = rt
+                .block_on(local.run_until(insert_on(&writer, k)))
+                .expect("no panic, an answer");
+            assert_eq!(thread.as_deref(), Some("tokenfence-sqlite"));
+        }
         assert_eq!(count(&open(&path)), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_call_that_panics_keeps_nothing_and_the_writer_goes_on() {
+    async fn a_call_alone_that_fails_keeps_nothing_on_either_path() {
+        let (writer, path, _dir) = writer();
+        let failing = |writer: Arc<Writer>| async move {
+            writer.run(true, |conn, _| insert(1, true)(conn)).await
+        };
+        let here = tokio::spawn(failing(Arc::clone(&writer)))
+            .await
+            .expect("task");
+        assert!(matches!(here, Err(StoreError::Config(_))), "{here:?}");
+        let there = on_current_thread(failing(Arc::clone(&writer)));
+        assert!(matches!(there, Err(StoreError::Config(_))), "{there:?}");
+        assert_eq!(
+            count(&open(&path)),
+            0,
+            "the failed calls' rows are rolled back"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_panics_is_abandoned_keeps_nothing_and_the_writer_goes_on() {
         let (writer, path, _dir) = writer();
         let panicking = |writer: Arc<Writer>| async move {
             writer
@@ -447,24 +538,27 @@ mod tests {
                 })
                 .await
         };
-        // On the caller's thread: the task panics.
+        let abandoned = |r: &Result<(), StoreError>| matches!(r, Err(StoreError::Unavailable(why)) if why.contains("abandoned"));
+        // Another process must not wait for the write lock the call took.
+        let other_process_writes = |k: i64| {
+            let conn = open(&path);
+            conn.busy_timeout(Duration::ZERO).expect("timeout");
+            insert(k, false)(&conn)
+        };
+        // On the caller's thread.
         let here = tokio::spawn(panicking(Arc::clone(&writer))).await;
-        assert!(here.expect_err("the call panicked").is_panic());
+        assert!(abandoned(&here.expect("the task itself does not panic")));
+        other_process_writes(10).expect("the write lock is free");
         assert!(insert_on(&writer, 2).await.is_ok(), "usable after it");
-        // On the writer thread (a current-thread runtime hands calls to it): the
-        // caller hears the call was abandoned, and the thread goes on.
+        // On the writer thread (a current-thread runtime hands calls to it).
         let w = Arc::clone(&writer);
-        let answer = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .build()
-                .expect("rt");
-            let abandoned = rt.block_on(panicking(Arc::clone(&w)));
-            (abandoned, rt.block_on(insert_on(&w, 3)))
-        })
-        .join()
-        .expect("thread");
-        assert!(matches!(answer.0, Err(StoreError::Unavailable(why)) if why.contains("abandoned")));
-        assert!(answer.1.is_ok(), "the writer thread is still there");
+        let (there, after) = on_current_thread(async move {
+            let there = panicking(Arc::clone(&w)).await;
+            (there, insert_on(&w, 3).await)
+        });
+        assert!(abandoned(&there), "{there:?}");
+        other_process_writes(11).expect("the write lock is free");
+        assert!(after.is_ok(), "the writer thread is still there");
         let conn = open(&path);
         let kept: Vec<i64> = conn
             .prepare("SELECT k FROM t ORDER BY k")
@@ -472,7 +566,7 @@ mod tests {
             .expect("rows");
         assert_eq!(
             kept,
-            vec![2, 3],
+            vec![2, 3, 10, 11],
             "the panicking calls' rows are rolled back"
         );
     }
