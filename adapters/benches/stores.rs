@@ -331,11 +331,11 @@ fn bench_store(
 /// The ratios again, paired: criterion measures each loop for seconds, one after
 /// the other, and a shared disk's fsync latency drifts more than the store's cost
 /// between them. Here each round runs the store's CAS, its refresh cycle and the
-/// bare update back to back (a few hundred commits each), and the ratios are of
+/// bare update back to back (fifty commits each, twenty-five cycles), and the ratios are of
 /// the same round; printed as the median and range over the rounds.
 fn paired(name: &str, rt: &tokio::runtime::Runtime, store: &Arc<dyn Store>, bare: &Arc<dyn Bare>) {
-    const ROUNDS: usize = 15;
-    const COMMITS: u64 = 200;
+    const ROUNDS: usize = 60;
+    const COMMITS: u64 = 50;
     let per_s = |d: Duration, n: u64| n as f64 / d.as_secs_f64();
     let (mut cas, mut cycle) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
