@@ -1186,11 +1186,15 @@ impl Connection {
         let mut holder = base.in_doubt_holder.clone();
         let s = &self.config.settings;
         let rotation = &self.config.profile.rotation;
-        // The holder we took over from may still commit a token our replay demotes.
-        let mut holder_may_be_demoted = false;
+        // The holder we took over from may still commit the reply to a request it
+        // sent before ours, one that left the token in place, while ours changes
+        // it: a forking provider mints a sibling on our replay and demotes the
+        // holder's; a periodic one rotates on ours once the period is over.
+        let mut holder_may_clear_doubt = false;
         if let Some(prev) = self.lease.took_over.take() {
             if self.takeover_doubts(&base, &prev) {
-                holder_may_be_demoted = rotation.grace_replay == GraceReplay::Fork;
+                holder_may_clear_doubt = rotation.grace_replay == GraceReplay::Fork
+                    || matches!(rotation.rotation, Rotation::Periodic { .. });
                 if replaces_doubt(in_doubt_since, Some(prev.acquired_at)) {
                     in_doubt_since = Some(prev.acquired_at);
                     holder = Some((prev.owner, prev.request));
@@ -1210,13 +1214,14 @@ impl Connection {
             }
         }
         // Store the doubt before presenting the token, so that it survives this
-        // worker's crash too (found by proptest). Under a forking provider, write
-        // even when the stored doubt is the earlier one: our replay may demote the
-        // token the holder we took over from has yet to commit, and its commit must
-        // then conflict so that its rebase keeps the doubt (found by the model
-        // checker at two faults and two jumps: otherwise the holder's commit
-        // cleared the doubt, and a crash of ours lost the connection unrecorded).
-        if in_doubt_since != base.in_doubt_since || holder_may_be_demoted {
+        // worker's crash too (found by proptest). Where the holder's commit may
+        // clear it (above), write even when the stored doubt is the earlier one:
+        // the holder's commit must then conflict, so that its rebase keeps the
+        // doubt (found by the model checker at two faults and two jumps, under a
+        // forking provider and then under Intuit's periodic rotation: otherwise
+        // the holder's commit cleared the doubt, and a crash of ours lost the
+        // connection unrecorded, or a later refresh replayed the rotated token).
+        if in_doubt_since != base.in_doubt_since || holder_may_clear_doubt {
             let proposal = ConnectionRecord {
                 in_doubt_since,
                 in_doubt_holder: holder,

@@ -365,6 +365,66 @@ fn a_forking_takeover_on_a_token_in_doubt_writes_before_presenting() {
     );
 }
 
+/// Found at 2 faults and 2 jumps under Intuit's periodic rotation (S2 and S3; the
+/// first exhaustive run of that class at that bound, 201,876,017 unique states):
+/// the same shape as the fork find above. w1's refresh inside the period leaves
+/// `rt1` in place, and w1 pauses before committing; w2 takes over w1's expired
+/// lease on a record whose doubt is already the earlier one, presents `rt1`
+/// without writing, the period is over so the provider rotates it to `rt2`, and w2
+/// crashes; w1's commit landed on the unchanged record and cleared the doubt, and
+/// when `rt1`'s grace window closed the connection was lost with nothing on record
+/// (or, in the S3 path, a later refresh replayed `rt1`). Now the taker writes
+/// before presenting under periodic rotation too; the holder's commit conflicts
+/// and its rebase keeps the doubt.
+#[test]
+fn a_periodic_takeover_on_a_token_in_doubt_writes_before_presenting() {
+    let model = two_workers(
+        BehaviourClass::Periodic,
+        &[FaultKind::Garbled, FaultKind::Crash],
+        2,
+        2,
+    );
+    use Action::*;
+    let prefix = [
+        Store(0),         // w1 loads g0 (rt1)
+        Store(1),         // w2 loads g0
+        Store(0),         // w1 takes the lease and sends rt1
+        Store(1),         // w2: the lease is held
+        Garble(0),        // inside the period: rt1 stays; the reply is truncated
+        Store(0),         // g1: rt1 in doubt since T+0
+        Tick(at(932)),    // w1's retry time
+        Timer(0),         //
+        Store(0),         // w1 loads g1
+        Store(0),         // w1 takes the lease and presents rt1 again
+        Reply(0),         // rt1 again (same period); w1 pauses before committing
+        Tick(at(38_000)), // w1's lease has expired; the period is over
+        Timer(1),         //
+        Store(1),         // w2 loads g1
+        Store(1),         // w2 takes over w1's lease
+    ];
+    let states = replay(&model, &prefix);
+    let last = states.last().expect("a state");
+    assert!(
+        matches!(&last.workers[1].pending, Some(StoreCommand::Cas { .. })),
+        "w2 must write before presenting rt1 (before the fix it sent at once)"
+    );
+    let mut path = prefix.to_vec();
+    path.extend([
+        Store(1),         // w2's write lands (g2); w2 presents rt1
+        Crash(1),         // and crashes
+        OrphanArrives(0), // its request rotates rt1 to rt2, which nobody receives
+        Tick(at(78_000)), // rt1's grace window closes
+        Store(0),         // w1's commit of rt1 conflicts with g2: the rebase keeps the doubt
+    ]);
+    let states = replay(&model, &path);
+    let last = settle(&model, states.last().expect("a state").clone());
+    let stored = last.stored().expect("a record");
+    assert!(
+        stored.in_doubt_since.is_some() || !stored.is_live(),
+        "the loss must be on record: {stored:?}"
+    );
+}
+
 /// Found at 2 faults and 2 jumps under a forking provider (R2): w2 resolves a
 /// lease request whose answer was lost (the scheduler's look-after: refresh even
 /// if not due), refreshes, and its commit lands with the answer lost; w1 then
