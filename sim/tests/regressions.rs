@@ -318,51 +318,9 @@ fn a_lost_answer_to_a_lease_request_does_not_declare_a_rotation_lost() {
 /// and the rebase keeps the doubt.
 #[test]
 fn a_forking_takeover_on_a_token_in_doubt_writes_before_presenting() {
-    let model = two_workers(
-        BehaviourClass::GraceFork,
-        &[FaultKind::Garbled, FaultKind::Crash],
-        2,
-        2,
-    );
-    use Action::*;
-    let prefix = [
-        Store(0),         // w1 loads g0 (rt1)
-        Store(1),         // w2 loads g0
-        Store(0),         // w1 takes the lease and sends rt1
-        Store(1),         // w2: the lease is held
-        Garble(0),        // rt1 -> rt2, the reply is truncated: w1 records the doubt
-        Store(0),         // g1: rt1 in doubt since T+0
-        Tick(at(932)),    // w1's retry time
-        Timer(0),         //
-        Store(0),         // w1 loads g1
-        Store(0),         // w1 takes the lease and presents rt1 again (grace window)
-        Reply(0),         // the fork provider mints rt3; w1 pauses before committing
-        Tick(at(28_000)), // w1's lease expires
-        Timer(1),         //
-        Store(1),         // w2 loads g1
-        Store(1),         // w2 takes over w1's lease
-    ];
-    let states = replay(&model, &prefix);
-    let last = states.last().expect("a state");
-    assert!(
-        matches!(&last.workers[1].pending, Some(StoreCommand::Cas { .. })),
-        "w2 must write before presenting rt1 (before the fix it sent at once)"
-    );
-    let mut path = prefix.to_vec();
-    path.extend([
-        Store(1),         // w2's write lands (g2); w2 presents rt1
-        Crash(1),         // and crashes
-        OrphanArrives(0), // its request mints rt4 and demotes rt3
-        Tick(at(58_000)), // rt3's grace window closes
-        Store(0),         // w1's commit of rt3 conflicts with g2: the rebase keeps the doubt
-    ]);
-    let states = replay(&model, &path);
-    let last = settle(&model, states.last().expect("a state").clone());
-    let stored = last.stored().expect("a record");
-    assert!(
-        stored.in_doubt_since.is_some() || !stored.is_live(),
-        "the loss must be on record: {stored:?}"
-    );
+    // The fork provider mints rt3 on w1's replay; w2's takeover replay mints rt4
+    // and demotes rt3, whose grace window closes at T+58 s.
+    in_doubt_takeover_writes_before_presenting(BehaviourClass::GraceFork, 28_000, 58_000);
 }
 
 /// Found at 2 faults and 2 jumps under Intuit's periodic rotation (S2 and S3; the
@@ -378,29 +336,40 @@ fn a_forking_takeover_on_a_token_in_doubt_writes_before_presenting() {
 /// and its rebase keeps the doubt.
 #[test]
 fn a_periodic_takeover_on_a_token_in_doubt_writes_before_presenting() {
-    let model = two_workers(
-        BehaviourClass::Periodic,
-        &[FaultKind::Garbled, FaultKind::Crash],
-        2,
-        2,
-    );
+    // Inside the period w1's replay leaves rt1 in place; at T+38 s the period is
+    // over and w2's takeover replay rotates rt1 to rt2; rt1's grace window closes
+    // at T+78 s.
+    in_doubt_takeover_writes_before_presenting(BehaviourClass::Periodic, 38_000, 78_000);
+}
+
+/// Finds 25 and 28: w1's reply is truncated (doubt recorded), w1 presents `rt1`
+/// again and pauses before committing; at `takeover_ms` w2 takes over w1's
+/// expired lease and must write before presenting; it presents, crashes, and its
+/// request reaches the provider; at `window_closes_ms` w1's commit conflicts and
+/// its rebase keeps the doubt: the loss is on record.
+fn in_doubt_takeover_writes_before_presenting(
+    class: BehaviourClass,
+    takeover_ms: u64,
+    window_closes_ms: u64,
+) {
+    let model = two_workers(class, &[FaultKind::Garbled, FaultKind::Crash], 2, 2);
     use Action::*;
     let prefix = [
-        Store(0),         // w1 loads g0 (rt1)
-        Store(1),         // w2 loads g0
-        Store(0),         // w1 takes the lease and sends rt1
-        Store(1),         // w2: the lease is held
-        Garble(0),        // inside the period: rt1 stays; the reply is truncated
-        Store(0),         // g1: rt1 in doubt since T+0
-        Tick(at(932)),    // w1's retry time
-        Timer(0),         //
-        Store(0),         // w1 loads g1
-        Store(0),         // w1 takes the lease and presents rt1 again
-        Reply(0),         // rt1 again (same period); w1 pauses before committing
-        Tick(at(38_000)), // w1's lease has expired; the period is over
-        Timer(1),         //
-        Store(1),         // w2 loads g1
-        Store(1),         // w2 takes over w1's lease
+        Store(0),              // w1 loads g0 (rt1)
+        Store(1),              // w2 loads g0
+        Store(0),              // w1 takes the lease and sends rt1
+        Store(1),              // w2: the lease is held
+        Garble(0),             // the reply is truncated: w1 records the doubt
+        Store(0),              // g1: rt1 in doubt since T+0
+        Tick(at(932)),         // w1's retry time
+        Timer(0),              //
+        Store(0),              // w1 loads g1
+        Store(0),              // w1 takes the lease and presents rt1 again
+        Reply(0),              // answered; w1 pauses before committing
+        Tick(at(takeover_ms)), // w1's lease has expired
+        Timer(1),              //
+        Store(1),              // w2 loads g1
+        Store(1),              // w2 takes over w1's lease
     ];
     let states = replay(&model, &prefix);
     let last = states.last().expect("a state");
@@ -410,11 +379,11 @@ fn a_periodic_takeover_on_a_token_in_doubt_writes_before_presenting() {
     );
     let mut path = prefix.to_vec();
     path.extend([
-        Store(1),         // w2's write lands (g2); w2 presents rt1
-        Crash(1),         // and crashes
-        OrphanArrives(0), // its request rotates rt1 to rt2, which nobody receives
-        Tick(at(78_000)), // rt1's grace window closes
-        Store(0),         // w1's commit of rt1 conflicts with g2: the rebase keeps the doubt
+        Store(1),                   // w2's write lands (g2); w2 presents rt1
+        Crash(1),                   // and crashes
+        OrphanArrives(0),           // its request mints a token nobody receives
+        Tick(at(window_closes_ms)), // the grace window of w1's token closes
+        Store(0),                   // w1's commit conflicts with g2: the rebase keeps the doubt
     ]);
     let states = replay(&model, &path);
     let last = settle(&model, states.last().expect("a state").clone());
