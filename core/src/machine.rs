@@ -1187,14 +1187,11 @@ impl Connection {
         let s = &self.config.settings;
         let rotation = &self.config.profile.rotation;
         // The holder we took over from may still commit the reply to a request it
-        // sent before ours, one that left the token in place, while ours changes
-        // it: a forking provider mints a sibling on our replay and demotes the
-        // holder's; a periodic one rotates on ours once the period is over.
+        // sent before ours, one that left the token in place, while ours changes it.
         let mut holder_may_clear_doubt = false;
         if let Some(prev) = self.lease.took_over.take() {
             if self.takeover_doubts(&base, &prev) {
-                holder_may_clear_doubt = rotation.grace_replay == GraceReplay::Fork
-                    || matches!(rotation.rotation, Rotation::Periodic { .. });
+                holder_may_clear_doubt = rotation.later_presentation_may_rotate();
                 if replaces_doubt(in_doubt_since, Some(prev.acquired_at)) {
                     in_doubt_since = Some(prev.acquired_at);
                     holder = Some((prev.owner, prev.request));

@@ -92,6 +92,13 @@ impl RotationPolicy {
         reuse_detection: false,
     };
 
+    /// Whether presenting a token can change it although a presentation processed
+    /// just before left it in place: a forking provider mints a sibling on a replay
+    /// inside the grace window; a periodic one rotates once its period is over.
+    pub fn later_presentation_may_rotate(&self) -> bool {
+        self.grace_replay == GraceReplay::Fork || matches!(self.rotation, Rotation::Periodic { .. })
+    }
+
     /// What to do when a refresh sent at `in_doubt_since` may have rotated the token.
     /// `safety` is subtracted from the grace window to allow for clock skew and the
     /// time the next request takes.

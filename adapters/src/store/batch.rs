@@ -24,8 +24,8 @@
 //! database's write lock that long).
 //!
 //! A call that panics (a bug in the store's own code) loses its batch, nothing
-//! more: its callers are told the call was abandoned, the next batch rolls back
-//! whatever it left open, and the thread goes on.
+//! more: its callers are told the call was abandoned, its transaction is rolled
+//! back as it unwinds, and the thread goes on.
 
 use super::StoreError;
 use crate::crypto::Keyring;
@@ -136,8 +136,9 @@ thread_local! {
     static CANNOT_BLOCK: Cell<bool> = const { Cell::new(false) };
 }
 
-/// The connection, even if a call panicked while holding it: every batch starts
-/// by rolling back whatever such a call left open.
+/// The connection. A panicking call does not poison the lock (calls run inside
+/// `catch_unwind`, the guard outside it), and its transaction is rolled back as
+/// it unwinds ([`RollbackOnPanic`]); the connection is sound either way.
 fn lock(owned: &Mutex<Owned>) -> MutexGuard<'_, Owned> {
     owned.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -187,7 +188,11 @@ impl Writer {
         let job: Box<dyn Job> = Box::new(Call { write, f, reply });
         if let Some(job) = self.run_here(job) {
             self.queued.fetch_add(1, Ordering::AcqRel);
-            if let Some(Err(_)) | None = self.jobs.as_ref().map(|jobs| jobs.send(job)) {
+            if self
+                .jobs
+                .as_ref()
+                .is_none_or(|jobs| jobs.send(job).is_err())
+            {
                 self.queued.fetch_sub(1, Ordering::AcqRel);
                 return Err(unavailable("the writer thread has stopped"));
             }
@@ -257,11 +262,6 @@ impl Drop for RollbackOnPanic<'_> {
 }
 
 fn run_batch(conn: &Connection, keyring: &Keyring, batch: Vec<Box<dyn Job>>) {
-    if !conn.is_autocommit() {
-        // A call panicked inside its batch: nothing of that batch was answered
-        // "committed", so nothing of it may stay.
-        let _ = conn.execute_batch("ROLLBACK");
-    }
     let begin = if batch.iter().any(|j| j.writes()) {
         "BEGIN IMMEDIATE"
     } else {
