@@ -44,8 +44,11 @@ fn keyring() -> Keyring {
     )
 }
 
-/// A record with Intuit-sized tokens.
+/// A record with Intuit-sized tokens, as the refresh that made `generation` left
+/// it: a new access token and idle deadline (one second later per generation),
+/// the five-year cap unchanged.
 fn record(conn: &str, generation: u64) -> ConnectionRecord {
+    let at = T0.saturating_add(Duration::from_secs(generation));
     ConnectionRecord {
         id: ConnectionId(conn.into()),
         generation: Generation(generation),
@@ -57,19 +60,19 @@ fn record(conn: &str, generation: u64) -> ConnectionRecord {
         realm_id: Some("9130354781226646".into()),
         access: Some(AccessGrant {
             token: AccessToken::new("a".repeat(900)),
-            expires_at: T0.saturating_add(Duration::from_secs(3600)),
+            expires_at: at.saturating_add(Duration::from_secs(3600)),
         }),
         refresh: RefreshToken::new(format!("AB11{:046}", generation)),
-        refresh_issued_at: T0,
-        idle_deadline: Some(T0.saturating_add(days(100))),
+        refresh_issued_at: at,
+        idle_deadline: Some(at.saturating_add(days(100))),
         hard_deadline: Some(T0.saturating_add(days(5 * 365))),
         in_doubt_since: None,
         in_doubt_holder: None,
         status: Status::Active,
         blocked_client: None,
         imported_at: None,
-        last_refreshed_at: Some(T0),
-        updated_at: T0,
+        last_refreshed_at: Some(at),
+        updated_at: at,
     }
 }
 

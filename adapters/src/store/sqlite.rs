@@ -40,6 +40,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("migrations/sqlite/0004_pending_authorizations.sql"),
     ),
+    (
+        5,
+        include_str!("migrations/sqlite/0005_leases_unindexed.sql"),
+    ),
 ];
 
 /// How long a write waits for another process's transaction before failing.
@@ -308,6 +312,65 @@ fn read_lease(conn: &Connection, id: &ConnectionId) -> Result<Option<LeaseSlot>,
     columns.map(|c| c.into_slot(id)).transpose()
 }
 
+/// The record's columns an index covers, as stored, with its generation.
+struct Scheduling {
+    generation: i64,
+    idle_deadline: Option<i64>,
+    pending_work_at: Option<i64>,
+    hard_deadline: Option<i64>,
+}
+
+fn read_scheduling(conn: &Connection, id: &ConnectionId) -> Result<Option<Scheduling>, StoreError> {
+    conn.prepare_cached(
+        "SELECT generation, idle_deadline, pending_work_at, hard_deadline \
+         FROM tokenfence_connections WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.query_row([&id.0], |r| {
+            Ok(Scheduling {
+                generation: r.get(0)?,
+                idle_deadline: r.get(1)?,
+                pending_work_at: r.get(2)?,
+                hard_deadline: r.get(3)?,
+            })
+        })
+        .optional()
+    })
+    .map_err(sql_error)
+}
+
+/// The guarded update of a record, setting an indexed column only where its value
+/// changes: SQLite rewrites an index whose column an `UPDATE` sets, changed or not,
+/// and each index is one more page in the commit's fsync (a refresh moves the idle
+/// deadline; the hard deadline and pending work rarely move).
+fn update_sql(
+    stored: &Scheduling,
+    idle_deadline: Option<i64>,
+    pending_work_at: Option<i64>,
+    hard_deadline: Option<i64>,
+) -> String {
+    let mut sql = String::from(
+        "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
+         keepalive_floor = ?5, updated_at = ?6, sealed = ?7",
+    );
+    for (column, param, stored, new) in [
+        ("idle_deadline", 4, stored.idle_deadline, idle_deadline),
+        (
+            "pending_work_at",
+            8,
+            stored.pending_work_at,
+            pending_work_at,
+        ),
+        ("hard_deadline", 9, stored.hard_deadline, hard_deadline),
+    ] {
+        if stored != new {
+            sql.push_str(&format!(", {column} = ?{param}"));
+        }
+    }
+    sql.push_str(" WHERE id = ?1 AND generation = ?10");
+    sql
+}
+
 /// Releases a lease: either the row goes (no restore, or nothing to restore) or
 /// the row it displaced takes its place; both only where owner and request match.
 fn release_lease(
@@ -386,18 +449,24 @@ impl Store for SqliteStore {
                          ON CONFLICT (id) DO NOTHING",
                     )
                     .and_then(|mut s| s.execute(columns)),
-                Some(g) => conn
-                    .prepare_cached(
-                        "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
-                         idle_deadline = ?4, keepalive_floor = ?5, updated_at = ?6, sealed = ?7, \
-                         pending_work_at = ?8, hard_deadline = ?9 WHERE id = ?1 AND generation = ?10",
-                    )
-                    .and_then(|mut s| {
-                        let expected = row::generation_to_sql(g);
-                        let mut all: Vec<&dyn rusqlite::ToSql> = columns.to_vec();
-                        all.push(&expected);
-                        s.execute(all.as_slice())
-                    }),
+                Some(g) => {
+                    let expected = row::generation_to_sql(g);
+                    match read_scheduling(conn, &id)? {
+                        Some(stored) if stored.generation == expected => conn
+                            .prepare_cached(&update_sql(
+                                &stored,
+                                idle_deadline,
+                                pending_work_at,
+                                hard_deadline,
+                            ))
+                            .and_then(|mut s| {
+                                let mut all: Vec<&dyn rusqlite::ToSql> = columns.to_vec();
+                                all.push(&expected);
+                                s.execute(all.as_slice())
+                            }),
+                        _ => Ok(0),
+                    }
+                }
             }
             .map_err(sql_error)?;
             let outcome = if changed == 1 {

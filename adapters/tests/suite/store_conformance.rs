@@ -1880,14 +1880,15 @@ async fn sqlite_upgrades_a_version_1_database() {
     );
 }
 
-/// What schema version 3 added to the lease table, undone (as a version-2 build
-/// left the table).
 /// The newest schema version this build ships.
-const LATEST: i64 = 4;
+const LATEST: i64 = 5;
 
-/// Back from the newest schema to version 2: drops what versions 3 (lease request
-/// ids) and 4 (pending authorizations) added.
-const SQLITE_DROP_V3: &str = "DROP TABLE tokenfence_pending_authorizations; \
+/// Back from the newest schema to version 2: puts back the lease index version 5
+/// dropped, drops what versions 3 (lease request ids) and 4 (pending
+/// authorizations) added.
+const SQLITE_DROP_V3: &str = "CREATE INDEX tokenfence_leases_expires_at \
+     ON tokenfence_leases (expires_at); \
+     DROP TABLE tokenfence_pending_authorizations; \
      ALTER TABLE tokenfence_leases DROP COLUMN request; \
      ALTER TABLE tokenfence_leases DROP COLUMN displaced_owner; \
      ALTER TABLE tokenfence_leases DROP COLUMN displaced_acquired_at; \
@@ -1961,6 +1962,15 @@ async fn sqlite_upgrades_a_version_2_database_with_leases() {
         )
         .unwrap();
     assert_eq!(upgraded, 3);
+    let lease_indexes: i64 = raw
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' \
+             AND tbl_name = 'tokenfence_leases' AND sql IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(lease_indexes, 0, "version 5 scans the few lease rows");
     leases_written_before_v3_read_as_request_zero(&s).await;
 }
 
