@@ -2,10 +2,13 @@
 //!
 //! The compare-and-swap is one guarded `UPDATE ... WHERE id = $1 AND generation = $n`
 //! (an `INSERT ... ON CONFLICT DO NOTHING` when no record may exist). Acquiring a
-//! lease is one transaction: a per-connection advisory lock (so two acquirers of a
-//! lease that has no row yet cannot both win), the lease row read `FOR UPDATE`, the
-//! record read, the new lease written with its request id and the row it
-//! displaced. Releasing is one statement guarded by `owner = $2 AND request = $3`
+//! lease is two statements and no transaction: one reads the database's clock, the
+//! lease row and the record (one snapshot); the other writes the new lease, with
+//! its request id and the row it displaced, only if the lease row is still the one
+//! read (`UPDATE ... WHERE (columns) IS NOT DISTINCT FROM (as read)`, or, where there
+//! was none, `INSERT ... ON CONFLICT DO NOTHING`, so two acquirers of a lease that
+//! has no row yet cannot both win); a write that finds the row changed reads
+//! again. Releasing is one statement guarded by `owner = $2 AND request = $3`
 //! (a `DELETE`, and with restore an `UPDATE` that puts the displaced row back, in
 //! one `WITH`), so an expired holder can never release someone else's lease; a
 //! release racing an acquisition waits for the row lock and then finds another
@@ -60,13 +63,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
 
 /// First half of the advisory-lock key that serializes migrations ("tokn").
 const MIGRATION_LOCK: i32 = 0x746f_6b6e;
-/// First half of the advisory-lock keys of lease acquisitions ("leas").
-const LEASE_LOCK: i32 = 0x6c65_6173;
+/// How many times a lease acquisition reads and writes again after another
+/// writer changed the lease row between its read and its write (each such loss
+/// is another acquisition's or release's progress).
+const LEASE_ATTEMPTS: usize = 16;
 
-/// Takes the transaction's advisory lock of one connection's lease, then reads
-/// the database's clock (milliseconds since the epoch).
-const LOCK_AND_CLOCK: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint \
-     FROM (SELECT pg_advisory_xact_lock($1, hashtext($2))) AS locked";
+/// The lease row's columns, in the order every lease statement names them.
+const LEASE_COLUMNS: &str = "owner, acquired_at, expires_at, generation, request, \
+     displaced_owner, displaced_acquired_at, displaced_expires_at, displaced_generation, \
+     displaced_request";
 
 /// How a [`PostgresStore`] connects.
 #[derive(Clone, Debug)]
@@ -143,8 +148,13 @@ struct Sql {
     /// `insert_record` and `update_record` releasing a lease when they land.
     insert_record_releasing: String,
     update_record_releasing: String,
-    select_lease: String,
-    upsert_lease: String,
+    /// The database's clock, the lease row and the record, in one statement (one
+    /// snapshot).
+    read_for_lease: String,
+    /// The new lease row, only where there is none.
+    insert_lease: String,
+    /// The new lease row, only where the row is still the one read.
+    replace_lease: String,
     release_lease: String,
     due: String,
     notices: String,
@@ -200,24 +210,23 @@ impl Sql {
             insert_record,
             update_record,
             select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
-            select_lease: format!(
-                "SELECT owner, acquired_at, expires_at, generation, request, displaced_owner, \
-                 displaced_acquired_at, displaced_expires_at, displaced_generation, \
-                 displaced_request FROM {l} WHERE id = $1 FOR UPDATE"
+            read_for_lease: format!(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint, \
+                 l.owner, l.acquired_at, l.expires_at, l.generation, l.request, \
+                 l.displaced_owner, l.displaced_acquired_at, l.displaced_expires_at, \
+                 l.displaced_generation, l.displaced_request, c.generation, c.sealed \
+                 FROM (SELECT 1) AS one LEFT JOIN {l} AS l ON l.id = $1 \
+                 LEFT JOIN {c} AS c ON c.id = $1"
             ),
-            upsert_lease: format!(
-                "INSERT INTO {l} (id, owner, acquired_at, expires_at, generation, request, \
-                 displaced_owner, displaced_acquired_at, displaced_expires_at, \
-                 displaced_generation, displaced_request) \
+            insert_lease: format!(
+                "INSERT INTO {l} (id, {LEASE_COLUMNS}) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-                 ON CONFLICT (id) DO UPDATE SET \
-                 owner = EXCLUDED.owner, acquired_at = EXCLUDED.acquired_at, \
-                 expires_at = EXCLUDED.expires_at, generation = EXCLUDED.generation, \
-                 request = EXCLUDED.request, displaced_owner = EXCLUDED.displaced_owner, \
-                 displaced_acquired_at = EXCLUDED.displaced_acquired_at, \
-                 displaced_expires_at = EXCLUDED.displaced_expires_at, \
-                 displaced_generation = EXCLUDED.displaced_generation, \
-                 displaced_request = EXCLUDED.displaced_request"
+                 ON CONFLICT (id) DO NOTHING"
+            ),
+            replace_lease: format!(
+                "UPDATE {l} SET ({LEASE_COLUMNS}) = ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                 WHERE id = $1 AND ({LEASE_COLUMNS}) IS NOT DISTINCT FROM \
+                 ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
             ),
             // Both parts read the same snapshot and match complementary rows: the
             // row goes unless it is to be restored; a row to restore becomes the
@@ -559,17 +568,65 @@ async fn read_record<C: GenericClient>(
 ) -> Result<Option<ConnectionRecord>, StoreError> {
     let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
     let row = client.query_opt(&stmt, &[&id.0]).await.map_err(pg_error)?;
-    row.map(|r| open_record(&r, keyring, id)).transpose()
+    row.map(|r| open_record(&r, 0, keyring, id)).transpose()
 }
 
 /// Opens a record row (`generation, sealed`).
+/// The record whose generation and sealed blob are columns `first` and
+/// `first + 1` of `row`.
 fn open_record(
     row: &tokio_postgres::Row,
+    first: usize,
     keyring: &Keyring,
     id: &ConnectionId,
 ) -> Result<ConnectionRecord, StoreError> {
-    let sealed: &[u8] = row.try_get(1).map_err(column_error)?;
-    row::open(keyring, id, row.try_get(0).map_err(column_error)?, sealed)
+    let sealed: &[u8] = row.try_get(first + 1).map_err(column_error)?;
+    row::open(
+        keyring,
+        id,
+        row.try_get(first).map_err(column_error)?,
+        sealed,
+    )
+}
+
+/// The lease row in columns `first..first + 10` of `row` ([`LEASE_COLUMNS`]'s
+/// order), if there is one (its owner is never NULL).
+fn lease_columns(
+    row: &tokio_postgres::Row,
+    first: usize,
+) -> Result<Option<LeaseColumns>, StoreError> {
+    let get = |i: usize| first + i;
+    let Some(owner) = row.try_get(first).map_err(column_error)? else {
+        return Ok(None);
+    };
+    Ok(Some(LeaseColumns {
+        owner,
+        acquired_at: row.try_get(get(1)).map_err(column_error)?,
+        expires_at: row.try_get(get(2)).map_err(column_error)?,
+        generation: row.try_get(get(3)).map_err(column_error)?,
+        request: row.try_get(get(4)).map_err(column_error)?,
+        displaced_owner: row.try_get(get(5)).map_err(column_error)?,
+        displaced_acquired_at: row.try_get(get(6)).map_err(column_error)?,
+        displaced_expires_at: row.try_get(get(7)).map_err(column_error)?,
+        displaced_generation: row.try_get(get(8)).map_err(column_error)?,
+        displaced_request: row.try_get(get(9)).map_err(column_error)?,
+    }))
+}
+
+/// A lease row's columns as statement parameters, in [`LEASE_COLUMNS`]'s order.
+fn lease_params(c: &LeaseColumns) -> [&(dyn tokio_postgres::types::ToSql + Sync); 10] {
+    [
+        &c.owner,
+        &c.acquired_at,
+        &c.expires_at,
+        &c.generation,
+        &c.request,
+        &c.displaced_owner,
+        &c.displaced_acquired_at,
+        &c.displaced_expires_at,
+        &c.displaced_generation,
+        &c.displaced_request,
+    ]
 }
 
 async fn ids<C: GenericClient>(
@@ -683,99 +740,66 @@ impl Store for PostgresStore {
     ) -> Result<LeaseOutcome, StoreError> {
         check_text("connection id", &id.0)?;
         check_text("worker id", &owner.0)?;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        let lock_key = format!("{}/{}", self.inner.sql.schema, id.0);
+        let client = self.client().await?;
         let sql = &self.inner.sql;
-        let lock = tx.prepare_cached(LOCK_AND_CLOCK).await.map_err(pg_error)?;
-        let select_lease = tx
-            .prepare_cached(&sql.select_lease)
+        let read = client
+            .prepare_cached(&sql.read_for_lease)
             .await
             .map_err(pg_error)?;
-        let select_record = tx
-            .prepare_cached(&sql.select_record)
-            .await
-            .map_err(pg_error)?;
-        // One round trip for three statements (tokio-postgres pipelines requests
-        // polled together): the first takes the lock and, on the database's clock,
-        // reads the time after it (the lock in FROM comes first); the server runs
-        // the other two after it, each on a snapshot of its own, so they read the
-        // lease row and the record as they are under the lock.
-        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&LEASE_LOCK, &lock_key];
-        let id_param: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id.0];
-        let (clock, lease_row, record_row) = tokio::try_join!(
-            tx.query_one(&lock, &lock_params),
-            tx.query_opt(&select_lease, &id_param),
-            tx.query_opt(&select_record, &id_param),
-        )
-        .map_err(pg_error)?;
-        let now = match self.inner.lease_clock {
-            LeaseClock::Caller => now,
-            LeaseClock::Database => row::time_from_sql(clock.try_get(0).map_err(column_error)?),
-        };
-        let current = lease_row
-            .map(|r| {
-                LeaseColumns {
-                    owner: r.try_get(0).map_err(column_error)?,
-                    acquired_at: r.try_get(1).map_err(column_error)?,
-                    expires_at: r.try_get(2).map_err(column_error)?,
-                    generation: r.try_get(3).map_err(column_error)?,
-                    request: r.try_get(4).map_err(column_error)?,
-                    displaced_owner: r.try_get(5).map_err(column_error)?,
-                    displaced_acquired_at: r.try_get(6).map_err(column_error)?,
-                    displaced_expires_at: r.try_get(7).map_err(column_error)?,
-                    displaced_generation: r.try_get(8).map_err(column_error)?,
-                    displaced_request: r.try_get(9).map_err(column_error)?,
-                }
-                .into_slot(id)
-            })
-            .transpose()?;
-        if let Some(held) = current.as_ref().and_then(|l| l.held_against(owner, now)) {
-            let held = held.clone();
-            tx.rollback().await.map_err(pg_error)?;
-            return Ok(LeaseOutcome::Held(held));
-        }
-        // A record that does not open fails the acquisition: the transaction is
-        // dropped, so rolled back, and the lease row stays as it was.
-        let record = record_row
-            .map(|r| open_record(&r, &self.inner.keyring, id))
-            .transpose()?;
-        let generation = record.as_ref().map(|r| r.generation);
-        let (slot, took_over) =
-            match lease::acquire(current.as_ref(), owner, request, generation, now, ttl) {
-                Acquired::Held(held) => return Ok(LeaseOutcome::Held(held)),
-                Acquired::Granted { slot, took_over } => (slot, took_over),
+        // Optimistic: read the clock, the lease row and the record in one
+        // statement, decide as every store does (`lease::acquire`), then write
+        // only if the lease row is still the one read (absent: insert only if
+        // still absent). A write that finds the row changed, by another
+        // acquisition or a release, reads again. The record is not guarded: a
+        // commit that lands between the read and the write does not touch the
+        // lease row (a releasing one does, and fails the guard), so the outcome
+        // is that of this acquisition running whole before that commit.
+        for _ in 0..LEASE_ATTEMPTS {
+            let row = client.query_one(&read, &[&id.0]).await.map_err(pg_error)?;
+            let now = match self.inner.lease_clock {
+                LeaseClock::Caller => now,
+                LeaseClock::Database => row::time_from_sql(row.try_get(0).map_err(column_error)?),
             };
-        let lease = slot.lease.clone();
-        let c = LeaseColumns::of(&slot);
-        let upsert = tx
-            .prepare_cached(&self.inner.sql.upsert_lease)
-            .await
-            .map_err(pg_error)?;
-        tx.execute(
-            &upsert,
-            &[
-                &id.0,
-                &c.owner,
-                &c.acquired_at,
-                &c.expires_at,
-                &c.generation,
-                &c.request,
-                &c.displaced_owner,
-                &c.displaced_acquired_at,
-                &c.displaced_expires_at,
-                &c.displaced_generation,
-                &c.displaced_request,
-            ],
-        )
-        .await
-        .map_err(pg_error)?;
-        tx.commit().await.map_err(pg_error)?;
-        Ok(LeaseOutcome::Granted {
-            lease,
-            record,
-            took_over,
-        })
+            let read_columns = lease_columns(&row, 1)?;
+            let current = read_columns.clone().map(|c| c.into_slot(id)).transpose()?;
+            if let Some(held) = current.as_ref().and_then(|l| l.held_against(owner, now)) {
+                return Ok(LeaseOutcome::Held(held.clone()));
+            }
+            // A record that does not open fails the acquisition; nothing is written.
+            let generation: Option<i64> = row.try_get(11).map_err(column_error)?;
+            let record = match generation {
+                Some(_) => Some(open_record(&row, 11, &self.inner.keyring, id)?),
+                None => None,
+            };
+            let generation = record.as_ref().map(|r| r.generation);
+            let (slot, took_over) =
+                match lease::acquire(current.as_ref(), owner, request, generation, now, ttl) {
+                    Acquired::Held(held) => return Ok(LeaseOutcome::Held(held)),
+                    Acquired::Granted { slot, took_over } => (slot, took_over),
+                };
+            let new = LeaseColumns::of(&slot);
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&id.0];
+            params.extend(lease_params(&new));
+            let statement = match &read_columns {
+                None => &sql.insert_lease,
+                Some(old) => {
+                    params.extend(lease_params(old));
+                    &sql.replace_lease
+                }
+            };
+            let stmt = client.prepare_cached(statement).await.map_err(pg_error)?;
+            if client.execute(&stmt, &params).await.map_err(pg_error)? == 1 {
+                return Ok(LeaseOutcome::Granted {
+                    lease: slot.lease,
+                    record,
+                    took_over,
+                });
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "PostgreSQL: the lease row of {} changed under {LEASE_ATTEMPTS} acquisitions in a row",
+            id.0
+        )))
     }
 
     async fn release_lease(

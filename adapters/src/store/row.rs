@@ -257,7 +257,7 @@ pub(crate) fn time_from_sql(t: i64) -> Timestamp {
 
 /// A lease row as SQL holds it (schema v3, columns in this order after `id`): the lease granted, the request it was granted to,
 /// and the row it displaced (all `displaced_*` NULL when there was none).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct LeaseColumns {
     pub owner: String,
     pub acquired_at: i64,

@@ -1370,10 +1370,27 @@ async fn concurrent_cas_has_one_winner_per_generation<B: Backend>(b: &B) {
     eprintln!("{TASKS} tasks, {TARGET} generations, {conflicts} conflicts");
 }
 
+/// Twelve workers of two store handles ask for the lease of one record at once,
+/// first while it has no lease row (every ask inserts), then, after the winner's
+/// lease expired, to take over that row (every ask replaces it): each time
+/// exactly one is granted, and the others are told of the winner.
 async fn concurrent_lease_has_one_holder<B: Backend>(b: &B) {
-    const TASKS: usize = 12;
     let stores = [b.open(keyring()).await, b.open(keyring()).await];
     committed(&*stores[0], None, &record("hot", 4)).await;
+    let first = race_for_lease(&stores, T0, 0, None).await;
+    race_for_lease(&stores, at(2 * TTL.as_secs()), 100, Some(first)).await;
+}
+
+/// The race of [`concurrent_lease_has_one_holder`] at `now`, the workers asking
+/// under requests from `request`; `before` is the lease the winner must report
+/// it took over. Returns the winner's lease.
+async fn race_for_lease<S: Store + 'static>(
+    stores: &[Arc<S>; 2],
+    now: Timestamp,
+    request: u64,
+    before: Option<Lease>,
+) -> Lease {
+    const TASKS: usize = 12;
     let mut tasks = Vec::new();
     for t in 0..TASKS {
         let s = Arc::clone(&stores[t % 2]);
@@ -1381,8 +1398,8 @@ async fn concurrent_lease_has_one_holder<B: Backend>(b: &B) {
             s.acquire_lease(
                 &id("hot"),
                 &worker(&format!("w{t}")),
-                LeaseRequestId(t as u64),
-                T0,
+                LeaseRequestId(request + t as u64),
+                now,
                 TTL,
             )
             .await
@@ -1400,7 +1417,7 @@ async fn concurrent_lease_has_one_holder<B: Backend>(b: &B) {
             } => {
                 assert!(winner.is_none(), "two grants: {winner:?} and {lease:?}");
                 assert_eq!(record, Some(record_of(4)));
-                assert_eq!(took_over, None);
+                assert_eq!(took_over, before);
                 winner = Some(lease);
             }
             LeaseOutcome::Held(l) => holders.push(l),
@@ -1412,6 +1429,7 @@ async fn concurrent_lease_has_one_holder<B: Backend>(b: &B) {
         holders.iter().all(|h| *h == winner),
         "{holders:?} vs {winner:?}"
     );
+    winner
 }
 
 fn record_of(g: u64) -> ConnectionRecord {
