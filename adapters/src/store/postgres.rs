@@ -6,9 +6,13 @@
 //! lease row and the record (one snapshot); the other writes the new lease, with
 //! its request id and the row it displaced, only if the lease row is still the one
 //! read (`UPDATE ... WHERE (columns) IS NOT DISTINCT FROM (as read)`, or, where there
-//! was none, `INSERT ... ON CONFLICT DO NOTHING`, so two acquirers of a lease that
-//! has no row yet cannot both win); a write that finds the row changed reads
-//! again. Releasing is one statement guarded by `owner = $2 AND request = $3`
+//! was none, `INSERT ... ON CONFLICT DO NOTHING`) and the record's generation is
+//! still the one read (`FOR SHARE`, so a commit in flight lands first); a write that
+//! finds either changed reads again. The write takes the connection's advisory lock,
+//! which earlier builds held for their whole acquisition, so both builds can run
+//! side by side during a deploy. A connection with no record is leased in a
+//! transaction under that lock (a record inserted after the write's snapshot is not
+//! seen by its guard). Releasing is one statement guarded by `owner = $2 AND request = $3`
 //! (a `DELETE`, and with restore an `UPDATE` that puts the displaced row back, in
 //! one `WITH`), so an expired holder can never release someone else's lease; a
 //! release racing an acquisition waits for the row lock and then finds another
@@ -63,10 +67,36 @@ const MIGRATIONS: &[(i64, &str)] = &[
 
 /// First half of the advisory-lock key that serializes migrations ("tokn").
 const MIGRATION_LOCK: i32 = 0x746f_6b6e;
+/// First half of the advisory-lock keys of lease acquisitions ("leas"); the
+/// second is `hashtext('<schema>/<connection id>')`. Builds before the
+/// two-statement lease took it for their whole acquisition, so the write takes it
+/// too: a process of each build may run side by side during a deploy.
+const LEASE_LOCK: i32 = 0x6c65_6173;
+
 /// How many times a lease acquisition reads and writes again after another
 /// writer changed the lease row between its read and its write (each such loss
 /// is another acquisition's or release's progress).
 const LEASE_ATTEMPTS: usize = 16;
+
+/// A lease acquisition's arguments, and its advisory-lock key.
+struct LeaseAsk<'a> {
+    id: &'a ConnectionId,
+    owner: &'a WorkerId,
+    request: LeaseRequestId,
+    now: Timestamp,
+    ttl: Duration,
+    lock_key: String,
+}
+
+/// How one optimistic acquisition ended.
+enum LeaseAttempt {
+    /// Granted or held: the answer.
+    Done(Box<LeaseOutcome>),
+    /// The lease row or the record changed between the read and the write.
+    Changed,
+    /// The record is absent: nothing was written (see `try_acquire`).
+    NoRecord,
+}
 
 /// The lease row's columns, in the order every lease statement names them.
 const LEASE_COLUMNS: &str = "owner, acquired_at, expires_at, generation, request, \
@@ -165,6 +195,15 @@ struct Sql {
     take_pending: String,
 }
 
+/// The write's guard on the record: its generation is still the one read
+/// (`$n`; NULL: there was none). `FOR SHARE` makes a compare-and-swap in flight
+/// finish first, and then the newest version is judged, not the statement's
+/// snapshot; a record inserted after the snapshot is not seen, which is why an
+/// acquisition that read no record runs in a transaction under the lock.
+fn record_guard(connections: &str, n: usize) -> String {
+    format!("(SELECT generation FROM {connections} WHERE id = $1 FOR SHARE) IS NOT DISTINCT FROM ${n}::bigint")
+}
+
 impl Sql {
     fn new(schema: &str) -> Sql {
         let c = format!("\"{schema}\".tokenfence_connections");
@@ -220,13 +259,19 @@ impl Sql {
             ),
             insert_lease: format!(
                 "INSERT INTO {l} (id, {LEASE_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-                 ON CONFLICT (id) DO NOTHING"
+                 SELECT $1, $2::text, $3::bigint, $4::bigint, $5::bigint, $6::bigint, \
+                 $7::text, $8::bigint, $9::bigint, $10::bigint, $11::bigint \
+                 FROM (SELECT pg_advisory_xact_lock({LEASE_LOCK}, hashtext($12))) AS locked \
+                 WHERE {record_guard} \
+                 ON CONFLICT (id) DO NOTHING",
+                record_guard = record_guard(&c, 13)
             ),
             replace_lease: format!(
                 "UPDATE {l} SET ({LEASE_COLUMNS}) = ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                 FROM (SELECT pg_advisory_xact_lock({LEASE_LOCK}, hashtext($22))) AS locked \
                  WHERE id = $1 AND ({LEASE_COLUMNS}) IS NOT DISTINCT FROM \
-                 ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+                 ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21) AND {record_guard}",
+                record_guard = record_guard(&c, 23)
             ),
             // Both parts read the same snapshot and match complementary rows: the
             // row goes unless it is to be restored; a row to restore becomes the
@@ -345,6 +390,83 @@ impl PostgresStore {
                 Ok(row::time_from_sql(ms))
             }
         }
+    }
+
+    /// One optimistic acquisition: read the clock, the lease row and the record
+    /// in one statement (one snapshot), decide as every store does
+    /// (`lease::acquire`), then write only if the lease row is still the one read
+    /// (absent: still absent) and the record's generation still the one read; a
+    /// commit in flight finishes first (`FOR SHARE`). Those two and the clock are
+    /// all the decision reads, so a write that lands is the decision an atomic
+    /// acquisition makes at that moment (its clock read a little earlier, which
+    /// only shortens the lease). Without `locked`, a read that finds no record
+    /// writes nothing ([`LeaseAttempt::NoRecord`]).
+    async fn try_acquire(
+        &self,
+        client: &impl GenericClient,
+        ask: &LeaseAsk<'_>,
+        locked: bool,
+    ) -> Result<LeaseAttempt, StoreError> {
+        let (id, owner) = (ask.id, ask.owner);
+        let sql = &self.inner.sql;
+        let read = client
+            .prepare_cached(&sql.read_for_lease)
+            .await
+            .map_err(pg_error)?;
+        let row = client.query_one(&read, &[&id.0]).await.map_err(pg_error)?;
+        let now = match self.inner.lease_clock {
+            LeaseClock::Caller => ask.now,
+            LeaseClock::Database => row::time_from_sql(row.try_get(0).map_err(column_error)?),
+        };
+        let read_columns = lease_columns(&row, 1)?;
+        let current = read_columns.clone().map(|c| c.into_slot(id)).transpose()?;
+        if let Some(held) = current.as_ref().and_then(|l| l.held_against(owner, now)) {
+            return Ok(LeaseAttempt::Done(Box::new(LeaseOutcome::Held(
+                held.clone(),
+            ))));
+        }
+        // A record that does not open fails the acquisition; nothing is written.
+        let stored: Option<i64> = row.try_get(11).map_err(column_error)?;
+        let record = match stored {
+            Some(_) => Some(open_record(&row, 11, &self.inner.keyring, id)?),
+            None if locked => None,
+            None => return Ok(LeaseAttempt::NoRecord),
+        };
+        let generation = record.as_ref().map(|r| r.generation);
+        let (slot, took_over) = match lease::acquire(
+            current.as_ref(),
+            owner,
+            ask.request,
+            generation,
+            now,
+            ask.ttl,
+        ) {
+            Acquired::Held(held) => {
+                return Ok(LeaseAttempt::Done(Box::new(LeaseOutcome::Held(held))))
+            }
+            Acquired::Granted { slot, took_over } => (slot, took_over),
+        };
+        let new = LeaseColumns::of(&slot);
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&id.0];
+        params.extend(lease_params(&new));
+        let statement = match &read_columns {
+            None => &sql.insert_lease,
+            Some(old) => {
+                params.extend(lease_params(old));
+                &sql.replace_lease
+            }
+        };
+        params.push(&ask.lock_key);
+        params.push(&stored);
+        let stmt = client.prepare_cached(statement).await.map_err(pg_error)?;
+        if client.execute(&stmt, &params).await.map_err(pg_error)? != 1 {
+            return Ok(LeaseAttempt::Changed);
+        }
+        Ok(LeaseAttempt::Done(Box::new(LeaseOutcome::Granted {
+            lease: slot.lease,
+            record,
+            took_over,
+        })))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -740,60 +862,37 @@ impl Store for PostgresStore {
     ) -> Result<LeaseOutcome, StoreError> {
         check_text("connection id", &id.0)?;
         check_text("worker id", &owner.0)?;
-        let client = self.client().await?;
-        let sql = &self.inner.sql;
-        let read = client
-            .prepare_cached(&sql.read_for_lease)
-            .await
-            .map_err(pg_error)?;
-        // Optimistic: read the clock, the lease row and the record in one
-        // statement, decide as every store does (`lease::acquire`), then write
-        // only if the lease row is still the one read (absent: insert only if
-        // still absent). A write that finds the row changed, by another
-        // acquisition or a release, reads again. The record is not guarded: a
-        // commit that lands between the read and the write does not touch the
-        // lease row (a releasing one does, and fails the guard), so the outcome
-        // is that of this acquisition running whole before that commit.
+        let mut client = self.client().await?;
+        let ask = LeaseAsk {
+            id,
+            owner,
+            request,
+            now,
+            ttl,
+            lock_key: format!("{}/{}", self.inner.sql.schema, id.0),
+        };
         for _ in 0..LEASE_ATTEMPTS {
-            let row = client.query_one(&read, &[&id.0]).await.map_err(pg_error)?;
-            let now = match self.inner.lease_clock {
-                LeaseClock::Caller => now,
-                LeaseClock::Database => row::time_from_sql(row.try_get(0).map_err(column_error)?),
-            };
-            let read_columns = lease_columns(&row, 1)?;
-            let current = read_columns.clone().map(|c| c.into_slot(id)).transpose()?;
-            if let Some(held) = current.as_ref().and_then(|l| l.held_against(owner, now)) {
-                return Ok(LeaseOutcome::Held(held.clone()));
-            }
-            // A record that does not open fails the acquisition; nothing is written.
-            let generation: Option<i64> = row.try_get(11).map_err(column_error)?;
-            let record = match generation {
-                Some(_) => Some(open_record(&row, 11, &self.inner.keyring, id)?),
-                None => None,
-            };
-            let generation = record.as_ref().map(|r| r.generation);
-            let (slot, took_over) =
-                match lease::acquire(current.as_ref(), owner, request, generation, now, ttl) {
-                    Acquired::Held(held) => return Ok(LeaseOutcome::Held(held)),
-                    Acquired::Granted { slot, took_over } => (slot, took_over),
-                };
-            let new = LeaseColumns::of(&slot);
-            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&id.0];
-            params.extend(lease_params(&new));
-            let statement = match &read_columns {
-                None => &sql.insert_lease,
-                Some(old) => {
-                    params.extend(lease_params(old));
-                    &sql.replace_lease
+            let attempt = match self.try_acquire(&client, &ask, false).await? {
+                // No record: under the lock, in a transaction, so that no lease
+                // can be granted, and a record inserted with its release, between
+                // the read and the write.
+                LeaseAttempt::NoRecord => {
+                    let tx = client.transaction().await.map_err(pg_error)?;
+                    let lock = tx
+                        .prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+                        .await
+                        .map_err(pg_error)?;
+                    tx.execute(&lock, &[&LEASE_LOCK, &ask.lock_key])
+                        .await
+                        .map_err(pg_error)?;
+                    let attempt = self.try_acquire(&tx, &ask, true).await?;
+                    tx.commit().await.map_err(pg_error)?;
+                    attempt
                 }
+                attempt => attempt,
             };
-            let stmt = client.prepare_cached(statement).await.map_err(pg_error)?;
-            if client.execute(&stmt, &params).await.map_err(pg_error)? == 1 {
-                return Ok(LeaseOutcome::Granted {
-                    lease: slot.lease,
-                    record,
-                    took_over,
-                });
+            if let LeaseAttempt::Done(outcome) = attempt {
+                return Ok(*outcome);
             }
         }
         Err(StoreError::Unavailable(format!(

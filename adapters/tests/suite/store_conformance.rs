@@ -1432,6 +1432,72 @@ async fn race_for_lease<S: Store + 'static>(
     winner
 }
 
+/// Workers of two store handles take turns at one record as a refresh does: take
+/// the lease, then commit on the generation the grant read, releasing the lease in
+/// the same step. A grant must read the record as it is when the lease is granted:
+/// no one else can commit while the lease is held, so every such commit lands.
+/// (A grant that read the record before another worker's whole turn — lease, commit
+/// and release between its read and its write — would carry a generation already
+/// replaced, and its commit would conflict.)
+async fn lease_holders_commit_on_what_their_grant_read<B: Backend>(b: &B) {
+    const TASKS: usize = 6;
+    const TURNS: usize = 40;
+    let stores = [b.open(keyring()).await, b.open(keyring()).await];
+    committed(&*stores[0], None, &record("turns", 0)).await;
+    // A conflicting commit leaves its lease held for good (the clock stands
+    // still): every task stops at the first one.
+    let stale = Arc::new(Mutex::new(None));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let s = Arc::clone(&stores[t % 2]);
+        let stale = Arc::clone(&stale);
+        tasks.push(tokio::spawn(async move {
+            let me = worker(&format!("w{t}"));
+            let (mut turns, mut asks) = (0, 0_u64);
+            while turns < TURNS && stale.lock().unwrap().is_none() {
+                asks += 1;
+                let request = LeaseRequestId(((t as u64) << 32) | asks);
+                let outcome = s
+                    .acquire_lease(&id("turns"), &me, request, T0, TTL)
+                    .await
+                    .unwrap();
+                let LeaseOutcome::Granted {
+                    record: Some(read), ..
+                } = outcome
+                else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                let g = read.generation.0;
+                let release = tokenfence_core::LeaseRelease {
+                    owner: me.clone(),
+                    request,
+                    restore: false,
+                };
+                let swap = s
+                    .compare_and_swap(
+                        Some(read.generation),
+                        &record("turns", g + 1),
+                        Some(&release),
+                    )
+                    .await
+                    .unwrap();
+                if swap != CasOutcome::Committed {
+                    *stale.lock().unwrap() =
+                        Some(format!("w{t}'s grant read generation {g}: {swap:?}"));
+                }
+                turns += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*stale.lock().unwrap(), None);
+    let stored = stores[0].load(&id("turns")).await.unwrap().unwrap();
+    assert_eq!(stored.generation, Generation((TASKS * TURNS) as u64));
+}
+
 fn record_of(g: u64) -> ConnectionRecord {
     record("hot", g)
 }
@@ -1825,6 +1891,7 @@ for_backends!(
     notices_due_reports_each_notice_in_its_window,
     concurrent_cas_has_one_winner_per_generation,
     concurrent_lease_has_one_holder,
+    lease_holders_commit_on_what_their_grant_read,
     pending_authorizations_are_taken_once,
 );
 
