@@ -73,9 +73,9 @@ const MIGRATION_LOCK: i32 = 0x746f_6b6e;
 /// too: a process of each build may run side by side during a deploy.
 const LEASE_LOCK: i32 = 0x6c65_6173;
 
-/// How many times a lease acquisition reads and writes again after another
-/// writer changed the lease row between its read and its write (each such loss
-/// is another acquisition's or release's progress).
+/// How many times a lease acquisition reads and writes again after the lease row
+/// or the record changed between its read and its write (each such loss is
+/// another acquisition's, release's or commit's progress).
 const LEASE_ATTEMPTS: usize = 16;
 
 /// A lease acquisition's arguments, and its advisory-lock key.
@@ -198,8 +198,11 @@ struct Sql {
 /// The write's guard on the record: its generation is still the one read
 /// (`$n`; NULL: there was none). `FOR SHARE` makes a compare-and-swap in flight
 /// finish first, and then the newest version is judged, not the statement's
-/// snapshot; a record inserted after the snapshot is not seen, which is why an
-/// acquisition that read no record runs in a transaction under the lock.
+/// snapshot. A record inserted after the snapshot is not seen: alone, that insert
+/// counts as coming after the grant; an insert that releases a lease would need a
+/// lease granted between the read and the write, which the lock held from before
+/// the read excludes, which is why an acquisition that read no record runs in a
+/// transaction under the lock.
 fn record_guard(connections: &str, n: usize) -> String {
     format!("(SELECT generation FROM {connections} WHERE id = $1 FOR SHARE) IS NOT DISTINCT FROM ${n}::bigint")
 }
@@ -877,7 +880,14 @@ impl Store for PostgresStore {
                 // can be granted, and a record inserted with its release, between
                 // the read and the write.
                 LeaseAttempt::NoRecord => {
-                    let tx = client.transaction().await.map_err(pg_error)?;
+                    // Read committed whatever the server's default: the read
+                    // after the lock must see what committed before it.
+                    let tx = client
+                        .build_transaction()
+                        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+                        .start()
+                        .await
+                        .map_err(pg_error)?;
                     let lock = tx
                         .prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))")
                         .await

@@ -1440,10 +1440,22 @@ async fn race_for_lease<S: Store + 'static>(
 /// and release between its read and its write — would carry a generation already
 /// replaced, and its commit would conflict.)
 async fn lease_holders_commit_on_what_their_grant_read<B: Backend>(b: &B) {
+    take_turns(b, true).await;
+}
+
+/// The same from no record: the first turn inserts it, releasing its lease. A
+/// grant that read "no record" after that insert would conflict.
+async fn lease_holders_commit_on_what_their_grant_read_from_no_record<B: Backend>(b: &B) {
+    take_turns(b, false).await;
+}
+
+async fn take_turns<B: Backend>(b: &B, with_record: bool) {
     const TASKS: usize = 6;
     const TURNS: usize = 40;
     let stores = [b.open(keyring()).await, b.open(keyring()).await];
-    committed(&*stores[0], None, &record("turns", 0)).await;
+    if with_record {
+        committed(&*stores[0], None, &record("turns", 0)).await;
+    }
     // A conflicting commit leaves its lease held for good (the clock stands
     // still): every task stops at the first one.
     let stale = Arc::new(Mutex::new(None));
@@ -1461,30 +1473,23 @@ async fn lease_holders_commit_on_what_their_grant_read<B: Backend>(b: &B) {
                     .acquire_lease(&id("turns"), &me, request, T0, TTL)
                     .await
                     .unwrap();
-                let LeaseOutcome::Granted {
-                    record: Some(read), ..
-                } = outcome
-                else {
+                let LeaseOutcome::Granted { record: read, .. } = outcome else {
                     tokio::task::yield_now().await;
                     continue;
                 };
-                let g = read.generation.0;
+                let read = read.map(|r| r.generation);
+                let next = read.map_or(0, |g| g.0 + 1);
                 let release = tokenfence_core::LeaseRelease {
                     owner: me.clone(),
                     request,
                     restore: false,
                 };
                 let swap = s
-                    .compare_and_swap(
-                        Some(read.generation),
-                        &record("turns", g + 1),
-                        Some(&release),
-                    )
+                    .compare_and_swap(read, &record("turns", next), Some(&release))
                     .await
                     .unwrap();
                 if swap != CasOutcome::Committed {
-                    *stale.lock().unwrap() =
-                        Some(format!("w{t}'s grant read generation {g}: {swap:?}"));
+                    *stale.lock().unwrap() = Some(format!("w{t}'s grant read {read:?}: {swap:?}"));
                 }
                 turns += 1;
             }
@@ -1495,7 +1500,11 @@ async fn lease_holders_commit_on_what_their_grant_read<B: Backend>(b: &B) {
     }
     assert_eq!(*stale.lock().unwrap(), None);
     let stored = stores[0].load(&id("turns")).await.unwrap().unwrap();
-    assert_eq!(stored.generation, Generation((TASKS * TURNS) as u64));
+    let turns = (TASKS * TURNS) as u64;
+    assert_eq!(
+        stored.generation,
+        Generation(turns - u64::from(!with_record))
+    );
 }
 
 fn record_of(g: u64) -> ConnectionRecord {
@@ -1892,6 +1901,7 @@ for_backends!(
     concurrent_cas_has_one_winner_per_generation,
     concurrent_lease_has_one_holder,
     lease_holders_commit_on_what_their_grant_read,
+    lease_holders_commit_on_what_their_grant_read_from_no_record,
     pending_authorizations_are_taken_once,
 );
 
