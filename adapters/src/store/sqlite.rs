@@ -223,6 +223,10 @@ fn open_once(path: &Path, busy_timeout: Duration) -> Result<Connection, OpenErro
         )))
     })?;
     conn.busy_timeout(busy_timeout)?;
+    // Every statement is cached once prepared: about a dozen, and up to eight
+    // shapes of the compare-and-swap (which indexed columns move); rusqlite's
+    // default of 16 would evict and prepare again.
+    conn.set_prepared_statement_cache_capacity(64);
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(OpenError::Store(StoreError::Config(format!(
