@@ -254,10 +254,8 @@ impl Sql {
             select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
             read_for_lease: format!(
                 "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint, \
-                 l.owner, l.acquired_at, l.expires_at, l.generation, l.request, \
-                 l.displaced_owner, l.displaced_acquired_at, l.displaced_expires_at, \
-                 l.displaced_generation, l.displaced_request, c.generation, c.sealed \
-                 FROM (SELECT 1) AS one LEFT JOIN {l} AS l ON l.id = $1 \
+                 l.*, c.generation, c.sealed FROM (SELECT 1) AS one \
+                 LEFT JOIN (SELECT {LEASE_COLUMNS} FROM {l} WHERE id = $1) AS l ON true \
                  LEFT JOIN {c} AS c ON c.id = $1"
             ),
             insert_lease: format!(
@@ -696,8 +694,7 @@ async fn read_record<C: GenericClient>(
     row.map(|r| open_record(&r, 0, keyring, id)).transpose()
 }
 
-/// Opens a record row (`generation, sealed`).
-/// The record whose generation and sealed blob are columns `first` and
+/// Opens the record whose generation and sealed blob are columns `first` and
 /// `first + 1` of `row`.
 fn open_record(
     row: &tokio_postgres::Row,
@@ -720,21 +717,20 @@ fn lease_columns(
     row: &tokio_postgres::Row,
     first: usize,
 ) -> Result<Option<LeaseColumns>, StoreError> {
-    let get = |i: usize| first + i;
     let Some(owner) = row.try_get(first).map_err(column_error)? else {
         return Ok(None);
     };
     Ok(Some(LeaseColumns {
         owner,
-        acquired_at: row.try_get(get(1)).map_err(column_error)?,
-        expires_at: row.try_get(get(2)).map_err(column_error)?,
-        generation: row.try_get(get(3)).map_err(column_error)?,
-        request: row.try_get(get(4)).map_err(column_error)?,
-        displaced_owner: row.try_get(get(5)).map_err(column_error)?,
-        displaced_acquired_at: row.try_get(get(6)).map_err(column_error)?,
-        displaced_expires_at: row.try_get(get(7)).map_err(column_error)?,
-        displaced_generation: row.try_get(get(8)).map_err(column_error)?,
-        displaced_request: row.try_get(get(9)).map_err(column_error)?,
+        acquired_at: row.try_get(first + 1).map_err(column_error)?,
+        expires_at: row.try_get(first + 2).map_err(column_error)?,
+        generation: row.try_get(first + 3).map_err(column_error)?,
+        request: row.try_get(first + 4).map_err(column_error)?,
+        displaced_owner: row.try_get(first + 5).map_err(column_error)?,
+        displaced_acquired_at: row.try_get(first + 6).map_err(column_error)?,
+        displaced_expires_at: row.try_get(first + 7).map_err(column_error)?,
+        displaced_generation: row.try_get(first + 8).map_err(column_error)?,
+        displaced_request: row.try_get(first + 9).map_err(column_error)?,
     }))
 }
 
