@@ -45,10 +45,11 @@ fn keyring() -> Keyring {
 }
 
 /// A record with Intuit-sized tokens, as the refresh that made `generation` left
-/// it: a new access token and idle deadline (one second later per generation),
-/// the five-year cap unchanged.
+/// it: a new access token and idle deadline (one access-token lifetime, an hour,
+/// later per generation: Intuit's cadence for a connection in use), the
+/// five-year cap unchanged.
 fn record(conn: &str, generation: u64) -> ConnectionRecord {
-    let at = T0.saturating_add(Duration::from_secs(generation));
+    let at = T0.saturating_add(Duration::from_secs(3600 * generation));
     ConnectionRecord {
         id: ConnectionId(conn.into()),
         generation: Generation(generation),

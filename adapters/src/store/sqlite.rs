@@ -44,7 +44,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("migrations/sqlite/0005_leases_unindexed.sql"),
     ),
+    (6, include_str!("migrations/sqlite/0006_idle_day.sql")),
 ];
+
+/// The unit `idle_day` rounds idle deadlines down to: a day, in milliseconds.
+const DAY_MS: i64 = 86_400_000;
+
+/// The `idle_day` column of an idle deadline (migration 6).
+fn idle_day(idle_deadline: Option<i64>) -> Option<i64> {
+    idle_deadline.map(|d| d - d.rem_euclid(DAY_MS))
+}
 
 /// How long a write waits for another process's transaction before failing.
 const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -319,21 +328,21 @@ fn read_lease(conn: &Connection, id: &ConnectionId) -> Result<Option<LeaseSlot>,
 /// The record's columns an index covers, as stored, with its generation.
 struct Scheduling {
     generation: i64,
-    idle_deadline: Option<i64>,
+    idle_day: Option<i64>,
     pending_work_at: Option<i64>,
     hard_deadline: Option<i64>,
 }
 
 fn read_scheduling(conn: &Connection, id: &ConnectionId) -> Result<Option<Scheduling>, StoreError> {
     conn.prepare_cached(
-        "SELECT generation, idle_deadline, pending_work_at, hard_deadline \
+        "SELECT generation, idle_day, pending_work_at, hard_deadline \
          FROM tokenfence_connections WHERE id = ?1",
     )
     .and_then(|mut s| {
         s.query_row([&id.0], |r| {
             Ok(Scheduling {
                 generation: r.get(0)?,
-                idle_deadline: r.get(1)?,
+                idle_day: r.get(1)?,
                 pending_work_at: r.get(2)?,
                 hard_deadline: r.get(3)?,
             })
@@ -346,19 +355,20 @@ fn read_scheduling(conn: &Connection, id: &ConnectionId) -> Result<Option<Schedu
 /// The guarded update of a record, setting an indexed column only where its value
 /// changes: SQLite rewrites an index whose column an `UPDATE` sets, changed or not,
 /// and each index is one more page in the commit's fsync (a refresh moves the idle
-/// deadline; the hard deadline and pending work rarely move).
+/// deadline, unindexed, and its day about once a day; the hard deadline and pending
+/// work rarely move).
 fn update_sql(
     stored: &Scheduling,
-    idle_deadline: Option<i64>,
+    idle_day: Option<i64>,
     pending_work_at: Option<i64>,
     hard_deadline: Option<i64>,
 ) -> String {
     let mut sql = String::from(
         "UPDATE tokenfence_connections SET generation = ?2, status = ?3, \
-         keepalive_floor = ?5, updated_at = ?6, sealed = ?7",
+         idle_deadline = ?4, keepalive_floor = ?5, updated_at = ?6, sealed = ?7",
     );
     for (column, param, stored, new) in [
-        ("idle_deadline", 4, stored.idle_deadline, idle_deadline),
+        ("idle_day", 10, stored.idle_day, idle_day),
         (
             "pending_work_at",
             8,
@@ -371,7 +381,7 @@ fn update_sql(
             sql.push_str(&format!(", {column} = ?{param}"));
         }
     }
-    sql.push_str(" WHERE id = ?1 AND generation = ?10");
+    sql.push_str(" WHERE id = ?1 AND generation = ?11");
     sql
 }
 
@@ -432,6 +442,7 @@ impl Store for SqliteStore {
             updated_at,
             sealed,
         } = row::seal(&self.inner.keyring, record)?;
+        let day = idle_day(idle_deadline);
         self.run(true, move |conn, keyring| {
             let columns = params![
                 id.0,
@@ -442,14 +453,16 @@ impl Store for SqliteStore {
                 updated_at,
                 sealed,
                 pending_work_at,
-                hard_deadline
+                hard_deadline,
+                day
             ];
             let changed = match expected {
                 None => conn
                     .prepare_cached(
                         "INSERT INTO tokenfence_connections (id, generation, status, \
                          idle_deadline, keepalive_floor, updated_at, sealed, pending_work_at, \
-                         hard_deadline) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                         hard_deadline, idle_day) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                          ON CONFLICT (id) DO NOTHING",
                     )
                     .and_then(|mut s| s.execute(columns)),
@@ -459,7 +472,7 @@ impl Store for SqliteStore {
                         Some(stored) if stored.generation == expected => conn
                             .prepare_cached(&update_sql(
                                 &stored,
-                                idle_deadline,
+                                day,
                                 pending_work_at,
                                 hard_deadline,
                             ))
@@ -581,7 +594,10 @@ impl Store for SqliteStore {
                     "SELECT id, MIN(due) FROM ( \
                      SELECT id, MAX(idle_deadline - ?3, keepalive_floor) AS due \
                      FROM tokenfence_connections \
-                     WHERE idle_deadline <= ?1 AND keepalive_floor <= ?2 \
+                     WHERE idle_day <= ?1 AND idle_deadline <= ?1 AND keepalive_floor <= ?2 \
+                     UNION ALL SELECT id, MAX(idle_deadline - ?3, keepalive_floor) \
+                     FROM tokenfence_connections WHERE idle_day IS NULL \
+                     AND idle_deadline <= ?1 AND keepalive_floor <= ?2 \
                      UNION ALL SELECT id, pending_work_at FROM tokenfence_connections \
                      WHERE pending_work_at <= ?2 \
                      UNION ALL SELECT id, expires_at FROM tokenfence_leases \

@@ -998,6 +998,25 @@ async fn chained_takeovers_report_the_earliest_start<B: Backend>(b: &B) {
     );
 }
 
+/// An idle deadline the provider moves earlier, across a UTC midnight (SQLite
+/// indexes the deadline's day): the keep-alive scan follows the new deadline.
+async fn keepalive_follows_a_deadline_moved_earlier<B: Backend>(b: &B) {
+    let s = b.open(keyring()).await;
+    const DAY: u64 = 86_400_000;
+    let midnight = Timestamp::from_millis((T0.as_millis() / DAY + 10) * DAY);
+    let hour = Duration::from_secs(3600);
+    let mut r = record("moved", 0);
+    r.idle_deadline = Some(midnight.saturating_add(hour));
+    committed(&*s, None, &r).await;
+    let mut earlier = record("moved", 1);
+    earlier.idle_deadline = Some(midnight.saturating_sub(hour));
+    committed(&*s, Some(0), &earlier).await;
+    let before = midnight.saturating_sub(hour * 2);
+    assert!(due(&*s, before, Duration::ZERO, 10).await.is_empty());
+    let after = midnight.saturating_sub(hour / 2);
+    assert_eq!(due(&*s, after, Duration::ZERO, 10).await, vec![id("moved")]);
+}
+
 async fn due_for_work_finds_keepalive_and_abandoned<B: Backend>(b: &B) {
     let s = b.open(keyring()).await;
     // Last refreshed 90 days before T0; idle deadlines some days after it.
@@ -1895,6 +1914,7 @@ for_backends!(
     a_committed_swap_releases_the_lease_with_it,
     chained_takeovers_report_the_earliest_start,
     due_for_work_finds_keepalive_and_abandoned,
+    keepalive_follows_a_deadline_moved_earlier,
     due_for_work_finds_records_in_doubt,
     due_for_work_pages_by_due_time,
     notices_due_reports_each_notice_in_its_window,
@@ -1964,6 +1984,21 @@ async fn sqlite_upgrades_a_version_1_database() {
         .unwrap();
     assert_eq!(version, LATEST_SQLITE);
     assert_eq!(s.load(&id("old")).await.unwrap(), Some(record("old", 0)));
+    // Version 6 gave the row its idle deadline's day: found by the day's index.
+    let undated: i64 = b
+        .raw()
+        .query_row(
+            "SELECT count(*) FROM tokenfence_connections \
+             WHERE idle_deadline IS NOT NULL AND idle_day IS NOT idle_deadline / 86400000 * 86400000",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(undated, 0);
+    assert_eq!(
+        due(&s, T0.saturating_add(days(90)), days(14), 100).await,
+        vec![id("old")]
+    );
     let mut doubt = record("old", 1);
     doubt.in_doubt_since = Some(at(5));
     committed(&s, Some(0), &doubt).await;
@@ -1975,15 +2010,56 @@ async fn sqlite_upgrades_a_version_1_database() {
     );
 }
 
+/// A row an older build inserted during a rolling deploy has no idle day (the
+/// column came with version 6): the keep-alive scan still finds it, by its idle
+/// deadline, and this build's next write gives it its day.
+#[tokio::test]
+async fn sqlite_keepalive_finds_rows_an_older_build_inserted() {
+    let b = SqliteBackend::new();
+    let s = SqliteStore::open(b.path(), keyring()).unwrap();
+    committed(&s, None, &record("undated", 0)).await;
+    committed(&s, None, &record("dated", 0)).await;
+    let raw = b.raw();
+    raw.execute(
+        "UPDATE tokenfence_connections SET idle_day = NULL WHERE id = 'undated'",
+        [],
+    )
+    .unwrap();
+    let (idle_at, lead) = (T0.saturating_add(days(90)), days(14));
+    assert_eq!(
+        due(&s, idle_at, lead, 100).await,
+        vec![id("dated"), id("undated")]
+    );
+    assert_eq!(due(&s, T0, lead, 100).await, Vec::<ConnectionId>::new());
+    let mut later = record("undated", 1);
+    later.idle_deadline = Some(T0.saturating_add(days(200)));
+    committed(&s, Some(0), &later).await;
+    let day: Option<i64> = raw
+        .query_row(
+            "SELECT idle_day FROM tokenfence_connections WHERE id = 'undated'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let deadline = T0.saturating_add(days(200)).as_millis() as i64;
+    assert_eq!(day, Some(deadline - deadline % 86_400_000));
+    assert_eq!(due(&s, idle_at, lead, 100).await, vec![id("dated")]);
+}
+
 /// The newest schema versions this build ships (SQLite's version 5 dropped an
-/// index PostgreSQL keeps).
-const LATEST_SQLITE: i64 = 5;
+/// index PostgreSQL keeps, its version 6 indexes the idle deadline's day).
+const LATEST_SQLITE: i64 = 6;
 const LATEST_POSTGRES: i64 = 4;
 
-/// Back from the newest schema to version 2: puts back the lease index version 5
-/// dropped, drops what versions 3 (lease request ids) and 4 (pending
-/// authorizations) added.
-const SQLITE_DROP_V3: &str = "CREATE INDEX tokenfence_leases_expires_at \
+/// Back from the newest schema to version 2: puts back the idle deadline's index
+/// version 6 replaced and the lease index version 5 dropped, drops what versions 3
+/// (lease request ids) and 4 (pending authorizations) added.
+const SQLITE_DROP_V3: &str = "DROP INDEX tokenfence_connections_idle_day; \
+     DROP INDEX tokenfence_connections_idle_undated; \
+     ALTER TABLE tokenfence_connections DROP COLUMN idle_day; \
+     CREATE INDEX tokenfence_connections_idle_deadline \
+     ON tokenfence_connections (idle_deadline) WHERE idle_deadline IS NOT NULL; \
+     CREATE INDEX tokenfence_leases_expires_at \
      ON tokenfence_leases (expires_at); \
      DROP TABLE tokenfence_pending_authorizations; \
      ALTER TABLE tokenfence_leases DROP COLUMN request; \
