@@ -47,14 +47,6 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("migrations/sqlite/0006_idle_day.sql")),
 ];
 
-/// The unit `idle_day` rounds idle deadlines down to: a day, in milliseconds.
-const DAY_MS: i64 = 86_400_000;
-
-/// The `idle_day` column of an idle deadline (migration 6).
-fn idle_day(idle_deadline: Option<i64>) -> Option<i64> {
-    idle_deadline.map(|d| d - d.rem_euclid(DAY_MS))
-}
-
 /// How long a write waits for another process's transaction before failing.
 const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -325,26 +317,25 @@ fn read_lease(conn: &Connection, id: &ConnectionId) -> Result<Option<LeaseSlot>,
     columns.map(|c| c.into_slot(id)).transpose()
 }
 
-/// The record's columns an index covers, as stored, with its generation.
+/// The record's columns an index covers, as stored, with its generation (the idle
+/// deadline's day is the database's: migration 6's triggers keep it).
 struct Scheduling {
     generation: i64,
-    idle_day: Option<i64>,
     pending_work_at: Option<i64>,
     hard_deadline: Option<i64>,
 }
 
 fn read_scheduling(conn: &Connection, id: &ConnectionId) -> Result<Option<Scheduling>, StoreError> {
     conn.prepare_cached(
-        "SELECT generation, idle_day, pending_work_at, hard_deadline \
+        "SELECT generation, pending_work_at, hard_deadline \
          FROM tokenfence_connections WHERE id = ?1",
     )
     .and_then(|mut s| {
         s.query_row([&id.0], |r| {
             Ok(Scheduling {
                 generation: r.get(0)?,
-                idle_day: r.get(1)?,
-                pending_work_at: r.get(2)?,
-                hard_deadline: r.get(3)?,
+                pending_work_at: r.get(1)?,
+                hard_deadline: r.get(2)?,
             })
         })
         .optional()
@@ -354,12 +345,11 @@ fn read_scheduling(conn: &Connection, id: &ConnectionId) -> Result<Option<Schedu
 
 /// The guarded update of a record, setting an indexed column only where its value
 /// changes: SQLite rewrites an index whose column an `UPDATE` sets, changed or not,
-/// and each index is one more page in the commit's fsync (a refresh moves the idle
-/// deadline, unindexed, and its day about once a day; the hard deadline and pending
-/// work rarely move).
+/// and each index is one more page in the commit's fsync (the hard deadline and
+/// pending work rarely move; a refresh moves the idle deadline, unindexed, and a
+/// trigger its indexed day about once a day).
 fn update_sql(
     stored: &Scheduling,
-    idle_day: Option<i64>,
     pending_work_at: Option<i64>,
     hard_deadline: Option<i64>,
 ) -> String {
@@ -368,7 +358,6 @@ fn update_sql(
          idle_deadline = ?4, keepalive_floor = ?5, updated_at = ?6, sealed = ?7",
     );
     for (column, param, stored, new) in [
-        ("idle_day", 10, stored.idle_day, idle_day),
         (
             "pending_work_at",
             8,
@@ -381,7 +370,7 @@ fn update_sql(
             sql.push_str(&format!(", {column} = ?{param}"));
         }
     }
-    sql.push_str(" WHERE id = ?1 AND generation = ?11");
+    sql.push_str(" WHERE id = ?1 AND generation = ?10");
     sql
 }
 
@@ -442,7 +431,6 @@ impl Store for SqliteStore {
             updated_at,
             sealed,
         } = row::seal(&self.inner.keyring, record)?;
-        let day = idle_day(idle_deadline);
         self.run(true, move |conn, keyring| {
             let columns = params![
                 id.0,
@@ -453,16 +441,14 @@ impl Store for SqliteStore {
                 updated_at,
                 sealed,
                 pending_work_at,
-                hard_deadline,
-                day
+                hard_deadline
             ];
             let changed = match expected {
                 None => conn
                     .prepare_cached(
                         "INSERT INTO tokenfence_connections (id, generation, status, \
                          idle_deadline, keepalive_floor, updated_at, sealed, pending_work_at, \
-                         hard_deadline, idle_day) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                         hard_deadline) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
                          ON CONFLICT (id) DO NOTHING",
                     )
                     .and_then(|mut s| s.execute(columns)),
@@ -470,12 +456,7 @@ impl Store for SqliteStore {
                     let expected = row::generation_to_sql(g);
                     match read_scheduling(conn, &id)? {
                         Some(stored) if stored.generation == expected => conn
-                            .prepare_cached(&update_sql(
-                                &stored,
-                                day,
-                                pending_work_at,
-                                hard_deadline,
-                            ))
+                            .prepare_cached(&update_sql(&stored, pending_work_at, hard_deadline))
                             .and_then(|mut s| {
                                 let mut all: Vec<&dyn rusqlite::ToSql> = columns.to_vec();
                                 all.push(&expected);
@@ -595,9 +576,6 @@ impl Store for SqliteStore {
                      SELECT id, MAX(idle_deadline - ?3, keepalive_floor) AS due \
                      FROM tokenfence_connections \
                      WHERE idle_day <= ?1 AND idle_deadline <= ?1 AND keepalive_floor <= ?2 \
-                     UNION ALL SELECT id, MAX(idle_deadline - ?3, keepalive_floor) \
-                     FROM tokenfence_connections WHERE idle_day IS NULL \
-                     AND idle_deadline <= ?1 AND keepalive_floor <= ?2 \
                      UNION ALL SELECT id, pending_work_at FROM tokenfence_connections \
                      WHERE pending_work_at <= ?2 \
                      UNION ALL SELECT id, expires_at FROM tokenfence_leases \

@@ -2010,40 +2010,54 @@ async fn sqlite_upgrades_a_version_1_database() {
     );
 }
 
-/// A row an older build inserted during a rolling deploy has no idle day (the
-/// column came with version 6): the keep-alive scan still finds it, by its idle
-/// deadline, and this build's next write gives it its day.
+/// Rows a build before version 6 writes during a rolling deploy (it sets the idle
+/// deadline, never its day): the database dates them, so the keep-alive scan finds
+/// a row it inserted and one whose deadline it moved earlier across a midnight.
 #[tokio::test]
-async fn sqlite_keepalive_finds_rows_an_older_build_inserted() {
+async fn sqlite_keepalive_finds_rows_an_older_build_wrote() {
     let b = SqliteBackend::new();
     let s = SqliteStore::open(b.path(), keyring()).unwrap();
-    committed(&s, None, &record("undated", 0)).await;
-    committed(&s, None, &record("dated", 0)).await;
+    const DAY: u64 = 86_400_000;
+    let midnight = Timestamp::from_millis((T0.as_millis() / DAY + 10) * DAY);
+    let hour = Duration::from_secs(3600);
+    let mut moved = record("moved", 0);
+    moved.idle_deadline = Some(midnight.saturating_add(hour));
+    committed(&s, None, &moved).await;
     let raw = b.raw();
+    let early = midnight.saturating_sub(hour).as_millis() as i64;
+    // As version 5 writes: no idle_day in the statement.
     raw.execute(
-        "UPDATE tokenfence_connections SET idle_day = NULL WHERE id = 'undated'",
-        [],
+        "UPDATE tokenfence_connections SET idle_deadline = ?1, generation = 1 \
+         WHERE id = 'moved'",
+        [early],
     )
     .unwrap();
-    let (idle_at, lead) = (T0.saturating_add(days(90)), days(14));
-    assert_eq!(
-        due(&s, idle_at, lead, 100).await,
-        vec![id("dated"), id("undated")]
-    );
-    assert_eq!(due(&s, T0, lead, 100).await, Vec::<ConnectionId>::new());
-    let mut later = record("undated", 1);
-    later.idle_deadline = Some(T0.saturating_add(days(200)));
-    committed(&s, Some(0), &later).await;
-    let day: Option<i64> = raw
+    let sealed: (i64, Vec<u8>) = raw
         .query_row(
-            "SELECT idle_day FROM tokenfence_connections WHERE id = 'undated'",
+            "SELECT keepalive_floor, sealed FROM tokenfence_connections WHERE id = 'moved'",
             [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    raw.execute(
+        "INSERT INTO tokenfence_connections (id, generation, status, idle_deadline, \
+         keepalive_floor, updated_at, sealed) VALUES ('inserted', 0, 'active', ?1, ?2, 0, ?3)",
+        rusqlite::params![early, sealed.0, sealed.1],
+    )
+    .unwrap();
+    let dated: i64 = raw
+        .query_row(
+            "SELECT count(*) FROM tokenfence_connections WHERE idle_day = ?1",
+            [early - early % DAY as i64],
             |r| r.get(0),
         )
         .unwrap();
-    let deadline = T0.saturating_add(days(200)).as_millis() as i64;
-    assert_eq!(day, Some(deadline - deadline % 86_400_000));
-    assert_eq!(due(&s, idle_at, lead, 100).await, vec![id("dated")]);
+    assert_eq!(dated, 2);
+    let after = midnight.saturating_sub(hour / 2);
+    assert_eq!(
+        due(&s, after, Duration::ZERO, 10).await,
+        vec![id("inserted"), id("moved")]
+    );
 }
 
 /// The newest schema versions this build ships (SQLite's version 5 dropped an
@@ -2054,8 +2068,9 @@ const LATEST_POSTGRES: i64 = 4;
 /// Back from the newest schema to version 2: puts back the idle deadline's index
 /// version 6 replaced and the lease index version 5 dropped, drops what versions 3
 /// (lease request ids) and 4 (pending authorizations) added.
-const SQLITE_DROP_V3: &str = "DROP INDEX tokenfence_connections_idle_day; \
-     DROP INDEX tokenfence_connections_idle_undated; \
+const SQLITE_DROP_V3: &str = "DROP TRIGGER tokenfence_connections_idle_day_insert; \
+     DROP TRIGGER tokenfence_connections_idle_day_update; \
+     DROP INDEX tokenfence_connections_idle_day; \
      ALTER TABLE tokenfence_connections DROP COLUMN idle_day; \
      CREATE INDEX tokenfence_connections_idle_deadline \
      ON tokenfence_connections (idle_deadline) WHERE idle_deadline IS NOT NULL; \
