@@ -224,7 +224,7 @@ fn open_once(path: &Path, busy_timeout: Duration) -> Result<Connection, OpenErro
         )))
     })?;
     conn.busy_timeout(busy_timeout)?;
-    // Every statement is cached once prepared: about a dozen, and up to eight
+    // Every statement is cached once prepared: about a dozen, and up to four
     // shapes of the compare-and-swap (which indexed columns move); rusqlite's
     // default of 16 would evict and prepare again.
     conn.set_prepared_statement_cache_capacity(64);

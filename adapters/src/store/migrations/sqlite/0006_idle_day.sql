@@ -9,7 +9,8 @@
 -- idle_deadline (no longer indexed) is due.
 --
 -- The database keeps idle_day, not the store's code: the triggers below set it
--- whenever a write leaves it different from its deadline's day, whoever wrote
+-- whenever a write that inserts a row or sets idle_deadline leaves it different
+-- from its deadline's day, whoever wrote
 -- (a build before version 6 still running during a rolling deploy sets
 -- idle_deadline only, and may move it earlier). A write that leaves the day as it
 -- was runs no nested update and touches no page of the index.
