@@ -83,13 +83,7 @@ pub fn acquire(
     if let Some(holder) = current.and_then(|s| s.held_against(owner, now)) {
         return Acquired::Held(holder.clone());
     }
-    let lease = Lease {
-        owner: owner.clone(),
-        acquired_at: now,
-        expires_at: now.saturating_add(ttl),
-        generation,
-        request,
-    };
+    let lease = grant(owner, request, generation, now, ttl);
     let displaced = match current {
         // A retry of the request whose answer was lost: nothing was sent under
         // that grant, so it displaced nothing itself; what it displaced stands.
@@ -103,6 +97,25 @@ pub fn acquire(
             displaced: displaced.clone(),
         },
         took_over: displaced,
+    }
+}
+
+/// The lease [`acquire`] grants `owner` under `request` for `ttl` from `now`, the
+/// record at `generation`: where there was no row, all that it stores (a store
+/// that writes a free row's grant in one statement reports it with this).
+pub fn grant(
+    owner: &WorkerId,
+    request: LeaseRequestId,
+    generation: Option<Generation>,
+    now: Timestamp,
+    ttl: Duration,
+) -> Lease {
+    Lease {
+        owner: owner.clone(),
+        acquired_at: now,
+        expires_at: now.saturating_add(ttl),
+        generation,
+        request,
     }
 }
 
