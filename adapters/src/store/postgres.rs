@@ -2,8 +2,11 @@
 //!
 //! The compare-and-swap is one guarded `UPDATE ... WHERE id = $1 AND generation = $n`
 //! (an `INSERT ... ON CONFLICT DO NOTHING` when no record may exist). Acquiring a
-//! lease is two statements and no transaction: one reads the database's clock, the
-//! lease row and the record (one snapshot); the other writes the new lease, with
+//! lease takes one statement where there is a record and no lease row (the record
+//! locked `FOR SHARE`, then the row inserted where there is none), else two and no
+//! transaction: one reads the database's clock, the
+//! lease row and the record (one snapshot; the first statement's read, when it
+//! wrote nothing); the other writes the new lease, with
 //! its request id and the row it displaced, only if the lease row is still the one
 //! read (`UPDATE ... WHERE (columns) IS NOT DISTINCT FROM (as read)`, or, where there
 //! was none, `INSERT ... ON CONFLICT DO NOTHING`) and the record's generation is
@@ -178,8 +181,9 @@ struct Sql {
     /// `insert_record` and `update_record` releasing a lease when they land.
     insert_record_releasing: String,
     update_record_releasing: String,
-    /// The common acquisition in one statement: where there is a record and no
-    /// lease row, the new row (see `grant_free`).
+    /// The first attempt of an acquisition, one statement: `read_for_lease`'s
+    /// read, and where it finds a record and no lease row, the new row written
+    /// (see `first_attempt`).
     grant_free: String,
     /// The database's clock, the lease row and the record, in one statement (one
     /// snapshot).
@@ -215,6 +219,14 @@ impl Sql {
         let c = format!("\"{schema}\".tokenfence_connections");
         let l = format!("\"{schema}\".tokenfence_leases");
         let p = format!("\"{schema}\".tokenfence_pending_authorizations");
+        // The read an acquisition decides on: the database's clock, the lease row
+        // and the record, in one snapshot.
+        let read = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint, \
+             l.*, c.generation, c.sealed";
+        let read_joins = format!(
+            "LEFT JOIN (SELECT {LEASE_COLUMNS} FROM {l} WHERE id = $1) AS l ON true \
+             LEFT JOIN {c} AS c ON c.id = $1"
+        );
         let insert_record = format!(
             "INSERT INTO {c} (id, generation, status, idle_deadline, keepalive_floor, \
              updated_at, sealed, pending_work_at, hard_deadline) \
@@ -255,22 +267,21 @@ impl Sql {
             insert_record,
             update_record,
             select_record: format!("SELECT generation, sealed FROM {c} WHERE id = $1"),
-            read_for_lease: format!(
-                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint, \
-                 l.*, c.generation, c.sealed FROM (SELECT 1) AS one \
-                 LEFT JOIN (SELECT {LEASE_COLUMNS} FROM {l} WHERE id = $1) AS l ON true \
-                 LEFT JOIN {c} AS c ON c.id = $1"
-            ),
-            // The record is locked (`FOR SHARE`: a commit in flight lands first, and
-            // none lands until this one does) before the lease row is inserted, the
+            read_for_lease: format!("SELECT {read} FROM (SELECT 1) AS one {read_joins}"),
+            // Columns 0 to 12 are `read_for_lease`'s (the statement's snapshot: it
+            // does not see its own insert); 13 to 15 the grant, if the row was
+            // inserted: its instant and the record it was granted on. The record
+            // is locked (`FOR SHARE`: a commit in flight lands first, and none
+            // lands until this one does) before the lease row is inserted, the
             // order of every statement that touches both (a releasing commit
-            // updates the record, then deletes the row), and under the advisory
-            // lock older builds hold for their whole acquisition. Where a lease row
-            // is in sight the record is not locked at all: askers told "held" again
-            // and again would keep a share lock on it and starve the holder's
-            // commit (found by the conformance suite's turn-taking test: 2 minutes
-            // instead of 2 seconds). `$3`: the caller's clock, or NULL for the
-            // database's.
+            // updates the record, then deletes the row); the insert waits for the
+            // advisory lock older builds hold for their whole acquisition (the
+            // share lock may be held meanwhile, at most `lock_timeout`). Where a
+            // lease row is in sight the record is not locked at all: askers told
+            // "held" again and again would keep a share lock on it and starve the
+            // holder's commit (found by the conformance suite's turn-taking test: 2
+            // minutes instead of 2 seconds). `$3`: the caller's clock, or NULL for
+            // the database's.
             grant_free: format!(
                 "WITH rec AS (SELECT generation, sealed FROM {c} WHERE id = $1 \
                  AND NOT EXISTS (SELECT 1 FROM {l} WHERE id = $1) FOR SHARE), \
@@ -281,7 +292,9 @@ impl Sql {
                  (extract(epoch FROM clock_timestamp()) * 1000)::bigint) AS ms) AS at, \
                  (SELECT pg_advisory_xact_lock({LEASE_LOCK}, hashtext($6))) AS locked \
                  ON CONFLICT (id) DO NOTHING RETURNING acquired_at) \
-                 SELECT ins.acquired_at, rec.generation, rec.sealed FROM ins, rec",
+                 SELECT {read}, ins.acquired_at, rec.generation, rec.sealed \
+                 FROM (SELECT 1) AS one {read_joins} \
+                 LEFT JOIN ins ON true LEFT JOIN rec ON ins.acquired_at IS NOT NULL",
                 max = i64::MAX
             ),
             insert_lease: format!(
@@ -434,18 +447,33 @@ impl PostgresStore {
         ask: &LeaseAsk<'_>,
         locked: bool,
     ) -> Result<LeaseAttempt, StoreError> {
-        let (id, owner) = (ask.id, ask.owner);
-        let sql = &self.inner.sql;
         let read = client
-            .prepare_cached(&sql.read_for_lease)
+            .prepare_cached(&self.inner.sql.read_for_lease)
             .await
             .map_err(pg_error)?;
-        let row = client.query_one(&read, &[&id.0]).await.map_err(pg_error)?;
+        let row = client
+            .query_one(&read, &[&ask.id.0])
+            .await
+            .map_err(pg_error)?;
+        self.decide(client, ask, locked, &row).await
+    }
+
+    /// The rest of [`try_acquire`](Self::try_acquire) from its read (`row`,
+    /// `read_for_lease`'s columns): the decision and the guarded write.
+    async fn decide(
+        &self,
+        client: &impl GenericClient,
+        ask: &LeaseAsk<'_>,
+        locked: bool,
+        row: &tokio_postgres::Row,
+    ) -> Result<LeaseAttempt, StoreError> {
+        let (id, owner) = (ask.id, ask.owner);
+        let sql = &self.inner.sql;
         let now = match self.inner.lease_clock {
             LeaseClock::Caller => ask.now,
             LeaseClock::Database => row::time_from_sql(row.try_get(0).map_err(column_error)?),
         };
-        let read_columns = lease_columns(&row, 1)?;
+        let read_columns = lease_columns(row, 1)?;
         let current = read_columns.clone().map(|c| c.into_slot(id)).transpose()?;
         if let Some(held) = current.as_ref().and_then(|l| l.held_against(owner, now)) {
             return Ok(LeaseAttempt::Done(Box::new(LeaseOutcome::Held(
@@ -455,7 +483,7 @@ impl PostgresStore {
         // A record that does not open fails the acquisition; nothing is written.
         let stored: Option<i64> = row.try_get(11).map_err(column_error)?;
         let record = match stored {
-            Some(_) => Some(open_record(&row, 11, &self.inner.keyring, id)?),
+            Some(_) => Some(open_record(row, 11, &self.inner.keyring, id)?),
             None if locked => None,
             None => return Ok(LeaseAttempt::NoRecord),
         };
@@ -496,20 +524,22 @@ impl PostgresStore {
         })))
     }
 
-    /// The common case in one round trip: a record and no lease row. The row is
-    /// inserted only where there is none, with the record's generation read under
-    /// `FOR SHARE` in the same statement, so it is the grant `lease::acquire`
-    /// makes of a free row at that instant. `None`: nothing written (a lease row,
-    /// or no record); the general acquisition decides. A record that does not
-    /// open fails the acquisition, and the row just written is released again (a
+    /// The first attempt of an acquisition, in one round trip: the read
+    /// [`try_acquire`](Self::try_acquire) decides on, and in the same statement,
+    /// where it finds a record and no lease row (the common case: a commit deletes
+    /// the row), the new row: inserted only where there is none, with the
+    /// record's generation read under `FOR SHARE`, so it is the grant
+    /// `lease::acquire` makes of a free row at that instant. Otherwise the read
+    /// goes on to the decision and the guarded write. A record that does not
+    /// open fails the acquisition, and a row just written is released again (a
     /// release that fails too leaves it as a lost answer leaves a grant: the
     /// machine's retry under the same request recognises it, or giving up
     /// releases it).
-    async fn grant_free(
+    async fn first_attempt(
         &self,
         client: &impl GenericClient,
         ask: &LeaseAsk<'_>,
-    ) -> Result<Option<LeaseOutcome>, StoreError> {
+    ) -> Result<LeaseAttempt, StoreError> {
         let caller_now = match self.inner.lease_clock {
             LeaseClock::Caller => Some(row::time_to_sql(ask.now)),
             LeaseClock::Database => None,
@@ -528,16 +558,23 @@ impl PostgresStore {
             &request,
             &ask.lock_key,
         ];
-        let Some(row) = client.query_opt(&stmt, &params).await.map_err(pg_error)? else {
-            return Ok(None);
+        let row = client.query_one(&stmt, &params).await.map_err(pg_error)?;
+        let Some(granted_at) = row.try_get::<_, Option<i64>>(13).map_err(column_error)? else {
+            return self.decide(client, ask, false, &row).await;
         };
-        let now = row::time_from_sql(row.try_get(0).map_err(column_error)?);
-        let record = match open_record(&row, 1, &self.inner.keyring, ask.id) {
+        let record = match open_record(&row, 14, &self.inner.keyring, ask.id) {
             Ok(record) => record,
             Err(e) => {
-                let _ = self
+                if let Err(release) = self
                     .release(client, ask.id, ask.owner, ask.request, false)
-                    .await;
+                    .await
+                {
+                    tracing::warn!(
+                        connection = %ask.id,
+                        error = %release,
+                        "lease row left after a record that does not open: it expires, or the retry releases it"
+                    );
+                }
                 return Err(e);
             }
         };
@@ -545,14 +582,14 @@ impl PostgresStore {
             ask.owner,
             ask.request,
             Some(record.generation),
-            now,
+            row::time_from_sql(granted_at),
             ask.ttl,
         );
-        Ok(Some(LeaseOutcome::Granted {
+        Ok(LeaseAttempt::Done(Box::new(LeaseOutcome::Granted {
             lease,
             record: Some(record),
             took_over: None,
-        }))
+        })))
     }
 
     /// Releases `owner`'s lease of `id` granted under `request` (`release_lease`).
@@ -978,11 +1015,13 @@ impl Store for PostgresStore {
             ttl,
             lock_key: format!("{}/{}", self.inner.sql.schema, id.0),
         };
-        if let Some(granted) = self.grant_free(&client, &ask).await? {
-            return Ok(granted);
-        }
-        for _ in 0..LEASE_ATTEMPTS {
-            let attempt = match self.try_acquire(&client, &ask, false).await? {
+        for n in 0..LEASE_ATTEMPTS {
+            let optimistic = if n == 0 {
+                self.first_attempt(&client, &ask).await?
+            } else {
+                self.try_acquire(&client, &ask, false).await?
+            };
+            let attempt = match optimistic {
                 // No record: under the lock, in a transaction, so that no lease
                 // can be granted, and a record inserted with its release, between
                 // the read and the write.
