@@ -2,11 +2,11 @@
 //!
 //! The compare-and-swap is one guarded `UPDATE ... WHERE id = $1 AND generation = $n`
 //! (an `INSERT ... ON CONFLICT DO NOTHING` when no record may exist). Acquiring a
-//! lease takes one statement where there is a record and no lease row (the record
-//! locked `FOR SHARE`, then the row inserted where there is none), else two and no
-//! transaction: one reads the database's clock, the
-//! lease row and the record (one snapshot; the first statement's read, when it
-//! wrote nothing); the other writes the new lease, with
+//! lease starts with one statement that reads the database's clock, the lease row
+//! and the record (one snapshot) and, where it finds a record and no lease row
+//! (the common case: a commit deletes the row), locks the record `FOR SHARE` and
+//! inserts the row where there is none. Otherwise, with no transaction, a second
+//! statement writes the new lease (unless the read says "held"), with
 //! its request id and the row it displaced, only if the lease row is still the one
 //! read (`UPDATE ... WHERE (columns) IS NOT DISTINCT FROM (as read)`, or, where there
 //! was none, `INSERT ... ON CONFLICT DO NOTHING`) and the record's generation is
@@ -184,7 +184,7 @@ struct Sql {
     /// The first attempt of an acquisition, one statement: `read_for_lease`'s
     /// read, and where it finds a record and no lease row, the new row written
     /// (see `first_attempt`).
-    grant_free: String,
+    first_attempt: String,
     /// The database's clock, the lease row and the record, in one statement (one
     /// snapshot).
     read_for_lease: String,
@@ -282,7 +282,7 @@ impl Sql {
             // holder's commit (found by the conformance suite's turn-taking test: 2
             // minutes instead of 2 seconds). `$3`: the caller's clock, or NULL for
             // the database's.
-            grant_free: format!(
+            first_attempt: format!(
                 "WITH rec AS (SELECT generation, sealed FROM {c} WHERE id = $1 \
                  AND NOT EXISTS (SELECT 1 FROM {l} WHERE id = $1) FOR SHARE), \
                  ins AS (INSERT INTO {l} (id, owner, acquired_at, expires_at, generation, request) \
@@ -547,7 +547,7 @@ impl PostgresStore {
         let ttl = i64::try_from(ask.ttl.as_millis()).unwrap_or(i64::MAX);
         let request = row::request_to_sql(ask.request);
         let stmt = client
-            .prepare_cached(&self.inner.sql.grant_free)
+            .prepare_cached(&self.inner.sql.first_attempt)
             .await
             .map_err(pg_error)?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
@@ -560,6 +560,13 @@ impl PostgresStore {
         ];
         let row = client.query_one(&stmt, &params).await.map_err(pg_error)?;
         let Some(granted_at) = row.try_get::<_, Option<i64>>(13).map_err(column_error)? else {
+            // A record and no lease row in sight, yet nothing inserted: a row came
+            // since the snapshot. Read again rather than decide on a stale read.
+            let lease_seen: Option<String> = row.try_get(1).map_err(column_error)?;
+            let record_seen: Option<i64> = row.try_get(11).map_err(column_error)?;
+            if lease_seen.is_none() && record_seen.is_some() {
+                return Ok(LeaseAttempt::Changed);
+            }
             return self.decide(client, ask, false, &row).await;
         };
         let record = match open_record(&row, 14, &self.inner.keyring, ask.id) {
@@ -572,7 +579,7 @@ impl PostgresStore {
                     tracing::warn!(
                         connection = %ask.id,
                         error = %release,
-                        "lease row left after a record that does not open: it expires, or the retry releases it"
+                        "lease row left after a record that does not open: giving up releases it, or it expires"
                     );
                 }
                 return Err(e);
