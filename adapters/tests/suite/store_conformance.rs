@@ -2060,6 +2060,62 @@ async fn sqlite_keepalive_finds_rows_an_older_build_wrote() {
     );
 }
 
+/// What schema 6 is for: a refresh that moves the idle deadline within its day
+/// writes no more pages than a bare rewrite of the row's sealed blob (no index
+/// page; SQLite writes no page whose content is unchanged), one that moves it to
+/// the next day writes more (the day's index).
+/// Counted in WAL frames (pages written, and fsynced, by the commit), each commit
+/// alone in an emptied log.
+#[tokio::test]
+async fn sqlite_a_refresh_within_the_day_writes_no_index_page() {
+    let b = SqliteBackend::new();
+    let s = SqliteStore::open(b.path(), keyring()).unwrap();
+    const DAY: u64 = 86_400_000;
+    let midnight = Timestamp::from_millis((T0.as_millis() / DAY + 10) * DAY);
+    let hour = Duration::from_secs(3600);
+    // Enough rows that the index is more than its root page.
+    for n in 0..400 {
+        let mut r = record(&format!("other-{n:03}"), 0);
+        r.idle_deadline = Some(midnight.saturating_add(hour * (n % 48)));
+        committed(&s, None, &r).await;
+    }
+    let at = |h: u32| Some(midnight.saturating_sub(hour * 3).saturating_add(hour * h));
+    let raw = b.raw();
+    let frames_of = |g: u64, deadline: Option<Timestamp>| {
+        let mut r = record("moving", g);
+        r.idle_deadline = deadline;
+        r
+    };
+    committed(&s, None, &frames_of(0, at(0))).await;
+    let wal = b.path().with_extension("db-wal");
+    let truncate = || {
+        raw.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap();
+    };
+    let logged = || (std::fs::metadata(&wal).unwrap().len() - 32) / (4096 + 24);
+    truncate();
+    raw.execute(
+        "UPDATE tokenfence_connections SET sealed = randomblob(length(sealed)) \
+         WHERE id = 'moving'",
+        [],
+    )
+    .unwrap();
+    let mut frames = vec![logged()];
+    for (g, h) in [(1, 1), (2, 4)] {
+        truncate();
+        committed(&s, Some(g - 1), &frames_of(g, at(h))).await;
+        frames.push(logged());
+    }
+    // Within the day (21:00 to 22:00): the row's pages only, as the bare update.
+    // Across midnight (to 01:00): the row's pages and the index's.
+    assert!(
+        frames[1] == frames[0] && frames[2] > frames[0],
+        "WAL frames per commit (bare update, within the day, across midnight): {frames:?}"
+    );
+}
+
 /// The newest schema versions this build ships (SQLite's version 5 dropped an
 /// index PostgreSQL keeps, its version 6 indexes the idle deadline's day).
 const LATEST_SQLITE: i64 = 6;
