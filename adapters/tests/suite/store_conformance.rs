@@ -998,13 +998,17 @@ async fn chained_takeovers_report_the_earliest_start<B: Backend>(b: &B) {
     );
 }
 
+/// A UTC midnight ten days after T0 (SQLite indexes idle deadlines by their day).
+fn midnight() -> Timestamp {
+    const DAY: u64 = 86_400_000;
+    Timestamp::from_millis((T0.as_millis() / DAY + 10) * DAY)
+}
+
 /// An idle deadline the provider moves earlier, across a UTC midnight (SQLite
 /// indexes the deadline's day): the keep-alive scan follows the new deadline.
 async fn keepalive_follows_a_deadline_moved_earlier<B: Backend>(b: &B) {
     let s = b.open(keyring()).await;
-    const DAY: u64 = 86_400_000;
-    let midnight = Timestamp::from_millis((T0.as_millis() / DAY + 10) * DAY);
-    let hour = Duration::from_secs(3600);
+    let (midnight, hour) = (midnight(), Duration::from_secs(3600));
     let mut r = record("moved", 0);
     r.idle_deadline = Some(midnight.saturating_add(hour));
     committed(&*s, None, &r).await;
@@ -2017,9 +2021,7 @@ async fn sqlite_upgrades_a_version_1_database() {
 async fn sqlite_keepalive_finds_rows_an_older_build_wrote() {
     let b = SqliteBackend::new();
     let s = SqliteStore::open(b.path(), keyring()).unwrap();
-    const DAY: u64 = 86_400_000;
-    let midnight = Timestamp::from_millis((T0.as_millis() / DAY + 10) * DAY);
-    let hour = Duration::from_secs(3600);
+    let (midnight, hour) = (midnight(), Duration::from_secs(3600));
     let mut moved = record("moved", 0);
     moved.idle_deadline = Some(midnight.saturating_add(hour));
     committed(&s, None, &moved).await;
@@ -2048,7 +2050,7 @@ async fn sqlite_keepalive_finds_rows_an_older_build_wrote() {
     let dated: i64 = raw
         .query_row(
             "SELECT count(*) FROM tokenfence_connections WHERE idle_day = ?1",
-            [early - early % DAY as i64],
+            [midnight.saturating_sub(days(1)).as_millis() as i64],
             |r| r.get(0),
         )
         .unwrap();
@@ -2070,9 +2072,7 @@ async fn sqlite_keepalive_finds_rows_an_older_build_wrote() {
 async fn sqlite_a_refresh_within_the_day_writes_no_index_page() {
     let b = SqliteBackend::new();
     let s = SqliteStore::open(b.path(), keyring()).unwrap();
-    const DAY: u64 = 86_400_000;
-    let midnight = Timestamp::from_millis((T0.as_millis() / DAY + 10) * DAY);
-    let hour = Duration::from_secs(3600);
+    let (midnight, hour) = (midnight(), Duration::from_secs(3600));
     // Enough rows that the index is more than its root page.
     for n in 0..400 {
         let mut r = record(&format!("other-{n:03}"), 0);
