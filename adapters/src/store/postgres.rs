@@ -544,7 +544,7 @@ impl PostgresStore {
             LeaseClock::Caller => Some(row::time_to_sql(ask.now)),
             LeaseClock::Database => None,
         };
-        let ttl = i64::try_from(ask.ttl.as_millis()).unwrap_or(i64::MAX);
+        let ttl = row::duration_to_sql(ask.ttl);
         let request = row::request_to_sql(ask.request);
         let stmt = client
             .prepare_cached(&self.inner.sql.first_attempt)

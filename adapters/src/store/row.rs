@@ -190,6 +190,11 @@ pub(crate) fn generation_from_sql(g: i64) -> Generation {
     Generation(g as u64)
 }
 
+/// Durations are stored as milliseconds, saturating at `i64::MAX`.
+pub(crate) fn duration_to_sql(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Instants are stored as milliseconds since the epoch, saturating at `i64::MAX`
 /// (292 million years from now), like [`Timestamp`]'s own arithmetic saturates.
 pub(crate) fn time_to_sql(t: Timestamp) -> i64 {
@@ -222,7 +227,7 @@ pub(crate) fn due_query(
     DueQuery {
         keepalive_bound: time_to_sql(now.saturating_add(lead)),
         now: time_to_sql(now),
-        lead: i64::try_from(lead.as_millis()).unwrap_or(i64::MAX),
+        lead: duration_to_sql(lead),
         after_at,
         after_id,
         limit: limit_to_sql(limit),

@@ -2079,14 +2079,14 @@ async fn sqlite_a_refresh_within_the_day_writes_no_index_page() {
         r.idle_deadline = Some(midnight.saturating_add(hour * (n % 48)));
         committed(&s, None, &r).await;
     }
-    let at = |h: u32| Some(midnight.saturating_sub(hour * 3).saturating_add(hour * h));
+    let at_hour = |h: u32| Some(midnight.saturating_sub(hour * 3).saturating_add(hour * h));
     let raw = b.raw();
-    let frames_of = |g: u64, deadline: Option<Timestamp>| {
+    let with_deadline = |g: u64, deadline: Option<Timestamp>| {
         let mut r = record("moving", g);
         r.idle_deadline = deadline;
         r
     };
-    committed(&s, None, &frames_of(0, at(0))).await;
+    committed(&s, None, &with_deadline(0, at_hour(0))).await;
     let wal = b.path().with_extension("db-wal");
     let truncate = || {
         raw.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
@@ -2105,7 +2105,7 @@ async fn sqlite_a_refresh_within_the_day_writes_no_index_page() {
     let mut frames = vec![logged()];
     for (g, h) in [(1, 1), (2, 4)] {
         truncate();
-        committed(&s, Some(g - 1), &frames_of(g, at(h))).await;
+        committed(&s, Some(g - 1), &with_deadline(g, at_hour(h))).await;
         frames.push(logged());
     }
     // Within the day (21:00 to 22:00): the row's pages only, as the bare update.
