@@ -4,7 +4,7 @@
 //! L1–L5 of the heal phase.
 
 use super::workload::Usage;
-use super::world::{Ev, OpKind, Slot, World, START};
+use super::world::{Conn, Ev, OpKind, Slot, Worker, World, START};
 use crate::provider::{GrantEnd, GrantId};
 use tokenfence_core::invariants::{self, ProviderTruth, Unsettled, Violation};
 use tokenfence_core::{RefreshToken, Status, Timestamp};
@@ -32,14 +32,7 @@ impl World {
     /// outcome has not reached the store (kept at connection level, or still with
     /// their sender), and leases taken over with no word of what was sent.
     fn ghost(&self, c: usize) -> impl Iterator<Item = &Unsettled> {
-        let conn = &self.conns[c];
-        let senders = self.workers.iter().filter_map(move |wk| {
-            wk.slots
-                .get(c)
-                .and_then(|s| s.as_deref())
-                .and_then(|s| s.ghost.sender.unsettled())
-        });
-        conn.unsettled.iter().chain(&conn.taken_over).chain(senders)
+        ghost_of(&self.workers, &self.conns[c], c)
     }
 
     /// S4 for connection `c` as stored now, judged from the harness's ghost: the
@@ -64,30 +57,40 @@ impl World {
     pub(super) fn check_connection(&mut self, c: usize) {
         let now = self.now;
         self.prune_busy(c);
-        let Some(grant) = self.stored_grant(c) else {
-            return;
-        };
-        let conn = &self.conns[c];
+        // One look at the row for the whole check (the simulator runs it after every
+        // step): the fields are borrowed apart, the store's row shared, the
+        // connection's ghost pruned in place.
+        let conn = &mut self.conns[c];
         let Some(stored) = self.store.row(&conn.id).and_then(|r| r.record.as_ref()) else {
             return;
         };
+        let grant = match conn.provider.token(stored.refresh.expose()) {
+            Some(t) => t.grant,
+            None => match conn.grant {
+                Some(g) => g,
+                None => return,
+            },
+        };
+        let profile = &self.specs[conn.kind].profile;
         // Requests presenting a token no longer stored can justify nothing (tokens
         // are never stored again once replaced) unless the provider forks on
         // replays (an earlier token's replay demotes the stored one): keep the
         // ghost small.
-        let stored_refresh = stored.refresh.clone();
-        if self.spec(c).profile.rotation.grace_replay != tokenfence_core::GraceReplay::Fork {
-            let conn = &mut self.conns[c];
-            conn.unsettled.retain(|u| u.token == stored_refresh);
-            conn.taken_over.retain(|u| u.token == stored_refresh);
+        if profile.rotation.grace_replay != tokenfence_core::GraceReplay::Fork {
+            conn.unsettled.retain(|u| u.token == stored.refresh);
+            conn.taken_over.retain(|u| u.token == stored.refresh);
         }
-        let s4 = self.sound_reauth(c);
         let conn = &self.conns[c];
-        let Some(stored) = self.store.row(&conn.id).and_then(|r| r.record.as_ref()) else {
-            return;
-        };
-        let truth = conn.provider.truth(grant, now);
         let workers = &self.workers;
+        let truth = conn.provider.truth(grant, now);
+        let s4 = invariants::sound_reauth_within(
+            stored,
+            profile,
+            self.settings.in_doubt_safety,
+            &truth,
+            ghost_of(workers, conn, c),
+        )
+        .err();
         let slot_of = |w: u16| {
             workers[usize::from(w)]
                 .slots
@@ -105,23 +108,21 @@ impl World {
                 pending.push(&r.refresh);
             }
         }
-        let spec = self.spec(c);
-        let profile = &spec.profile;
         let s2 = invariants::no_self_inflicted_loss(
             stored,
             profile,
             resolving,
             pending,
-            self.ghost(c),
+            ghost_of(workers, conn, c),
             &truth,
         )
         .err();
         let s3 = invariants::no_self_inflicted_replay(&truth).err();
-        let replayed = self.conns[c]
+        let replayed = conn
             .provider
             .grant(grant)
             .is_some_and(|g| g.ended == Some(GrantEnd::ReuseDetected));
-        let detail = if s2.is_some() && !self.conns[c].losing {
+        let detail = if s2.is_some() && !conn.losing {
             super::drive::describe_record(stored)
         } else {
             String::new()
@@ -324,4 +325,20 @@ impl World {
             ));
         }
     }
+}
+
+/// The ghost of connection `conn` (number `c`): what [`World::ghost`] iterates,
+/// from the fields it needs, so a check can hold it beside a borrow of the store.
+fn ghost_of<'a>(
+    workers: &'a [Worker],
+    conn: &'a Conn,
+    c: usize,
+) -> impl Iterator<Item = &'a Unsettled> {
+    let senders = workers.iter().filter_map(move |wk| {
+        wk.slots
+            .get(c)
+            .and_then(|s| s.as_deref())
+            .and_then(|s| s.ghost.sender.unsettled())
+    });
+    conn.unsettled.iter().chain(&conn.taken_over).chain(senders)
 }
