@@ -4,6 +4,21 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokenfence_core::Timestamp;
 
+/// The last instant RFC 3339 can write: 9999-12-31T23:59:59Z, in seconds.
+pub(crate) const LAST_RFC3339_SECS: u64 = 253_402_300_799;
+
+/// `t` in RFC 3339 (UTC, whole seconds), or past the year 9999, which RFC 3339
+/// cannot write (an instant imported or typed in milliseconds where seconds were
+/// meant), its seconds since the epoch: never a panic.
+pub fn rfc3339(t: Timestamp) -> String {
+    let secs = t.as_millis() / 1000;
+    if secs > LAST_RFC3339_SECS {
+        return format!("{secs}s since the epoch");
+    }
+    let at = UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
 /// Where the driver gets the current wall-clock time.
 pub trait Clock: Send + Sync + 'static {
     /// Now.
@@ -61,5 +76,22 @@ mod tests {
                 "{coarse:?} lags {before:?}"
             );
         }
+    }
+
+    #[test]
+    fn any_instant_can_be_written() {
+        assert_eq!(rfc3339(Timestamp::from_secs(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(Timestamp::from_secs(LAST_RFC3339_SECS)),
+            "9999-12-31T23:59:59Z"
+        );
+        assert_eq!(
+            rfc3339(Timestamp::from_secs(1_924_992_000_000)),
+            "1924992000000s since the epoch"
+        );
+        assert_eq!(
+            rfc3339(Timestamp::from_millis(u64::MAX)),
+            format!("{}s since the epoch", u64::MAX / 1000)
+        );
     }
 }

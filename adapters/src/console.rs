@@ -12,6 +12,7 @@
 //! page, never as stack traces.
 
 use crate::manager::{ConnectionStatus, ManagerError, TokenManager};
+use crate::store::StoreError;
 use crate::{ConnectOptions, ConnectOutcome};
 use axum::extract::{Form, Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -151,8 +152,11 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
 
 fn date(t: Option<Timestamp>) -> String {
     t.map_or("—".into(), |t| {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(t.as_millis());
-        humantime::format_rfc3339_seconds(at).to_string()[..16].replace('T', " ")
+        let mut text = crate::clock::rfc3339(t);
+        if text.ends_with('Z') {
+            text.truncate(16);
+        }
+        text.replace('T', " ")
     })
 }
 
@@ -196,9 +200,12 @@ fn needs_reconnect(s: &ConnectionStatus) -> bool {
 }
 
 /// Every stored record, and the rows that cannot be read (with why), in id order.
+/// A row is unreadable when the store answers and the row itself is wrong (the
+/// keyring cannot open it, or it is older than one seen); a store that does not
+/// answer fails the whole scan, so that an outage is not shown as bad rows.
 async fn every_record(
     tokens: &TokenManager,
-) -> Result<(Vec<ConnectionRecord>, Vec<(ConnectionId, String)>), crate::store::StoreError> {
+) -> Result<(Vec<ConnectionRecord>, Vec<(ConnectionId, String)>), StoreError> {
     let store = tokens.store();
     let mut records = Vec::new();
     let mut unreadable = Vec::new();
@@ -206,7 +213,10 @@ async fn every_record(
         match store.load(&id).await {
             Ok(Some(r)) => records.push(r),
             Ok(None) => {}
-            Err(e) => unreadable.push((id, e.to_string())),
+            Err(e @ (StoreError::Corrupt { .. } | StoreError::RolledBack { .. })) => {
+                unreadable.push((id, e.to_string()))
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok((records, unreadable))
@@ -469,17 +479,25 @@ async fn metrics(State(c): Shared, headers: HeaderMap) -> Response {
     };
     // Connections by status, counted now from the store.
     let mut counts = std::collections::BTreeMap::<(String, &str), u64>::new();
-    let mut unreadable = 0;
-    if let Ok((records, bad)) = every_record(&c.tokens).await {
-        for r in &records {
+    let scan = every_record(&c.tokens).await;
+    if let Ok((records, _)) = &scan {
+        for r in records {
             let status = crate::store::status_name(&r.status);
             *counts
                 .entry((r.identity.provider.clone(), status))
                 .or_default() += 1;
         }
-        unreadable = bad.len();
     }
     let mut text = handle.render();
+    let _ = writeln!(
+        text,
+        "# HELP tokenfence_store_scan_ok Whether this scrape read the whole store (0: the store did not answer, and the connection gauges are missing).\n# TYPE tokenfence_store_scan_ok gauge\ntokenfence_store_scan_ok {}",
+        u8::from(scan.is_ok())
+    );
+    let Ok((_, unreadable)) = scan else {
+        return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response();
+    };
+    let unreadable = unreadable.len();
     text.push_str("# HELP tokenfence_connections Connections in the store by provider and status.\n# TYPE tokenfence_connections gauge\n");
     for ((provider, status), n) in counts {
         let _ = writeln!(

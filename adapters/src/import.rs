@@ -235,11 +235,18 @@ fn parse_line(line: usize, text: &str) -> Result<Line, ImportError> {
     let instant = |member: &'static str| -> Result<Option<Timestamp>, ImportError> {
         match map.get(member) {
             None | Some(serde_json::Value::Null) => Ok(None),
+            // Seconds past the year 9999 are milliseconds (or nonsense) given
+            // where seconds were meant.
             Some(serde_json::Value::Number(n)) => n
                 .as_u64()
-                .and_then(|s| s.checked_mul(1000))
-                .map(|ms| Some(Timestamp::from_millis(ms)))
-                .ok_or_else(|| member_error(member, "must be whole seconds since the epoch")),
+                .filter(|s| *s <= crate::clock::LAST_RFC3339_SECS)
+                .map(|s| Some(Timestamp::from_secs(s)))
+                .ok_or_else(|| {
+                    member_error(
+                        member,
+                        "must be whole seconds since the epoch, before the year 10000",
+                    )
+                }),
             Some(serde_json::Value::String(s)) => humantime::parse_rfc3339_weak(s)
                 .ok()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())

@@ -673,7 +673,12 @@ impl TokenManager {
             deadline,
         );
         match self.inner.transport.send(&request).await {
-            Delivery::Replied(reply) => Ok(parse_token_reply(&c.profile, &reply)?),
+            Delivery::Replied(reply) => parse_token_reply(&c.profile, &reply).map_err(|e| {
+                // The provider's text may echo what it was sent.
+                let mut sent = vec![code.expose(), c.client.client_secret.expose()];
+                sent.extend(verifier.map(SecretString::expose));
+                ManagerError::Exchange(e.redacted(&sent))
+            }),
             Delivery::NotSent | Delivery::OutcomeUnknown => Err(ManagerError::ExchangeUnanswered),
         }
     }

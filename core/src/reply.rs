@@ -128,7 +128,9 @@ pub enum OAuthErrorCode {
     UnsupportedGrantType,
     /// The scope is invalid.
     InvalidScope,
-    /// The server is temporarily unavailable (RFC 6749 §4.1.2.1): transient.
+    /// The server is temporarily unavailable or in trouble: `temporarily_unavailable`
+    /// or `server_error` (RFC 6749 §4.1.2.1 defines both; providers send them from
+    /// the token endpoint too). Transient: retried with back-off.
     TemporarilyUnavailable,
     /// Any other code.
     Other,
@@ -166,7 +168,11 @@ pub enum Malformation {
     NotBearer,
 }
 
-/// Why a reply is not a usable token grant. Carries no secret.
+/// Why a reply is not a usable token grant. Carries nothing of the request, but
+/// an RFC 6749 error's `code` and `description` are the provider's text: some
+/// servers echo what they were sent ("Invalid authorization code: ..."); a caller
+/// that sent a secret removes it with [`redacted`](Self::redacted) before the
+/// error is shown or logged.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum ReplyError {
     /// An RFC 6749 §5.2 error response.
@@ -225,6 +231,27 @@ pub enum ReplyError {
 }
 
 impl ReplyError {
+    /// This error with every occurrence of each of `secrets` (what the request
+    /// carried: a code, a verifier, a token, the client secret) in the provider's
+    /// text replaced by `<redacted>`, and a text cut off inside one (the
+    /// description is truncated) ending in `<redacted>` instead of its start.
+    pub fn redacted(self, secrets: &[&str]) -> ReplyError {
+        match self {
+            ReplyError::OAuth {
+                status,
+                kind,
+                code,
+                description,
+            } => ReplyError::OAuth {
+                status,
+                kind,
+                code: redact(code, secrets),
+                description: description.map(|d| redact(d, secrets)),
+            },
+            other => other,
+        }
+    }
+
     /// The failure kind for status and metrics.
     pub fn failure_kind(&self) -> FailureKind {
         match self {
@@ -676,7 +703,7 @@ fn oauth_error(
             "invalid_request" => OAuthErrorCode::InvalidRequest,
             "unsupported_grant_type" => OAuthErrorCode::UnsupportedGrantType,
             "invalid_scope" => OAuthErrorCode::InvalidScope,
-            "temporarily_unavailable" => OAuthErrorCode::TemporarilyUnavailable,
+            "temporarily_unavailable" | "server_error" => OAuthErrorCode::TemporarilyUnavailable,
             _ => OAuthErrorCode::Other,
         }
     };
@@ -690,6 +717,26 @@ fn oauth_error(
         code: sanitize(code),
         description,
     })
+}
+
+/// `text` with each of `secrets` replaced (see [`ReplyError::redacted`]). Secrets
+/// shorter than 4 bytes are left alone: they would match ordinary words.
+fn redact(mut text: String, secrets: &[&str]) -> String {
+    const MARK: &str = "<redacted>";
+    for secret in secrets.iter().filter(|s| s.len() >= 4) {
+        text = text.replace(secret, MARK);
+        // The longest start of the secret that the text ends with (at least 4
+        // bytes), as truncation leaves it.
+        let cut = (4..secret.len())
+            .rev()
+            .filter(|k| secret.is_char_boundary(*k))
+            .find(|k| text.ends_with(&secret[..*k]));
+        if let Some(k) = cut {
+            text.truncate(text.len() - k);
+            text.push_str(MARK);
+        }
+    }
+    text
 }
 
 /// `delay-seconds` or an `HTTP-date` in any of the three forms RFC 9110 §5.6.7

@@ -509,3 +509,64 @@ fn an_oauth_error_keeps_its_description() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Some servers echo what they were sent in `error_description`: the caller that
+/// sent a secret removes it from the error, whole or cut off by the truncation.
+#[test]
+fn an_echoed_secret_is_redacted_from_the_error() {
+    let code = "AB11-authcode-Xy12ab";
+    let echo = |text: &str| HttpResponse {
+        status: 400,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: format!(r#"{{"error":"invalid_grant","error_description":"{text}"}}"#).into_bytes(),
+    };
+    let profile = ProviderProfile::intuit();
+    let whole = parse_token_reply(
+        &profile,
+        &echo(&format!("Invalid authorization code: {code}")),
+    )
+    .unwrap_err();
+    assert!(
+        whole.to_string().contains(code),
+        "the provider's text is kept as sent"
+    );
+    let shown = whole.redacted(&[code, CLIENT_SECRET]).to_string();
+    assert!(!shown.contains(code), "{shown}");
+    assert!(
+        shown.contains("Invalid authorization code: <redacted>"),
+        "{shown}"
+    );
+    // A token cut off by the description's truncation (200 characters) leaves no
+    // start of it behind.
+    let token = format!("RT-{}", "q".repeat(300));
+    let cut = parse_token_reply(&profile, &echo(&format!("Invalid refresh token: {token}")))
+        .unwrap_err()
+        .redacted(&[&token])
+        .to_string();
+    assert!(cut.ends_with("Invalid refresh token: <redacted>"), "{cut}");
+    assert!(!cut.contains("RT-q"), "{cut}");
+    // Other errors, and texts without the secret, are unchanged.
+    let plain = parse_token_reply(&profile, &echo("Token expired")).unwrap_err();
+    assert_eq!(plain.clone().redacted(&[code]), plain);
+}
+
+/// RFC 6749's `server_error`, from the token endpoint (with an error status, or
+/// with 200 as GitHub answers errors), is the provider's trouble: retried with
+/// back-off, not a configuration error that blocks the client.
+#[test]
+fn server_error_is_transient() {
+    for status in [400, 200] {
+        let reply = HttpResponse {
+            status,
+            headers: vec![],
+            body: br#"{"error":"server_error"}"#.to_vec(),
+        };
+        let err = parse_token_reply(&ProviderProfile::github_app(), &reply).unwrap_err();
+        assert_eq!(
+            err.failure_kind(),
+            FailureKind::ServerError(status),
+            "{err}"
+        );
+        assert!(!err.failure_kind().is_configuration(), "{err}");
+    }
+}

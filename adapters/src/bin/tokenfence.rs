@@ -37,7 +37,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tokenfence::clock::{Clock, SystemClock};
+use tokenfence::clock::{rfc3339, Clock, SystemClock};
 use tokenfence::crypto::Keyring;
 use tokenfence::store::{PostgresStore, SqliteStore, Store};
 use tokenfence::{ConnectionStatus, ImportOptions, Imported, Provider, TokenManager};
@@ -52,8 +52,14 @@ use tokenfence_core::{
     about = "Operate OAuth connections kept by tokenfence"
 )]
 struct Cli {
-    /// The store: sqlite:PATH (default sqlite:tokens.db) or postgres:URL.
-    #[arg(long, env = "TOKENFENCE_STORE", default_value = "sqlite:tokens.db")]
+    /// The store: sqlite:PATH (default sqlite:tokens.db) or postgres:URL. The
+    /// variable's value is not shown in `--help`: a URL may carry a password.
+    #[arg(
+        long,
+        env = "TOKENFENCE_STORE",
+        hide_env_values = true,
+        default_value = "sqlite:tokens.db"
+    )]
     store: String,
     /// intuit (production credentials), xero, atlassian, google, github, or a
     /// profile file (.toml or .json); `@sandbox` for a sandbox client
@@ -166,6 +172,23 @@ impl AnyStore {
     }
 }
 
+/// The store as it may be printed: a PostgreSQL URL without its password (a
+/// connection string of `key=value` pairs, which may hold one anywhere, is not
+/// shown at all).
+fn store_label(store: &str) -> String {
+    match store.split_once(':') {
+        Some(("postgres", rest)) => match url::Url::parse(rest) {
+            Ok(mut u) if u.password().is_some() => match u.set_password(Some("***")) {
+                Ok(()) => format!("postgres:{u}"),
+                Err(()) => "postgres (connection string not shown)".into(),
+            },
+            Ok(_) if !rest.contains("password") => store.into(),
+            _ => "postgres (connection string not shown)".into(),
+        },
+        _ => store.into(),
+    }
+}
+
 fn usage(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("tokenfence: {message}");
     ExitCode::from(2)
@@ -231,12 +254,6 @@ fn provider(arg: &str, single: bool) -> Result<Provider, String> {
     Ok(Provider { profile, client })
 }
 
-/// An instant as RFC 3339 (seconds), for JSON and for reading.
-fn rfc3339(t: Timestamp) -> String {
-    let at = std::time::UNIX_EPOCH + Duration::from_millis(t.as_millis());
-    humantime::format_rfc3339_seconds(at).to_string()
-}
-
 /// How far `t` is from now, in the largest whole unit: "in 59 min", "3 days ago".
 fn from_now(t: Timestamp) -> String {
     let now = now();
@@ -286,7 +303,13 @@ fn status_line(id: &str, s: &ConnectionStatus) -> String {
     let deadline = |name: &str, t: Option<Timestamp>| {
         t.map_or_else(
             || format!("{name} unknown"),
-            |t| format!("{name} {} ({})", &rfc3339(t)[..10], from_now(t)),
+            |t| {
+                format!(
+                    "{name} {} ({})",
+                    rfc3339(t).split('T').next().unwrap_or_default(),
+                    from_now(t)
+                )
+            },
         )
     };
     let who = &s.identity;
@@ -355,7 +378,7 @@ async fn main() -> ExitCode {
                 Err(e) => return failure(e),
             };
             if ids.is_empty() && !cli.json {
-                println!("no connections in {}", cli.store);
+                println!("no connections in {}", store_label(&cli.store));
             }
             for id in ids {
                 match shared.load(&id).await {
@@ -693,4 +716,30 @@ async fn keep_alive(tokens: &TokenManager, once: bool) -> ExitCode {
     };
     printer.abort();
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store_label;
+
+    #[test]
+    fn a_store_label_never_shows_a_password() {
+        assert_eq!(store_label("sqlite:tokens.db"), "sqlite:tokens.db");
+        assert_eq!(
+            store_label("postgres:postgres://app:s3cr3t-pw@db.internal:5432/tokens"),
+            "postgres:postgres://app:***@db.internal:5432/tokens"
+        );
+        assert_eq!(
+            store_label("postgres:postgres://app@db.internal/tokens"),
+            "postgres:postgres://app@db.internal/tokens"
+        );
+        for hidden in [
+            "postgres:host=db user=app password=s3cr3t-pw",
+            "postgres:postgres://app@db/tokens?password=s3cr3t-pw",
+        ] {
+            let label = store_label(hidden);
+            assert!(!label.contains("s3cr3t-pw"), "{label}");
+            assert_eq!(label, "postgres (connection string not shown)");
+        }
+    }
 }

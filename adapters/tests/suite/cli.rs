@@ -255,6 +255,35 @@ async fn bad_arguments_exit_2() {
     assert_eq!(status, 2, "{out}");
 }
 
+/// A PostgreSQL URL carries a password: `--help` does not show the variable's
+/// value, and a store that cannot be reached is reported without its URL.
+#[tokio::test]
+async fn a_database_password_is_never_printed() {
+    let url = "postgres:postgres://app:pw-MARKER-7f3a@127.0.0.1:9/tokens";
+    let help = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenfence"))
+        .arg("--help")
+        .env("TOKENFENCE_STORE", url)
+        .output()
+        .await
+        .expect("run tokenfence");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("TOKENFENCE_STORE"), "{text}");
+    assert!(
+        !text.contains("pw-MARKER-7f3a"),
+        "--help printed it: {text}"
+    );
+    let env = Env {
+        store: url.into(),
+        ..Env::new("http://127.0.0.1:9".into())
+    };
+    let (status, out) = run(&env, &["list"]).await;
+    assert_ne!(status, 0, "{out}");
+    assert!(
+        !out.contains("pw-MARKER-7f3a"),
+        "the password was printed: {out}"
+    );
+}
+
 /// `tokenfence import`: a grant made elsewhere (consent at the mock, tokens
 /// handed over as another system would hold them) is checked, dry-run, imported
 /// once, refreshed with the provider, and a second run changes nothing; a bad

@@ -421,3 +421,56 @@ async fn in_headless_chromium_an_operator_reconnects_a_connection() {
     browser.close().await.unwrap();
     c.tokens.shutdown().await;
 }
+
+/// A store that lists its rows but does not answer reads (an outage between the
+/// two) is a failed scan on /metrics, not rows the keyring cannot open: the
+/// connection gauges are missing and `tokenfence_store_scan_ok` is 0 until the
+/// store answers again.
+#[tokio::test]
+async fn metrics_tell_a_store_outage_from_unreadable_rows() {
+    use crate::common::{granting_manager, keepalive_due, provider, seed, Granting, Watched};
+    let store = std::sync::Arc::new(Watched::default());
+    let now = tokenfence::clock::Clock::now(&tokenfence::clock::SystemClock);
+    seed(
+        &store.inner,
+        [keepalive_due("co-1", provider().identity(), now)],
+    )
+    .await;
+    let tokens = granting_manager(store.clone(), Granting::new(std::time::Duration::ZERO), 1).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(
+        tokens.clone(),
+        ConsoleConfig {
+            public_url: base.clone(),
+            admin_token: None,
+            page_size: 10,
+            metrics: Some(metrics_handle()),
+        },
+    )
+    .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let metrics = || async {
+        let r = reqwest::get(format!("{base}/metrics")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let (status, up) = metrics().await;
+    assert_eq!(status, 200);
+    assert!(up.contains("tokenfence_store_scan_ok 1"), "{up}");
+    assert!(up.contains("tokenfence_connections_unreadable 0"), "{up}");
+    assert!(
+        up.contains("tokenfence_connections{provider=\"intuit\",status=\"active\"} 1"),
+        "{up}"
+    );
+
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, down) = metrics().await;
+    assert_eq!(status, 200, "the process's own metrics are still served");
+    assert!(down.contains("tokenfence_store_scan_ok 0"), "{down}");
+    assert!(
+        !down.contains("tokenfence_connections_unreadable"),
+        "{down}"
+    );
+    assert!(!down.contains("tokenfence_connections{"), "{down}");
+    tokens.shutdown().await;
+}

@@ -118,6 +118,7 @@ async fn bad_lines_are_named_never_echoed_and_nothing_is_written() {
         line("when", secret, &format!(r#","idle_deadline":"{secret}""#)),
         line("odd", secret, &format!(r#","refresh":"{secret}""#)),
         format!(r#"["{secret}"]"#),
+        line("ms", secret, r#","hard_deadline":1924992000000"#),
     ]
     .join("\n");
     let report = tokens.import_lines(file.as_bytes(), WRITE).await.unwrap();
@@ -133,6 +134,7 @@ async fn bad_lines_are_named_never_echoed_and_nothing_is_written() {
         "line 9: `idle_deadline` must be an RFC 3339 date and time",
         "line 10: `refresh` is not a known member",
         "line 11: not a JSON object (not an object)",
+        "line 12: `hard_deadline` must be whole seconds since the epoch, before the year 10000",
     ];
     assert_eq!(messages.len(), expected.len(), "{messages:#?}");
     for (m, e) in messages.iter().zip(expected) {
