@@ -304,7 +304,7 @@ enum Command {
         clear_block: bool,
     },
     Input(Box<Input>),
-    Notify(Box<Input>, oneshot::Sender<Event>),
+    Notify(Box<Input>, oneshot::Sender<Result<Event, InputError>>),
     /// A dormant connection's timer came (or its notice): load the record and let
     /// the machine act; the answer, if anyone waits for it, says when it is done.
     Wake(Option<oneshot::Sender<Result<AccessToken, AccessError>>>),
@@ -919,7 +919,7 @@ impl TokenManager {
         let _ = self.inner.unknown.pin().remove(id);
         let (tx, rx) = oneshot::channel();
         self.submit(id, Command::Notify(Box::new(input), tx))?;
-        self.answer(rx).await
+        Ok(self.answer(rx).await??)
     }
 
     /// The actor's answer, within the call timeout.
@@ -1037,6 +1037,7 @@ impl TokenManager {
             machine,
             waiters: HashMap::new(),
             notify: Vec::new(),
+            admitted_notify: false,
             next_request: 0,
             warned_deadline: dormant.warned_deadline,
             heard_store: false,
@@ -1286,7 +1287,7 @@ struct Actor {
     slot: Arc<Slot>,
     machine: Connection,
     waiters: HashMap<RequestId, oneshot::Sender<Result<AccessToken, AccessError>>>,
-    notify: Vec<oneshot::Sender<Event>>,
+    notify: Vec<oneshot::Sender<Result<Event, InputError>>>,
     next_request: u64,
     /// The hard deadline this connection's actors already warned about.
     warned_deadline: Option<Timestamp>,
@@ -1298,6 +1299,9 @@ struct Actor {
     woken: bool,
     /// Whether the last store command failed.
     store_failed: bool,
+    /// The input being handled came from a `Command::Notify`, whose sender is
+    /// the last in `notify`.
+    admitted_notify: bool,
     /// Pick the registered client the stored identity names before the next
     /// piece of work (at start, and after a write outside the machine).
     reconfigure: bool,
@@ -1377,11 +1381,15 @@ impl Actor {
                 }
             };
             let now = self.inner.clock.now();
+            let admitted_notify = std::mem::take(&mut self.admitted_notify);
             if let Err(e) = self.machine.handle_input(now, input) {
                 // A refused user input (e.g. an authorization without a refresh
-                // token): tell whoever asked.
+                // token): tell whoever asked it, and only them (a disconnect
+                // asked before still goes ahead).
                 tracing::warn!(error = %e, "input refused");
-                self.notify.clear();
+                if let Some(tx) = admitted_notify.then(|| self.notify.pop()).flatten() {
+                    let _ = tx.send(Err(e));
+                }
             }
             if self.store_failed
                 && !self.waiters.is_empty()
@@ -1436,8 +1444,16 @@ impl Actor {
     /// registered clients.
     async fn choose_config(&mut self) {
         let id = self.machine.id().clone();
-        let Ok(Some(record)) = self.inner.store.load(&id).await else {
-            return;
+        let record = match self.inner.store.load(&id).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return,
+            // Pick again before the next piece of work: a read that failed once
+            // must not leave the machine on the default client, refusing the
+            // connection as another client's until the actor retires.
+            Err(_) => {
+                self.reconfigure = true;
+                return;
+            }
         };
         let Some(config) = self.inner.config_for(&record.identity) else {
             return;
@@ -1478,6 +1494,7 @@ impl Actor {
             Command::Input(input) => *input,
             Command::Notify(input, tx) => {
                 self.notify.push(tx);
+                self.admitted_notify = true;
                 *input
             }
             // An access nobody waits for: the machine loads the record and acts on
@@ -1675,7 +1692,7 @@ impl Actor {
         }
         if matches!(event, Event::Connected { .. } | Event::Disconnected { .. }) {
             for tx in self.notify.drain(..) {
-                let _ = tx.send(event.clone());
+                let _ = tx.send(Ok(event.clone()));
             }
         }
         let _ = self.inner.events.send(LifecycleEvent {

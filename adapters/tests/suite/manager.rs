@@ -277,6 +277,54 @@ async fn connect_stores_an_authorization_then_serves_it() {
     tokens.shutdown().await;
 }
 
+/// A grant the machine refuses (no refresh token: nothing to keep alive) is
+/// answered with the machine's reason, whose remedy is to check the
+/// authorization, not as a crashed worker to retry; nothing is stored, and the
+/// connection's worker goes on serving.
+#[tokio::test]
+async fn a_refused_authorization_is_answered_with_its_reason() {
+    let p = provider();
+    let store = Arc::new(Watched::default());
+    let tokens = manager(store.clone(), Scripted::new(Duration::ZERO)).await;
+    let reply = |body: &[u8]| {
+        parse_token_reply(
+            &p.profile,
+            &HttpResponse {
+                status: 200,
+                headers: vec![],
+                body: body.to_vec(),
+            },
+        )
+        .unwrap()
+    };
+    let err = tokens
+        .connect(
+            &id(),
+            reply(br#"{"access_token":"AT-only","expires_in":3600}"#),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tokenfence::ManagerError::Input(InputError::NoRefreshToken)
+        ),
+        "{err:?}"
+    );
+    assert!(store.inner.load(&id()).await.unwrap().is_none());
+    let generation = tokens
+        .connect(
+            &id(),
+            reply(br#"{"access_token":"AT-1","refresh_token":"RT-1","expires_in":3600}"#),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(generation, Generation(0));
+    tokens.shutdown().await;
+}
+
 #[tokio::test]
 async fn unknown_connection_is_a_clear_error() {
     let store = Arc::new(Watched::default());

@@ -246,3 +246,64 @@ async fn one_manager_serves_intuit_production_sandbox_and_another_provider() {
     );
     tokens.shutdown().await;
 }
+
+/// With several clients registered, a new connection actor reads the record to
+/// pick the client its identity names. A store that fails that one read must not
+/// leave the actor on the default client (every call then refused as another
+/// client's connection until the actor retires): the pick is made again before
+/// the next piece of work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_when_an_actor_starts_does_not_pin_it_to_the_wrong_client() {
+    use std::sync::atomic::Ordering;
+    let (intuit, _) = serve_mock(ProviderSpec::intuit()).await;
+    let production = Provider {
+        profile: intuit.spec().profile.clone(),
+        client: client("prod-app", "prod-secret", Environment::Production),
+    };
+    let sandbox = Provider {
+        client: client("sandbox-app", "sandbox-secret", Environment::Sandbox),
+        ..production.clone()
+    };
+    let store = Arc::new(crate::common::Watched::default());
+    let tokens = TokenManager::builder()
+        .provider(production.clone())
+        .provider(sandbox.clone())
+        .shared_store(store.clone())
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap();
+    let id = ConnectionId("qbo-sandbox".into());
+    tokens
+        .import_as(
+            &sandbox.identity(),
+            &id,
+            existing(authorized(&intuit, "sandbox-app")),
+            ImportOptions::default(),
+        )
+        .await
+        .unwrap();
+    store.down.store(true, Ordering::SeqCst);
+    let first = tokens.access_token(&id).await;
+    assert!(
+        matches!(
+            first,
+            Err(ManagerError::Access(AccessError::Transient { .. }))
+        ),
+        "{first:?}"
+    );
+    store.down.store(false, Ordering::SeqCst);
+    // The store is back: a caller gets a token (after the machine's back-off at
+    // most), not a refusal as another client's connection.
+    let mut last = tokens.access_token(&id).await;
+    for _ in 0..25 {
+        if last.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        last = tokens.access_token(&id).await;
+    }
+    assert!(last.is_ok(), "{last:?}");
+    assert_eq!(intuit.stats().refreshes, 1);
+    tokens.shutdown().await;
+}
