@@ -10,7 +10,8 @@
 use crate::manager::{ManagerError, TokenManager};
 use tokenfence_core::connect::{begin, state_key, ConnectEntropy};
 use tokenfence_core::{
-    Callback, ConnectError, ConnectOptions, ConnectionId, Generation, GrantIdentity, Timestamp,
+    Callback, ConnectError, ConnectOptions, ConnectionId, Generation, GrantIdentity,
+    PendingAuthorization, SecretString, Timestamp,
 };
 
 /// Where to send the user: the provider's consent page.
@@ -133,6 +134,25 @@ impl TokenManager {
             }
             Callback::Code { code, realm_id, .. } => (code, realm_id),
         };
+        // The state is used up: from here the exchange and the commit run on the
+        // manager's own task, so a caller that goes away (a request timeout in
+        // the web framework, a browser that disconnects) cannot drop tokens the
+        // provider has already issued. The caller waits for the outcome.
+        let this = self.clone();
+        self.spawn_task(async move { this.finish_code(pending, code, realm_id).await })
+            .await
+            .unwrap_or(Err(ManagerError::ActorFailed))
+    }
+
+    /// The rest of [`finish_connect`](Self::finish_connect) for a state taken
+    /// from the store and its code.
+    async fn finish_code(
+        &self,
+        pending: PendingAuthorization,
+        code: SecretString,
+        realm_id: Option<String>,
+    ) -> Result<ConnectOutcome, ManagerError> {
+        let id = pending.connection.clone();
         let stored = self.store().load(&id).await?;
         let realm_changes = pending.check(realm_id.as_deref(), stored.as_ref(), self.now())?;
         let config = self.registered(&pending.identity)?;

@@ -909,6 +909,15 @@ impl TokenManager {
         self.inner.actors.load(Ordering::SeqCst)
     }
 
+    /// Runs `work` on the manager's task tracker (shutdown waits for it), to the
+    /// end even if the caller stops waiting; its result, or the task's failure.
+    pub(crate) fn spawn_task<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        self.inner.tasks.spawn(work)
+    }
+
     /// This manager's worker id (unique per process incarnation).
     pub fn worker(&self) -> &WorkerId {
         &self.inner.config.worker

@@ -308,3 +308,63 @@ async fn a_callback_lands_on_another_process_and_two_racing_callbacks_make_one_c
     other.shutdown().await;
     w.tokens.shutdown().await;
 }
+
+/// Delivers each reply `delay` after the provider sent it.
+struct SlowReplies {
+    inner: tokenfence::transport::ReqwestTransport,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl tokenfence::transport::Transport for SlowReplies {
+    async fn send(&self, request: &HttpRequest) -> tokenfence::transport::Delivery {
+        let delivery = self.inner.send(request).await;
+        tokio::time::sleep(self.delay).await;
+        delivery
+    }
+}
+
+/// The caller of `finish_connect` gives up (its web framework's timeout) after
+/// the provider issued the tokens but before they reached the process: the
+/// state is used up, so the tokens must be stored all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
+    let w = world().await;
+    let transport = SlowReplies {
+        inner: tokenfence::transport::ReqwestTransport::new(Arc::new(w.clock.clone())).unwrap(),
+        delay: Duration::from_millis(400),
+    };
+    let tokens = TokenManager::builder()
+        .provider(Provider {
+            profile: w.mock.spec().profile,
+            client: w.mock.spec().clients[0].credentials(),
+        })
+        .store(w.store.clone())
+        .clock(w.clock.clone())
+        .transport(Arc::new(transport))
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap();
+    let begun = tokens
+        .begin_connect(&id(), CALLBACK, ConnectOptions::default())
+        .await
+        .unwrap();
+    let query = consent(&begun.url, "").await;
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(100), tokens.finish_connect(&query)).await;
+    assert!(gave_up.is_err(), "the caller stopped waiting: {gave_up:?}");
+    let mut record = None;
+    for _ in 0..50 {
+        record = w.store.load(&id()).await.unwrap();
+        if record.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let record = record.expect("the grant was stored after its caller gave up");
+    assert_eq!(record.status, Status::Active);
+    assert!(tokens.access_token(&id()).await.is_ok());
+    tokens.shutdown().await;
+    w.tokens.shutdown().await;
+}
