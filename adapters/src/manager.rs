@@ -755,7 +755,10 @@ impl TokenManager {
         self.inner.events.subscribe()
     }
 
-    /// Calls `callback` for every lifecycle event until shutdown.
+    /// Calls `callback` for every lifecycle event until shutdown. A callback that
+    /// panics on one event is logged and counted
+    /// (`tokenfence_event_callback_panics_total`) and still called for the next:
+    /// one bad event must not silence every later `ReauthRequired`.
     pub fn on_event(&self, callback: impl Fn(&LifecycleEvent) + Send + 'static) {
         let mut events = self.subscribe();
         let shutdown = self.inner.shutdown.clone();
@@ -764,7 +767,18 @@ impl TokenManager {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     event = events.recv() => match event {
-                        Ok(e) => callback(&e),
+                        Ok(e) => {
+                            let call = std::panic::AssertUnwindSafe(|| callback(&e));
+                            if std::panic::catch_unwind(call).is_err() {
+                                metrics::counter!("tokenfence_event_callback_panics_total")
+                                    .increment(1);
+                                tracing::error!(
+                                    connection = %e.connection,
+                                    event = ?e.event,
+                                    "the event callback panicked; it is called for later events"
+                                );
+                            }
+                        }
                         Err(broadcast::error::RecvError::Lagged(n)) => {
                             tracing::warn!(missed = n, "event callback lagged");
                         }

@@ -201,6 +201,35 @@ async fn cached_token_is_served_without_the_store() {
     tokens.shutdown().await;
 }
 
+/// An event callback that panics on one event is still called for the next.
+#[tokio::test]
+async fn an_event_callback_that_panics_once_hears_later_events() {
+    let p = provider();
+    let store = seeded_store(&p).await;
+    let tokens = manager(store, Scripted::new(Duration::ZERO)).await;
+    let seen = Arc::new(Mutex::new(Vec::<Event>::new()));
+    let sink = seen.clone();
+    tokens.on_event(move |e| {
+        if matches!(e.event, Event::Refreshed { .. }) {
+            panic!("a bug in the application's handler");
+        }
+        sink.lock().unwrap().push(e.event.clone());
+    });
+    tokens.access_token(&id()).await.unwrap();
+    assert!(tokens.disconnect(&id()).await.unwrap());
+    for _ in 0..100 {
+        if !seen.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![Event::Disconnected { revoked: true }]
+    );
+    tokens.shutdown().await;
+}
+
 #[tokio::test]
 async fn events_status_and_disconnect() {
     let p = provider();
