@@ -164,7 +164,9 @@ impl fmt::Debug for EncryptionKey {
 /// A key can be added *open only* first: a rolling deploy gives every process the
 /// new key that way, and only once all have it does the next deploy let it seal
 /// (so no process ever meets a row it cannot open). Spec: `"3:NEWKEY:open,2:OLDKEY"`
-/// (stage 1), then `"3:NEWKEY,2:OLDKEY"` (stage 2), then `reencrypt`, then drop 2.
+/// (stage 1), then `"3:NEWKEY,2:OLDKEY"` (stage 2), then `reencrypt`, then drop 2
+/// (no sooner than ten minutes after stage 2: a pending authorization sealed
+/// with 2 lives that long and is not re-sealed).
 #[derive(Clone)]
 pub struct Keyring {
     keys: BTreeMap<KeyId, EncryptionKey>,

@@ -130,7 +130,10 @@ pub(crate) fn open(
     Ok(record)
 }
 
-/// Re-seals a row's blob under the newest key, if it is under another one.
+/// Re-seals a row's blob under the keyring's sealing key, if it is under an
+/// older one. A blob under a newer key (one this keyring only opens: stage 1 of
+/// a roll-out, while stage-2 processes already seal with it) is left as it is:
+/// moving it back would make it unreadable once the old key is dropped.
 /// Rows `reencrypt_all` reads and re-seals per batch (one short transaction each:
 /// no whole-table lock, no whole-table load).
 pub(crate) const RESEAL_BATCH: usize = 500;
@@ -144,7 +147,7 @@ pub(crate) fn reseal(
         id: id.clone(),
         reason: e.to_string(),
     };
-    if Keyring::key_id_of(sealed).map_err(corrupt)? == keyring.current() {
+    if Keyring::key_id_of(sealed).map_err(corrupt)? >= keyring.current() {
         return Ok(None);
     }
     keyring

@@ -1720,6 +1720,14 @@ async fn reencrypt_all_moves_rows_to_the_newest_key<B: Backend>(
         KeyId(1),
         "stage 1 seals with key 1"
     );
+    // A re-encryption run by a stage-1 process moves nothing: not the rows under
+    // key 1 (its sealing key), and not back the one a stage-2 process sealed
+    // with key 2 (dropping key 1 later would make it unreadable).
+    assert_eq!(reencrypt(&s1).await.unwrap(), 0);
+    assert_eq!(
+        Keyring::key_id_of(&b.sealed(&id("b")).await).unwrap(),
+        KeyId(2)
+    );
     assert_eq!(reencrypt(&s).await.unwrap(), 2 + bulk.len());
     assert_eq!(reencrypt(&s).await.unwrap(), 0);
     let only_new = b.open(Keyring::new(KeyId(2), key(2))).await;
