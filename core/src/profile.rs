@@ -280,14 +280,17 @@ impl ProviderProfile {
         }
     }
 
-    /// GitHub App user tokens: strict rotation, no grace, 6-month cap, error code
-    /// `bad_refresh_token`.
+    /// GitHub App user tokens: strict rotation, no grace, error code
+    /// `bad_refresh_token`. Each refresh token lives six months from its issue and
+    /// every refresh issues a new one (`refresh_token_expires_in` in each reply):
+    /// a window that a refresh renews, not a cap counted from the authorization
+    /// (with one, every GitHub connection was told to reconnect at four months).
     pub fn github_app() -> Self {
         ProviderProfile {
             client_auth: ClientAuth::FormBody,
             rotation: Self::grace_policy(Duration::ZERO, false),
             default_access_ttl: hours(8),
-            hard_lifetime: Some(days(182)),
+            idle_window: Some(days(182)),
             invalid_grant_aliases: alloc::vec!["bad_refresh_token".into()],
             ..Self::generic("github", "https://github.com/login/oauth/access_token")
         }

@@ -1180,3 +1180,50 @@ fn intuit_machine() -> (ConnectionRecord, Connection) {
 fn drain(conn: &mut Connection) -> Vec<Output> {
     std::iter::from_fn(|| conn.poll_output()).collect()
 }
+
+/// GitHub: each refresh token lives six months from its issue, and a refresh
+/// issues a new one: an authorization has no deadline six months on, and a
+/// refresh moves the token's own deadline.
+#[test]
+fn a_github_grant_has_no_hard_deadline_and_its_window_moves_with_each_refresh() {
+    let profile = ProviderProfile::github_app();
+    let reply = |refresh: &str| {
+        parse_token_reply(
+            &profile,
+            &HttpResponse {
+                status: 200,
+                headers: vec![],
+                body: format!(
+                    r#"{{"access_token":"ghu_1","expires_in":28800,"refresh_token":"{refresh}","refresh_token_expires_in":15811200,"token_type":"bearer"}}"#
+                )
+                .into_bytes(),
+            },
+        )
+        .unwrap()
+    };
+    let t0 = Timestamp::from_secs(1_800_000_000);
+    let identity = GrantIdentity {
+        provider: profile.name.clone(),
+        environment: Environment::Production,
+        client_id: "gh-app".into(),
+    };
+    let record = ConnectionRecord::from_authorization(
+        ConnectionId("gh-1".into()),
+        identity,
+        None,
+        reply("ghr_1"),
+        &profile,
+        t0,
+    )
+    .unwrap();
+    assert_eq!(record.hard_deadline, None);
+    let six_months = Duration::from_secs(15_811_200);
+    assert_eq!(record.idle_deadline, Some(t0.saturating_add(six_months)));
+    let later = t0.saturating_add(tokenfence_core::days(100));
+    let refreshed = record.with_grant(&reply("ghr_2"), &profile, later);
+    assert_eq!(refreshed.hard_deadline, None);
+    assert_eq!(
+        refreshed.idle_deadline,
+        Some(later.saturating_add(six_months))
+    );
+}
