@@ -1285,9 +1285,22 @@ impl TokenManager {
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.sweep(notices_after).await {
-                Ok(sweep) => notices_after = Some(sweep.scanned_until),
-                Err(e) => tracing::warn!(error = %e, "keep-alive scan failed"),
+            // Each pass on its own task: a pass that panics (a store's bug) is
+            // logged and counted, and the next tick scans again; keep-alive must
+            // not stop silently.
+            let pass = {
+                let m = self.clone();
+                self.inner
+                    .tasks
+                    .spawn(async move { m.sweep(notices_after).await })
+            };
+            match pass.await {
+                Ok(Ok(sweep)) => notices_after = Some(sweep.scanned_until),
+                Ok(Err(e)) => tracing::warn!(error = %e, "keep-alive scan failed"),
+                Err(e) => {
+                    metrics::counter!("tokenfence_keepalive_panics_total").increment(1);
+                    tracing::error!(error = %e, "a keep-alive scan panicked; the next one runs on time");
+                }
             }
         }
     }

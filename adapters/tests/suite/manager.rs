@@ -445,6 +445,46 @@ async fn a_keep_alive_pass_over_many_due_connections_opens_few_requests_at_once(
     tokens.shutdown().await;
 }
 
+/// A keep-alive scan that panics (a store's bug) does not end keep-alive: the
+/// next scan runs on time and refreshes what is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_goes_on_after_a_scan_that_panicked() {
+    let p = provider();
+    let store = Arc::new(Watched::default());
+    store.scan_panics.store(1, Ordering::SeqCst);
+    seed(
+        &store.inner,
+        [keepalive_due("realm-1", p.identity(), SystemClock.now())],
+    )
+    .await;
+    let transport = Granting::new(Duration::ZERO);
+    let tokens = TokenManager::builder()
+        .provider(p)
+        .shared_store(store.clone())
+        .transport(transport.clone())
+        .keepalive_scan(Some(Duration::from_millis(50)))
+        .build()
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if transport.calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.scan_panics.load(Ordering::SeqCst),
+        0,
+        "the first scan panicked"
+    );
+    assert_eq!(
+        transport.calls.load(Ordering::SeqCst),
+        1,
+        "a later scan kept it alive"
+    );
+    tokens.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_rolled_back_under_a_running_process_is_refused_not_presented() {
     let p = provider();

@@ -85,6 +85,8 @@ pub struct Watched {
     pub down: AtomicBool,
     /// This many reads panic (a bug in a store, a driver), then reads work.
     pub panics: AtomicUsize,
+    /// This many keep-alive scans (`due_for_work`) panic, then scans work.
+    pub scan_panics: AtomicUsize,
     /// A record "restored from a backup": while set, every read and every CAS
     /// conflict answers with it.
     pub restored: Mutex<Option<ConnectionRecord>>,
@@ -164,6 +166,12 @@ impl Store for Watched {
         after: Option<DueWork>,
         limit: usize,
     ) -> Result<Vec<DueWork>, StoreError> {
+        let panic = self
+            .scan_panics
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if panic.is_ok() {
+            panic!("the store's scan exploded");
+        }
         self.inner.due_for_work(now, lead, after, limit).await
     }
     async fn notices_due(
