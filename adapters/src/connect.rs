@@ -13,6 +13,7 @@ use tokenfence_core::{
     Callback, ConnectError, ConnectOptions, ConnectionId, Generation, GrantIdentity,
     PendingAuthorization, SecretString, Timestamp,
 };
+use tracing::Instrument as _;
 
 /// Where to send the user: the provider's consent page.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,6 +116,10 @@ impl TokenManager {
     /// compare-and-swap like every write.
     pub async fn finish_connect(&self, callback: &str) -> Result<ConnectOutcome, ManagerError> {
         let callback = Callback::parse(callback)?;
+        // Shutting down: the state stays unused, for another process to finish.
+        if self.is_shutting_down() {
+            return Err(ManagerError::ShutDown);
+        }
         let pending = self
             .store()
             .take_pending(&state_key(callback.state()))
@@ -139,9 +144,13 @@ impl TokenManager {
         // the web framework, a browser that disconnects) cannot drop tokens the
         // provider has already issued. The caller waits for the outcome.
         let this = self.clone();
-        self.spawn_task(async move { this.finish_code(pending, code, realm_id).await })
+        let finish = async move { this.finish_code(pending, code, realm_id).await };
+        self.spawn_task(finish.instrument(tracing::Span::current()))
             .await
-            .unwrap_or(Err(ManagerError::ActorFailed))
+            .unwrap_or_else(|_| {
+                tracing::error!(connection = %id, "finishing an authorization panicked");
+                Err(ManagerError::ActorFailed)
+            })
     }
 
     /// The rest of [`finish_connect`](Self::finish_connect) for a state taken

@@ -466,6 +466,9 @@ async fn disconnected(Query(q): Query<Landing>) -> Response {
     )
 }
 
+/// How long `/metrics` reads the store before it reports the scan failed.
+const SCAN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn metrics(State(c): Shared, headers: HeaderMap) -> Response {
     if let Some(refused) = c.refuse(&headers) {
         return refused;
@@ -479,7 +482,15 @@ async fn metrics(State(c): Shared, headers: HeaderMap) -> Response {
     };
     // Connections by status, counted now from the store.
     let mut counts = std::collections::BTreeMap::<(String, &str), u64>::new();
-    let scan = every_record(&c.tokens).await;
+    // Within a scrape's time (Prometheus waits 10 s by default): a store that
+    // hangs counts as one that failed.
+    let scan = tokio::time::timeout(SCAN_TIMEOUT, every_record(&c.tokens))
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "no answer within the scrape".into(),
+            ))
+        });
     if let Ok((records, _)) = &scan {
         for r in records {
             let status = crate::store::status_name(&r.status);

@@ -596,16 +596,23 @@ impl TokenManager {
     ) -> Result<Generation, ManagerError> {
         let config = self.registered(client)?;
         if self.inner.configs.len() == 1 {
-            return match self
-                .notify(id, Input::Authorized { grant, realm_id })
-                .await?
-            {
-                Event::Connected { generation } => Ok(generation),
-                _ => Err(ManagerError::ShutDown),
+            let authorized = Input::Authorized {
+                grant: grant.clone(),
+                realm_id: realm_id.clone(),
             };
+            match self.notify(id, authorized).await {
+                Ok(Event::Connected { generation }) => return Ok(generation),
+                // Shutting down: the workers take no more commands, but tokens
+                // already issued (a callback caught by a deploy) are written
+                // here, as with several clients.
+                Err(ManagerError::ShutDown) => {}
+                Ok(_) => return Err(ManagerError::ShutDown),
+                Err(e) => return Err(e),
+            }
         }
-        // Several clients: the connection's machine may serve another one, so
-        // the record is written here, through compare-and-swap like every write.
+        // Several clients (the connection's machine may serve another one), or
+        // shutting down: the record is written here, through compare-and-swap
+        // like every write.
         let now = self.inner.clock.now();
         let record = ConnectionRecord::from_authorization(
             id.clone(),
@@ -921,6 +928,11 @@ impl TokenManager {
     /// cached token is still served, and the next command starts an actor).
     pub fn live_actors(&self) -> usize {
         self.inner.actors.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has begun.
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
     }
 
     /// Runs `work` on the manager's task tracker (shutdown waits for it), to the
@@ -1297,10 +1309,12 @@ impl TokenManager {
             match pass.await {
                 Ok(Ok(sweep)) => notices_after = Some(sweep.scanned_until),
                 Ok(Err(e)) => tracing::warn!(error = %e, "keep-alive scan failed"),
-                Err(e) => {
+                // The panic's message is not logged (it may carry a row's data).
+                Err(e) if e.is_panic() => {
                     metrics::counter!("tokenfence_keepalive_panics_total").increment(1);
-                    tracing::error!(error = %e, "a keep-alive scan panicked; the next one runs on time");
+                    tracing::error!("a keep-alive scan panicked; the next one runs on time");
                 }
+                Err(_) => tracing::warn!("a keep-alive scan was cancelled"),
             }
         }
     }

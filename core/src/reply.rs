@@ -723,8 +723,15 @@ fn oauth_error(
 /// shorter than 4 bytes are left alone: they would match ordinary words.
 fn redact(mut text: String, secrets: &[&str]) -> String {
     const MARK: &str = "<redacted>";
-    for secret in secrets.iter().filter(|s| s.len() >= 4) {
+    let truncated = text.chars().count() >= MAX_TEXT;
+    // Longest first: a secret that contains another is replaced whole.
+    let mut secrets: Vec<&str> = secrets.iter().copied().filter(|s| s.len() >= 4).collect();
+    secrets.sort_by_key(|s| core::cmp::Reverse(s.len()));
+    for secret in secrets {
         text = text.replace(secret, MARK);
+        if !truncated {
+            continue;
+        }
         // The longest start of the secret that the text ends with (at least 4
         // bytes), as truncation leaves it.
         let cut = (4..secret.len())

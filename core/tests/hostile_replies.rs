@@ -545,6 +545,13 @@ fn an_echoed_secret_is_redacted_from_the_error() {
         .to_string();
     assert!(cut.ends_with("Invalid refresh token: <redacted>"), "{cut}");
     assert!(!cut.contains("RT-q"), "{cut}");
+    // A secret inside another is no reason to show the rest of the longer one.
+    let outer = format!("pre-{code}-post");
+    let nested = parse_token_reply(&profile, &echo(&format!("bad value {outer}")))
+        .unwrap_err()
+        .redacted(&[code, &outer])
+        .to_string();
+    assert!(nested.ends_with("bad value <redacted>"), "{nested}");
     // Other errors, and texts without the secret, are unchanged.
     let plain = parse_token_reply(&profile, &echo("Token expired")).unwrap_err();
     assert_eq!(plain.clone().redacted(&[code]), plain);

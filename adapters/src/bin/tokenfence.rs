@@ -172,18 +172,22 @@ impl AnyStore {
     }
 }
 
-/// The store as it may be printed: a PostgreSQL URL without its password (a
+/// The store as it may be printed: a PostgreSQL URL without its password and
+/// without its query (which may carry `password=` or `sslpassword=`); a
 /// connection string of `key=value` pairs, which may hold one anywhere, is not
-/// shown at all).
+/// shown at all.
 fn store_label(store: &str) -> String {
+    const HIDDEN: &str = "postgres (connection string not shown)";
     match store.split_once(':') {
         Some(("postgres", rest)) => match url::Url::parse(rest) {
-            Ok(mut u) if u.password().is_some() => match u.set_password(Some("***")) {
-                Ok(()) => format!("postgres:{u}"),
-                Err(()) => "postgres (connection string not shown)".into(),
-            },
-            Ok(_) if !rest.contains("password") => store.into(),
-            _ => "postgres (connection string not shown)".into(),
+            Ok(mut u) => {
+                u.set_query(None);
+                if u.password().is_some() && u.set_password(Some("***")).is_err() {
+                    return HIDDEN.into();
+                }
+                format!("postgres:{u}")
+            }
+            Err(_) => HIDDEN.into(),
         },
         _ => store.into(),
     }
@@ -733,13 +737,15 @@ mod tests {
             store_label("postgres:postgres://app@db.internal/tokens"),
             "postgres:postgres://app@db.internal/tokens"
         );
-        for hidden in [
-            "postgres:host=db user=app password=s3cr3t-pw",
-            "postgres:postgres://app@db/tokens?password=s3cr3t-pw",
-        ] {
-            let label = store_label(hidden);
-            assert!(!label.contains("s3cr3t-pw"), "{label}");
-            assert_eq!(label, "postgres (connection string not shown)");
-        }
+        assert_eq!(
+            store_label("postgres:postgres://app:x@db/tokens?password=s3cr3t-pw&sslmode=require"),
+            "postgres:postgres://app:***@db/tokens"
+        );
+        assert_eq!(
+            store_label("postgres:postgres://app@db/tokens?sslpassword=s3cr3t-pw"),
+            "postgres:postgres://app@db/tokens"
+        );
+        let label = store_label("postgres:host=db user=app password=s3cr3t-pw");
+        assert_eq!(label, "postgres (connection string not shown)");
     }
 }

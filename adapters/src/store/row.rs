@@ -147,7 +147,9 @@ pub(crate) fn reseal(
         id: id.clone(),
         reason: e.to_string(),
     };
-    if Keyring::key_id_of(sealed).map_err(corrupt)? >= keyring.current() {
+    let key = Keyring::key_id_of(sealed).map_err(corrupt)?;
+    let newer_known = key > keyring.current() && keyring.key_ids().any(|k| k == key);
+    if key == keyring.current() || newer_known {
         return Ok(None);
     }
     keyring
@@ -411,4 +413,35 @@ pub(crate) fn open_pending(
             e.classify_name()
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{EncryptionKey, KeyId};
+
+    fn key(n: u8) -> EncryptionKey {
+        EncryptionKey::from_slice(&[n; 32]).unwrap()
+    }
+
+    /// Only a row under an older key is re-sealed: one under the sealing key or
+    /// under a newer key this keyring opens stays; one under a key it does not
+    /// have is corrupt, as it is for a read.
+    #[test]
+    fn reseal_moves_rows_forward_only() {
+        let id = ConnectionId("c".into());
+        let seal = |ring: &Keyring| ring.seal(&context(&id), b"row").unwrap();
+        let old = Keyring::new(KeyId(1), key(1));
+        let stage1 = old.clone().with_open_only_key(KeyId(2), key(2)).unwrap();
+        let stage2 = old.clone().with_key(KeyId(2), key(2)).unwrap();
+        let stranger = Keyring::new(KeyId(3), key(3));
+        assert!(reseal(&stage1, &id, &seal(&old)).unwrap().is_none());
+        assert!(reseal(&stage1, &id, &seal(&stage2)).unwrap().is_none());
+        let moved = reseal(&stage2, &id, &seal(&old)).unwrap().unwrap();
+        assert_eq!(Keyring::key_id_of(&moved).unwrap(), KeyId(2));
+        assert!(matches!(
+            reseal(&stage1, &id, &seal(&stranger)),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
 }

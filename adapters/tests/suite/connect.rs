@@ -324,17 +324,13 @@ impl tokenfence::transport::Transport for SlowReplies {
     }
 }
 
-/// The caller of `finish_connect` gives up (its web framework's timeout) after
-/// the provider issued the tokens but before they reached the process: the
-/// state is used up, so the tokens must be stored all the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
-    let w = world().await;
+/// A second manager on `w`'s store whose replies arrive 400 ms late.
+async fn slow_manager(w: &World) -> TokenManager {
     let transport = SlowReplies {
         inner: tokenfence::transport::ReqwestTransport::new(Arc::new(w.clock.clone())).unwrap(),
         delay: Duration::from_millis(400),
     };
-    let tokens = TokenManager::builder()
+    TokenManager::builder()
         .provider(Provider {
             profile: w.mock.spec().profile,
             client: w.mock.spec().clients[0].credentials(),
@@ -345,7 +341,16 @@ async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
         .keepalive_scan(None)
         .build()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The caller of `finish_connect` gives up (its web framework's timeout) after
+/// the provider issued the tokens but before they reached the process: the
+/// state is used up, so the tokens must be stored all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
+    let w = world().await;
+    let tokens = slow_manager(&w).await;
     let begun = tokens
         .begin_connect(&id(), CALLBACK, ConnectOptions::default())
         .await
@@ -366,5 +371,50 @@ async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
     assert_eq!(record.status, Status::Active);
     assert!(tokens.access_token(&id()).await.is_ok());
     tokens.shutdown().await;
+    w.tokens.shutdown().await;
+}
+
+/// A deploy shuts the process down while a callback's code is being exchanged:
+/// the tokens are stored all the same (shutdown waits for them). A callback that
+/// arrives once shutdown began leaves its state for another process to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_callback_still_stores_the_grant() {
+    let w = world().await;
+    let tokens = slow_manager(&w).await;
+    let begun = tokens
+        .begin_connect(&id(), CALLBACK, ConnectOptions::default())
+        .await
+        .unwrap();
+    let query = consent(&begun.url, "").await;
+    let finishing = {
+        let tokens = tokens.clone();
+        tokio::spawn(async move { tokens.finish_connect(&query).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokens.shutdown().await;
+    let outcome = finishing.await.unwrap();
+    assert!(
+        matches!(outcome, Ok(ConnectOutcome::Connected { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(stored(&w).await.status, Status::Active);
+
+    let other = ConnectionId("qbo-other".into());
+    let begun = w
+        .tokens
+        .begin_connect(&other, CALLBACK, ConnectOptions::default())
+        .await
+        .unwrap();
+    let query = consent(&begun.url, "").await;
+    let refused = tokens.finish_connect(&query).await;
+    assert!(
+        matches!(refused, Err(ManagerError::ShutDown)),
+        "{refused:?}"
+    );
+    let finished = w.tokens.finish_connect(&query).await;
+    assert!(
+        matches!(finished, Ok(ConnectOutcome::Connected { .. })),
+        "another process finishes it: {finished:?}"
+    );
     w.tokens.shutdown().await;
 }

@@ -34,6 +34,28 @@ struct Console {
     _dir: tempfile::TempDir,
 }
 
+/// The console of `tokens` on a loopback port, and its base URL.
+async fn serve_console(
+    tokens: &TokenManager,
+    admin_token: Option<&str>,
+    page_size: usize,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(
+        tokens.clone(),
+        ConsoleConfig {
+            public_url: base.clone(),
+            admin_token: admin_token.map(str::to_owned),
+            page_size,
+            metrics: Some(metrics_handle()),
+        },
+    )
+    .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
 async fn console(admin_token: Option<&str>, page_size: usize) -> Console {
     let (mock, _) = serve_mock(ProviderSpec::intuit()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -49,19 +71,7 @@ async fn console(admin_token: Option<&str>, page_size: usize) -> Console {
         .build()
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(
-        tokens.clone(),
-        ConsoleConfig {
-            public_url: base.clone(),
-            admin_token: admin_token.map(str::to_owned),
-            page_size,
-            metrics: Some(metrics_handle()),
-        },
-    )
-    .unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let base = serve_console(&tokens, admin_token, page_size).await;
     Console {
         base,
         mock,
@@ -437,19 +447,7 @@ async fn metrics_tell_a_store_outage_from_unreadable_rows() {
     )
     .await;
     let tokens = granting_manager(store.clone(), Granting::new(std::time::Duration::ZERO), 1).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(
-        tokens.clone(),
-        ConsoleConfig {
-            public_url: base.clone(),
-            admin_token: None,
-            page_size: 10,
-            metrics: Some(metrics_handle()),
-        },
-    )
-    .unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let base = serve_console(&tokens, None, 10).await;
     let metrics = || async {
         let r = reqwest::get(format!("{base}/metrics")).await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())

@@ -33,6 +33,21 @@ fn authorized(mock: &MockProvider, client_id: &str) -> RefreshToken {
     RefreshToken::new(answer["tokens"]["refresh_token"].as_str().unwrap())
 }
 
+/// A manager of `providers` over `store`, without a keep-alive task.
+async fn manager(
+    providers: impl IntoIterator<Item = Provider>,
+    store: Arc<dyn tokenfence::store::Store>,
+) -> TokenManager {
+    providers
+        .into_iter()
+        .fold(TokenManager::builder(), |b, p| b.provider(p))
+        .shared_store(store)
+        .keepalive_scan(None)
+        .build()
+        .await
+        .unwrap()
+}
+
 fn existing(refresh: RefreshToken) -> ExistingGrant {
     ExistingGrant {
         refresh,
@@ -62,15 +77,11 @@ async fn one_manager_serves_intuit_production_sandbox_and_another_provider() {
         ClientSecret::new("prod-secret"),
     );
     let store = Arc::new(MemoryStore::new());
-    let tokens = TokenManager::builder()
-        .provider(production.clone())
-        .provider(sandbox.clone())
-        .provider(rotating.clone())
-        .shared_store(store.clone())
-        .keepalive_scan(None)
-        .build()
-        .await
-        .unwrap();
+    let tokens = manager(
+        [production.clone(), sandbox.clone(), rotating.clone()],
+        store.clone(),
+    )
+    .await;
     assert_eq!(
         tokens.registered_identities(),
         vec![
@@ -135,13 +146,7 @@ async fn one_manager_serves_intuit_production_sandbox_and_another_provider() {
         client: client("someone-elses-app", "x", Environment::Production),
         ..production.clone()
     };
-    let alone = TokenManager::builder()
-        .provider(stranger.clone())
-        .shared_store(store.clone())
-        .keepalive_scan(None)
-        .build()
-        .await
-        .unwrap();
+    let alone = manager([stranger.clone()], store.clone()).await;
     let id = ConnectionId("stranger".into());
     alone
         .import(
@@ -265,14 +270,7 @@ async fn a_store_failure_when_an_actor_starts_does_not_pin_it_to_the_wrong_clien
         ..production.clone()
     };
     let store = Arc::new(crate::common::Watched::default());
-    let tokens = TokenManager::builder()
-        .provider(production.clone())
-        .provider(sandbox.clone())
-        .shared_store(store.clone())
-        .keepalive_scan(None)
-        .build()
-        .await
-        .unwrap();
+    let tokens = manager([production.clone(), sandbox.clone()], store.clone()).await;
     let id = ConnectionId("qbo-sandbox".into());
     tokens
         .import_as(

@@ -25,7 +25,8 @@ pub enum Fleet {
     Atlassian,
     /// Google: never rotates, omits `refresh_token`, 182-day idle window.
     Google,
-    /// GitHub App user tokens: strict rotation without grace, 182-day cap.
+    /// GitHub App user tokens: strict rotation without grace; each refresh token
+    /// lives 182 days from its issue (a window each refresh renews).
     Github,
     /// Strict rotation with reuse detection (Auth0 without leeway, RFC 9700).
     Reuse,
