@@ -344,18 +344,25 @@ async fn slow_manager(w: &World) -> TokenManager {
         .unwrap()
 }
 
+/// A slow manager on `w`'s store, and the query of a callback for `id()` it
+/// began, the user having consented.
+async fn slow_callback(w: &World) -> (TokenManager, String) {
+    let tokens = slow_manager(w).await;
+    let begun = tokens
+        .begin_connect(&id(), CALLBACK, ConnectOptions::default())
+        .await
+        .unwrap();
+    let query = consent(&begun.url, "").await;
+    (tokens, query)
+}
+
 /// The caller of `finish_connect` gives up (its web framework's timeout) after
 /// the provider issued the tokens but before they reached the process: the
 /// state is used up, so the tokens must be stored all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
     let w = world().await;
-    let tokens = slow_manager(&w).await;
-    let begun = tokens
-        .begin_connect(&id(), CALLBACK, ConnectOptions::default())
-        .await
-        .unwrap();
-    let query = consent(&begun.url, "").await;
+    let (tokens, query) = slow_callback(&w).await;
     let gave_up =
         tokio::time::timeout(Duration::from_millis(100), tokens.finish_connect(&query)).await;
     assert!(gave_up.is_err(), "the caller stopped waiting: {gave_up:?}");
@@ -380,12 +387,7 @@ async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_during_a_callback_still_stores_the_grant() {
     let w = world().await;
-    let tokens = slow_manager(&w).await;
-    let begun = tokens
-        .begin_connect(&id(), CALLBACK, ConnectOptions::default())
-        .await
-        .unwrap();
-    let query = consent(&begun.url, "").await;
+    let (tokens, query) = slow_callback(&w).await;
     let finishing = {
         let tokens = tokens.clone();
         tokio::spawn(async move { tokens.finish_connect(&query).await })

@@ -33,6 +33,19 @@ fn authorized(mock: &MockProvider, client_id: &str) -> RefreshToken {
     RefreshToken::new(answer["tokens"]["refresh_token"].as_str().unwrap())
 }
 
+/// The production and sandbox clients of the Intuit mock `intuit`.
+fn intuit_clients(intuit: &MockProvider) -> (Provider, Provider) {
+    let production = Provider {
+        profile: intuit.spec().profile.clone(),
+        client: client("prod-app", "prod-secret", Environment::Production),
+    };
+    let sandbox = Provider {
+        client: client("sandbox-app", "sandbox-secret", Environment::Sandbox),
+        ..production.clone()
+    };
+    (production, sandbox)
+}
+
 /// A manager of `providers` over `store`, without a keep-alive task.
 async fn manager(
     providers: impl IntoIterator<Item = Provider>,
@@ -62,14 +75,7 @@ fn existing(refresh: RefreshToken) -> ExistingGrant {
 async fn one_manager_serves_intuit_production_sandbox_and_another_provider() {
     let (intuit, _) = serve_mock(ProviderSpec::intuit()).await;
     let (other, _) = serve_mock(ProviderSpec::scaled(BehaviourClass::ReuseDetection)).await;
-    let production = Provider {
-        profile: intuit.spec().profile.clone(),
-        client: client("prod-app", "prod-secret", Environment::Production),
-    };
-    let sandbox = Provider {
-        client: client("sandbox-app", "sandbox-secret", Environment::Sandbox),
-        ..production.clone()
-    };
+    let (production, sandbox) = intuit_clients(&intuit);
     // No environment to pick for a provider without them.
     let rotating = Provider::new(
         other.spec().profile.clone(),
@@ -261,14 +267,7 @@ async fn one_manager_serves_intuit_production_sandbox_and_another_provider() {
 async fn a_store_failure_when_an_actor_starts_does_not_pin_it_to_the_wrong_client() {
     use std::sync::atomic::Ordering;
     let (intuit, _) = serve_mock(ProviderSpec::intuit()).await;
-    let production = Provider {
-        profile: intuit.spec().profile.clone(),
-        client: client("prod-app", "prod-secret", Environment::Production),
-    };
-    let sandbox = Provider {
-        client: client("sandbox-app", "sandbox-secret", Environment::Sandbox),
-        ..production.clone()
-    };
+    let (production, sandbox) = intuit_clients(&intuit);
     let store = Arc::new(crate::common::Watched::default());
     let tokens = manager([production.clone(), sandbox.clone()], store.clone()).await;
     let id = ConnectionId("qbo-sandbox".into());
