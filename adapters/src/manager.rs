@@ -1300,12 +1300,8 @@ impl TokenManager {
             // Each pass on its own task: a pass that panics (a store's bug) is
             // logged and counted, and the next tick scans again; keep-alive must
             // not stop silently.
-            let pass = {
-                let m = self.clone();
-                self.inner
-                    .tasks
-                    .spawn(async move { m.sweep(notices_after).await })
-            };
+            let m = self.clone();
+            let pass = self.spawn_task(async move { m.sweep(notices_after).await });
             match pass.await {
                 Ok(Ok(sweep)) => notices_after = Some(sweep.scanned_until),
                 Ok(Err(e)) => tracing::warn!(error = %e, "keep-alive scan failed"),
