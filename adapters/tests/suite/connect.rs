@@ -309,28 +309,34 @@ async fn a_callback_lands_on_another_process_and_two_racing_callbacks_make_one_c
     w.tokens.shutdown().await;
 }
 
-/// Delivers each reply `delay` after the provider sent it.
+/// Delivers each reply `delay` after the provider sent it, and says when the
+/// provider has answered (`answered`).
 struct SlowReplies {
     inner: tokenfence::transport::ReqwestTransport,
     delay: Duration,
+    answered: Arc<tokio::sync::Notify>,
 }
 
 #[async_trait::async_trait]
 impl tokenfence::transport::Transport for SlowReplies {
     async fn send(&self, request: &HttpRequest) -> tokenfence::transport::Delivery {
         let delivery = self.inner.send(request).await;
+        self.answered.notify_one();
         tokio::time::sleep(self.delay).await;
         delivery
     }
 }
 
-/// A second manager on `w`'s store whose replies arrive 400 ms late.
-async fn slow_manager(w: &World) -> TokenManager {
+/// A second manager on `w`'s store whose replies arrive 400 ms after the
+/// provider answered, and the signal of that answer.
+async fn slow_manager(w: &World) -> (TokenManager, Arc<tokio::sync::Notify>) {
+    let answered = Arc::new(tokio::sync::Notify::new());
     let transport = SlowReplies {
         inner: tokenfence::transport::ReqwestTransport::new(Arc::new(w.clock.clone())).unwrap(),
         delay: Duration::from_millis(400),
+        answered: answered.clone(),
     };
-    TokenManager::builder()
+    let tokens = TokenManager::builder()
         .provider(Provider {
             profile: w.mock.spec().profile,
             client: w.mock.spec().clients[0].credentials(),
@@ -341,19 +347,20 @@ async fn slow_manager(w: &World) -> TokenManager {
         .keepalive_scan(None)
         .build()
         .await
-        .unwrap()
+        .unwrap();
+    (tokens, answered)
 }
 
-/// A slow manager on `w`'s store, and the query of a callback for `id()` it
-/// began, the user having consented.
-async fn slow_callback(w: &World) -> (TokenManager, String) {
-    let tokens = slow_manager(w).await;
+/// A slow manager on `w`'s store, the query of a callback for `id()` it began
+/// (the user having consented), and the signal that the provider answered.
+async fn slow_callback(w: &World) -> (TokenManager, String, Arc<tokio::sync::Notify>) {
+    let (tokens, answered) = slow_manager(w).await;
     let begun = tokens
         .begin_connect(&id(), CALLBACK, ConnectOptions::default())
         .await
         .unwrap();
     let query = consent(&begun.url, "").await;
-    (tokens, query)
+    (tokens, query, answered)
 }
 
 /// The caller of `finish_connect` gives up (its web framework's timeout) after
@@ -362,10 +369,12 @@ async fn slow_callback(w: &World) -> (TokenManager, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
     let w = world().await;
-    let (tokens, query) = slow_callback(&w).await;
-    let gave_up =
-        tokio::time::timeout(Duration::from_millis(100), tokens.finish_connect(&query)).await;
-    assert!(gave_up.is_err(), "the caller stopped waiting: {gave_up:?}");
+    let (tokens, query, answered) = slow_callback(&w).await;
+    // The caller stops waiting once the provider has issued the tokens.
+    tokio::select! {
+        r = tokens.finish_connect(&query) => panic!("finished before the reply came: {r:?}"),
+        _ = answered.notified() => {}
+    }
     let mut record = None;
     for _ in 0..50 {
         record = w.store.load(&id()).await.unwrap();
@@ -387,12 +396,12 @@ async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_during_a_callback_still_stores_the_grant() {
     let w = world().await;
-    let (tokens, query) = slow_callback(&w).await;
+    let (tokens, query, answered) = slow_callback(&w).await;
     let finishing = {
         let tokens = tokens.clone();
         tokio::spawn(async move { tokens.finish_connect(&query).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    answered.notified().await;
     tokens.shutdown().await;
     let outcome = finishing.await.unwrap();
     assert!(
