@@ -376,7 +376,7 @@ async fn a_callback_whose_caller_gives_up_still_stores_the_grant() {
         _ = answered.notified() => {}
     }
     let mut record = None;
-    for _ in 0..50 {
+    for _ in 0..200 {
         record = w.store.load(&id()).await.unwrap();
         if record.is_some() {
             break;

@@ -217,7 +217,7 @@ async fn an_event_callback_that_panics_once_hears_later_events() {
     });
     tokens.access_token(&id()).await.unwrap();
     assert!(tokens.disconnect(&id()).await.unwrap());
-    for _ in 0..100 {
+    for _ in 0..500 {
         if !seen.lock().unwrap().is_empty() {
             break;
         }
@@ -466,7 +466,7 @@ async fn keep_alive_goes_on_after_a_scan_that_panicked() {
         .build()
         .await
         .unwrap();
-    for _ in 0..100 {
+    for _ in 0..500 {
         if transport.calls.load(Ordering::SeqCst) > 0 {
             break;
         }
