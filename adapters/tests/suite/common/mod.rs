@@ -92,13 +92,16 @@ pub struct Watched {
     pub restored: Mutex<Option<ConnectionRecord>>,
 }
 
+/// Takes one from `left` if it is not zero: whether there was one to take.
+fn take_one(left: &AtomicUsize) -> bool {
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
 impl Watched {
     fn read(&self) -> Result<(), StoreError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
-        let panic = self
-            .panics
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if panic.is_ok() {
+        if take_one(&self.panics) {
             panic!("the store exploded");
         }
         if self.down.load(Ordering::SeqCst) {
@@ -166,10 +169,7 @@ impl Store for Watched {
         after: Option<DueWork>,
         limit: usize,
     ) -> Result<Vec<DueWork>, StoreError> {
-        let panic = self
-            .scan_panics
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if panic.is_ok() {
+        if take_one(&self.scan_panics) {
             panic!("the store's scan exploded");
         }
         self.inner.due_for_work(now, lead, after, limit).await
